@@ -1,0 +1,31 @@
+# kdml: `make train` sets up .venv and trains on the embedded glyph dataset;
+# `make test` runs the test suite. Both work offline after the first install.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kdml-installed
+TRAIN_ARGS ?=
+
+.PHONY: install train test bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Proxy Anchor on the embedded glyphs; re-running continues (or just reports) the run.
+train: $(STAMP)
+	$(BIN)/python -m kdml.train --method=proxy_anchor --dataset=synthetic \
+		--epochs=30 --eval_every=3 --output_dir=runs/default --resume $(TRAIN_ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 tests
+
+bench: $(STAMP)
+	$(BIN)/python tools/bench_speed.py
+
+clean:
+	rm -rf runs build *.egg-info

@@ -1,0 +1,21 @@
+"""kdml: deep metric learning for TensorFlow / Keras 3.
+
+Public API:
+    kdml.layers       Proxies, PoolingHead, L2Normalization, PixelNormalization
+    kdml.losses       ProxyAnchorLoss, MultiSimilarityLoss
+    kdml.optimizers   GroupedAdamW (per-group learning rates)
+    kdml.models       build_embedder, build_backbone
+    kdml.data         load_dataset, train_dataset, eval_dataset, class_balanced_batches
+    kdml.evaluation   retrieval_metrics, exact_knn
+    kdml.methods      the method table used by `python -m kdml.train`
+
+Importing kdml registers every layer, loss and optimizer with Keras, so `.keras`
+files reload with `keras.saving.load_model` and no `custom_objects`.
+"""
+
+import os as _os
+
+_os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from kdml import data, evaluation, layers, losses, models, optimizers  # noqa: E402,F401
+from kdml.version import __version__  # noqa: E402,F401

@@ -1,0 +1,75 @@
+"""`TrainConfig`: the one frozen object that flags become and builders read."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+# Defaults that depend on the kind of data: glyphs train a small CNN from scratch,
+# photographs fine-tune an ImageNet backbone (the Proxy Anchor recipe).
+KIND_DEFAULTS = {
+    "glyph": dict(backbone="conv4", image_size=28, weights="none", lr=1e-3,
+                  warmup_epochs=0, augmentation="glyph", eval_crop_fraction=0.875),
+    "photo": dict(backbone="resnet50", image_size=224, weights="imagenet", lr=1e-4,
+                  warmup_epochs=1, augmentation="photo", eval_crop_fraction=0.875),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; `None` fields are resolved from the data kind."""
+
+    method: str = "proxy_anchor"
+    dataset: str = "synthetic"
+    eval_dataset: Optional[str] = None
+    data_dir: Optional[str] = None
+    download: bool = False
+    output_dir: str = "runs/default"
+    data_kind: Optional[str] = None  # "photo" | "glyph"; None: the dataset's own kind
+
+    backbone: Optional[str] = None
+    weights: Optional[str] = None
+    embedding_dim: int = 512
+    image_size: Optional[int] = None
+    freeze_batchnorm: Optional[bool] = None  # None: freeze when weights are pretrained
+    augmentation: Optional[str] = None
+    eval_crop_fraction: Optional[float] = None
+
+    classes_per_batch: int = 32
+    images_per_class: int = 4
+    epochs: int = 30
+    lr: Optional[float] = None
+    weight_decay: float = 1e-4
+    proxy_lr_multiplier: float = 100.0
+    warmup_epochs: Optional[int] = None
+    alpha: float = 32.0
+    margin: float = 0.1
+    ms_alpha: float = 2.0
+    ms_beta: float = 50.0
+    ms_base: float = 0.5
+    ms_epsilon: float = 0.1
+
+    strategy: str = "auto"
+    mixed_precision: bool = False
+    jit_compile: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    eval_every: int = 1
+    eval_batch_size: int = 256
+    recall_ks: Tuple[int, ...] = (1, 2, 4, 8)
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 3
+    verbose: int = 1
+
+    @property
+    def batch_size(self) -> int:
+        return self.classes_per_batch * self.images_per_class
+
+    def resolved(self, kind: str) -> "TrainConfig":
+        """A copy with every `None` field filled from `KIND_DEFAULTS[kind]`."""
+        defaults = KIND_DEFAULTS[kind]
+        updates = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        config = dataclasses.replace(self, **updates)
+        if config.freeze_batchnorm is None:
+            config = dataclasses.replace(config, freeze_batchnorm=config.weights != "none")
+        return config

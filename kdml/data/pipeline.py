@@ -1,0 +1,124 @@
+"""tf.data pipelines: class-balanced training batches and ordered evaluation batches.
+
+Images leave the pipeline as float32 RGB in [0, 255]; normalisation is the model's
+job (`kdml.layers.PixelNormalization`), so an exported model takes camera pixels.
+Sources held as pixels are cropped a whole batch at a time; sources held as files
+are read, decoded and cropped image by image inside the batch map, in parallel
+across batches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from kdml.data import augmentation as aug
+from kdml.data.decoding import decode_rgb
+from kdml.data.image_set import ImageSet
+from kdml.data.sampler import class_balanced_batches
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def steps_per_epoch(num_images: int, batch_size: int) -> int:
+    """ceil(N / batch): one epoch shows as many images as the training set holds."""
+    return max(1, math.ceil(num_images / batch_size))
+
+
+def _image_table(image_set: ImageSet):
+    if image_set.pixels is not None:
+        return tf.constant(image_set.pixels), True
+    return tf.constant(image_set.paths), False
+
+
+def _per_file(paths, uniforms, make_boxes, size: int):
+    """Reads, decodes and crops each file of a batch: `(B,)` paths -> `(B, S, S, 3)`."""
+
+    def one(args):
+        path, u = args
+        image = decode_rgb(tf.io.read_file(path))
+        hw = tf.cast(tf.shape(image)[None, :2], tf.float32)
+        return aug.crop_and_resize(image[None], make_boxes(u[None], hw), size)[0]
+
+    return tf.map_fn(one, (paths, uniforms),
+                     fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+
+
+def train_dataset(image_set: ImageSet, *, image_size: int, classes_per_batch: int = 32,
+                  images_per_class: int = 4, augmentation: aug.Augmentation = aug.AUGMENTATIONS["photo"],
+                  seed: int = 0, start_step: int = 0) -> tf.data.Dataset:
+    """Infinite class-balanced batches for `model.fit`.
+
+    Args:
+        image_set: the training images.
+        image_size: output side S.
+        classes_per_batch, images_per_class: P and K (batch = P x K).
+        augmentation: random-resized-crop range and flip.
+        seed: data-order and augmentation seed.
+        start_step: first global step (resume).
+
+    Returns:
+        `tf.data.Dataset` of `(images float32 (P*K, S, S, 3) in [0, 255], labels int32 (P*K,))`.
+    """
+    table, in_memory = _image_table(image_set)
+    labels = tf.constant(image_set.labels.astype(np.int32))
+    batch = classes_per_batch * images_per_class
+
+    def make_boxes(uniforms, hw):
+        return aug.random_resized_crop_boxes(uniforms, hw, augmentation.crop_area,
+                                             augmentation.crop_ratio)
+
+    def load(step, indices):
+        key = tf.stack([tf.constant(seed, tf.int64) + 1, step])
+        crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+        uniforms = aug.crop_uniforms(crop_key, batch)
+        if in_memory:
+            images = tf.gather(table, indices)
+            hw = tf.cast(tf.tile(tf.shape(images)[None, 1:3], [batch, 1]), tf.float32)
+            images = aug.crop_and_resize(images, make_boxes(uniforms, hw), image_size)
+        else:
+            images = _per_file(tf.gather(table, indices), uniforms, make_boxes, image_size)
+        if augmentation.flip:
+            images = aug.random_flip(flip_key, images)
+        images = tf.clip_by_value(images, 0.0, 255.0)
+        images.set_shape([batch, image_size, image_size, 3])
+        return images, tf.gather(labels, indices)
+
+    indices = class_balanced_batches(image_set.labels, classes_per_batch, images_per_class,
+                                     seed=seed, start_step=start_step)
+    steps = tf.data.Dataset.counter(start=start_step, dtype=tf.int64)
+    dataset = tf.data.Dataset.zip(steps, indices).map(load, num_parallel_calls=AUTOTUNE,
+                                                      deterministic=True)
+    return dataset.prefetch(AUTOTUNE)
+
+
+def eval_dataset(image_set: ImageSet, *, image_size: int, batch_size: int = 256,
+                 crop_fraction: float = 0.875) -> tf.data.Dataset:
+    """All images once, in order, resized and centre-cropped.
+
+    Returns:
+        `tf.data.Dataset` of `(images float32 (b, S, S, 3) in [0, 255], labels int32 (b,))`.
+    """
+    if not 0 < crop_fraction <= 1:
+        raise ValueError(f"`crop_fraction` must be in (0, 1]. Received: {crop_fraction}")
+    table, in_memory = _image_table(image_set)
+    labels = image_set.labels.astype(np.int32)
+
+    def make_boxes(_, hw):
+        return aug.center_crop_boxes(hw, crop_fraction)
+
+    def load(indices):
+        if in_memory:
+            images = tf.gather(table, indices)
+            n = tf.shape(indices)[0]
+            hw = tf.cast(tf.tile(tf.shape(images)[None, 1:3], [n, 1]), tf.float32)
+            images = aug.crop_and_resize(images, make_boxes(None, hw), image_size)
+        else:
+            unused = tf.zeros([tf.shape(indices)[0], 1])
+            images = _per_file(tf.gather(table, indices), unused, make_boxes, image_size)
+        return tf.clip_by_value(images, 0.0, 255.0), tf.gather(labels, indices)
+
+    dataset = tf.data.Dataset.range(image_set.num_images).batch(batch_size)
+    return dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)

@@ -1,0 +1,6 @@
+"""Embedders: backbones by name and the backbone + head model."""
+
+from kdml.models.backbones import BACKBONES, BackboneSpec, backbone_spec, build_backbone
+from kdml.models.embedder import HEADS, build_embedder
+
+__all__ = ["BACKBONES", "BackboneSpec", "HEADS", "backbone_spec", "build_backbone", "build_embedder"]

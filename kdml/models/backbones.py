@@ -1,0 +1,141 @@
+"""Backbones by name: `conv4`, `resnet50`, `mobilenet_v3_small`, `deit_tiny|small|base`.
+
+Each builder returns the backbone as a Keras model named "backbone" that maps
+normalised images `(B, H, W, 3)` to features: a map `(B, h, w, C)` for CNNs or a
+token sequence `(B, N, C)` (class token first) for vision transformers. The pixel
+normalisation it expects is part of its `BackboneSpec`, so the embedder can put it
+inside the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict
+
+import keras
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+WEIGHTS = ("none", "imagenet")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+    """What the embedder needs to know about a backbone."""
+
+    name: str
+    features: str  # "map" (B, h, w, C) or "tokens" (B, N, C)
+    default_pooling: str
+    pixel_mean: tuple
+    pixel_std: tuple
+    channel_order: str = "rgb"
+    min_image_size: int = 1
+    pretrained_image_size: int | None = None  # the only size the ImageNet weights load at
+
+
+def _conv4(image_size: int, weights: str) -> keras.Model:
+    """4 x [conv3x3-64, BatchNorm, ReLU, maxpool 2] (Vinyals et al. 2016; Snell et al. 2017)."""
+    if weights != "none":
+        raise ValueError("Backbone 'conv4' has no pretrained weights; use --weights=none.")
+    blocks = [keras.Input((image_size, image_size, 3))]
+    for i in range(4):
+        blocks += [
+            keras.layers.Conv2D(64, 3, padding="same", use_bias=False, name=f"conv{i + 1}"),
+            keras.layers.BatchNormalization(synchronized=True, name=f"bn{i + 1}"),
+            keras.layers.ReLU(name=f"relu{i + 1}"),
+            keras.layers.MaxPooling2D(2, padding="same", name=f"pool{i + 1}"),
+        ]
+    return keras.Sequential(blocks, name="backbone")
+
+
+def _resnet50(image_size: int, weights: str) -> keras.Model:
+    model = keras.applications.ResNet50(
+        include_top=False, weights=None if weights == "none" else weights,
+        input_shape=(image_size, image_size, 3))
+    return keras.Model(model.inputs, model.outputs, name="backbone")
+
+
+def _mobilenet_v3_small(image_size: int, weights: str) -> keras.Model:
+    model = keras.applications.MobileNetV3Small(
+        include_top=False, weights=None if weights == "none" else weights,
+        input_shape=(image_size, image_size, 3), include_preprocessing=False)
+    return keras.Model(model.inputs, model.outputs, name="backbone")
+
+
+_DEIT = {
+    # name: (hidden_dim, num_layers, num_heads, intermediate_dim, keras-hub preset)
+    "deit_tiny": (192, 12, 3, 768, "deit_tiny_distilled_patch16_224_imagenet"),
+    "deit_small": (384, 12, 6, 1536, "deit_small_distilled_patch16_224_imagenet"),
+    "deit_base": (768, 12, 12, 3072, "deit_base_distilled_patch16_224_imagenet"),
+}
+
+
+def _deit(variant: str) -> Callable[[int, str], keras.Model]:
+    hidden, layers, heads, intermediate, preset = _DEIT[variant]
+
+    def build(image_size: int, weights: str) -> keras.Model:
+        import keras_hub
+
+        if weights == "imagenet":
+            if image_size != 224:
+                raise ValueError(
+                    f"The ImageNet preset of {variant} is trained at 224 px; "
+                    f"use --image_size=224 with --weights=imagenet. Received: {image_size}")
+            # Downloads from Kaggle on first use (a user's machine, never in tests).
+            model = keras_hub.models.DeiTBackbone.from_preset(preset)
+        else:
+            model = keras_hub.models.DeiTBackbone(
+                image_shape=(image_size, image_size, 3), patch_size=16,
+                num_layers=layers, num_heads=heads, hidden_dim=hidden,
+                intermediate_dim=intermediate)
+        return keras.Model(model.inputs, model.outputs, name="backbone")
+
+    return build
+
+
+_GLYPH_SPEC = dict(pixel_mean=(127.5,) * 3, pixel_std=(127.5,) * 3)
+BACKBONES: Dict[str, tuple] = {
+    "conv4": (_conv4, BackboneSpec("conv4", "map", "avg_max", **_GLYPH_SPEC, min_image_size=16)),
+    "resnet50": (_resnet50, BackboneSpec(
+        "resnet50", "map", "avg_max", pixel_mean=IMAGENET_MEAN, pixel_std=(1.0, 1.0, 1.0),
+        channel_order="bgr", min_image_size=32, pretrained_image_size=None)),
+    "mobilenet_v3_small": (_mobilenet_v3_small, BackboneSpec(
+        "mobilenet_v3_small", "map", "avg_max", **_GLYPH_SPEC, min_image_size=32)),
+    **{
+        name: (_deit(name), BackboneSpec(
+            name, "tokens", "cls", pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD,
+            min_image_size=16, pretrained_image_size=224))
+        for name in _DEIT
+    },
+}
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    """The `BackboneSpec` of a backbone name; a ValueError lists the valid names."""
+    if name not in BACKBONES:
+        raise ValueError(
+            f"Unknown backbone {name!r}. Valid backbones: {', '.join(sorted(BACKBONES))}.")
+    return BACKBONES[name][1]
+
+
+def build_backbone(name: str, image_size: int, weights: str = "none") -> keras.Model:
+    """Builds backbone `name` for square images of `image_size` pixels.
+
+    Args:
+        name: one of `BACKBONES`.
+        image_size: input height and width.
+        weights: "none" (random init, no network) or "imagenet" (downloaded on
+            first use on a user's machine).
+
+    Returns:
+        A `keras.Model` named "backbone": `(B, S, S, 3)` normalised pixels ->
+        `(B, h, w, C)` or `(B, N, C)` features.
+    """
+    spec = backbone_spec(name)
+    if weights not in WEIGHTS:
+        raise ValueError(f"`weights` must be one of {WEIGHTS}. Received: weights={weights!r}")
+    if image_size < spec.min_image_size:
+        raise ValueError(
+            f"Backbone {name!r} needs images of at least {spec.min_image_size} px. "
+            f"Received: image_size={image_size}")
+    return BACKBONES[name][0](image_size, weights)

@@ -1,0 +1,104 @@
+"""`GroupedAdamW`: AdamW with per-group learning-rate multipliers (PyTorch param groups).
+
+Proxy-based DML trains the class proxies with a learning rate 100 times the
+backbone's (Kim et al. 2020, section 4) and warms up with the backbone frozen; Keras
+optimizers have one learning rate, so this subclass scales it per variable group.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, Optional
+
+import keras
+import tensorflow as tf
+
+
+@keras.saving.register_keras_serializable(package="kdml")
+class GroupedAdamW(keras.optimizers.AdamW):
+    """AdamW whose learning rate is multiplied per group of variables.
+
+    A variable belongs to the first group whose regular expression matches its
+    `variable.path` (`re.search`), e.g. "proxies" or "^backbone/"; variables in no
+    group use the base learning rate. The multiplier scales the Adam step and the
+    decoupled weight decay alike, as a PyTorch param group with its own `lr` does.
+    Multipliers are optimizer variables, so `set_multiplier` changes them between
+    steps without retracing (a warm-up sets the backbone's to 0, then back to 1),
+    and checkpoints carry them.
+
+    Args:
+        learning_rate_multipliers: dict {regex: float}, checked in order.
+        **kwargs: `keras.optimizers.AdamW` arguments.
+    """
+
+    def __init__(self, learning_rate_multipliers: Optional[Dict[str, float]] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.learning_rate_multipliers = dict(learning_rate_multipliers or {})
+        for pattern in self.learning_rate_multipliers:
+            re.compile(pattern)
+        self._group_of_variable = []
+        self._multipliers = []
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        patterns = list(self.learning_rate_multipliers)
+        self._multipliers = [
+            self.add_variable(
+                shape=(), initializer=keras.initializers.Constant(value),
+                dtype="float32", name=f"lr_multiplier_{i}")
+            for i, value in enumerate(self.learning_rate_multipliers.values())
+        ]
+        self._group_of_variable = [
+            next((i for i, p in enumerate(patterns) if re.search(p, v.path)), -1)
+            for v in var_list
+        ]
+
+    def set_multiplier(self, pattern: str, value: float):
+        """Sets the learning-rate multiplier of the group `pattern` (after `build`)."""
+        if pattern not in self.learning_rate_multipliers:
+            raise ValueError(
+                f"No learning-rate group {pattern!r}. Groups: {list(self.learning_rate_multipliers)}")
+        self._multipliers[list(self.learning_rate_multipliers).index(pattern)].assign(value)
+
+    def multiplier(self, pattern: str) -> float:
+        return float(self._multipliers[list(self.learning_rate_multipliers).index(pattern)].numpy())
+
+    def _multiplier_of(self, variable, dtype):
+        group = self._group_of_variable[self._get_variable_index(variable)]
+        if group < 0:
+            return None
+        return tf.cast(self._multipliers[group], dtype)
+
+    def update_step(self, gradient, variable, learning_rate):
+        multiplier = self._multiplier_of(variable, learning_rate.dtype)
+        if multiplier is not None:
+            learning_rate = learning_rate * multiplier
+        return super().update_step(gradient, variable, learning_rate)
+
+    def _apply_weight_decay(self, variables):
+        # AdamW's decoupled decay `v -= v * wd * lr`, with this variable's group lr.
+        if self.weight_decay is None:
+            return
+
+        def decay(distribution, variables):
+            def decay_one(variable):
+                if self._use_weight_decay(variable):
+                    lr = tf.cast(self.learning_rate, variable.dtype)
+                    multiplier = self._multiplier_of(variable, variable.dtype)
+                    if multiplier is not None:
+                        lr = lr * multiplier
+                    variable.assign_sub(variable * tf.cast(self.weight_decay, variable.dtype) * lr)
+
+            for variable in variables:
+                if isinstance(variable, keras.Variable):
+                    variable = variable.value
+                distribution.extended.update(variable, decay_one, group=False)
+
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            decay, self._distribution_strategy, variables)
+
+    def get_config(self):
+        return {**super().get_config(),
+                "learning_rate_multipliers": dict(self.learning_rate_multipliers)}

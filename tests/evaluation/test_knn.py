@@ -1,0 +1,198 @@
+"""exact_knn against a brute-force NumPy full-matrix ranking."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kdml.evaluation import exact_knn
+from kdml.evaluation import knn as knn_module
+
+
+def _budget_for_rows(rows, num_gallery):
+    """A max_memory_bytes that yields `rows` query rows per block (2 float32 copies)."""
+    return rows * 2 * 4 * num_gallery
+
+
+def _brute_force(queries, gallery, k, exclude_self, cosine=True):
+    """Full (Q, N) similarity matrix in float64, stable sort: ties -> lower index first."""
+    q = np.asarray(queries, np.float64)
+    g = np.asarray(gallery, np.float64)
+    if cosine:
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+        g = g / np.linalg.norm(g, axis=1, keepdims=True)
+    sims = q @ g.T
+    if exclude_self:
+        np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(sims, order, axis=1)
+
+
+def test_block_size_follows_memory_budget():
+    assert knn_module._rows_per_block(37, 53, _budget_for_rows(5, 53)) == 5
+    assert knn_module._rows_per_block(37, 53, _budget_for_rows(5, 53) + 7) == 5
+    assert knn_module._rows_per_block(37, 53, 1) == 1  # never below one row
+    assert knn_module._rows_per_block(37, 53, 2**40) == 37  # never above Q
+
+
+@pytest.mark.parametrize("k", [1, 4, 17])
+def test_matches_brute_force_with_gallery(rng, k):
+    queries = rng.normal(size=(37, 8)).astype(np.float32)
+    gallery = rng.normal(size=(53, 8)).astype(np.float32)
+    # 5 rows per block: 7 full blocks and a last partial block of 2 rows.
+    indices, sims = exact_knn(
+        queries, gallery, k=k, max_memory_bytes=_budget_for_rows(5, 53)
+    )
+    want_indices, want_sims = _brute_force(queries, gallery, k, exclude_self=False)
+    assert indices.shape == (37, k) and indices.dtype == np.int64
+    assert sims.shape == (37, k) and sims.dtype == np.float32
+    np.testing.assert_array_equal(indices, want_indices)
+    np.testing.assert_allclose(sims, want_sims, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 3, 40])
+def test_matches_brute_force_leave_one_out(rng, k):
+    x = rng.normal(size=(41, 6)).astype(np.float32)
+    indices, sims = exact_knn(x, k=k, max_memory_bytes=_budget_for_rows(4, 41))
+    want_indices, want_sims = _brute_force(x, x, k, exclude_self=True)
+    np.testing.assert_array_equal(indices, want_indices)
+    np.testing.assert_allclose(sims, want_sims, atol=1e-5)
+    assert not np.any(indices == np.arange(41)[:, None])  # never its own neighbour
+
+
+def test_full_k_leave_one_out_returns_every_other_item(rng):
+    x = rng.normal(size=(9, 3)).astype(np.float32)
+    indices, _ = exact_knn(x, k=8, max_memory_bytes=_budget_for_rows(2, 9))
+    for i, row in enumerate(indices):
+        assert sorted(row.tolist()) == [j for j in range(9) if j != i]
+
+
+def test_top_k_breaks_ties_by_lower_index():
+    # The property exact_knn relies on, checked on TensorFlow itself.
+    row = tf.constant([[0.5, 1.0, 0.5, 1.0, 0.2, 1.0, 0.5]])
+    _, order = tf.math.top_k(row, k=7)
+    assert order.numpy().tolist() == [[1, 3, 5, 0, 2, 6, 4]]
+
+
+def test_ties_ordered_by_lower_gallery_index(rng):
+    # Small integer vectors: inner products are exact, so ties are exact and frequent.
+    queries = rng.integers(-1, 2, size=(23, 3)).astype(np.float32)
+    gallery = rng.integers(-1, 2, size=(30, 3)).astype(np.float32)
+    indices, sims = exact_knn(
+        queries,
+        gallery,
+        k=12,
+        similarity="inner_product",
+        max_memory_bytes=_budget_for_rows(3, 30),
+    )
+    want_indices, want_sims = _brute_force(queries, gallery, 12, False, cosine=False)
+    np.testing.assert_array_equal(sims, want_sims.astype(np.float32))
+    np.testing.assert_array_equal(indices, want_indices)
+    # The data really has ties inside the returned lists.
+    assert np.any(sims[:, 1:] == sims[:, :-1])
+
+
+def test_ties_leave_one_out_and_hand_example():
+    # Gallery rows 1, 2 and 4 all have inner product 1 with the query [1, 0];
+    # row 0 (inner product 2) comes first, then the ties in index order.
+    gallery = np.array([[2, 0], [1, 0], [1, 5], [0, 1], [1, -5]], np.float32)
+    indices, sims = exact_knn(
+        np.array([[1, 0]], np.float32), gallery, k=5, similarity="inner_product"
+    )
+    assert indices.tolist() == [[0, 1, 2, 4, 3]]
+    assert sims.tolist() == [[2, 1, 1, 1, 0]]
+
+
+def test_duplicates_retrieve_each_other():
+    # Items 0, 2 and 5 are the same vector: each retrieves the other two first (cosine
+    # 1, lower index first) although the query's own index is excluded.
+    a, b, c, d = [1.0, 2.0, 2.0], [0.0, 1.0, -1.0], [-3.0, 0.0, 1.0], [1.0, 2.0, -2.0]
+    x = np.array([a, b, a, d, c, a], np.float32)
+    indices, sims = exact_knn(x, k=2, max_memory_bytes=_budget_for_rows(4, 6))
+    assert indices[0].tolist() == [2, 5]
+    assert indices[2].tolist() == [0, 5]
+    assert indices[5].tolist() == [0, 2]
+    np.testing.assert_allclose(sims[[0, 2, 5]], 1.0, atol=1e-6)
+
+
+def test_explicit_gallery_keeps_self_unless_asked(rng):
+    x = rng.normal(size=(12, 4)).astype(np.float32)
+    indices, sims = exact_knn(x, x, k=2)
+    assert indices[:, 0].tolist() == list(range(12))  # each item is its own best match
+    np.testing.assert_allclose(sims[:, 0], 1.0, atol=1e-6)
+    loo, _ = exact_knn(x, k=2)
+    explicit, _ = exact_knn(x, x, k=2, exclude_self=True)
+    np.testing.assert_array_equal(explicit, loo)
+    np.testing.assert_array_equal(loo[:, 0], indices[:, 1])
+
+
+def test_cosine_ignores_norm_inner_product_does_not():
+    query = np.array([[1.0, 0.0]], np.float32)
+    gallery = np.array([[0.6, 0.8], [3.0, 4.1], [0.9, 0.1]], np.float32)
+    cos_indices, cos_sims = exact_knn(query, gallery, k=3)
+    # cosines: 0.6, 3 / sqrt(25.81) = 0.59051, 0.9 / sqrt(0.82) = 0.99388
+    assert cos_indices.tolist() == [[2, 0, 1]]
+    want = [[0.9 / np.sqrt(0.82), 0.6, 3.0 / np.sqrt(25.81)]]
+    np.testing.assert_allclose(cos_sims, want, rtol=1e-6)
+    ip_indices, ip_sims = exact_knn(query, gallery, k=3, similarity="inner_product")
+    assert ip_indices.tolist() == [[1, 2, 0]]
+    np.testing.assert_allclose(ip_sims, [[3.0, 0.9, 0.6]], rtol=1e-6)
+
+
+def test_block_step_traced_once_per_shape(rng):
+    x = rng.normal(size=(29, 5)).astype(np.float32)
+    budget = _budget_for_rows(4, 29)  # 8 blocks, the last one padded to 4 rows
+    before = knn_module._block_top_k.experimental_get_tracing_count()
+    exact_knn(x, k=3, max_memory_bytes=budget)
+    traces = knn_module._block_top_k.experimental_get_tracing_count()
+    assert traces <= before + 1  # the padded block reuses the full blocks' trace
+    exact_knn(x + 1.0, k=3, max_memory_bytes=budget)
+    assert knn_module._block_top_k.experimental_get_tracing_count() == traces
+
+
+def test_tensor_float_32_off_during_search_and_restored(monkeypatch, rng):
+    seen = []
+    real_step = knn_module._block_top_k
+
+    def spy(*args, **kwargs):
+        seen.append(tf.config.experimental.tensor_float_32_execution_enabled())
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(knn_module, "_block_top_k", spy)
+    x = rng.normal(size=(6, 3)).astype(np.float32)
+    previous = tf.config.experimental.tensor_float_32_execution_enabled()
+    try:
+        tf.config.experimental.enable_tensor_float_32_execution(True)
+        exact_knn(x, k=2, max_memory_bytes=_budget_for_rows(2, 6))
+        assert seen == [False, False, False]
+        assert tf.config.experimental.tensor_float_32_execution_enabled()
+    finally:
+        tf.config.experimental.enable_tensor_float_32_execution(previous)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda x: exact_knn(x[0], k=1), "2-D"),
+        (lambda x: exact_knn(x, np.zeros((4, 3), np.float32), k=1), "same embedding dim"),
+        (lambda x: exact_knn(x, k=5), "k=5"),
+        (lambda x: exact_knn(x, k=0), "k=0"),
+        (lambda x: exact_knn(x, x, k=7), "k=7"),
+        (lambda x: exact_knn(x, k=2.0), "positive integer"),
+        (lambda x: exact_knn(x, x[:3], k=1, exclude_self=True), "exclude_self"),
+        (lambda x: exact_knn(x, k=1, similarity="l2"), "similarity"),
+        (lambda x: exact_knn(x, k=1, max_memory_bytes=0), "max_memory_bytes"),
+        (lambda x: exact_knn(np.where(x > 0, np.nan, x), k=1), "finite"),
+        (lambda x: exact_knn(x.astype(str), k=1), "real numbers"),
+    ],
+)
+def test_invalid_inputs_raise(call, message):
+    x = np.arange(10, dtype=np.float32).reshape(5, 2)
+    with pytest.raises(ValueError, match=message):
+        call(x)
+
+
+def test_k_error_names_gallery_size():
+    x = np.ones((5, 2), np.float32)
+    with pytest.raises(ValueError, match=r"1 <= k <= 4.*k=5, gallery size=5"):
+        exact_knn(x, k=5)
+    exact_knn(x, x, k=5)  # with self included, k = N is allowed

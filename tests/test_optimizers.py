@@ -1,0 +1,43 @@
+import keras
+import numpy as np
+import pytest
+
+from kdml.optimizers import GroupedAdamW
+from tests.helpers import assert_config_roundtrip
+
+
+def _step(optimizer, values, grads, names):
+    variables = [keras.Variable(v, name=n) for v, n in zip(values, names)]
+    for _ in range(3):
+        optimizer.apply([keras.ops.convert_to_tensor(g) for g in grads], variables)
+    return [v.numpy() for v in variables]
+
+
+def test_group_multiplier_equals_adamw_with_scaled_learning_rate():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4,)).astype(np.float32), rng.normal(size=(3,)).astype(np.float32)
+    ga, gb = rng.normal(size=(4,)).astype(np.float32), rng.normal(size=(3,)).astype(np.float32)
+    grouped = _step(GroupedAdamW({"^fast": 10.0}, learning_rate=1e-2, weight_decay=0.1),
+                    [a, b], [ga, gb], ["slow", "fast"])
+    slow = _step(keras.optimizers.AdamW(learning_rate=1e-2, weight_decay=0.1), [a], [ga], ["s"])
+    fast = _step(keras.optimizers.AdamW(learning_rate=1e-1, weight_decay=0.1), [b], [gb], ["f"])
+    np.testing.assert_allclose(grouped[0], slow[0], rtol=1e-6)
+    np.testing.assert_allclose(grouped[1], fast[0], rtol=1e-6)
+
+
+def test_zero_multiplier_freezes_a_group_including_weight_decay():
+    optimizer = GroupedAdamW({"^backbone": 1.0}, learning_rate=1e-2, weight_decay=0.5)
+    frozen = keras.Variable(np.ones(3, np.float32), name="backbone")
+    free = keras.Variable(np.ones(3, np.float32), name="head")
+    optimizer.build([frozen, free])
+    optimizer.set_multiplier("^backbone", 0.0)
+    optimizer.apply([keras.ops.ones(3), keras.ops.ones(3)], [frozen, free])
+    np.testing.assert_array_equal(frozen.numpy(), np.ones(3))
+    assert np.all(free.numpy() < 1)
+    assert optimizer.multiplier("^backbone") == 0.0
+    with pytest.raises(ValueError, match="No learning-rate group"):
+        optimizer.set_multiplier("proxies", 1.0)
+
+
+def test_config_roundtrip():
+    assert_config_roundtrip(GroupedAdamW({"proxies": 100.0}, learning_rate=1e-4))

@@ -1,0 +1,118 @@
+"""End-to-end training runs on a tiny folder of glyphs (seconds, not minutes)."""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kdml  # noqa: F401
+from kdml.config import TrainConfig
+from kdml.data import eval_dataset, load_dataset
+from kdml.data.sources.synthetic import glyphs
+from kdml.evaluation import retrieval_metrics
+from kdml.methods import get_method
+from kdml.models import build_embedder
+from kdml.optimizers import GroupedAdamW
+from kdml.training import embed, list_checkpoints, train
+from tests.conftest import new_mirrored_strategy
+
+
+@pytest.fixture(scope="module")
+def glyph_folder(tmp_path_factory):
+    """12 classes x 6 glyph images as PNG files in alphabet/character folders."""
+    root = tmp_path_factory.mktemp("glyph_folder")
+    images = glyphs(num_classes=12, images_per_class=6, image_size=20, seed=3)
+    for i, (pixels, label) in enumerate(zip(images.pixels, images.labels)):
+        folder = root / f"alphabet{label // 6}" / f"char{label:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        tf.io.write_file(str(folder / f"{i}.png"), tf.io.encode_png(pixels))
+    return str(root)
+
+
+def _config(folder, out, **overrides):
+    base = TrainConfig(dataset=f"folder:{folder}", output_dir=str(out), backbone="conv4",
+                       weights="none", image_size=16, embedding_dim=16, augmentation="glyph",
+                       classes_per_batch=3, images_per_class=2, epochs=2, lr=1e-3,
+                       jit_compile="false", verbose=0, recall_ks=(1, 2))
+    return dataclasses.replace(base, **overrides)
+
+
+def _embedder_weights(out):
+    return [w.numpy() for w in keras.saving.load_model(os.path.join(out, "embedder.keras")).weights]
+
+
+def test_train_writes_metrics_checkpoints_and_a_reloadable_embedder(glyph_folder, tmp_path):
+    history = train(_config(glyph_folder, tmp_path))
+    saved = json.load(open(tmp_path / "metrics.json"))
+    assert saved["initial"] == history["initial"]
+    assert set(saved["epochs"]) == {"1", "2"}
+    for epoch in saved["epochs"].values():
+        assert np.isfinite(epoch["loss"]) and epoch["images_per_second"] > 0
+        assert 0 <= epoch["recall@1"] <= epoch["recall@2"] <= 1
+    assert saved["config"]["backbone"] == "conv4" and saved["config"]["freeze_batchnorm"] is False
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "checkpoints"))] == [6, 12]  # 6 steps/epoch
+    assert os.listdir(tmp_path / "logs")  # TensorBoard events
+
+    # The saved embedder reproduces the final metrics from scratch after a reload.
+    embedder = keras.saving.load_model(str(tmp_path / "embedder.keras"))
+    splits = load_dataset(f"folder:{glyph_folder}")
+    again = retrieval_metrics(*embed(embedder, eval_dataset(splits.test, image_size=16)), ks=(1, 2))
+    for key, value in saved["final"].items():
+        assert again[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_killed_run_resumes_mid_epoch_to_the_same_weights(glyph_folder, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    train(_config(glyph_folder, whole, checkpoint_every_steps=4, keep_checkpoints=10))
+    # A run killed after step 4 (mid-epoch 1 of 6-step epochs) left only its checkpoint.
+    os.makedirs(killed / "checkpoints")
+    shutil.copytree(whole / "checkpoints" / "ckpt-4", killed / "checkpoints" / "ckpt-4")
+    with pytest.raises(ValueError, match="--resume"):
+        train(_config(glyph_folder, killed))
+    history = train(_config(glyph_folder, killed, resume=True, checkpoint_every_steps=4))
+    assert set(history["epochs"]) == {"1", "2"}
+    for a, b in zip(_embedder_weights(whole), _embedder_weights(killed)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_multi_similarity_trains_and_lowers_its_loss(glyph_folder, tmp_path):
+    history = train(_config(glyph_folder, tmp_path, method="multi_similarity", epochs=3))
+    losses = [history["epochs"][e]["loss"] for e in ("1", "2", "3")]
+    assert losses[-1] < losses[0]
+
+
+def _one_step_weights(strategy, initial):
+    with strategy.scope():
+        embedder = build_embedder("conv4", embedding_dim=8, image_size=16)
+        config = TrainConfig(classes_per_batch=2, images_per_class=4).resolved("glyph")
+        objective = get_method("proxy_anchor").build(embedder, 5, config)
+        objective.model.set_weights(initial)
+        # epsilon=1 keeps Adam's first step linear in the gradient: with the default
+        # 1e-7, g / (|g| + eps) turns float noise of near-zero gradients into +-lr.
+        optimizer = GroupedAdamW(objective.learning_rate_multipliers, learning_rate=1e-2,
+                                 weight_decay=1e-4, epsilon=1.0)
+        objective.model.compile(optimizer, objective.loss, jit_compile=False)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
+    labels = np.array([0, 0, 0, 0, 3, 3, 3, 3], np.int32)
+    data = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    objective.model.fit(data, steps_per_epoch=1, epochs=1, verbose=0)
+    return [w.numpy() for w in objective.model.weights]
+
+
+def test_two_replicas_take_the_same_step_as_one_on_the_global_batch():
+    """Proxy Anchor + proxies at 100x lr + synchronised BatchNorm, 2 logical CPUs vs 1."""
+    embedder = build_embedder("conv4", embedding_dim=8, image_size=16)
+    config = TrainConfig().resolved("glyph")
+    initial = [w.numpy() for w in get_method("proxy_anchor").build(embedder, 5, config).model.weights]
+    single = _one_step_weights(tf.distribute.get_strategy(), initial)
+    mirrored = _one_step_weights(new_mirrored_strategy(), initial)
+    moved = [not np.allclose(a, b) for a, b in zip(initial, single)]
+    assert sum(moved) > len(initial) // 2  # the step really changed the model
+    for a, b in zip(single, mirrored):
+        np.testing.assert_allclose(a, b, atol=2e-5)
