@@ -46,7 +46,7 @@ def evaluate_model(model_path: str, dataset: str, split: str = "test", eval_data
     images = getattr(splits, split)
     data = make_eval_dataset(images, image_size=height, batch_size=batch_size,
                              crop_fraction=crop_fraction)
-    return retrieval_metrics(*embed(embedder, data), ks=ks, seed=seed)
+    return retrieval_metrics(embed(embedder, data), images.labels, ks=ks, seed=seed)
 
 
 def main(argv):

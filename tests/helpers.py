@@ -26,3 +26,21 @@ def assert_model_save_load(model, inputs, atol=1e-6):
     got = keras.ops.convert_to_numpy(loaded(inputs, training=False))
     np.testing.assert_allclose(got, expected, atol=atol)
     return loaded
+
+
+def weights_after_one_step(strategy, build_model, initial_weights, loss, x, y,
+                           optimizer=lambda: keras.optimizers.SGD(learning_rate=0.1)):
+    """Weights after one `model.fit` step on the global batch (x, y) under `strategy`.
+
+    The model is built, set to `initial_weights` and compiled inside the strategy's
+    scope, so a single-device run and a mirrored run start from the same point.
+    """
+    import tensorflow as tf
+
+    with strategy.scope():
+        model = build_model()
+        model.set_weights(initial_weights)
+        model.compile(optimizer=optimizer(), loss=loss, jit_compile=False)
+    dataset = tf.data.Dataset.from_tensors((x, y))
+    model.fit(dataset, epochs=1, steps_per_epoch=1, shuffle=False, verbose=0)
+    return [w.numpy() for w in model.weights]

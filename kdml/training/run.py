@@ -35,13 +35,12 @@ from kdml.training.checkpointing import (Checkpointer, latest_checkpoint, restor
                                          write_json_atomic)
 
 
-def embed(embedder: keras.Model, dataset) -> tuple:
-    """Embeds every batch of an evaluation dataset: -> (embeddings (N, d), labels (N,))."""
-    embeddings, labels = [], []
-    for images, batch_labels in dataset:
-        embeddings.append(np.asarray(embedder(images, training=False)))
-        labels.append(batch_labels.numpy())
-    return np.concatenate(embeddings), np.concatenate(labels)
+def embed(embedder: keras.Model, dataset) -> np.ndarray:
+    """Embeddings `(N, d)` of an ordered `eval_dataset` of (images, labels), in its order.
+
+    Uses the compiled, strategy-aware `predict`; the labels are the image set's own.
+    """
+    return embedder.predict(dataset.map(lambda images, labels: images), verbose=0)
 
 
 def save_model_atomic(model: keras.Model, path: str) -> None:
@@ -110,7 +109,8 @@ def train(config: TrainConfig) -> Dict:
                              crop_fraction=config.eval_crop_fraction)
 
     def evaluate():
-        return retrieval_metrics(*embed(embedder, test_data), ks=config.recall_ks, seed=config.seed)
+        return retrieval_metrics(embed(embedder, test_data), splits.test.labels,
+                                 ks=config.recall_ks, seed=config.seed)
 
     if not history.get("initial"):
         history["initial"] = evaluate()

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from kdml.losses import MultiSimilarityLoss
 from kdml.losses import _cross_replica
-from tests.helpers import assert_config_roundtrip
+from tests.helpers import assert_config_roundtrip, weights_after_one_step
 
 
 def multi_similarity_reference(labels, emb, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1):
@@ -221,15 +221,7 @@ def _build_model():
 
 
 def _weights_after_one_step(strategy, initial_weights, loss):
-    with strategy.scope():
-        model = _build_model()
-        model.set_weights(initial_weights)
-        model.compile(
-            optimizer=keras.optimizers.SGD(learning_rate=0.1), loss=loss, jit_compile=False
-        )
-    dataset = tf.data.Dataset.from_tensor_slices((_X, _Y)).batch(8)
-    model.fit(dataset, epochs=1, steps_per_epoch=1, shuffle=False, verbose=0)
-    return model.get_weights()
+    return weights_after_one_step(strategy, _build_model, initial_weights, loss, _X, _Y)
 
 
 def test_mirrored_step_equals_single_device_step_on_the_global_batch(mirrored):

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from kdml.layers.proxies import Proxies
 from kdml.losses import ProxyAnchorLoss
-from tests.helpers import assert_config_roundtrip
+from tests.helpers import assert_config_roundtrip, weights_after_one_step
 
 
 def proxy_anchor_reference(labels, sims, alpha, margin):
@@ -182,15 +182,7 @@ def _build_model():
 
 
 def _weights_after_one_step(strategy, initial_weights, loss):
-    with strategy.scope():
-        model = _build_model()
-        model.set_weights(initial_weights)
-        model.compile(
-            optimizer=keras.optimizers.SGD(learning_rate=0.1), loss=loss, jit_compile=False
-        )
-    dataset = tf.data.Dataset.from_tensor_slices((_X, _Y)).batch(8)
-    model.fit(dataset, epochs=1, steps_per_epoch=1, shuffle=False, verbose=0)
-    return model.get_weights()
+    return weights_after_one_step(strategy, _build_model, initial_weights, loss, _X, _Y)
 
 
 def test_mirrored_step_equals_single_device_step_on_the_global_batch(mirrored):

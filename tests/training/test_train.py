@@ -19,7 +19,9 @@ from kdml.methods import get_method
 from kdml.models import build_embedder
 from kdml.optimizers import GroupedAdamW
 from kdml.training import embed, list_checkpoints, train
+from kdml.losses import ProxyAnchorLoss
 from tests.conftest import new_mirrored_strategy
+from tests.helpers import weights_after_one_step
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,8 @@ def test_train_writes_metrics_checkpoints_and_a_reloadable_embedder(glyph_folder
     # The saved embedder reproduces the final metrics from scratch after a reload.
     embedder = keras.saving.load_model(str(tmp_path / "embedder.keras"))
     splits = load_dataset(f"folder:{glyph_folder}")
-    again = retrieval_metrics(*embed(embedder, eval_dataset(splits.test, image_size=16)), ks=(1, 2))
+    again = retrieval_metrics(embed(embedder, eval_dataset(splits.test, image_size=16)),
+                              splits.test.labels, ks=(1, 2))
     for key, value in saved["final"].items():
         assert again[key] == pytest.approx(value, abs=1e-6), key
 
@@ -87,22 +90,21 @@ def test_multi_similarity_trains_and_lowers_its_loss(glyph_folder, tmp_path):
 
 
 def _one_step_weights(strategy, initial):
-    with strategy.scope():
+    def build_model():
         embedder = build_embedder("conv4", embedding_dim=8, image_size=16)
-        config = TrainConfig(classes_per_batch=2, images_per_class=4).resolved("glyph")
-        objective = get_method("proxy_anchor").build(embedder, 5, config)
-        objective.model.set_weights(initial)
-        # epsilon=1 keeps Adam's first step linear in the gradient: with the default
-        # 1e-7, g / (|g| + eps) turns float noise of near-zero gradients into +-lr.
-        optimizer = GroupedAdamW(objective.learning_rate_multipliers, learning_rate=1e-2,
-                                 weight_decay=1e-4, epsilon=1.0)
-        objective.model.compile(optimizer, objective.loss, jit_compile=False)
+        config = TrainConfig().resolved("glyph")
+        return get_method("proxy_anchor").build(embedder, 5, config).model
+
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
     labels = np.array([0, 0, 0, 0, 3, 3, 3, 3], np.int32)
-    data = tf.data.Dataset.from_tensors((images, labels)).repeat()
-    objective.model.fit(data, steps_per_epoch=1, epochs=1, verbose=0)
-    return [w.numpy() for w in objective.model.weights]
+    # epsilon=1 keeps Adam's first step linear in the gradient: with the default 1e-7,
+    # g / (|g| + eps) turns float noise of near-zero gradients into +-lr.
+    optimizer = lambda: GroupedAdamW(  # noqa: E731
+        {"^proxies/": 100.0, "^backbone/": 1.0}, learning_rate=1e-2, weight_decay=1e-4,
+        epsilon=1.0)
+    return weights_after_one_step(strategy, build_model, initial, ProxyAnchorLoss(), images,
+                                  labels, optimizer)
 
 
 def test_two_replicas_take_the_same_step_as_one_on_the_global_batch():
@@ -116,3 +118,28 @@ def test_two_replicas_take_the_same_step_as_one_on_the_global_batch():
     assert sum(moved) > len(initial) // 2  # the step really changed the model
     for a, b in zip(single, mirrored):
         np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_warmup_trains_head_and_proxies_with_the_backbone_frozen(glyph_folder, tmp_path):
+    config = _config(glyph_folder, tmp_path, epochs=1, warmup_epochs=1, freeze_batchnorm=True)
+    keras.utils.set_random_seed(config.seed)
+    initial = build_embedder("conv4", embedding_dim=16, image_size=16, freeze_batchnorm=True)
+    train(config)
+    trained = keras.saving.load_model(str(tmp_path / "embedder.keras"))
+    for before, after in zip(initial.get_layer("backbone").weights,
+                             trained.get_layer("backbone").weights):
+        np.testing.assert_array_equal(before.numpy(), after.numpy())
+    head_before = initial.get_layer("head").weights[0].numpy()
+    assert not np.allclose(head_before, trained.get_layer("head").weights[0].numpy())
+
+
+def test_train_under_mirrored_strategy_and_mixed_precision(glyph_folder, tmp_path):
+    tf.distribute.MirroredStrategy._collective_key_base += 10_000  # see conftest
+    history = train(_config(glyph_folder, tmp_path, epochs=1, strategy="mirrored",
+                            mixed_precision=True))
+    keras.mixed_precision.set_global_policy("float32")
+    assert np.isfinite(history["epochs"]["1"]["loss"])
+    embedder = keras.saving.load_model(str(tmp_path / "embedder.keras"))
+    out = embedder(np.zeros((2, 16, 16, 3), np.float32))
+    assert out.dtype == "float32"
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-3)
