@@ -96,11 +96,20 @@ def center_crop_boxes(image_hw, crop_fraction=0.875):
     return tf.concat([0.5 - half, 0.5 + half], axis=1)
 
 
-def crop_and_resize(images, boxes, size: int):
-    """`(B, H, W, 3)` images, `(B, 4)` boxes -> `(B, size, size, 3)` float32 (bilinear)."""
-    b = tf.shape(images)[0]
-    return tf.image.crop_and_resize(
-        tf.cast(images, tf.float32), boxes, tf.range(b), [size, size], method="bilinear")
+def crop_and_resize_one(image, box, size: int):
+    """Crops `(H, W, 3)` to a normalised box `(4,)`, resizes to `(size, size, 3)` float32.
+
+    The box is snapped to whole pixels (boxes from this module already are) and the
+    resize is bilinear with antialiasing, so large shrink factors do not alias.
+    """
+    hw = tf.cast(tf.shape(image)[:2], tf.float32)
+    top_left = tf.cast(tf.round(box[:2] * hw), tf.int32)
+    bottom_right = tf.cast(tf.round(box[2:] * hw), tf.int32)
+    extent = tf.maximum(bottom_right - top_left, 1)
+    crop = tf.slice(image, tf.concat([top_left, [0]], 0), tf.concat([extent, [-1]], 0))
+    resized = tf.image.resize(tf.cast(crop, tf.float32), [size, size], method="bilinear",
+                              antialias=True)
+    return tf.clip_by_value(resized, 0.0, 255.0)
 
 
 def random_flip(seed, images):

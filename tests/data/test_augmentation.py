@@ -44,9 +44,24 @@ def test_impossible_crop_falls_back_to_the_largest_crop_within_the_ratio_range()
 
 
 def test_full_box_at_the_same_size_is_the_identity():
-    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3)).astype(np.uint8)
-    out = aug.crop_and_resize(images, tf.constant([[0.0, 0.0, 1.0, 1.0]] * 3), 16).numpy()
-    np.testing.assert_allclose(out, images.astype(np.float32), atol=1e-4)
+    image = np.random.default_rng(0).integers(0, 256, (16, 12, 3)).astype(np.uint8)
+    out = aug.crop_and_resize_one(image, tf.constant([0.0, 0.0, 1.0, 1.0]), 16).numpy()
+    np.testing.assert_allclose(out, tf.image.resize(image.astype(np.float32), [16, 16]).numpy())
+    square = image[:12]
+    out = aug.crop_and_resize_one(square, tf.constant([0.0, 0.0, 1.0, 1.0]), 12).numpy()
+    np.testing.assert_allclose(out, square.astype(np.float32), atol=1e-4)
+
+
+def test_crop_takes_the_box_pixels_and_shrinks_with_antialiasing():
+    image = np.zeros((40, 40, 3), np.uint8)
+    image[10:30, 20:40] = 200
+    out = aug.crop_and_resize_one(image, tf.constant([0.25, 0.5, 0.75, 1.0]), 5).numpy()
+    np.testing.assert_allclose(out, 200.0, atol=1e-3)  # exactly the bright box
+    # a 1-pixel stripe pattern shrunk 8x averages to its mean instead of aliasing
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[:, ::2] = 255
+    out = aug.crop_and_resize_one(stripes, tf.constant([0.0, 0.0, 1.0, 1.0]), 8).numpy()
+    np.testing.assert_allclose(out, 127.5, atol=8)
 
 
 def test_flip_mirrors_about_half_of_the_images():
