@@ -24,6 +24,7 @@ class TrainConfig:
     eval_dataset: Optional[str] = None
     data_dir: Optional[str] = None
     download: bool = False
+    verify_images: bool = True
     output_dir: str = "runs/default"
     data_kind: Optional[str] = None  # "photo" | "glyph"; None: the dataset's own kind
 

@@ -26,6 +26,9 @@ flags.DEFINE_string("eval_dataset", None,
                     "folder:<dir> to evaluate on; then every class of --dataset trains.")
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
 flags.DEFINE_bool("download", _D.download, "Let tensorflow-datasets download a missing dataset.")
+flags.DEFINE_bool("verify_images", _D.verify_images,
+                  "Decode every image of a folder dataset once before training and skip "
+                  "unreadable files (--noverify_images skips the check).")
 flags.DEFINE_string("output_dir", _D.output_dir, "Checkpoints, logs, metrics.json, embedder.keras.")
 flags.DEFINE_enum("data_kind", None, ["photo", "glyph"],
                   "Picks the defaults of backbone, weights, image size, lr, warm-up and augmentation. "
@@ -78,7 +81,8 @@ def config_from_flags(values=FLAGS) -> TrainConfig:
     freeze = {"auto": None, "true": True, "false": False}[values.freeze_batchnorm]
     return TrainConfig(
         method=values.method, dataset=values.dataset, eval_dataset=values.eval_dataset,
-        data_dir=values.data_dir, download=values.download, output_dir=values.output_dir,
+        data_dir=values.data_dir, download=values.download, verify_images=values.verify_images,
+        output_dir=values.output_dir,
         data_kind=values.data_kind,
         backbone=values.backbone, weights=values.weights, embedding_dim=values.embedding_dim,
         image_size=values.image_size, freeze_batchnorm=freeze, augmentation=values.augmentation,

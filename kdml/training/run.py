@@ -59,7 +59,8 @@ def train(config: TrainConfig) -> Dict:
     """Runs one training job; returns the contents of `metrics.json`."""
     method = get_method(config.method)
     splits = load_dataset(config.dataset, eval_spec=config.eval_dataset, data_dir=config.data_dir,
-                          download=config.download, seed=config.seed)
+                          download=config.download, seed=config.seed,
+                          verify_images=config.verify_images)
     config = config.resolved(config.data_kind or splits.kind)
     check_batch_geometry(splits.train.labels, config.classes_per_batch, config.images_per_class,
                          name=f"training set of {config.dataset}")
