@@ -11,6 +11,7 @@ Writes to `config.output_dir`:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,6 +19,7 @@ from typing import Dict
 
 import keras
 import numpy as np
+import tensorflow as tf
 from absl import logging
 
 from kdml.config import TrainConfig
@@ -55,6 +57,22 @@ def _jit(value: str):
     return {"auto": "auto", "true": True, "false": False}[value]
 
 
+@contextlib.contextmanager
+def _dtype_policy(mixed_precision: bool):
+    """The mixed policy (float16 on GPU, bfloat16 elsewhere) while the model is built.
+
+    Layers keep the policy they were built with, so the global one is restored after.
+    """
+    previous = keras.mixed_precision.global_policy()
+    if mixed_precision:
+        gpu = bool(tf.config.list_physical_devices("GPU"))
+        keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
 def train(config: TrainConfig) -> Dict:
     """Runs one training job; returns the contents of `metrics.json`."""
     method = get_method(config.method)
@@ -74,17 +92,12 @@ def train(config: TrainConfig) -> Dict:
             "continue it, or choose another --output_dir.")
     os.makedirs(out, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
-    if config.mixed_precision:
-        import tensorflow as tf
-
-        gpu = bool(tf.config.list_physical_devices("GPU"))
-        keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
 
     logging.info("Data: %s, %d train images / %d classes, %d test images / %d classes.",
                  config.dataset, splits.train.num_images, splits.train.num_classes,
                  splits.test.num_images, splits.test.num_classes)
     strategy = create_strategy(config.strategy)
-    with strategy.scope():
+    with strategy.scope(), _dtype_policy(config.mixed_precision):
         embedder = build_embedder(config.backbone, "pooling", config.embedding_dim,
                                   config.image_size, config.weights,
                                   freeze_batchnorm=config.freeze_batchnorm)

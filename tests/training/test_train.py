@@ -137,9 +137,10 @@ def test_train_under_mirrored_strategy_and_mixed_precision(glyph_folder, tmp_pat
     tf.distribute.MirroredStrategy._collective_key_base += 10_000  # see conftest
     history = train(_config(glyph_folder, tmp_path, epochs=1, strategy="mirrored",
                             mixed_precision=True))
-    keras.mixed_precision.set_global_policy("float32")
+    assert keras.mixed_precision.global_policy().name == "float32"  # no leaked global state
     assert np.isfinite(history["epochs"]["1"]["loss"])
     embedder = keras.saving.load_model(str(tmp_path / "embedder.keras"))
+    assert embedder.get_layer("backbone").layers[0].dtype_policy.name == "mixed_bfloat16"
     out = embedder(np.zeros((2, 16, 16, 3), np.float32))
     assert out.dtype == "float32"
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-3)
