@@ -41,3 +41,27 @@ def test_zero_multiplier_freezes_a_group_including_weight_decay():
 
 def test_config_roundtrip():
     assert_config_roundtrip(GroupedAdamW({"proxies": 100.0}, learning_rate=1e-4))
+
+
+def test_compiled_training_model_round_trips_with_its_optimizer_state(tmp_path):
+    import kdml
+    from kdml.config import TrainConfig
+    from kdml.methods import get_method
+
+    embedder = kdml.models.build_embedder("conv4", embedding_dim=8, image_size=16)
+    objective = get_method("proxy_anchor").build(embedder, 5, TrainConfig().resolved("glyph"))
+    model = objective.model
+    model.compile(GroupedAdamW(objective.learning_rate_multipliers, learning_rate=1e-3),
+                  objective.loss)
+    x = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
+    y = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    model.optimizer.set_multiplier("^backbone/", 0.0)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert isinstance(loaded.optimizer, GroupedAdamW)
+    assert loaded.optimizer.multiplier("^backbone/") == 0.0
+    assert int(loaded.optimizer.iterations) == 1
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), atol=1e-6)
