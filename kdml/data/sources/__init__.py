@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 from kdml.data.image_set import DatasetSplits, split_classes
@@ -60,7 +59,3 @@ def load_dataset(spec: str, *, eval_spec: Optional[str] = None, data_dir: Option
         return load_tfds(arg, data_dir=data_dir, download=download)
     raise ValueError(f"Unknown dataset {spec!r}. Valid datasets: {', '.join(SOURCES)}.")
 
-
-def with_kind(splits: DatasetSplits, kind: str) -> DatasetSplits:
-    """The same splits with another data kind ("photo" or "glyph")."""
-    return dataclasses.replace(splits, kind=kind)
