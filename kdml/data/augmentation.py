@@ -1,10 +1,11 @@
-"""Crops of the DML recipes as stateless, batched TensorFlow ops.
+"""Crops of the DML recipes as stateless TensorFlow ops.
 
 Training: random-resized-crop (Szegedy et al. 2015; torchvision `RandomResizedCrop`:
 area fraction and log-uniform aspect ratio, 10 attempts, centre-crop fallback) and
-an optional horizontal flip. Evaluation: resize the shorter side to
-`size / crop_fraction`, centre crop `size` (the "Resize(256), CenterCrop(224)" of
-ImageNet-pretrained recipes). All randomness is stateless and keyed by a seed
+an optional horizontal flip. Evaluation: the centred square of `crop_fraction` of the
+shorter side, resized to `size` (the "Resize(256), CenterCrop(224)" of
+ImageNet-pretrained recipes). Boxes are drawn for a batch; `crop_and_resize_one`
+cuts each image at whole pixels and resizes it with antialiasing. All randomness is stateless and keyed by a seed
 tensor, so a resumed run reproduces the same crops.
 """
 
@@ -46,9 +47,9 @@ AUGMENTATIONS = {
 def crop_uniforms(seed, batch_size):
     """`(B, 2 * 10 + 2)` uniform draws that decide B random-resized crops.
 
-    Drawn for a whole batch from one seed, then turned into boxes per image by
-    `random_resized_crop_boxes`, so images held in memory (cropped as a batch) and
-    files (cropped one by one, sizes known only after decoding) get the same crops.
+    Drawn for a whole batch from one seed, then turned into a box per image by
+    `random_resized_crop_boxes` once that image's size is known (after decoding a
+    file), so a crop depends only on the seed and the image's position in the batch.
     """
     return tf.random.stateless_uniform([batch_size, 2 * _ATTEMPTS + 2], seed)
 
