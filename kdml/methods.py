@@ -7,9 +7,10 @@ method's own layer and loss files, never `train.py`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Optional
 
 import keras
+import numpy as np
 
 from kdml.config import TrainConfig
 from kdml.layers.proxies import Proxies
@@ -24,11 +25,16 @@ class Objective:
 
     `model` maps images `(B, S, S, 3)` to what `loss(labels, outputs)` consumes
     (proxy similarities or embeddings); it shares its layers with the embedder.
+    `callbacks` are the method's own (diagnostics); `extra_metrics(embeddings,
+    labels)` adds method-specific test metrics (e.g. re-ranked recall) to every
+    retrieval evaluation of the run.
     """
 
     model: keras.Model
     loss: keras.losses.Loss
     learning_rate_multipliers: Dict[str, float]
+    callbacks: List[keras.callbacks.Callback] = dataclasses.field(default_factory=list)
+    extra_metrics: Optional[Callable[[np.ndarray, np.ndarray], Dict[str, float]]] = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -123,8 +123,12 @@ def train(config: TrainConfig) -> Dict:
                              crop_fraction=config.eval_crop_fraction)
 
     def evaluate():
-        return retrieval_metrics(embed(embedder, test_data), splits.test.labels,
-                                 ks=config.recall_ks, seed=config.seed)
+        embeddings = embed(embedder, test_data)
+        metrics = retrieval_metrics(embeddings, splits.test.labels, ks=config.recall_ks,
+                                    seed=config.seed)
+        if objective.extra_metrics is not None:
+            metrics.update(objective.extra_metrics(embeddings, splits.test.labels))
+        return metrics
 
     if not history.get("initial"):
         history["initial"] = evaluate()
@@ -142,6 +146,7 @@ def train(config: TrainConfig) -> Dict:
         Throughput(config.batch_size),
         RetrievalEvaluation(evaluate, config.eval_every, config.epochs, on_result=record),
         Checkpointer(checkpoint_dir, config.checkpoint_every_steps, config.keep_checkpoints),
+        *objective.callbacks,
         keras.callbacks.TensorBoard(os.path.join(out, "logs")),
     ]
     augmentation = AUGMENTATIONS[config.augmentation]
