@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.kdml-installed
 TRAIN_ARGS ?=
 
-.PHONY: install train test bench clean
+.PHONY: install train test bench bench_methods clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +16,10 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-# Proxy Anchor on the embedded glyphs; re-running continues (or just reports) the run.
+# Soft-orthogonal proxies (Proxy Anchor + SO) on the embedded glyphs; re-running
+# continues (or just reports) the run.
 train: $(STAMP)
-	$(BIN)/python -m kdml.train --method=proxy_anchor --dataset=synthetic \
+	$(BIN)/python -m kdml.train --method=so_proxy --dataset=synthetic \
 		--epochs=30 --eval_every=3 --output_dir=runs/default --resume $(TRAIN_ARGS)
 
 test: $(STAMP)
@@ -26,6 +27,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python tools/bench_speed.py
+
+# Method comparison on Omniglot (../shared/data/omniglot), 3 seeds; cached per run.
+bench_methods: $(STAMP)
+	$(BIN)/python tools/bench_methods.py --rows=proxy_anchor,so_proxy $(BENCH_ARGS)
 
 clean:
 	rm -rf runs build *.egg-info

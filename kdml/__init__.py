@@ -1,12 +1,15 @@
 """kdml: deep metric learning for TensorFlow / Keras 3.
 
 Public API:
-    kdml.layers       Proxies, PoolingHead, L2Normalization, PixelNormalization
-    kdml.losses       ProxyAnchorLoss, MultiSimilarityLoss
+    kdml.layers       Proxies, PoolingHead, L2Normalization, PixelNormalization,
+                      CodedResidualTransform, PDDM, PDDMScoreMatrix
+    kdml.losses       ProxyAnchorLoss, MultiSimilarityLoss, SimilarityConsistency,
+                      MultiBranchLoss, PDDMLoss
     kdml.optimizers   GroupedAdamW (per-group learning rates)
-    kdml.models       build_embedder, build_backbone
+    kdml.regularizers SoftOrthogonal (proxy / prototype diversity)
+    kdml.models       build_embedder, build_backbone, multi_branch_model
     kdml.data         load_dataset, train_dataset, eval_dataset, class_balanced_batches
-    kdml.evaluation   retrieval_metrics, exact_knn
+    kdml.evaluation   retrieval_metrics, exact_knn, few_shot_accuracy
     kdml.methods      the method table used by `python -m kdml.train`
 
 Importing kdml registers every layer, loss and optimizer with Keras, so `.keras`
@@ -18,4 +21,5 @@ import os as _os
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from kdml import data, evaluation, layers, losses, models, optimizers  # noqa: E402,F401
+from kdml import regularizers  # noqa: E402,F401
 from kdml.version import __version__  # noqa: E402,F401

@@ -15,6 +15,14 @@ KIND_DEFAULTS = {
 }
 
 
+# Method-specific defaults per data kind, applied over KIND_DEFAULTS (still only to
+# fields left `None`): {method: {kind: {field: value}}}.
+METHOD_KIND_DEFAULTS = {
+    # The SO paper's encoder: DeiT, class token -> linear -> L2 norm (the "cls" head).
+    "so_proxy": {"photo": dict(backbone="deit_small")},
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs; `None` fields are resolved from the data kind."""
@@ -49,6 +57,31 @@ class TrainConfig:
     ms_beta: float = 50.0
     ms_base: float = 0.5
     ms_epsilon: float = 0.1
+    # Soft-orthogonal proxies (so_proxy, issue 4): lambda of L_PA + lambda R_SO and the
+    # form of R_SO (kdml.regularizers.SoftOrthogonal; default from tools/bench_methods.py).
+    so_strength: float = 10.0
+    so_mode: str = "auto"
+    # Coded Residual Transform (crt, issue 5; DESIGN.md 3.3): the main branch is
+    # (crt_prototypes, embedding_dim), the auxiliary branches (crt_aux_prototypes[i],
+    # crt_aux_dims[i]); each branch gets `base_loss`, plus consistency_weight x
+    # SimilarityConsistency(main, aux). Defaults from tools/bench_methods.py.
+    base_loss: str = "ms"  # "ms" | "proxy_anchor"
+    crt_prototypes: int = 64
+    crt_aux_prototypes: Tuple[int, ...] = (32,)
+    crt_aux_dims: Tuple[int, ...] = (128,)
+    crt_temperature: float = 0.1
+    crt_orthogonality: float = 1.0
+    consistency_weight: float = 1.0
+    # PDDM (pddm, issue 6; DESIGN.md 3.4): the unit's width and dropout, the loss's
+    # margins alpha (scores) / beta (squared distances), weight lambda, mining mode;
+    # rerank_top_k > 0 adds reranked_recall@K (top-k re-ranked by the unit) to evaluations.
+    pddm_alpha: float = 0.5
+    pddm_beta: float = 1.0
+    pddm_lambda: float = 0.5
+    pddm_hidden_dim: int = 128
+    pddm_dropout: float = 0.0
+    pddm_mining: str = "per_anchor"
+    rerank_top_k: int = 0
 
     strategy: str = "auto"
     mixed_precision: bool = False
@@ -67,8 +100,9 @@ class TrainConfig:
         return self.classes_per_batch * self.images_per_class
 
     def resolved(self, kind: str) -> "TrainConfig":
-        """A copy with every `None` field filled from `KIND_DEFAULTS[kind]`."""
-        defaults = KIND_DEFAULTS[kind]
+        """A copy with every `None` field filled from `KIND_DEFAULTS[kind]`, overridden
+        by `METHOD_KIND_DEFAULTS[method][kind]`."""
+        defaults = {**KIND_DEFAULTS[kind], **METHOD_KIND_DEFAULTS.get(self.method, {}).get(kind, {})}
         updates = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         config = dataclasses.replace(self, **updates)
         if config.freeze_batchnorm is None:

@@ -1,7 +1,24 @@
-"""`python -m kdml.evaluate`: retrieval metrics of a saved embedder on a dataset's test classes.
+"""`python -m kdml.evaluate`: evaluate a saved embedder (.keras, SavedModel or .tflite).
 
-Example:
+Every format goes through one code path, `kdml.export.load_embedder(path).embed(images)`,
+so the file a user ships is the file that is measured. Protocols (`--protocol`):
+
+    retrieval      leave-one-out on one set (CUB, Cars, SOP): Recall@K, Precision@K,
+                   MAP@R, R-Precision, NMI, AMI from one exact k-NN pass
+    query_gallery  --query=<source> against --gallery=<source> (In-Shop); classes are
+                   matched by name, a query is never matched to itself when the two
+                   sources are the same
+    episodes       N-way K-shot accuracy with a 95% interval (--n_way, --k_shot, ...)
+    omniglot       20-way within-alphabet one-shot episodes over a folder of alphabets
+
+Examples:
     python -m kdml.evaluate --model=runs/default/embedder.keras --dataset=synthetic
+    python -m kdml.evaluate --model=export/embedder_int8.tflite --dataset=tfds:sop \\
+        --recall_ks=1,10,100,1000 --plots
+    python -m kdml.evaluate --model=embedder.keras --protocol=query_gallery \\
+        --query=folder:/data/inshop/query --gallery=folder:/data/inshop/gallery
+    python -m kdml.evaluate --model=embedder.keras --protocol=omniglot \\
+        --dataset=folder:/data/omniglot/images_evaluation
 """
 
 from __future__ import annotations
@@ -14,61 +31,85 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Path of an embedder saved as .keras.", required=True)
+flags.DEFINE_string("model", None, "Embedder: a .keras file, a SavedModel directory or a "
+                    ".tflite file.", required=True)
+flags.DEFINE_enum("protocol", "auto", ["auto", "retrieval", "query_gallery", "episodes",
+                                       "omniglot"],
+                  "auto: query_gallery when --query is given, else retrieval.")
 flags.DEFINE_string("dataset", "synthetic", "synthetic | folder:<dir> | tfds:<name>.")
 flags.DEFINE_string("eval_dataset", None, "folder:<dir>: evaluate on this folder's classes.")
-flags.DEFINE_enum("split", "test", ["test", "train"], "Which classes of the dataset to retrieve.")
+flags.DEFINE_enum("split", None, ["test", "train", "all"],
+                  "Which classes of --dataset: test (default; the unseen half), train, or "
+                  "all (every class; the default of --protocol=omniglot).")
+flags.DEFINE_string("query", None, "Query source of --protocol=query_gallery: folder:<dir> "
+                    "(every class of the folder) or a --dataset spec (its --split).")
+flags.DEFINE_string("gallery", None, "Gallery source of --protocol=query_gallery.")
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
 flags.DEFINE_list("recall_ks", ["1", "2", "4", "8"], "K values of Recall@K.")
+flags.DEFINE_list("precision_ks", None, "K values of Precision@K (default: --recall_ks).")
+flags.DEFINE_boolean("nmi", True, "Report NMI and AMI (k-means with k = number of classes).")
+flags.DEFINE_integer("kmeans_n_init", 1, "k-means restarts for NMI / AMI.")
+flags.DEFINE_integer("kmeans_max_iter", 300, "k-means Lloyd iterations at most.")
+flags.DEFINE_string("max_memory", "256MiB", "Memory budget of the k-NN tiles, e.g. 512MiB, 2GB, "
+                    "or a number of bytes.")
+flags.DEFINE_enum("knn_precision", "float32", ["float32", "bfloat16"],
+                  "k-NN scoring: float32 (exact) or a bfloat16 pass re-scored in float32.")
+flags.DEFINE_integer("n_way", 20, "Classes per episode (episodes / omniglot).")
+flags.DEFINE_integer("k_shot", 1, "Exemplars per class (episodes / omniglot).")
+flags.DEFINE_integer("queries_per_class", 1, "Queries per class per episode.")
+flags.DEFINE_integer("episodes", 1000, "Number of episodes.")
+flags.DEFINE_integer("rerank_top_k", 0, "Re-rank each query's top-k cosine neighbours with "
+                     "--reranker (0 = off; retrieval protocol).")
+flags.DEFINE_string("reranker", None, "Pair scorer (a .keras model (n, d), (n, d) -> (n,)); "
+                    "default: pddm.keras beside --model.")
+flags.DEFINE_boolean("plots", False, "Write PNG figures: Recall@K curve, similarity "
+                     "histograms, 2-D map of the embeddings.")
+flags.DEFINE_enum("plot_map", "auto", ["auto", "umap", "tsne"],
+                  "2-D map: UMAP when installed (auto), or t-SNE.")
+flags.DEFINE_integer("plot_points", 2000, "Images in the 2-D map at most.")
 flags.DEFINE_float("crop_fraction", 0.875, "Centre-crop fraction of the shorter side.")
 flags.DEFINE_integer("batch_size", 256, "Images per inference batch.")
-flags.DEFINE_integer("seed", 0, "Seed of k-means (NMI) and of the synthetic dataset.")
-flags.DEFINE_string("output", None, "JSON file for the metrics (default: next to the model).")
-
-
-def evaluate_model(model_path: str, dataset: str, split: str = "test", eval_dataset=None,
-                   data_dir=None, ks=(1, 2, 4, 8), crop_fraction=0.875, batch_size=256,
-                   seed=0) -> dict:
-    """Loads an embedder and returns its retrieval metrics on a dataset split."""
-    import keras
-
-    import kdml  # noqa: F401  registers kdml's serializable classes
-    from kdml.data.pipeline import eval_dataset as make_eval_dataset
-    from kdml.data.sources import load_dataset
-    from kdml.evaluation import retrieval_metrics
-    from kdml.training import embed
-
-    if not os.path.isfile(model_path):
-        raise FileNotFoundError(f"No model file at {model_path}. Pass --model=<path>/embedder.keras.")
-    embedder = keras.saving.load_model(model_path)
-    height, width = embedder.input_shape[1:3]
-    splits = load_dataset(dataset, eval_spec=eval_dataset, data_dir=data_dir, seed=seed)
-    images = getattr(splits, split)
-    data = make_eval_dataset(images, image_size=height, batch_size=batch_size,
-                             crop_fraction=crop_fraction)
-    return retrieval_metrics(embed(embedder, data), images.labels, ks=ks, seed=seed)
-
+flags.DEFINE_integer("seed", 0, "Seed of k-means, episodes, plots and the synthetic dataset.")
+flags.DEFINE_string("output", None, "JSON file for the results (default: next to the model, "
+                    "eval_<split>.json, or eval_<protocol>_<split>.json for other protocols).")
 
 def main(argv):
     import json
 
     from kdml.evaluation import format_metrics_table
+    from kdml.evaluation.protocols import default_output, evaluate_model, parse_bytes
 
     del argv
     try:
-        metrics = evaluate_model(FLAGS.model, FLAGS.dataset, FLAGS.split, FLAGS.eval_dataset,
-                                 FLAGS.data_dir, tuple(int(k) for k in FLAGS.recall_ks),
-                                 FLAGS.crop_fraction, FLAGS.batch_size, FLAGS.seed)
+        ks = tuple(int(k) for k in FLAGS.recall_ks)
+        precision_ks = (None if FLAGS.precision_ks is None
+                        else tuple(int(k) for k in FLAGS.precision_ks))
+        plots_dir = None
+        if FLAGS.plots:
+            base = FLAGS.output or default_output(FLAGS.model, "retrieval", FLAGS.split or "test")
+            plots_dir = os.path.splitext(base)[0] + "_plots"
+        report = evaluate_model(
+            FLAGS.model, FLAGS.dataset, FLAGS.split, FLAGS.eval_dataset, FLAGS.data_dir, ks,
+            FLAGS.crop_fraction, FLAGS.batch_size, FLAGS.seed, protocol=FLAGS.protocol,
+            query=FLAGS.query, gallery=FLAGS.gallery, precision_ks=precision_ks,
+            nmi=FLAGS.nmi, kmeans_n_init=FLAGS.kmeans_n_init,
+            kmeans_max_iter=FLAGS.kmeans_max_iter,
+            max_memory_bytes=parse_bytes(FLAGS.max_memory), knn_precision=FLAGS.knn_precision,
+            n_way=FLAGS.n_way, k_shot=FLAGS.k_shot, queries_per_class=FLAGS.queries_per_class,
+            episodes=FLAGS.episodes, rerank_top_k=FLAGS.rerank_top_k, reranker=FLAGS.reranker,
+            plots_dir=plots_dir, plot_map=FLAGS.plot_map, plot_points=FLAGS.plot_points)
     except (ValueError, FileNotFoundError) as error:
         logging.debug("Traceback of the error below:", exc_info=True)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    output = FLAGS.output or os.path.join(os.path.dirname(os.path.abspath(FLAGS.model)),
-                                          f"eval_{FLAGS.split}.json")
+    output = FLAGS.output or default_output(FLAGS.model, report["protocol"], report["split"])
     with open(output, "w") as f:
-        json.dump({"model": FLAGS.model, "dataset": FLAGS.dataset, "split": FLAGS.split,
-                   "metrics": metrics}, f, indent=2)
-    print(format_metrics_table({os.path.basename(FLAGS.model): metrics}))
+        json.dump({"model": FLAGS.model, "dataset": FLAGS.dataset, "query": FLAGS.query,
+                   "gallery": FLAGS.gallery, **report}, f, indent=2)
+    print(format_metrics_table({os.path.basename(os.path.normpath(FLAGS.model)):
+                                report["metrics"]}))
+    for name, path in report.get("plots", {}).items():
+        print(f"Wrote {name}: {path}")
     print(f"Wrote {output}")
 
 

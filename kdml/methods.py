@@ -7,7 +7,7 @@ method's own layer and loss files, never `train.py`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import keras
 import numpy as np
@@ -15,6 +15,7 @@ import numpy as np
 from kdml.config import TrainConfig
 from kdml.layers.proxies import Proxies
 from kdml.losses import MultiSimilarityLoss, ProxyAnchorLoss
+from kdml.regularizers import SoftOrthogonal
 
 BACKBONE_GROUP = "^backbone/"
 
@@ -37,21 +38,42 @@ class Objective:
     extra_metrics: Optional[Callable[[np.ndarray, np.ndarray], Dict[str, float]]] = None
 
 
+def _pooling_head(config: TrainConfig):
+    return "pooling", {}
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
+    """`head(config) -> (head, head_options)` is the head of the method's embedder
+    (`kdml.models.build_embedder(..., head=..., head_options=...)`); default "pooling"."""
+
     name: str
     description: str
     build: Callable[[keras.Model, int, TrainConfig], Objective]
+    head: Callable[[TrainConfig], Tuple[str, Dict]] = _pooling_head
 
 
-def _proxy_anchor(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objective:
+def _proxy_anchor(embedder: keras.Model, num_classes: int, config: TrainConfig,
+                  proxy_regularizer=None, name: str = "proxy_anchor") -> Objective:
+    # kdml.training imports this module (run.py), so its diagnostics are imported here.
+    from kdml.training.diagnostics import ProxyDiagnostics
+
     images = keras.Input(embedder.input_shape[1:], name="images")
-    similarities = Proxies(num_classes, name="proxies")(embedder(images))
+    proxies = Proxies(num_classes, proxy_regularizer=proxy_regularizer, name="proxies")
+    similarities = proxies(embedder(images))
     return Objective(
-        model=keras.Model(images, similarities, name="proxy_anchor"),
+        model=keras.Model(images, similarities, name=name),
         loss=ProxyAnchorLoss(alpha=config.alpha, margin=config.margin),
         learning_rate_multipliers={"^proxies/": config.proxy_lr_multiplier, BACKBONE_GROUP: 1.0},
+        callbacks=[ProxyDiagnostics(proxies.proxies)],
     )
+
+
+def _so_proxy(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objective:
+    """Proxy Anchor + lambda * SoftOrthogonal on the proxies (DESIGN.md 3.2); the penalty
+    joins `model.losses`, so the logged loss is L_PA + lambda R_SO."""
+    return _proxy_anchor(embedder, num_classes, config, name="so_proxy",
+                         proxy_regularizer=SoftOrthogonal(config.so_strength, config.so_mode))
 
 
 def _multi_similarity(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objective:
@@ -64,12 +86,114 @@ def _multi_similarity(embedder: keras.Model, num_classes: int, config: TrainConf
     )
 
 
+# --- Coded Residual Transform (issue 5; DESIGN.md 3.3) -----------------------------
+
+
+def _crt_head(config: TrainConfig, num_prototypes: Optional[int] = None):
+    """The CRT head options of the main branch (or of an auxiliary one of K prototypes)."""
+    return "crt", dict(num_prototypes=num_prototypes or config.crt_prototypes,
+                       temperature=config.crt_temperature,
+                       orthogonality_strength=config.crt_orthogonality)
+
+
+def _crt(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objective:
+    """Multi-size CRT: the embedder's CRT head (main) plus auxiliary CRT heads on the
+    same backbone features, each with the base loss, plus consistency_weight x
+    SimilarityConsistency(main, aux) (kdml.losses.MultiBranchLoss)."""
+    from kdml.layers import CodedResidualTransform
+    from kdml.losses import MultiBranchLoss
+    from kdml.models import multi_branch_model
+
+    aux_sizes = list(zip(config.crt_aux_prototypes, config.crt_aux_dims))
+    if len(config.crt_aux_prototypes) != len(config.crt_aux_dims):
+        raise ValueError(
+            "--crt_aux_prototypes and --crt_aux_dims need one value per auxiliary branch. "
+            f"Received: {list(config.crt_aux_prototypes)} and {list(config.crt_aux_dims)}.")
+    head = embedder.get_layer("head")
+    if not isinstance(head, CodedResidualTransform):
+        raise ValueError("--method=crt needs an embedder built with head='crt'. "
+                         f"Received a head of type {type(head).__name__}.")
+    # Auxiliary branches: the main head's design choices, their own (K, d).
+    aux_heads = [
+        CodedResidualTransform.from_config({**head.get_config(), "name": f"crt_aux{i + 1}",
+                                            "num_prototypes": k, "embedding_dim": dim})
+        for i, (k, dim) in enumerate(aux_sizes)]
+    dims = [head.embedding_dim] + [dim for _, dim in aux_sizes]
+    multipliers = {BACKBONE_GROUP: 1.0}
+    if config.base_loss == "proxy_anchor":
+        proxies = [Proxies(num_classes, name="proxies" if i == 0 else f"proxies_aux{i}")
+                   for i in range(len(dims))]
+        base = [ProxyAnchorLoss(alpha=config.alpha, margin=config.margin) for _ in dims]
+        input_dims = [num_classes] * len(dims)
+        multipliers = {"^proxies": config.proxy_lr_multiplier, **multipliers}
+    elif config.base_loss == "ms":
+        proxies = None
+        base = [MultiSimilarityLoss(alpha=config.ms_alpha, beta=config.ms_beta,
+                                    base=config.ms_base, epsilon=config.ms_epsilon) for _ in dims]
+        input_dims = dims
+    else:
+        raise ValueError(f"Unknown --base_loss {config.base_loss!r}. Valid: ms, proxy_anchor.")
+    return Objective(
+        model=multi_branch_model(embedder, aux_heads, proxies, name="crt"),
+        loss=MultiBranchLoss(base, input_dims, dims, consistency_weight=config.consistency_weight),
+        learning_rate_multipliers=multipliers,
+    )
+
+
+# --- PDDM (issue 6; DESIGN.md 3.4) -------------------------------------------------
+
+
+def _pddm(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objective:
+    """Embedder -> PDDMScoreMatrix (embeddings | unit scores vs the global batch) ->
+    PDDMLoss. Writes the unit to <output_dir>/pddm.keras; with --rerank_top_k > 0 every
+    evaluation adds reranked_recall@K (top-k cosine neighbours re-ordered by the unit)."""
+    import os
+
+    import tensorflow as tf
+
+    from kdml.evaluation.rerank import rerank_metrics
+    from kdml.layers.pddm import PDDM, PDDMScoreMatrix, SavePDDMUnit
+    from kdml.losses.pddm_loss import PDDMLoss, PDDMMiningMonitor
+
+    images = keras.Input(embedder.input_shape[1:], name="images")
+    unit = PDDM(config.pddm_hidden_dim, config.pddm_dropout, name="pddm")
+    outputs = PDDMScoreMatrix(unit, name="pddm_scores")(embedder(images))
+    loss = PDDMLoss(alpha=config.pddm_alpha, beta=config.pddm_beta,
+                    lambda_=config.pddm_lambda, mining=config.pddm_mining)
+    dim = embedder.output_shape[-1]
+    extra_metrics = None
+    if config.rerank_top_k > 0:
+        scorer = tf.function(lambda a, b: unit(a, b, training=False), reduce_retracing=True)
+
+        def extra_metrics(embeddings, labels):
+            top_k = min(config.rerank_top_k, len(labels) - 1)
+            return rerank_metrics(embeddings, labels, scorer, top_k=top_k, ks=config.recall_ks)
+
+    return Objective(
+        model=keras.Model(images, outputs, name="pddm"),
+        loss=loss,
+        learning_rate_multipliers={BACKBONE_GROUP: 1.0},
+        callbacks=[PDDMMiningMonitor(loss),
+                   SavePDDMUnit(unit, dim, os.path.join(config.output_dir, "pddm.keras"))],
+        extra_metrics=extra_metrics,
+    )
+
+
 METHODS: Dict[str, Method] = {
+    "crt": Method(
+        "crt", "Coded Residual Transform head, multi-size with similarity consistency "
+        "(DESIGN.md 3.3); base loss --base_loss", _crt, head=_crt_head),
     "proxy_anchor": Method(
         "proxy_anchor", "Proxy Anchor loss (Kim et al., CVPR 2020), the baseline", _proxy_anchor),
     "multi_similarity": Method(
         "multi_similarity", "Multi-Similarity loss with pair mining (Wang et al., CVPR 2019)",
         _multi_similarity),
+    "pddm": Method(
+        "pddm", "PDDM unit, hard-quadruplet mining, double-header hinge (Huang et al., "
+        "NIPS 2016, DESIGN.md 3.4)", _pddm),
+    "so_proxy": Method(
+        "so_proxy", "Proxy Anchor + soft-orthogonal proxies (Soft Orthogonal Proxies, DESIGN.md 3.2)",
+        _so_proxy),
 }
 
 

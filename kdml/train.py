@@ -19,7 +19,7 @@ from kdml.config import TrainConfig  # noqa: E402
 _D = TrainConfig()
 FLAGS = flags.FLAGS
 # Method and data.
-flags.DEFINE_string("method", _D.method, "Training method: proxy_anchor | multi_similarity.")
+flags.DEFINE_string("method", _D.method, "Training method: proxy_anchor | multi_similarity | so_proxy | pddm | crt.")
 flags.DEFINE_string("dataset", _D.dataset,
                     "synthetic (embedded glyphs) | folder:<dir> | tfds:<cub200|cars196|sop|omniglot>.")
 flags.DEFINE_string("eval_dataset", None,
@@ -60,9 +60,40 @@ flags.DEFINE_float("ms_alpha", _D.ms_alpha, "Multi-Similarity positive scale.")
 flags.DEFINE_float("ms_beta", _D.ms_beta, "Multi-Similarity negative scale.")
 flags.DEFINE_float("ms_base", _D.ms_base, "Multi-Similarity similarity offset lambda.")
 flags.DEFINE_float("ms_epsilon", _D.ms_epsilon, "Multi-Similarity mining margin.")
+flags.DEFINE_float("so_strength", _D.so_strength,
+                   "so_proxy: weight lambda of the soft-orthogonality penalty on the proxies.")
+flags.DEFINE_enum("so_mode", _D.so_mode, ["auto", "rows", "columns"],
+                  "so_proxy: ||P P^T - I_C|| (rows), ||P^T P - (C/d) I_d|| (columns), "
+                  "or auto (rows when C <= d); same gradient, see kdml.regularizers.")
+flags.DEFINE_enum("base_loss", _D.base_loss, ["ms", "proxy_anchor"],
+                  "crt: loss of every CRT branch, Multi-Similarity (the paper's) or Proxy "
+                  "Anchor (proxies per branch, lr x --proxy_lr_multiplier).")
+flags.DEFINE_integer("crt_prototypes", _D.crt_prototypes,
+                     "crt: prototypes K of the main branch (its size d is --embedding_dim).")
+flags.DEFINE_list("crt_aux_prototypes", [str(k) for k in _D.crt_aux_prototypes],
+                  "crt: prototypes of each auxiliary branch (empty: main branch only).")
+flags.DEFINE_list("crt_aux_dims", [str(d) for d in _D.crt_aux_dims],
+                  "crt: embedding size of each auxiliary branch (one per --crt_aux_prototypes).")
+flags.DEFINE_float("crt_temperature", _D.crt_temperature,
+                   "crt: temperature of the prototype-correlation softmax.")
+flags.DEFINE_float("crt_orthogonality", _D.crt_orthogonality,
+                   "crt: SoftOrthogonal strength on each branch's prototypes (0: off).")
+flags.DEFINE_float("consistency_weight", _D.consistency_weight,
+                   "crt: weight of the similarity-matrix consistency, main vs each aux branch.")
+flags.DEFINE_float("pddm_alpha", _D.pddm_alpha, "pddm: margin of the double-header hinge on scores.")
+flags.DEFINE_float("pddm_beta", _D.pddm_beta, "pddm: margin of the embedding hinge on squared distances.")
+flags.DEFINE_float("pddm_lambda", _D.pddm_lambda, "pddm: weight of the embedding hinge.")
+flags.DEFINE_integer("pddm_hidden_dim", _D.pddm_hidden_dim, "pddm: width of the PDDM unit.")
+flags.DEFINE_float("pddm_dropout", _D.pddm_dropout, "pddm: dropout on the unit's hidden layer.")
+flags.DEFINE_enum("pddm_mining", _D.pddm_mining, ["per_anchor", "single"],
+                  "pddm: one hard quadruplet per anchor, or the paper's single one per batch.")
+flags.DEFINE_integer("rerank_top_k", _D.rerank_top_k,
+                     "pddm: also report reranked_recall@K, each query's top-k cosine neighbours "
+                     "re-ordered by the PDDM unit (0: off).")
 # Execution.
-flags.DEFINE_enum("strategy", _D.strategy, ["auto", "one_device", "mirrored"],
-                  "tf.distribute strategy (auto: mirrored on >1 GPU).")
+flags.DEFINE_enum("strategy", _D.strategy, ["auto", "one_device", "mirrored", "multi_worker"],
+                  "tf.distribute strategy (auto: mirrored on >1 GPU; multi_worker: "
+                  "MultiWorkerMirroredStrategy from the TF_CONFIG environment variable).")
 flags.DEFINE_bool("mixed_precision", _D.mixed_precision,
                   "mixed_float16 on GPU, mixed_bfloat16 on CPU; losses stay float32.")
 flags.DEFINE_enum("jit_compile", _D.jit_compile, ["auto", "true", "false"], "XLA-compile the train step.")
@@ -91,6 +122,15 @@ def config_from_flags(values=FLAGS) -> TrainConfig:
         proxy_lr_multiplier=values.proxy_lr_multiplier, warmup_epochs=values.warmup_epochs,
         alpha=values.alpha, margin=values.margin, ms_alpha=values.ms_alpha,
         ms_beta=values.ms_beta, ms_base=values.ms_base, ms_epsilon=values.ms_epsilon,
+        so_strength=values.so_strength, so_mode=values.so_mode,
+        base_loss=values.base_loss, crt_prototypes=values.crt_prototypes,
+        crt_aux_prototypes=tuple(int(k) for k in values.crt_aux_prototypes),
+        crt_aux_dims=tuple(int(d) for d in values.crt_aux_dims),
+        crt_temperature=values.crt_temperature, crt_orthogonality=values.crt_orthogonality,
+        consistency_weight=values.consistency_weight,
+        pddm_alpha=values.pddm_alpha, pddm_beta=values.pddm_beta, pddm_lambda=values.pddm_lambda,
+        pddm_hidden_dim=values.pddm_hidden_dim, pddm_dropout=values.pddm_dropout,
+        pddm_mining=values.pddm_mining, rerank_top_k=values.rerank_top_k,
         strategy=values.strategy, mixed_precision=values.mixed_precision,
         jit_compile=values.jit_compile, seed=values.seed, resume=values.resume,
         eval_every=values.eval_every, recall_ks=tuple(int(k) for k in values.recall_ks),
@@ -109,7 +149,7 @@ def main(argv):
     try:
         get_method(config.method)  # fail fast, before any data is loaded
         train(config)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
         logging.debug("Traceback of the error below:", exc_info=True)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -113,7 +113,14 @@ def crop_and_resize_one(image, box, size: int):
     return tf.clip_by_value(resized, 0.0, 255.0)
 
 
-def random_flip(seed, images):
-    """Flips each image of `(B, H, W, C)` left-right with probability 1/2."""
-    flip = tf.random.stateless_uniform([tf.shape(images)[0], 1, 1, 1], seed) < 0.5
+def random_flip(seed, images, offset=0, batch_size=None):
+    """Flips each image of `(b, H, W, C)` left-right with probability 1/2.
+
+    `images` may be rows `[offset, offset + b)` of a batch of `batch_size` (one
+    worker's shard): they get the draws they have in the whole batch.
+    """
+    n = tf.shape(images)[0]
+    total = n if batch_size is None else batch_size
+    draws = tf.random.stateless_uniform([total, 1, 1, 1], seed)
+    flip = draws[offset:offset + n] < 0.5
     return tf.where(flip, tf.reverse(images, axis=[2]), images)

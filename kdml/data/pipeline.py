@@ -51,8 +51,9 @@ def _load_batch(fetch, indices, uniforms, make_box, size: int):
 
 def train_dataset(image_set: ImageSet, *, image_size: int, classes_per_batch: int = 32,
                   images_per_class: int = 4, augmentation: aug.Augmentation = aug.AUGMENTATIONS["photo"],
-                  seed: int = 0, start_step: int = 0) -> tf.data.Dataset:
-    """Infinite class-balanced batches for `model.fit`.
+                  seed: int = 0, start_step: int = 0, num_shards: int = 1,
+                  shard_index: int = 0) -> tf.data.Dataset:
+    """Infinite class-balanced batches for `model.fit`, or one worker's rows of them.
 
     Args:
         image_set: the training images.
@@ -61,14 +62,26 @@ def train_dataset(image_set: ImageSet, *, image_size: int, classes_per_batch: in
         augmentation: random-resized-crop range and flip.
         seed: data-order and augmentation seed.
         start_step: first global step (resume).
+        num_shards, shard_index: a multi-worker run's W workers and this worker's
+            index w: only rows `[w * B / W, (w + 1) * B / W)` of each global batch
+            are loaded (B = P x K, a multiple of W), with the crops and flips those
+            rows get in the whole batch, so the W shards concatenated are the
+            single-process batch (whole classes when W divides P).
 
     Returns:
-        `tf.data.Dataset` of `(images float32 (P*K, S, S, 3) in [0, 255], labels int32 (P*K,))`;
-        batch s depends only on (image_set, seed, s).
+        `tf.data.Dataset` of `(images float32 (B/W, S, S, 3) in [0, 255], labels int32 (B/W,))`;
+        batch s depends only on (image_set, seed, s, shard).
     """
     fetch = _fetcher(image_set)
     labels = tf.constant(image_set.labels.astype(np.int32))
     batch = classes_per_batch * images_per_class
+    if num_shards < 1 or not 0 <= shard_index < num_shards or batch % num_shards:
+        raise ValueError(
+            f"Cannot take shard {shard_index} of {num_shards} from batches of P x K = {batch}: "
+            "the batch must be a multiple of the number of shards (workers). "
+            "Change --classes_per_batch or --images_per_class.")
+    rows = batch // num_shards
+    first = shard_index * rows
 
     def make_box(uniforms, hw):
         return aug.random_resized_crop_boxes(uniforms, hw, augmentation.crop_area,
@@ -77,11 +90,12 @@ def train_dataset(image_set: ImageSet, *, image_size: int, classes_per_batch: in
     def load(step, indices):
         key = tf.stack([tf.constant(seed, tf.int64) + 1, step])
         crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
-        images = _load_batch(fetch, indices, aug.crop_uniforms(crop_key, batch), make_box,
-                             image_size)
+        indices = indices[first:first + rows]
+        uniforms = aug.crop_uniforms(crop_key, batch)[first:first + rows]
+        images = _load_batch(fetch, indices, uniforms, make_box, image_size)
         if augmentation.flip:
-            images = aug.random_flip(flip_key, images)
-        images.set_shape([batch, image_size, image_size, 3])
+            images = aug.random_flip(flip_key, images, offset=first, batch_size=batch)
+        images.set_shape([rows, image_size, image_size, 3])
         return images, tf.gather(labels, indices)
 
     indices = class_balanced_batches(image_set.labels, classes_per_batch, images_per_class,

@@ -3,8 +3,9 @@
 Every metric loss needs positives in the batch, so DML recipes sample P classes and
 K images of each (pytorch-metric-learning's `MPerClassSampler`). Here batch `s` is
 drawn with stateless random ops seeded by `(seed, s)`: the data order is identical
-across runs, a resumed run continues exactly where it stopped, and workers of a
-multi-worker run draw independent streams from their own seeds.
+across runs, a resumed run continues exactly where it stopped, and every worker of a
+multi-worker run draws the same global batch and loads only its own rows of it
+(`kdml.data.train_dataset(num_shards=, shard_index=)`).
 """
 
 from __future__ import annotations

@@ -1,27 +1,51 @@
-"""Exact k-nearest-neighbour search by chunked matrix products.
+"""Exact k-nearest-neighbour search by blocked matrix products with a running top-k.
 
-`exact_knn` ranks a gallery by cosine (or raw inner-product) similarity for every
-query, one block of queries at a time, so that memory stays bounded: the largest
-intermediate is a `(block, N)` float32 similarity matrix whose size is derived from
-`max_memory_bytes`, never an `(N, N)` matrix. This is what lets the evaluation protocol
-of DESIGN.md section 4 run on Stanford Online Products (60,502 x 512) on a laptop.
+`exact_knn` ranks a gallery by cosine (or raw inner-product) similarity for every query.
+The similarity matrix is never materialised: queries are cut into row blocks and the
+gallery into column chunks; for each `(block, chunk)` tile the step computes
+`S = Q_b G_c^T` (`tf.linalg.matmul`) and merges it into the block's running top-k
+(`tf.math.top_k` over `[running top-k | tile]`), inside one `tf.while_loop` over the
+chunks. The largest intermediates are a few `(block, chunk + k)` float32 tiles whose
+size follows `max_memory_bytes`, so Stanford Online Products (60,502 x 512, k = 1000)
+and a 10x larger query set run in well under 2 GB.
 
-Ranking is exact and deterministic: float32 products (TensorFloat-32 is switched off
-during the search on GPUs that default to it), and equal similarities are ordered by
-lower gallery index first (the documented tie rule of `tf.math.top_k`).
+Device: the step runs where TensorFlow places it, on the first GPU when one is visible
+and on the CPU otherwise. Under a `tf.distribute` strategy (`strategy=`), each replica
+scores its own query block against its own copy of the gallery (the queries are
+sharded, the gallery is replicated).
+
+Precision: float32 by default, exact: TensorFloat-32 is switched off during the
+search on GPUs that default to it. `precision="bfloat16"` is an opt-in fast pass for
+accelerators with bfloat16 matrix units: the tiles are scored in bfloat16 and the
+`k + extra_candidates` best candidates of each query are re-scored in float32, so the
+returned similarities are float32 and the order is exact unless a true neighbour fell
+outside the candidates (bfloat16 keeps 8 bits of mantissa, a relative error of ~4e-3).
+On CPUs without bfloat16 units it is slower than float32.
+
+Ties: equal similarities are ordered by lower gallery index first, reproducibly bit
+for bit. `tf.math.top_k` puts the lower position first among equal values; the running
+top-k always precedes the tile in the merge and holds only lower gallery indices (the
+chunks are visited in increasing order), and the bfloat16 candidates are sorted by
+gallery index before their float32 re-scoring, so position order is gallery order.
 """
 
 import contextlib
+import math
 
 import numpy as np
 import tensorflow as tf
 
 _SIMILARITIES = ("cosine", "inner_product")
+_PRECISIONS = ("float32", "bfloat16")
 
-# float32 copies of a (block, N) row block that are alive at once inside the block step:
-# the similarity matrix and its self-masked copy that `top_k` reads.
-_LIVE_BLOCK_COPIES = 2
+# (block, chunk + k) float32/int32 arrays alive at once inside the tile step: the tile,
+# its masked copy, the merged values and the merged indices.
+_LIVE_TILE_COPIES = 4
 _BYTES_PER_FLOAT32 = 4
+# Gallery columns per chunk: large enough that the running top-k merge (k extra columns
+# per chunk) stays cheap, small enough that a tile row fits in cache-friendly blocks.
+_MIN_GALLERY_CHUNK = 8192
+_DEFAULT_EXTRA_CANDIDATES = 32
 
 
 def exact_knn(
@@ -32,13 +56,12 @@ def exact_knn(
     max_memory_bytes=256 * 2**20,
     exclude_self=None,
     similarity="cosine",
+    precision="float32",
+    extra_candidates=None,
+    gallery_chunk=None,
+    strategy=None,
 ):
-    """Exact k nearest neighbours of each query by chunked cosine similarity.
-
-    For each block of queries the step computes `S = Q_b G^T` with `tf.linalg.matmul`
-    and keeps the `k` largest entries of each row with `tf.math.top_k`. The block
-    has a fixed number of rows (the last one is zero-padded), so the `tf.function` step
-    is traced once per `(block, N, d, k)` and reused across blocks and calls.
+    """Exact k nearest neighbours of each query by blocked cosine similarity.
 
     Args:
         queries: `(Q, d)` array-like of real numbers.
@@ -46,10 +69,11 @@ def exact_knn(
             queries among themselves (then `N = Q`).
         k: number of neighbours to return, `1 <= k <= N` (`k <= N - 1` when the query
             itself is excluded).
-        max_memory_bytes: budget for the `(block, N)` float32 similarity block and its
-            masked copy; the number of query rows per block is
-            `max_memory_bytes // (2 * 4 * N)` (at least 1, at most Q). The inputs
-            themselves are not counted.
+        max_memory_bytes: budget for the tile intermediates (`--max_memory`); the
+            query rows per block are `max_memory_bytes // (4 * 4 * (chunk + k'))`
+            (plus `4 * k' * d` per row for the bfloat16 re-scoring gather), at least
+            1 and at most Q, with `k'` the candidates kept. The inputs, their
+            normalised on-device copies and the `(Q, k)` outputs are not counted.
         exclude_self: whether query `i` may not return gallery item `i`. `None`
             (default) means `True` when `gallery is None` and `False` otherwise. `True`
             with an explicit gallery requires `Q == N` (query `i` is gallery item `i`).
@@ -57,6 +81,13 @@ def exact_knn(
             embeddings still retrieve each other.
         similarity: `"cosine"` (rows are L2-normalised first; a zero row has
             similarity 0 to everything) or `"inner_product"` (rows used as given).
+        precision: `"float32"` (exact) or `"bfloat16"` (bfloat16 scoring pass, then
+            float32 re-scoring of the `k + extra_candidates` best candidates).
+        extra_candidates: candidates kept beyond `k` by the bfloat16 pass (default
+            `max(32, k // 4)`); ignored for float32.
+        gallery_chunk: gallery columns per tile (default `min(N, max(8192, 4 k))`).
+        strategy: optional `tf.distribute.Strategy`; its replicas score disjoint query
+            blocks in parallel. Results are identical to the single-device search.
 
     Returns:
         `(indices, similarities)`: NumPy arrays of shape `(Q, k)`, `int64` gallery
@@ -70,10 +101,26 @@ def exact_knn(
     >>> indices[:, 0].tolist()
     [1, 0, 1]
     """
+    indices, similarities = _knn(
+        queries, gallery, k=k, max_memory_bytes=max_memory_bytes, exclude_self=exclude_self,
+        similarity=similarity, precision=precision, extra_candidates=extra_candidates,
+        gallery_chunk=gallery_chunk, strategy=strategy,
+    )
+    return indices.astype(np.int64), similarities
+
+
+def _knn(queries, gallery=None, *, k, max_memory_bytes=256 * 2**20, exclude_self=None,
+         similarity="cosine", precision="float32", extra_candidates=None,
+         gallery_chunk=None, strategy=None, return_similarities=True):
+    """`exact_knn` with int32 indices (half the memory: 242 MB for SOP at k = 1000)."""
     if similarity not in _SIMILARITIES:
         raise ValueError(
             f"Expected `similarity` to be one of {_SIMILARITIES}. "
             f"Received: similarity={similarity!r}"
+        )
+    if precision not in _PRECISIONS:
+        raise ValueError(
+            f"Expected `precision` to be one of {_PRECISIONS}. Received: precision={precision!r}"
         )
     queries = _as_float32_matrix(queries, "queries")
     if gallery is None:
@@ -84,6 +131,7 @@ def exact_knn(
         gallery_matrix = _as_float32_matrix(gallery, "gallery")
         if exclude_self is None:
             exclude_self = False
+    exclude_self = bool(exclude_self)
     num_queries, dim = queries.shape
     num_gallery, gallery_dim = gallery_matrix.shape
     if gallery_dim != dim:
@@ -99,38 +147,93 @@ def exact_knn(
             f"queries.shape={queries.shape}, gallery.shape={gallery_matrix.shape}. "
             "Pass gallery=None for leave-one-out search, or exclude_self=False."
         )
-    _check_k(k, num_gallery, bool(exclude_self))
-    if not isinstance(max_memory_bytes, (int, np.integer)) or max_memory_bytes <= 0:
-        raise ValueError(
-            "Expected `max_memory_bytes` to be a positive integer. "
-            f"Received: max_memory_bytes={max_memory_bytes!r}"
-        )
-
-    block = _rows_per_block(num_queries, num_gallery, int(max_memory_bytes))
-    query_tensor = tf.constant(queries)
-    gallery_tensor = tf.constant(gallery_matrix)
-    if similarity == "cosine":
-        query_tensor = tf.math.l2_normalize(query_tensor, axis=1)
-        gallery_tensor = tf.math.l2_normalize(gallery_tensor, axis=1)
-
-    indices = np.empty((num_queries, k), dtype=np.int64)
-    similarities = np.empty((num_queries, k), dtype=np.float32)
-    with _full_float32_matmul():
-        for start in range(0, num_queries, block):
-            stop = min(start + block, num_queries)
-            query_block = query_tensor[start:stop]
-            if stop - start < block:  # keep the traced shape: pad the last block with zeros
-                query_block = tf.pad(query_block, [[0, block - (stop - start)], [0, 0]])
-            block_similarities, block_indices = _block_top_k(
-                query_block,
-                gallery_tensor,
-                tf.constant(start, dtype=tf.int32),
-                k=int(k),
-                exclude_self=bool(exclude_self),
+    _check_k(k, num_gallery, exclude_self)
+    for name, value in (("max_memory_bytes", max_memory_bytes),
+                        ("gallery_chunk", gallery_chunk), ("extra_candidates", extra_candidates)):
+        if value is None and name != "max_memory_bytes":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise ValueError(
+                f"Expected `{name}` to be a positive integer. Received: {name}={value!r}"
             )
-            indices[start:stop] = block_indices.numpy()[: stop - start]
-            similarities[start:stop] = block_similarities.numpy()[: stop - start]
+    k = int(k)
+    limit = num_gallery - 1 if exclude_self else num_gallery
+    if precision == "bfloat16":
+        extra = extra_candidates if extra_candidates is not None else max(
+            _DEFAULT_EXTRA_CANDIDATES, k // 4)
+        candidates = min(limit, k + int(extra))
+    else:
+        candidates = k
+    chunk = int(gallery_chunk) if gallery_chunk else max(_MIN_GALLERY_CHUNK, 4 * candidates)
+    chunk = min(chunk, num_gallery)
+    num_chunks = math.ceil(num_gallery / chunk)
+    rescore_bytes = _BYTES_PER_FLOAT32 * candidates * dim if precision == "bfloat16" else 0
+    block = _rows_per_block(num_queries, chunk + candidates, int(max_memory_bytes),
+                            extra_bytes_per_row=rescore_bytes)
+
+    devices = _replica_devices(strategy)
+    replicas = len(devices)
+    step_options = dict(k=k, candidates=candidates, exclude_self=exclude_self,
+                        bfloat16=precision == "bfloat16")
+
+    indices = np.empty((num_queries, k), dtype=np.int32)
+    similarities = np.empty((num_queries, k), dtype=np.float32) if return_similarities else None
+    with _full_float32_matmul():
+        per_device = [
+            _prepare_gallery(gallery_matrix, device, similarity, chunk, num_chunks,
+                             precision == "bfloat16")
+            for device in devices
+        ]
+        query_tensor = tf.constant(queries)
+        if similarity == "cosine":
+            query_tensor = tf.math.l2_normalize(query_tensor, axis=1)
+        num_gallery_tensor = tf.constant(num_gallery, dtype=tf.int32)
+        for super_start in range(0, num_queries, block * replicas):
+            outputs = []
+            for replica, device in enumerate(devices):
+                start = super_start + replica * block
+                if start >= num_queries:
+                    break
+                stop = min(start + block, num_queries)
+                with tf.device(device):
+                    query_block = query_tensor[start:stop]
+                    if stop - start < block:  # keep the traced shape: zero-pad the last block
+                        query_block = tf.pad(query_block, [[0, block - (stop - start)], [0, 0]])
+                    chunks, chunks_scoring = per_device[replica]
+                    values, found = _block_top_k(
+                        query_block, chunks, chunks_scoring,
+                        tf.constant(start, dtype=tf.int32), num_gallery_tensor,
+                        **step_options,
+                    )
+                outputs.append((start, stop, values, found))
+            # ops were dispatched to every replica before any result is read back
+            for start, stop, values, found in outputs:
+                indices[start:stop] = found.numpy()[: stop - start]
+                if return_similarities:
+                    similarities[start:stop] = values.numpy()[: stop - start]
     return indices, similarities
+
+
+def _replica_devices(strategy):
+    """Devices to shard the query blocks over: the strategy's replicas, or the default."""
+    if strategy is None:
+        return [None]
+    devices = list(strategy.extended.worker_devices)
+    return devices or [None]
+
+
+def _prepare_gallery(gallery_matrix, device, similarity, chunk, num_chunks, bfloat16):
+    """The gallery on `device`, normalised, zero-padded and cut into `(C, chunk, d)`."""
+    with tf.device(device):
+        gallery = tf.constant(gallery_matrix)
+        if similarity == "cosine":
+            gallery = tf.math.l2_normalize(gallery, axis=1)
+        padding = num_chunks * chunk - gallery_matrix.shape[0]
+        if padding:
+            gallery = tf.pad(gallery, [[0, padding], [0, 0]])
+        chunks = tf.reshape(gallery, [num_chunks, chunk, gallery_matrix.shape[1]])
+        scoring = tf.cast(chunks, tf.bfloat16) if bfloat16 else chunks
+    return chunks, scoring
 
 
 @contextlib.contextmanager
@@ -153,29 +256,63 @@ def _full_float32_matmul():
 
 
 @tf.function
-def _block_top_k(query_block, gallery, start, k, exclude_self):
-    """Top-k of one `(block, d)` query block against the `(N, d)` gallery.
+def _block_top_k(query_block, chunks, chunks_scoring, start, num_gallery, k, candidates,
+                 exclude_self, bfloat16):
+    """Top-k of one `(B, d)` query block against the chunked `(C, W, d)` gallery.
 
-    `k` and `exclude_self` are Python values (part of the trace key); `start`, the
-    global index of the block's first row, is a tensor so blocks share one trace.
-    Returns `(similarities (block, k) float32, indices (block, k) int64)`.
+    `k`, `candidates`, `exclude_self` and `bfloat16` are Python values (part of the
+    trace key); `start` (global index of the block's first row) and `num_gallery` are
+    tensors, so all blocks of a search share one trace. Padded gallery columns
+    (index >= N) and, with `exclude_self`, column `start + i` of row `i` score -inf.
+    Returns `(similarities (B, k) float32, indices (B, k) int32)`.
     """
-    scores = tf.linalg.matmul(query_block, gallery, transpose_b=True)  # (block, N)
-    if exclude_self:
-        block_rows = tf.shape(query_block)[0]
-        self_index = start + tf.range(block_rows, dtype=tf.int32)
-        # one_hot of an index >= N (a padded row) is all zeros: nothing masked there.
-        is_self = tf.one_hot(
-            self_index, depth=tf.shape(gallery)[0], on_value=True, off_value=False
-        )
-        scores = tf.where(is_self, tf.constant(-np.inf, dtype=scores.dtype), scores)
-    # top_k is stable: among equal values the lower index comes first.
-    values, indices = tf.math.top_k(scores, k=k, sorted=True)
-    return values, tf.cast(indices, tf.int64)
+    block_rows = tf.shape(query_block)[0]
+    num_chunks, chunk = tf.shape(chunks)[0], tf.shape(chunks)[1]
+    scoring_block = tf.cast(query_block, tf.bfloat16) if bfloat16 else query_block
+    row_index = start + tf.range(block_rows, dtype=tf.int32)
+    chunk_columns = tf.range(chunk, dtype=tf.int32)
+    minus_inf = tf.constant(-np.inf, tf.float32)
+
+    def merge(c, values, indices):
+        tile = tf.linalg.matmul(scoring_block, chunks_scoring[c], transpose_b=True)
+        tile = tf.cast(tile, tf.float32)  # (B, W)
+        columns = c * chunk + chunk_columns  # (W,) global gallery indices
+        invalid = tf.broadcast_to(columns[None, :] >= num_gallery, tf.shape(tile))
+        if exclude_self:
+            invalid = invalid | (columns[None, :] == row_index[:, None])
+        tile = tf.where(invalid, minus_inf, tile)
+        # running top-k first: among equal values top_k keeps the lower position, which
+        # is the lower gallery index (earlier chunks, then increasing columns).
+        merged_values = tf.concat([values, tile], axis=1)
+        merged_indices = tf.concat(
+            [indices, tf.broadcast_to(columns[None, :], tf.shape(tile))], axis=1)
+        values, position = tf.math.top_k(merged_values, k=candidates, sorted=True)
+        return c + 1, values, tf.gather(merged_indices, position, batch_dims=1)
+
+    initial = (
+        tf.constant(0, tf.int32),
+        tf.fill([block_rows, candidates], minus_inf),
+        tf.fill([block_rows, candidates], tf.constant(-1, tf.int32)),
+    )
+    _, values, indices = tf.while_loop(
+        lambda c, values, indices: c < num_chunks, merge, initial,
+        parallel_iterations=1,
+    )
+    if not bfloat16:
+        return values, indices
+    # float32 re-scoring of the candidates, in increasing gallery-index order so that
+    # top_k's position tie rule is again the lower-index rule.
+    indices = tf.sort(indices, axis=1)
+    flat = tf.reshape(chunks, [-1, tf.shape(chunks)[2]])
+    rows = tf.gather(flat, indices)  # (B, candidates, d) float32
+    exact = tf.einsum("bd,bcd->bc", query_block, rows)
+    values, position = tf.math.top_k(exact, k=k, sorted=True)
+    return values, tf.gather(indices, position, batch_dims=1)
 
 
-def _rows_per_block(num_queries, num_gallery, max_memory_bytes):
-    bytes_per_row = _LIVE_BLOCK_COPIES * _BYTES_PER_FLOAT32 * num_gallery
+def _rows_per_block(num_queries, row_width, max_memory_bytes, extra_bytes_per_row=0):
+    """Query rows per block: `_LIVE_TILE_COPIES` float32 `(rows, row_width)` arrays."""
+    bytes_per_row = _LIVE_TILE_COPIES * _BYTES_PER_FLOAT32 * row_width + extra_bytes_per_row
     return int(max(1, min(num_queries, max_memory_bytes // bytes_per_row)))
 
 

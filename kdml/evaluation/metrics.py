@@ -1,37 +1,35 @@
-"""Zero-shot retrieval metrics of the deep-metric-learning protocol (DESIGN.md section 4).
+"""Retrieval and clustering metrics of the deep-metric-learning protocol (DESIGN.md section 4).
 
-Every embedding is a query against all the others (leave-one-out: a query is never its
-own neighbour), ranked by cosine similarity with one exact, chunked k-NN pass
-(`kdml.evaluation.knn.exact_knn`, ties broken by lower index). From that ranking:
+Every query is ranked against the gallery by cosine similarity with one exact,
+blocked k-NN pass (`kdml.evaluation.knn`, ties broken by lower gallery index). In the
+leave-one-out protocol (CUB, Cars, SOP) the queries are the gallery and a query is
+never its own neighbour; in the query-vs-gallery protocol (In-Shop) the two sets are
+given separately. From that one ranking, with R = the number of gallery items of the
+query's class (the query itself not counted):
 
-- `recall@K`: the DML Recall@K, 1 for a query when any of its K nearest neighbours
-  shares its label, averaged over all queries. Computed by tensorflow-similarity's
-  `retrieval_metrics.RecallAtK`.
-- `map@r`: MAP@R of Musgrave et al., "A Metric Learning Reality Check" (ECCV 2020),
-  section 3.2: with R = the number of other images of the query's class,
-  `AP@R = (1/R) * sum_{i<=R} P@i * rel_i`, averaged over queries. Computed by
-  tensorflow-similarity's `retrieval_metrics.MapAtK` (`r={label: R}`), see the note
-  below.
-- `r_precision`: R-Precision of the same paper, `(1/R) * #{same-class among the R
-  nearest}`; computed here (tensorflow-similarity has no R-Precision).
-- `nmi`: normalised mutual information (arithmetic mean normalisation) between the
-  labels and a k-means clustering, with k = the number of classes, of the L2-normalised
-  embeddings; scikit-learn's `KMeans` (k-means++, one initialisation, fixed `seed`) and
-  `normalized_mutual_info_score`, computed here.
+| metric | definition | computed by |
+|---|---|---|
+| `recall@K` | 1 when any of the K nearest shares the query's label (the DML Recall@K) | tensorflow-similarity `RecallAtK` |
+| `precision@K` | fraction of the K nearest that share the label | tensorflow-similarity `PrecisionAtK` |
+| `map@r` | Musgrave et al., ECCV 2020, sec. 3.2: `(1/R) sum_{i<=R} P@i rel_i` | tensorflow-similarity `MapAtK` (mask pre-clipped at R, see below) |
+| `r_precision` | same paper: `#{same class among the R nearest} / R` | tensorflow-similarity `PrecisionAtK(r=R)` on the pre-clipped mask |
+| `nmi`, `ami` | mutual information of the labels and a k-means clustering (k = number of classes) of the L2-normalised query embeddings, arithmetic normalisation; AMI corrects for chance | scikit-learn `KMeans`, `normalized_mutual_info_score`, `adjusted_mutual_info_score` |
 
-Queries whose class has no other image (R = 0) cannot be scored by MAP@R or
+All values are averaged over queries ("micro" average).
+
+Queries whose class has no other gallery item (R = 0) cannot be scored by MAP@R or
 R-Precision. As in Musgrave et al.'s reference implementation (pytorch-metric-learning's
 `AccuracyCalculator`, which masks such "lone" queries), they are left out of those two
 averages, with a warning; when every query is lone both are NaN (undefined; that
-library reports 0 there). They stay in Recall@K
-(the classic DML protocol averages it over every query), where they always count as a
-miss.
+library reports 0 there). They stay in Recall@K and Precision@K (the classic DML
+protocol averages them over every query), where they always count as misses.
 
 Note on `MapAtK`: with `clip_at_r=True` it loops over queries with `tf.map_fn`, which
 runs eagerly (about 32 s for 10,000 queries on 2 CPU cores), and it cannot be wrapped in a
 `tf.function` (its shape check raises while tracing). We instead zero the match mask
-beyond each query's R and call it with `clip_at_r=False`: the same sum
-`sum_{i<=R} P@i * rel_i / R`, vectorised (tested equal to `clip_at_r=True`).
+beyond each query's R, cut it to max R columns, and call it with `clip_at_r=False`: the
+same sum `sum_{i<=R} P@i * rel_i / R`, vectorised (tested equal to `clip_at_r=True`).
+`PrecisionAtK(r=R, clip_at_r=False)` on that mask is R-Precision, by the same argument.
 """
 
 import math
@@ -40,10 +38,11 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from kdml.evaluation.knn import exact_knn
+from kdml.evaluation.knn import _knn
 
 _KMEANS_N_INIT = 1
-_PERCENT_PREFIXES = ("recall", "map", "precision", "r_precision", "nmi")
+_PERCENT_PREFIXES = ("recall", "map", "precision", "r_precision", "nmi", "ami", "accuracy",
+                     "ci95", "reranked")
 
 
 def retrieval_metrics(
@@ -53,24 +52,55 @@ def retrieval_metrics(
     nmi=True,
     seed=0,
     max_memory_bytes=256 * 2**20,
+    *,
+    gallery=None,
+    gallery_labels=None,
+    exclude_self=None,
+    precision_ks=(),
+    ami=False,
+    n_init=_KMEANS_N_INIT,
+    kmeans_max_iter=300,
+    knn_precision="float32",
+    strategy=None,
 ):
-    """Recall@K, MAP@R, R-Precision and NMI of a labelled embedding set.
+    """Recall@K, Precision@K, MAP@R, R-Precision, NMI and AMI from one k-NN pass.
 
-    One leave-one-out k-NN pass with `k = max(max(ks), max R)` serves every ranking
-    metric; see the module docstring for the definitions and where each is computed.
+    One exact k-NN pass with `k = max(max(ks), max(precision_ks), max R)` serves every
+    ranking metric; see the module docstring for the definitions and where each is
+    computed. Two protocols:
+
+    - leave-one-out (`gallery=None`, CUB / Cars / SOP): every embedding is a query
+      against all the others; R = size of the query's class minus one.
+    - query vs gallery (`gallery=`, `gallery_labels=`; In-Shop): R = number of gallery
+      items of the query's class. With `exclude_self=True` (query i is gallery item i,
+      the same set passed twice) it is leave-one-out again. `None` (default) decides
+      by value: `True` when the two sets are element-wise identical.
 
     Args:
-        embeddings: `(N, d)` floating-point array (or tensor); L2-normalised here.
-        labels: `(N,)` integer class labels.
-        ks: the K of Recall@K, each an integer with `1 <= K < N`.
-        nmi: whether to run k-means and report `nmi` (the slow part for many classes).
-        seed: seed of the k-means initialisation, so `nmi` is deterministic.
-        max_memory_bytes: memory budget of the k-NN similarity blocks (see
-            `exact_knn`).
+        embeddings: `(N, d)` floating-point array (or tensor) of the queries;
+            L2-normalised here.
+        labels: `(N,)` integer class labels of the queries.
+        ks: the K of Recall@K, each an integer with `1 <= K <` gallery size (minus one
+            for leave-one-out).
+        nmi: whether to run k-means on the query embeddings and report `nmi` (the slow
+            part for many classes).
+        seed: seed of the k-means initialisation, so `nmi`/`ami` are deterministic.
+        max_memory_bytes: memory budget of the k-NN tiles (see `exact_knn`).
+        gallery: optional `(M, d)` gallery embeddings (query-vs-gallery protocol).
+        gallery_labels: `(M,)` integer labels of `gallery`.
+        exclude_self: see above.
+        precision_ks: the K of Precision@K (fraction of the K nearest in the class).
+        ami: whether to report `ami` (adjusted mutual information of the same
+            k-means clustering; needs no extra k-means run).
+        n_init: k-means restarts (the best inertia is kept).
+        kmeans_max_iter: Lloyd iterations per k-means run at most.
+        knn_precision: `"float32"` (exact) or `"bfloat16"` (see `exact_knn`).
+        strategy: optional `tf.distribute.Strategy` to shard the k-NN queries over.
 
     Returns:
-        A dict of Python floats in [0, 1]: `"recall@K"` for each K, `"map@r"`,
-        `"r_precision"` and, when `nmi=True`, `"nmi"`.
+        A dict of Python floats in [0, 1]: `"recall@K"` for each K, `"precision@K"`
+        for each K of `precision_ks`, `"map@r"`, `"r_precision"` and, when asked,
+        `"nmi"` and `"ami"` (AMI can be slightly negative).
 
     Example:
 
@@ -79,25 +109,74 @@ def retrieval_metrics(
     >>> round(m["recall@1"], 3), round(m["map@r"], 3)
     (1.0, 1.0)
     """
-    embeddings, labels, ks = _validate(embeddings, labels, ks)
+    embeddings, labels = _validate_set(embeddings, labels, "embeddings", "labels")
+    if gallery is None:
+        if gallery_labels is not None:
+            raise ValueError("`gallery_labels` was given without `gallery`. Pass both or neither.")
+        gallery_matrix, gallery_label_array = embeddings, labels
+        exclude_self = True if exclude_self is None else bool(exclude_self)
+        if not exclude_self:
+            raise ValueError(
+                "Leave-one-out (gallery=None) always excludes the query itself. "
+                "Received: exclude_self=False")
+    else:
+        if gallery_labels is None:
+            raise ValueError("`gallery` needs `gallery_labels` (one label per gallery row).")
+        gallery_matrix, gallery_label_array = _validate_set(
+            gallery, gallery_labels, "gallery", "gallery_labels")
+        if gallery_matrix.shape[1] != embeddings.shape[1]:
+            raise ValueError(
+                "Expected queries and gallery of the same embedding dimension. Received: "
+                f"embeddings.shape={embeddings.shape}, gallery.shape={gallery_matrix.shape}")
+        if exclude_self is None:
+            exclude_self = (gallery_matrix.shape == embeddings.shape
+                            and np.array_equal(gallery_matrix, embeddings)
+                            and np.array_equal(gallery_label_array, labels))
+        exclude_self = bool(exclude_self)
+        if exclude_self and (gallery_matrix.shape != embeddings.shape
+                             or not np.array_equal(gallery_label_array, labels)):
+            raise ValueError(
+                "`exclude_self=True` needs query i to be gallery item i: the same rows and "
+                f"labels. Received: embeddings.shape={embeddings.shape}, "
+                f"gallery.shape={gallery_matrix.shape}.")
+    num_gallery = gallery_matrix.shape[0]
+    limit = num_gallery - 1 if exclude_self else num_gallery
+    if limit < 1:
+        raise ValueError(
+            "Expected at least 2 embeddings for leave-one-out retrieval. "
+            f"Received: N={num_gallery}")
+    ks = _validate_ks(ks, limit, "ks", allow_empty=False)
+    precision_ks = _validate_ks(precision_ks, limit, "precision_ks", allow_empty=True)
     # Imported here: importing tensorflow_similarity takes seconds.
-    from tensorflow_similarity.retrieval_metrics import MapAtK, RecallAtK
+    from tensorflow_similarity.retrieval_metrics import MapAtK, PrecisionAtK, RecallAtK
 
-    classes, class_of_item, class_sizes = np.unique(
-        labels, return_inverse=True, return_counts=True
+    gallery_classes, gallery_counts = np.unique(gallery_label_array, return_counts=True)
+    count_of = dict(zip(gallery_classes.tolist(), gallery_counts.tolist()))
+    # R: gallery items of the query's class, the query itself not counted
+    r_of_class = {int(c): int(count_of.get(int(c), 0)) - int(exclude_self)
+                  for c in np.unique(labels)}
+    r_per_query = np.array([r_of_class[int(c)] for c in labels], dtype=np.int64)
+    max_r = int(r_per_query.max())
+    num_neighbours = int(max(max(ks), max(precision_ks, default=1), min(max_r, limit)))
+    neighbours, _ = _knn(
+        embeddings, None if gallery is None else gallery_matrix, k=num_neighbours,
+        max_memory_bytes=max_memory_bytes, exclude_self=exclude_self,
+        precision=knn_precision, strategy=strategy, return_similarities=False,
     )
-    r_per_query = class_sizes[class_of_item] - 1  # other images of the query's class
-    num_neighbours = int(max(max(ks), r_per_query.max()))
-    neighbours, _ = exact_knn(
-        embeddings, k=num_neighbours, max_memory_bytes=max_memory_bytes, exclude_self=True
-    )
-    match_mask = labels[neighbours] == labels[:, None]  # (N, num_neighbours)
+    match_mask = gallery_label_array[neighbours] == labels[:, None]  # (N, num_neighbours)
+    del neighbours
 
     query_labels, match_tensor = tf.constant(labels), tf.constant(match_mask)
     results = {}
     for k in ks:
-        recall = RecallAtK(k=k).compute(query_labels=query_labels, match_mask=match_tensor)
+        # each metric reads only the first K columns: hand it those (cheaper casts)
+        recall = RecallAtK(k=k).compute(query_labels=query_labels,
+                                        match_mask=match_tensor[:, :k])
         results[f"recall@{k}"] = float(recall)
+    for k in precision_ks:
+        precision = PrecisionAtK(k=k).compute(query_labels=query_labels,
+                                              match_mask=match_tensor[:, :k])
+        results[f"precision@{k}"] = float(precision)
 
     scored = r_per_query > 0
     if not scored.all():
@@ -109,25 +188,62 @@ def retrieval_metrics(
         )
     if scored.any():
         r_scored = r_per_query[scored]
-        within_r = np.arange(num_neighbours)[None, :] < r_scored[:, None]
-        clipped_mask = match_mask[scored] & within_r
-        r_of_class = {
-            int(label): int(size - 1)
-            for label, size in zip(classes, class_sizes)
-            if size > 1
-        }
-        map_at_r = MapAtK(r=r_of_class, clip_at_r=False, k=num_neighbours).compute(
-            query_labels=tf.constant(labels[scored]), match_mask=tf.constant(clipped_mask)
-        )
+        width = min(max_r, num_neighbours)
+        within_r = np.arange(width)[None, :] < r_scored[:, None]
+        clipped_mask = tf.constant(match_mask[scored, :width] & within_r)
+        scored_labels = tf.constant(labels[scored])
+        r_positive = {c: r for c, r in r_of_class.items() if r > 0}
+        map_at_r = MapAtK(r=r_positive, clip_at_r=False, k=width).compute(
+            query_labels=scored_labels, match_mask=clipped_mask)
+        # R-Precision: PrecisionAtK's sum over the first k matches divided by r[label];
+        # with the mask zeroed beyond R that is #{same class among the R nearest} / R.
+        r_precision = PrecisionAtK(r=r_positive, clip_at_r=False, k=width).compute(
+            query_labels=scored_labels, match_mask=clipped_mask)
         results["map@r"] = float(map_at_r)
-        results["r_precision"] = float(np.mean(clipped_mask.sum(axis=1) / r_scored))
+        results["r_precision"] = float(r_precision)
     else:
         results["map@r"] = math.nan
         results["r_precision"] = math.nan
 
-    if nmi:
-        results["nmi"] = _kmeans_nmi(embeddings, class_of_item, len(classes), seed)
+    if nmi or ami:
+        classes, class_of_item = np.unique(labels, return_inverse=True)
+        results.update(kmeans_scores(embeddings, class_of_item, len(classes), seed=seed,
+                                     n_init=n_init, max_iter=kmeans_max_iter, nmi=nmi, ami=ami))
     return results
+
+
+def kmeans_scores(embeddings, labels, num_clusters, *, seed=0, n_init=_KMEANS_N_INIT,
+                  max_iter=300, nmi=True, ami=False):
+    """NMI / AMI between `labels` and a k-means clustering of the L2-normalised rows.
+
+    scikit-learn's `KMeans` (k-means++ initialisation, Lloyd iterations, `n_init`
+    restarts, `random_state=seed`) with `k = num_clusters`, then
+    `normalized_mutual_info_score` / `adjusted_mutual_info_score` (arithmetic-mean
+    normalisation). Returns `{"nmi": float, "ami": float}` (those asked for).
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
+    from threadpoolctl import threadpool_limits
+
+    for name, value in (("n_init", n_init), ("kmeans_max_iter", max_iter)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"Expected `{name}` to be a positive integer. Received: {value!r}")
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    normalised = embeddings / np.maximum(norms, 1e-12)
+    kmeans = KMeans(n_clusters=num_clusters, n_init=int(n_init), max_iter=int(max_iter),
+                    random_state=seed)
+    # scikit-learn already runs the Lloyd iterations with single-threaded BLAS (it
+    # parallelises with OpenMP); the k-means++ initialisation does not, and its many
+    # small multi-threaded GEMMs oversubscribe a busy CPU (10,000 x 128, 1,000 classes
+    # on 2 shared cores: 103 s -> 10 s with this limit).
+    with threadpool_limits(limits=1, user_api="blas"):
+        clusters = kmeans.fit_predict(normalised)
+    scores = {}
+    if nmi:
+        scores["nmi"] = float(normalized_mutual_info_score(labels, clusters))
+    if ami:
+        scores["ami"] = float(adjusted_mutual_info_score(labels, clusters))
+    return scores
 
 
 def format_metrics_table(rows):
@@ -177,70 +293,52 @@ def _format_value(name, value):
     return f"{value:.4g}"
 
 
-def _kmeans_nmi(embeddings, class_of_item, num_classes, seed):
-    """NMI between class indices and k-means (k = num_classes) on L2-normalised rows."""
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import normalized_mutual_info_score
-    from threadpoolctl import threadpool_limits
-
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    normalised = embeddings / np.maximum(norms, 1e-12)
-    kmeans = KMeans(n_clusters=num_classes, n_init=_KMEANS_N_INIT, random_state=seed)
-    # scikit-learn already runs the Lloyd iterations with single-threaded BLAS (it
-    # parallelises with OpenMP); the k-means++ initialisation does not, and its many
-    # small multi-threaded GEMMs oversubscribe a busy CPU (10,000 x 128, 1,000 classes
-    # on 2 shared cores: 103 s -> 10 s with this limit).
-    with threadpool_limits(limits=1, user_api="blas"):
-        clusters = kmeans.fit_predict(normalised)
-    return float(normalized_mutual_info_score(class_of_item, clusters))
-
-
-def _validate(embeddings, labels, ks):
+def _validate_set(embeddings, labels, embeddings_name, labels_name):
     embeddings = np.asarray(embeddings)
     labels = np.asarray(labels)
     if not np.issubdtype(embeddings.dtype, np.floating):
         raise ValueError(
-            "Expected `embeddings` to be a floating-point array; cast it with "
+            f"Expected `{embeddings_name}` to be a floating-point array; cast it with "
             f"`.astype('float32')`. Received: dtype={embeddings.dtype}"
         )
     if embeddings.ndim != 2:
         raise ValueError(
-            "Expected `embeddings` to be 2-D (num_items, dim). "
+            f"Expected `{embeddings_name}` to be 2-D (num_items, dim). "
             f"Received: shape={embeddings.shape}"
         )
     if not np.all(np.isfinite(embeddings)):
         raise ValueError(
-            "Expected `embeddings` to be finite. Received: "
+            f"Expected `{embeddings_name}` to be finite. Received: "
             f"{int(np.size(embeddings) - np.count_nonzero(np.isfinite(embeddings)))} "
             "NaN or infinite values."
         )
     if labels.ndim != 1 or labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(
-            "Expected `labels` to be a 1-D integer array. "
+            f"Expected `{labels_name}` to be a 1-D integer array. "
             f"Received: shape={labels.shape}, dtype={labels.dtype}"
         )
     if labels.shape[0] != embeddings.shape[0]:
         raise ValueError(
-            "Expected one label per embedding. Received: "
-            f"embeddings.shape={embeddings.shape}, labels.shape={labels.shape}"
+            f"Expected one label per embedding. Received: {embeddings_name}.shape="
+            f"{embeddings.shape}, {labels_name}.shape={labels.shape}"
         )
-    num_items = embeddings.shape[0]
-    if num_items < 2:
-        raise ValueError(
-            "Expected at least 2 embeddings for leave-one-out retrieval. "
-            f"Received: N={num_items}"
-        )
+    if embeddings.shape[0] == 0:
+        raise ValueError(f"Expected `{embeddings_name}` to be non-empty. Received: N=0")
+    return embeddings.astype(np.float32, copy=False), labels.astype(np.int64)
+
+
+def _validate_ks(ks, limit, name, allow_empty):
     if isinstance(ks, (int, np.integer)):
         ks = (ks,)
     ks = tuple(dict.fromkeys(ks))
-    if not ks:
-        raise ValueError("Expected at least one K in `ks`. Received: ks=()")
+    if not ks and not allow_empty:
+        raise ValueError(f"Expected at least one K in `{name}`. Received: {name}=()")
     for k in ks:
         is_integer = isinstance(k, (int, np.integer)) and not isinstance(k, bool)
-        if not is_integer or not 1 <= k < num_items:
+        if not is_integer or not 1 <= k <= limit:
             raise ValueError(
-                f"Expected every K in `ks` to be an integer with 1 <= K < N = {num_items} "
-                f"(the query is not its own neighbour). Received: ks={ks}"
+                f"Expected every K in `{name}` to be an integer with 1 <= K < N = {limit + 1} "
+                f"(the query is not its own neighbour), or K <= gallery size. "
+                f"Received: {name}={ks}"
             )
-    ks = tuple(int(k) for k in ks)
-    return embeddings.astype(np.float32, copy=False), labels.astype(np.int64), ks
+    return tuple(int(k) for k in ks)

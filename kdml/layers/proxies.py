@@ -26,8 +26,10 @@ class Proxies(keras.layers.Layer):
         num_classes: Number of proxies C (training classes), a positive int.
         initializer: Initializer for P; default "he_normal" (the paper's Kaiming-normal,
             std sqrt(2 / C) for a (C, d) matrix).
-        regularizer: Optional `keras.regularizers.Regularizer` on P; its penalty joins
-            `layer.losses` / `model.losses` (e.g. a soft-orthogonality penalty, 3.2).
+        proxy_regularizer: Optional `keras.regularizers.Regularizer` on P (an instance,
+            a name or a config); its penalty joins `layer.losses` / `model.losses`,
+            e.g. `kdml.regularizers.SoftOrthogonal(strength)` (DESIGN.md 3.2).
+        regularizer: Former name of `proxy_regularizer`, still accepted (give one).
         **kwargs: Standard layer arguments (`name`, `trainable`, `dtype`).
 
     Shapes:
@@ -41,7 +43,8 @@ class Proxies(keras.layers.Layer):
     ((None, 100), 'float32')
     """
 
-    def __init__(self, num_classes, initializer="he_normal", regularizer=None, **kwargs):
+    def __init__(self, num_classes, initializer="he_normal", proxy_regularizer=None,
+                 regularizer=None, **kwargs):
         kwargs.pop("autocast", None)
         super().__init__(autocast=False, **kwargs)
         is_int = isinstance(num_classes, int) and not isinstance(num_classes, bool)
@@ -52,7 +55,19 @@ class Proxies(keras.layers.Layer):
             )
         self.num_classes = num_classes
         self.initializer = keras.initializers.get(initializer)
-        self.regularizer = keras.regularizers.get(regularizer)
+        if proxy_regularizer is not None and regularizer is not None:
+            raise ValueError(
+                "Pass the proxies' regularizer once, as `proxy_regularizer` (`regularizer` "
+                f"is its former name). Received: proxy_regularizer={proxy_regularizer!r}, "
+                f"regularizer={regularizer!r}"
+            )
+        self.proxy_regularizer = keras.regularizers.get(
+            proxy_regularizer if proxy_regularizer is not None else regularizer)
+
+    @property
+    def regularizer(self):
+        """Former name of `proxy_regularizer`."""
+        return self.proxy_regularizer
 
     def build(self, input_shape):
         embedding_dim = input_shape[-1]
@@ -65,7 +80,7 @@ class Proxies(keras.layers.Layer):
             name="proxies",
             shape=(self.num_classes, embedding_dim),
             initializer=self.initializer,
-            regularizer=self.regularizer,
+            regularizer=self.proxy_regularizer,
             dtype="float32",
             autocast=False,
         )
@@ -89,8 +104,8 @@ class Proxies(keras.layers.Layer):
             {
                 "num_classes": self.num_classes,
                 "initializer": keras.initializers.serialize(self.initializer),
-                "regularizer": keras.regularizers.serialize(self.regularizer)
-                if self.regularizer is not None
+                "proxy_regularizer": keras.regularizers.serialize(self.proxy_regularizer)
+                if self.proxy_regularizer is not None
                 else None,
             }
         )

@@ -2,7 +2,8 @@
 
 Each builder returns the backbone as a Keras model named "backbone" that maps
 normalised images `(B, H, W, 3)` to features: a map `(B, h, w, C)` for CNNs or a
-token sequence `(B, N, C)` (class token first) for vision transformers. The pixel
+token sequence `(B, N, C)` for vision transformers (class token first; DeiT's
+class and distillation tokens are the spec's 2 `prefix_tokens`, then the patches). The pixel
 normalisation it expects is part of its `BackboneSpec`, so the embedder can put it
 inside the model.
 """
@@ -31,6 +32,7 @@ class BackboneSpec:
     channel_order: str = "rgb"
     min_image_size: int = 1
     pretrained_image_size: int | None = None  # the only size the ImageNet weights load at
+    prefix_tokens: int = 0  # leading non-patch tokens of "tokens" features (class, distillation)
 
 
 def _conv4(image_size: int, weights: str) -> keras.Model:
@@ -52,14 +54,15 @@ def _resnet50(image_size: int, weights: str) -> keras.Model:
     model = keras.applications.ResNet50(
         include_top=False, weights=None if weights == "none" else weights,
         input_shape=(image_size, image_size, 3))
-    return keras.Model(model.inputs, model.outputs, name="backbone")
+    # `outputs` is a one-element list; the heads expect the (B, h, w, C) tensor itself.
+    return keras.Model(model.inputs, model.outputs[0], name="backbone")
 
 
 def _mobilenet_v3_small(image_size: int, weights: str) -> keras.Model:
     model = keras.applications.MobileNetV3Small(
         include_top=False, weights=None if weights == "none" else weights,
         input_shape=(image_size, image_size, 3), include_preprocessing=False)
-    return keras.Model(model.inputs, model.outputs, name="backbone")
+    return keras.Model(model.inputs, model.outputs[0], name="backbone")
 
 
 _DEIT = {
@@ -88,7 +91,9 @@ def _deit(variant: str) -> Callable[[int, str], keras.Model]:
                 image_shape=(image_size, image_size, 3), patch_size=16,
                 num_layers=layers, num_heads=heads, hidden_dim=hidden,
                 intermediate_dim=intermediate)
-        return keras.Model(model.inputs, model.outputs, name="backbone")
+        # DeiTBackbone's `outputs` is a one-element list: unwrap it, so the backbone
+        # returns the (B, N, C) tensor the heads expect.
+        return keras.Model(model.inputs, model.outputs[0], name="backbone")
 
     return build
 
@@ -104,7 +109,7 @@ BACKBONES: Dict[str, tuple] = {
     **{
         name: (_deit(name), BackboneSpec(
             name, "tokens", "cls", pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD,
-            min_image_size=16, pretrained_image_size=224))
+            min_image_size=16, pretrained_image_size=224, prefix_tokens=2))
         for name in _DEIT
     },
 }

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import keras
 
+from kdml.layers.coded_residual_transform import CodedResidualTransform
 from kdml.layers.heads import PoolingHead
 from kdml.layers.pixel_normalization import PixelNormalization
 from kdml.models.backbones import backbone_spec, build_backbone
 
-HEADS = ("pooling",)
+HEADS = ("pooling", "crt")
 
 
 def build_embedder(
@@ -20,6 +21,7 @@ def build_embedder(
     pooling: str | None = None,
     freeze_batchnorm: bool = False,
     name: str = "embedder",
+    head_options: dict | None = None,
 ) -> keras.Model:
     """Builds the embedder, the model that retrieval, evaluation and export use.
 
@@ -27,7 +29,10 @@ def build_embedder(
 
     Args:
         backbone: backbone name (`kdml.models.BACKBONES`).
-        head: "pooling" (global avg+max or class token -> linear -> L2 norm).
+        head: "pooling" (global avg+max or class token -> linear -> L2 norm) or
+            "crt" (`kdml.layers.CodedResidualTransform` on the whole feature map,
+            not pooled: every position of a CNN map, the patch tokens of a
+            transformer without its class/distillation tokens).
         embedding_dim: size d of the embedding.
         image_size: square input size S in pixels.
         weights: "none" or "imagenet".
@@ -37,6 +42,9 @@ def build_embedder(
             inference mode with frozen statistics and affine weights (the Proxy
             Anchor recipe for pretrained backbones).
         name: model name.
+        head_options: extra constructor arguments of the head layer, e.g.
+            {"num_prototypes": 64, "temperature": 0.1} for "crt" (defaults: the
+            layer's; `skip_tokens` defaults to the backbone's prefix tokens).
 
     Returns:
         A functional `keras.Model`: `(B, S, S, 3)` RGB in [0, 255] (any real dtype)
@@ -55,6 +63,20 @@ def build_embedder(
     x = PixelNormalization(spec.pixel_mean, spec.pixel_std, spec.channel_order,
                            name="pixel_normalization")(images)
     features = features_net(x)
-    embeddings = PoolingHead(embedding_dim, pooling=pooling or spec.default_pooling,
-                             name="head")(features)
+    embeddings = build_head(head, embedding_dim, spec, pooling, head_options)(features)
     return keras.Model(images, embeddings, name=name)
+
+
+def build_head(head: str, embedding_dim: int, spec, pooling: str | None = None,
+               head_options: dict | None = None) -> keras.layers.Layer:
+    """The head layer named "head" for backbone `spec` (a `BackboneSpec`)."""
+    options = dict(head_options or {})
+    if head == "pooling":
+        return PoolingHead(embedding_dim, pooling=pooling or spec.default_pooling,
+                           name="head", **options)
+    if pooling is not None:
+        raise ValueError(f"`pooling` applies to head='pooling' only. Received: pooling={pooling!r}")
+    if spec.features == "tokens":
+        options.setdefault("skip_tokens", spec.prefix_tokens)
+    options.setdefault("num_prototypes", 64)
+    return CodedResidualTransform(embedding_dim=embedding_dim, name="head", **options)

@@ -1,6 +1,7 @@
 """Training: the run orchestration, callbacks and atomic checkpoints."""
 
+from kdml.training.callbacks import NonFiniteLossError
 from kdml.training.checkpointing import latest_checkpoint, list_checkpoints
 from kdml.training.run import embed, train
 
-__all__ = ["embed", "latest_checkpoint", "list_checkpoints", "train"]
+__all__ = ["NonFiniteLossError", "embed", "latest_checkpoint", "list_checkpoints", "train"]

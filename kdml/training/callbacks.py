@@ -1,12 +1,23 @@
-"""Callbacks of a kdml training run: warm-up, throughput, retrieval evaluation."""
+"""Callbacks of a kdml training run: warm-up, throughput, retrieval evaluation, NaN guard."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Dict, Optional
 
 import keras
 from absl import logging
+
+
+def grouped_optimizer(optimizer):
+    """The `GroupedAdamW` inside `optimizer`.
+
+    Under the `mixed_float16` policy `Model.compile` wraps the optimizer in a
+    `keras.optimizers.LossScaleOptimizer`, which applies the unscaled gradients
+    through its `inner_optimizer`: that is where the lr multipliers live.
+    """
+    return getattr(optimizer, "inner_optimizer", optimizer)
 
 
 class BackboneWarmup(keras.callbacks.Callback):
@@ -23,7 +34,8 @@ class BackboneWarmup(keras.callbacks.Callback):
         self.group = group
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.model.optimizer.set_multiplier(self.group, 0.0 if epoch < self.epochs else 1.0)
+        grouped_optimizer(self.model.optimizer).set_multiplier(
+            self.group, 0.0 if epoch < self.epochs else 1.0)
 
 
 class Throughput(keras.callbacks.Callback):
@@ -53,7 +65,8 @@ class RetrievalEvaluation(keras.callbacks.Callback):
 
     `evaluate()` returns a metrics dict (`kdml.evaluation.retrieval_metrics`). The
     results are added to the epoch logs (so TensorBoard, placed after this
-    callback, records them) and passed to `on_result(epoch, metrics)`.
+    callback, records them) and passed to `on_result(epoch, metrics)`; epochs
+    without an evaluation pass their logs alone to `on_result`.
     """
 
     def __init__(self, evaluate: Callable[[], Dict[str, float]], every: int, last_epoch: int,
@@ -67,6 +80,8 @@ class RetrievalEvaluation(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         done = epoch + 1
         if done % self.every and done != self.last_epoch:
+            if self.on_result is not None:  # the epoch's logs (loss, diagnostics) alone
+                self.on_result(epoch, dict(logs or {}))
             return
         metrics = self.evaluate()
         logging.info("epoch %d: %s", done, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -74,3 +89,82 @@ class RetrievalEvaluation(keras.callbacks.Callback):
             logs.update({f"test_{k}": v for k, v in metrics.items()})
         if self.on_result is not None:
             self.on_result(epoch, {**(logs or {}), **metrics})
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or Inf; the message names the step and the batch."""
+
+
+class NonFiniteLossGuard(keras.callbacks.Callback):
+    """Stops the run with `NonFiniteLossError` at the first non-finite loss.
+
+    Place it first in the callback list: the error is raised in
+    `on_train_batch_end` before any later callback (the checkpointer) runs, so no
+    checkpoint is ever written from the diverged state and the newest one on disk
+    stays the last good one. Keras' `TerminateOnNaN` only sets `stop_training`,
+    after which the epoch-end callbacks still run (and would checkpoint NaNs).
+
+    Args:
+        describe_batch: global step -> text naming that step's batch (its classes);
+            kdml's batches are a pure function of the step, so the batch can be
+            named without keeping it.
+        last_checkpoint: () -> path of the newest checkpoint, named in the error.
+    """
+
+    def __init__(self, describe_batch: Callable[[int], str],
+                 last_checkpoint: Callable[[], Optional[str]] = lambda: None):
+        super().__init__()
+        self.describe_batch = describe_batch
+        self.last_checkpoint = last_checkpoint
+        self.step = 0  # global steps done before the current `fit`; set by the runner
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.step  # the global step this batch trained
+        self.step += 1
+        loss = (logs or {}).get("loss")
+        if loss is None or math.isfinite(float(loss)):
+            return
+        self.model.stop_training = True
+        raise NonFiniteLossError(
+            f"The training loss became {float(loss)} at epoch {self.epoch + 1}, global step "
+            f"{step} (batch {batch + 1} of this epoch's run), on the batch of "
+            f"{self.describe_batch(step)}. No checkpoint was written from this state; the "
+            f"last good one is {self.last_checkpoint() or 'none (no checkpoint yet)'}. "
+            "Fix: lower --lr (or the loss scale --alpha / --ms_beta), check that batch's "
+            "images, then rerun with --resume.")
+
+
+class EpochLoss(keras.callbacks.Callback):
+    """Makes the epoch's logged `loss` the mean over the whole epoch across a resume.
+
+    Keras logs the running mean of the batches of the current `fit`; a run resumed
+    mid-epoch would report the interrupted epoch's mean over its last batches only.
+    The runner sets `base_sum` / `base_steps` (the loss sum and batch count before
+    the checkpoint, saved in its state) for the first epoch it continues; `state()`
+    is what the checkpointer saves. Place it before the callbacks that read `loss`.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.base_sum, self.base_steps = 0.0, 0
+        self.sum, self.steps = 0.0, 0
+
+    def state(self) -> dict:
+        return {"epoch_loss_sum": self.sum, "epoch_steps": self.steps}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.sum, self.steps = self.base_sum, self.base_steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs and "loss" in logs:
+            self.sum = self.base_sum + float(logs["loss"]) * (batch + 1)
+            self.steps = self.base_steps + batch + 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and "loss" in logs and self.base_steps and self.steps:
+            logs["loss"] = self.sum / self.steps
+        self.base_sum, self.base_steps = 0.0, 0

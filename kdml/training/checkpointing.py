@@ -13,7 +13,8 @@ import json
 import os
 import re
 import shutil
-from typing import Optional
+import warnings
+from typing import Callable, Optional
 
 import keras
 from absl import logging
@@ -72,37 +73,70 @@ def restore_checkpoint(model: keras.Model, path: str) -> dict:
     """Loads weights and optimizer state from `path` into `model`; returns its state."""
     if model.optimizer is not None and not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
-    model.load_weights(os.path.join(path, WEIGHTS_FILE))
+    # Keras only warns, and restores nothing of that object, when the file holds
+    # another number of variables (e.g. resumed with other learning-rate groups or
+    # another --mixed_precision): a resume would silently restart the optimizer.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.load_weights(os.path.join(path, WEIGHTS_FILE))
+    skipped = [str(w.message) for w in caught if "Skipping variable loading" in str(w.message)]
+    if skipped:
+        raise ValueError(
+            f"Checkpoint {path} does not match this model: {skipped[0]} Resume with the "
+            "flags of the run that wrote it (method, backbone, head, embedding size, "
+            "--mixed_precision), or start a new --output_dir.")
     with open(os.path.join(path, STATE_FILE)) as f:
         state = json.load(f)
     logging.info("Restored %s (global step %d).", path, state["step"])
     return state
 
 
+def remove_partial_checkpoints(directory: str) -> list:
+    """Deletes the temporary directories of checkpoint writes that were killed.
+
+    They are never taken for checkpoints (`list_checkpoints`); this only frees the
+    space. Call it from the one process that writes `directory`, before training.
+    """
+    if not os.path.isdir(directory):
+        return []
+    partial = [os.path.join(directory, n) for n in os.listdir(directory) if n.startswith(".tmp-ckpt-")]
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    if partial:
+        logging.warning("Removed %d partial checkpoint(s) of an interrupted write: %s",
+                        len(partial), ", ".join(partial))
+    return partial
+
+
 class Checkpointer(keras.callbacks.Callback):
     """Saves a checkpoint every `every_steps` steps (0: never) and after every epoch.
 
-    The global step is the optimizer's iteration count, so it survives restarts.
+    The global step counts the batches trained (the runner sets `step` to the first
+    one before each `fit`); it is the data position a resumed run starts from. It is
+    not the optimizer's `iterations`, which a `LossScaleOptimizer` does not advance
+    on the steps it skips for overflowing gradients.
     """
 
-    def __init__(self, directory: str, every_steps: int = 0, keep: int = 3):
+    def __init__(self, directory: str, every_steps: int = 0, keep: int = 3,
+                 extra_state: Optional[Callable[[], dict]] = None):
         super().__init__()
         self.directory = directory
         self.every_steps = int(every_steps)
         self.keep = int(keep)
+        self.extra_state = extra_state
         self.epoch = 0
-
-    def _step(self) -> int:
-        return int(self.model.optimizer.iterations.numpy())
+        self.step = 0
 
     def _save(self):
-        save_checkpoint(self.model, self.directory, self._step(), {"epoch": self.epoch}, self.keep)
+        state = {"epoch": self.epoch, **(self.extra_state() if self.extra_state else {})}
+        save_checkpoint(self.model, self.directory, self.step, state, self.keep)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.every_steps and self._step() % self.every_steps == 0:
+        self.step += 1
+        if self.every_steps and self.step % self.every_steps == 0:
             self._save()
 
     def on_epoch_end(self, epoch, logs=None):

@@ -1,6 +1,8 @@
 """`train(config)`: data -> embedder + objective under a strategy -> `model.fit` -> files.
 
-Writes to `config.output_dir`:
+Writes to `config.output_dir` (only the chief of a multi-worker run does; the other
+workers write the same files to a temporary directory they delete, Keras' pattern,
+since saving may read variables through collectives that every worker must join):
 - `checkpoints/ckpt-<step>/` (atomic; `resume=True` continues the newest),
 - `logs/` (TensorBoard),
 - `metrics.json`: `initial` (the untrained embedder), `epochs` {epoch: loss,
@@ -15,6 +17,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 from typing import Dict
 
 import keras
@@ -25,15 +29,18 @@ from absl import logging
 from kdml.config import TrainConfig
 from kdml.data.augmentation import AUGMENTATIONS
 from kdml.data.pipeline import eval_dataset, steps_per_epoch, train_dataset
-from kdml.data.sampler import check_batch_geometry
+from kdml.data.sampler import check_batch_geometry, class_balanced_batches
 from kdml.data.sources import load_dataset
-from kdml.distribute import create_strategy
+from kdml.distribute import (check_replica_batch, create_strategy, distribute_batches,
+                             fix_multi_worker_build, worker_role)
 from kdml.evaluation import format_metrics_table, retrieval_metrics
 from kdml.methods import BACKBONE_GROUP, get_method
 from kdml.models import build_embedder
 from kdml.optimizers import GroupedAdamW
-from kdml.training.callbacks import BackboneWarmup, RetrievalEvaluation, Throughput
-from kdml.training.checkpointing import (Checkpointer, latest_checkpoint, restore_checkpoint,
+from kdml.training.callbacks import (BackboneWarmup, EpochLoss, NonFiniteLossGuard,
+                                     RetrievalEvaluation, Throughput)
+from kdml.training.checkpointing import (Checkpointer, latest_checkpoint,
+                                         remove_partial_checkpoints, restore_checkpoint,
                                          write_json_atomic)
 
 
@@ -41,8 +48,16 @@ def embed(embedder: keras.Model, dataset) -> np.ndarray:
     """Embeddings `(N, d)` of an ordered `eval_dataset` of (images, labels), in its order.
 
     Uses the compiled, strategy-aware `predict`; the labels are the image set's own.
+    Under MultiWorkerMirroredStrategy `predict` would shard the data over workers
+    (and need every worker), so the chief embeds alone with its local copy of the
+    weights instead, which are identical on every worker.
     """
-    return embedder.predict(dataset.map(lambda images, labels: images), verbose=0)
+    images = dataset.map(lambda images, labels: images)
+    strategy = getattr(embedder, "distribute_strategy", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return embedder.predict(images, verbose=0)
+    forward = tf.function(lambda x: embedder(x, training=False))
+    return np.concatenate([forward(batch).numpy() for batch in images], axis=0)
 
 
 def save_model_atomic(model: keras.Model, path: str) -> None:
@@ -73,46 +88,101 @@ def _dtype_policy(mixed_precision: bool):
         keras.mixed_precision.set_global_policy(previous)
 
 
+# The settings that make a run what it is: a resume with other values would train
+# another model on the checkpoint of this one (the variables may even have the same
+# shapes, e.g. proxy_anchor -> so_proxy), so it is refused. Epochs, evaluation and
+# checkpoint frequency may change on resume.
+RUN_IDENTITY = ("method", "dataset", "eval_dataset", "backbone", "weights", "embedding_dim",
+                "image_size", "classes_per_batch", "images_per_class", "seed")
+
+
+def check_same_run(config: TrainConfig, metrics_path: str) -> None:
+    """Raises a ValueError when `config` differs from the run recorded in `metrics_path`."""
+    if not os.path.exists(metrics_path):
+        return
+    with open(metrics_path) as f:
+        recorded = json.load(f).get("config", {})
+    current = dataclasses.asdict(config)
+    changed = [f"--{k}={recorded[k]!r} (now {current[k]!r})" for k in RUN_IDENTITY
+               if k in recorded and _comparable(recorded[k]) != _comparable(current[k])]
+    if changed:
+        raise ValueError(
+            f"--resume: {os.path.dirname(metrics_path) or '.'} holds a run with other settings: "
+            f"{', '.join(changed)}. Resume with that run's flags, or choose another --output_dir.")
+
+
+def _comparable(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def train(config: TrainConfig) -> Dict:
     """Runs one training job; returns the contents of `metrics.json`."""
     method = get_method(config.method)
+    # First: MultiWorkerMirroredStrategy configures collectives at program start-up,
+    # before any other TensorFlow op (the folder source decodes images).
+    strategy = create_strategy(config.strategy)
+    role = worker_role(strategy)
     splits = load_dataset(config.dataset, eval_spec=config.eval_dataset, data_dir=config.data_dir,
                           download=config.download, seed=config.seed,
                           verify_images=config.verify_images)
     config = config.resolved(config.data_kind or splits.kind)
     check_batch_geometry(splits.train.labels, config.classes_per_batch, config.images_per_class,
                          name=f"training set of {config.dataset}")
+    check_replica_batch(config.batch_size, strategy)
     out = config.output_dir
-    checkpoint_dir = os.path.join(out, "checkpoints")
-    metrics_path = os.path.join(out, "metrics.json")
-    resume_from = latest_checkpoint(checkpoint_dir)
+    resume_from = latest_checkpoint(os.path.join(out, "checkpoints"))
     if resume_from and not config.resume:
         raise ValueError(
             f"{out} holds checkpoints of an earlier run ({resume_from}). Pass --resume to "
             "continue it, or choose another --output_dir.")
-    os.makedirs(out, exist_ok=True)
+    if resume_from:
+        check_same_run(config, os.path.join(out, "metrics.json"))
+    # Every worker reads the chief's checkpoints (so --output_dir must be storage they
+    # all see); only the chief writes there.
+    write_dir = out if role.is_chief else tempfile.mkdtemp(prefix=f"kdml-worker{role.index}-")
+    try:
+        return _train(config, method, splits, strategy, role, out, write_dir, resume_from)
+    finally:
+        if not role.is_chief:
+            shutil.rmtree(write_dir, ignore_errors=True)
+
+
+def _train(config, method, splits, strategy, role, out, write_dir, resume_from) -> Dict:
+    checkpoint_dir = os.path.join(write_dir, "checkpoints")
+    metrics_path = os.path.join(out, "metrics.json")
+    os.makedirs(write_dir, exist_ok=True)
+    if role.is_chief:
+        remove_partial_checkpoints(checkpoint_dir)
     keras.utils.set_random_seed(config.seed)
 
     logging.info("Data: %s, %d train images / %d classes, %d test images / %d classes.",
                  config.dataset, splits.train.num_images, splits.train.num_classes,
                  splits.test.num_images, splits.test.num_classes)
-    strategy = create_strategy(config.strategy)
+    if role.count > 1:
+        logging.info("Worker %d of %d%s.", role.index, role.count, " (chief)" if role.is_chief else "")
     with strategy.scope(), _dtype_policy(config.mixed_precision):
-        embedder = build_embedder(config.backbone, "pooling", config.embedding_dim,
+        head, head_options = method.head(config)  # the method table names its head
+        embedder = build_embedder(config.backbone, head, config.embedding_dim,
                                   config.image_size, config.weights,
-                                  freeze_batchnorm=config.freeze_batchnorm)
+                                  freeze_batchnorm=config.freeze_batchnorm,
+                                  head_options=head_options)
         objective = method.build(embedder, splits.train.num_classes, config)
         optimizer = GroupedAdamW(objective.learning_rate_multipliers, learning_rate=config.lr,
                                  weight_decay=config.weight_decay)
         model = objective.model
         model.compile(optimizer=optimizer, loss=objective.loss, jit_compile=_jit(config.jit_compile))
-        optimizer.build(model.trainable_variables)
+        # model.optimizer: under mixed_float16 a LossScaleOptimizer wrapping `optimizer`.
+        model.optimizer.build(model.trainable_variables)
+        fix_multi_worker_build(model)
 
     history = {"config": dataclasses.asdict(config), "epochs": {}}
-    start_step = 0
+    start_step, epoch_loss = 0, EpochLoss()
     if resume_from:
-        start_step = restore_checkpoint(model, resume_from)["step"]
-        if os.path.exists(metrics_path):
+        state = restore_checkpoint(model, resume_from)
+        start_step = state["step"]
+        epoch_loss.base_sum = state.get("epoch_loss_sum", 0.0)
+        epoch_loss.base_steps = state.get("epoch_steps", 0)
+        if role.is_chief and os.path.exists(metrics_path):
             with open(metrics_path) as f:
                 previous = json.load(f)
             history["epochs"] = previous.get("epochs", {})
@@ -130,43 +200,72 @@ def train(config: TrainConfig) -> Dict:
             metrics.update(objective.extra_metrics(embeddings, splits.test.labels))
         return metrics
 
-    if not history.get("initial"):
+    # Retrieval is evaluated and recorded by the chief alone (with no collectives,
+    # so the other workers simply wait for it at the next step).
+    if role.is_chief and not history.get("initial"):
         history["initial"] = evaluate()
         logging.info("Untrained embedder: %s", history["initial"])
-    write_json_atomic(metrics_path, history)
+    if role.is_chief:
+        write_json_atomic(metrics_path, history)
 
     def record(epoch, logs):
         history["epochs"][str(epoch + 1)] = {
             k: float(v) for k, v in logs.items() if not k.startswith("test_")}
         write_json_atomic(metrics_path, history)
 
+    def describe_batch(step):
+        """The classes of global batch `step` (a pure function of seed and step)."""
+        indices = next(iter(class_balanced_batches(
+            splits.train.labels, config.classes_per_batch, config.images_per_class,
+            seed=config.seed, start_step=step).take(1))).numpy()
+        classes = sorted(set(splits.train.labels[indices].tolist()))
+        names = ", ".join(f"{c} ({splits.train.class_names[c]!r})" for c in classes)
+        return f"{len(indices)} images of classes {names}"
+
     per_epoch = steps_per_epoch(splits.train.num_images, config.batch_size)
+    checkpointer = Checkpointer(checkpoint_dir, config.checkpoint_every_steps,
+                                config.keep_checkpoints, extra_state=epoch_loss.state)
+    guard = NonFiniteLossGuard(describe_batch,
+                               lambda: latest_checkpoint(os.path.join(out, "checkpoints")))
     callbacks = [
+        guard,  # first: a NaN step raises before anything below can checkpoint it
+        epoch_loss,  # the whole epoch's loss, also for an epoch resumed mid-way
         BackboneWarmup(config.warmup_epochs, BACKBONE_GROUP),
         Throughput(config.batch_size),
-        RetrievalEvaluation(evaluate, config.eval_every, config.epochs, on_result=record),
-        Checkpointer(checkpoint_dir, config.checkpoint_every_steps, config.keep_checkpoints),
-        *objective.callbacks,
-        keras.callbacks.TensorBoard(os.path.join(out, "logs")),
+        *objective.callbacks,  # before the evaluation: what they log reaches metrics.json
+        *([RetrievalEvaluation(evaluate, config.eval_every, config.epochs, on_result=record)]
+          if role.is_chief else []),
+        checkpointer,
+        keras.callbacks.TensorBoard(os.path.join(write_dir, "logs")),
     ]
     augmentation = AUGMENTATIONS[config.augmentation]
 
     def fit(first_step, initial_epoch, epochs, steps):
-        data = train_dataset(splits.train, image_size=config.image_size,
-                             classes_per_batch=config.classes_per_batch,
-                             images_per_class=config.images_per_class,
-                             augmentation=augmentation, seed=config.seed, start_step=first_step)
+        def worker_batches(shard_index, num_shards):
+            return train_dataset(splits.train, image_size=config.image_size,
+                                 classes_per_batch=config.classes_per_batch,
+                                 images_per_class=config.images_per_class,
+                                 augmentation=augmentation, seed=config.seed,
+                                 start_step=first_step, num_shards=num_shards,
+                                 shard_index=shard_index)
+
+        data = distribute_batches(strategy, worker_batches, config.batch_size)
+        checkpointer.step = guard.step = first_step
         model.fit(data, initial_epoch=initial_epoch, epochs=epochs, steps_per_epoch=steps, shuffle=False,
                   callbacks=callbacks, verbose=config.verbose)
 
     epoch, offset = divmod(start_step, per_epoch)
+    if offset != epoch_loss.base_steps:  # a checkpoint written before this state existed
+        epoch_loss.base_sum, epoch_loss.base_steps = 0.0, 0
     if offset:  # finish the interrupted epoch, then go on with whole epochs
         fit(start_step, epoch, epoch + 1, per_epoch - offset)
         epoch += 1
     if epoch < config.epochs:
         fit(epoch * per_epoch, epoch, config.epochs, per_epoch)
 
-    save_model_atomic(embedder, os.path.join(out, "embedder.keras"))
+    save_model_atomic(embedder, os.path.join(write_dir, "embedder.keras"))
+    if not role.is_chief:
+        return history
     last = history["epochs"].get(str(config.epochs))
     history["final"] = {k: last[k] for k in history["initial"]} if last else evaluate()
     write_json_atomic(metrics_path, history)

@@ -8,9 +8,10 @@ from kdml.evaluation import exact_knn
 from kdml.evaluation import knn as knn_module
 
 
-def _budget_for_rows(rows, num_gallery):
-    """A max_memory_bytes that yields `rows` query rows per block (2 float32 copies)."""
-    return rows * 2 * 4 * num_gallery
+def _budget_for_rows(rows, num_gallery, k):
+    """A max_memory_bytes that yields `rows` query rows per block: 4 float32 copies of a
+    (rows, chunk + k) tile, the chunk being the whole (small) gallery."""
+    return rows * 4 * 4 * (num_gallery + k)
 
 
 def _brute_force(queries, gallery, k, exclude_self, cosine=True):
@@ -28,8 +29,8 @@ def _brute_force(queries, gallery, k, exclude_self, cosine=True):
 
 
 def test_block_size_follows_memory_budget():
-    assert knn_module._rows_per_block(37, 53, _budget_for_rows(5, 53)) == 5
-    assert knn_module._rows_per_block(37, 53, _budget_for_rows(5, 53) + 7) == 5
+    assert knn_module._rows_per_block(37, 53, _budget_for_rows(5, 53, 0)) == 5
+    assert knn_module._rows_per_block(37, 53, _budget_for_rows(5, 53, 0) + 7) == 5
     assert knn_module._rows_per_block(37, 53, 1) == 1  # never below one row
     assert knn_module._rows_per_block(37, 53, 2**40) == 37  # never above Q
 
@@ -40,7 +41,7 @@ def test_matches_brute_force_with_gallery(rng, k):
     gallery = rng.normal(size=(53, 8)).astype(np.float32)
     # 5 rows per block: 7 full blocks and a last partial block of 2 rows.
     indices, sims = exact_knn(
-        queries, gallery, k=k, max_memory_bytes=_budget_for_rows(5, 53)
+        queries, gallery, k=k, max_memory_bytes=_budget_for_rows(5, 53, k)
     )
     want_indices, want_sims = _brute_force(queries, gallery, k, exclude_self=False)
     assert indices.shape == (37, k) and indices.dtype == np.int64
@@ -52,7 +53,7 @@ def test_matches_brute_force_with_gallery(rng, k):
 @pytest.mark.parametrize("k", [1, 3, 40])
 def test_matches_brute_force_leave_one_out(rng, k):
     x = rng.normal(size=(41, 6)).astype(np.float32)
-    indices, sims = exact_knn(x, k=k, max_memory_bytes=_budget_for_rows(4, 41))
+    indices, sims = exact_knn(x, k=k, max_memory_bytes=_budget_for_rows(4, 41, k))
     want_indices, want_sims = _brute_force(x, x, k, exclude_self=True)
     np.testing.assert_array_equal(indices, want_indices)
     np.testing.assert_allclose(sims, want_sims, atol=1e-5)
@@ -61,7 +62,7 @@ def test_matches_brute_force_leave_one_out(rng, k):
 
 def test_full_k_leave_one_out_returns_every_other_item(rng):
     x = rng.normal(size=(9, 3)).astype(np.float32)
-    indices, _ = exact_knn(x, k=8, max_memory_bytes=_budget_for_rows(2, 9))
+    indices, _ = exact_knn(x, k=8, max_memory_bytes=_budget_for_rows(2, 9, 8))
     for i, row in enumerate(indices):
         assert sorted(row.tolist()) == [j for j in range(9) if j != i]
 
@@ -82,7 +83,7 @@ def test_ties_ordered_by_lower_gallery_index(rng):
         gallery,
         k=12,
         similarity="inner_product",
-        max_memory_bytes=_budget_for_rows(3, 30),
+        max_memory_bytes=_budget_for_rows(3, 30, 12),
     )
     want_indices, want_sims = _brute_force(queries, gallery, 12, False, cosine=False)
     np.testing.assert_array_equal(sims, want_sims.astype(np.float32))
@@ -107,7 +108,7 @@ def test_duplicates_retrieve_each_other():
     # 1, lower index first) although the query's own index is excluded.
     a, b, c, d = [1.0, 2.0, 2.0], [0.0, 1.0, -1.0], [-3.0, 0.0, 1.0], [1.0, 2.0, -2.0]
     x = np.array([a, b, a, d, c, a], np.float32)
-    indices, sims = exact_knn(x, k=2, max_memory_bytes=_budget_for_rows(4, 6))
+    indices, sims = exact_knn(x, k=2, max_memory_bytes=_budget_for_rows(4, 6, 2))
     assert indices[0].tolist() == [2, 5]
     assert indices[2].tolist() == [0, 5]
     assert indices[5].tolist() == [0, 2]
@@ -140,7 +141,7 @@ def test_cosine_ignores_norm_inner_product_does_not():
 
 def test_block_step_traced_once_per_shape(rng):
     x = rng.normal(size=(29, 5)).astype(np.float32)
-    budget = _budget_for_rows(4, 29)  # 8 blocks, the last one padded to 4 rows
+    budget = _budget_for_rows(4, 29, 3)  # 8 blocks, the last one padded to 4 rows
     before = knn_module._block_top_k.experimental_get_tracing_count()
     exact_knn(x, k=3, max_memory_bytes=budget)
     traces = knn_module._block_top_k.experimental_get_tracing_count()
@@ -162,7 +163,7 @@ def test_tensor_float_32_off_during_search_and_restored(monkeypatch, rng):
     previous = tf.config.experimental.tensor_float_32_execution_enabled()
     try:
         tf.config.experimental.enable_tensor_float_32_execution(True)
-        exact_knn(x, k=2, max_memory_bytes=_budget_for_rows(2, 6))
+        exact_knn(x, k=2, max_memory_bytes=_budget_for_rows(2, 6, 2))
         assert seen == [False, False, False]
         assert tf.config.experimental.tensor_float_32_execution_enabled()
     finally:
@@ -196,3 +197,75 @@ def test_k_error_names_gallery_size():
     with pytest.raises(ValueError, match=r"1 <= k <= 4.*k=5, gallery size=5"):
         exact_knn(x, k=5)
     exact_knn(x, x, k=5)  # with self included, k = N is allowed
+
+
+# --- blocked tiles, running top-k merge, bfloat16 pass, strategy ----------------------
+
+
+@pytest.mark.parametrize("rows, chunk", [(1, 1), (3, 4), (7, 16), (64, 5), (64, 1000)])
+def test_tiles_equal_brute_force_for_any_block_and_chunk(rows, chunk):
+    # small integers: exact products, many exact ties across chunk boundaries
+    rng = np.random.default_rng(rows * 100 + chunk)
+    x = rng.integers(-1, 2, size=(45, 4)).astype(np.float32)
+    k = 9
+    indices, sims = exact_knn(x, k=k, similarity="inner_product", gallery_chunk=chunk,
+                              max_memory_bytes=rows * 16 * (min(chunk, 45) + k))
+    want_indices, want_sims = _brute_force(x, x, k, exclude_self=True, cosine=False)
+    np.testing.assert_array_equal(indices, want_indices)
+    np.testing.assert_array_equal(sims, want_sims.astype(np.float32))
+    assert np.any(sims[:, 1:] == sims[:, :-1])  # ties were decided by index
+
+
+@pytest.mark.parametrize("budget", [1, 5_000, 50_000, 2**30])
+def test_memory_budget_changes_nothing_but_speed(rng, budget):
+    queries = rng.normal(size=(70, 12)).astype(np.float32)
+    gallery = rng.normal(size=(90, 12)).astype(np.float32)
+    want, want_sims = _brute_force(queries, gallery, 6, exclude_self=False)
+    indices, sims = exact_knn(queries, gallery, k=6, max_memory_bytes=budget, gallery_chunk=32)
+    np.testing.assert_array_equal(indices, want)
+    np.testing.assert_allclose(sims, want_sims, atol=1e-5)
+
+
+def test_rows_per_block_follows_budget_with_chunks():
+    # 4 float32 copies of a (rows, chunk + k) tile per block
+    assert knn_module._rows_per_block(10_000, 8192 + 1000, 256 * 2**20) == (
+        256 * 2**20 // (16 * 9192))
+    # the bfloat16 re-scoring gather is counted per row
+    assert knn_module._rows_per_block(10_000, 100, 10_000, extra_bytes_per_row=8400) == 1
+
+
+def test_deterministic_bit_for_bit(rng):
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    first = exact_knn(x, k=20, max_memory_bytes=40_000, gallery_chunk=64)
+    second = exact_knn(x, k=20, max_memory_bytes=40_000, gallery_chunk=64)
+    np.testing.assert_array_equal(first[0], second[0])
+    assert first[1].tobytes() == second[1].tobytes()
+
+
+def test_bfloat16_pass_has_float32_top1_on_separable_data(rng):
+    centres = rng.normal(size=(40, 64))
+    labels = np.repeat(np.arange(40), 5)
+    x = (centres[labels] + 0.3 * rng.normal(size=(200, 64))).astype(np.float32)
+    f32, f32_sims = exact_knn(x, k=5)
+    bf16, bf16_sims = exact_knn(x, k=5, precision="bfloat16", gallery_chunk=48)
+    np.testing.assert_array_equal(bf16[:, 0], f32[:, 0])
+    # similarities are re-scored in float32, not bfloat16 (8-bit mantissa: ~4e-3)
+    np.testing.assert_allclose(bf16_sims[:, 0], f32_sims[:, 0], atol=1e-5)
+    assert bf16_sims.dtype == np.float32
+
+
+def test_bfloat16_rescoring_keeps_the_lower_index_tie_rule():
+    x = np.array([[1, 0], [1, 0], [0, 1], [1, 0], [2, 0], [0, 1]], np.float32)
+    indices, sims = exact_knn(x, k=3, precision="bfloat16", extra_candidates=2)
+    assert indices[0].tolist() == [1, 3, 4]
+    assert indices[4].tolist() == [0, 1, 3]
+    np.testing.assert_allclose(sims[0], [1, 1, 1], atol=1e-6)
+
+
+def test_strategy_shards_queries_with_identical_results(mirrored, rng):
+    assert mirrored.num_replicas_in_sync == 2
+    x = rng.normal(size=(53, 8)).astype(np.float32)
+    want = exact_knn(x, k=7, max_memory_bytes=16 * (53 + 7) * 5)  # 5-row blocks
+    got = exact_knn(x, k=7, max_memory_bytes=16 * (53 + 7) * 5, strategy=mirrored)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])

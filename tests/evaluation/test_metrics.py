@@ -228,3 +228,115 @@ def test_format_metrics_table():
     )
     with pytest.raises(ValueError, match="at least one row"):
         format_metrics_table({})
+
+
+# --- Precision@K, AMI, query vs gallery ------------------------------------------------
+
+
+def test_precision_at_k_hand_example_with_ties():
+    # matches of the 4 nearest (see _TIES_NEIGHBOURS): q0 1001, q1 1010, q2 0001,
+    # q3 0101, q4 0100 (decided by the 2-vs-5 tie), q5 0000.
+    with pytest.warns(UserWarning):
+        got = retrieval_metrics(_on_circle(_TIES_ANGLES), _TIES_LABELS, ks=(1,),
+                                precision_ks=(1, 2, 4), nmi=False)
+    assert got["precision@1"] == pytest.approx(2 / 6, abs=1e-6)
+    assert got["precision@2"] == pytest.approx((1 + 1 + 0 + 1 + 1 + 0) / 12, abs=1e-6)
+    assert got["precision@4"] == pytest.approx((2 + 2 + 1 + 2 + 1 + 0) / 24, abs=1e-6)
+
+
+def test_precision_matches_numpy_reference(rng):
+    x, labels = _clustered(rng)
+    with pytest.warns(UserWarning):
+        got = retrieval_metrics(x, labels, ks=(1,), precision_ks=(1, 3, 10), nmi=False)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = unit.astype(np.float64) @ unit.T.astype(np.float64)
+    np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")
+    for k in (1, 3, 10):
+        want = np.mean((labels[order[:, :k]] == labels[:, None]).sum(axis=1) / k)
+        assert got[f"precision@{k}"] == pytest.approx(want, abs=1e-6)
+
+
+def test_ami_and_nmi_equal_scikit_learn_on_the_known_clustering():
+    from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
+
+    # the two tight clusters of test_nmi_hand_computed: k-means finds A = 5, B = 3 points
+    x = _on_circle([-4, -2, 0, 2, 4, 88, 90, 92])
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    clusters = [0, 0, 0, 0, 0, 1, 1, 1]
+    got = retrieval_metrics(x, labels, ks=(1,), ami=True)
+    assert got["ami"] == pytest.approx(adjusted_mutual_info_score(labels, clusters), abs=1e-9)
+    assert got["nmi"] == pytest.approx(normalized_mutual_info_score(labels, clusters), abs=1e-9)
+    assert got["ami"] < got["nmi"]  # the chance correction lowers it
+    only_ami = retrieval_metrics(x, labels, ks=(1,), nmi=False, ami=True)
+    assert "nmi" not in only_ami and only_ami["ami"] == got["ami"]
+
+
+def test_kmeans_n_init_is_scikit_learn_kmeans(rng):
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_mutual_info_score
+
+    from kdml.evaluation.metrics import kmeans_scores
+
+    x = rng.normal(size=(60, 5)).astype(np.float32)
+    labels = np.repeat(np.arange(6), 10)
+    got = kmeans_scores(x, labels, 6, seed=3, n_init=4, ami=True)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    clusters = KMeans(n_clusters=6, n_init=4, random_state=3).fit_predict(unit)
+    assert got["ami"] == pytest.approx(adjusted_mutual_info_score(labels, clusters), abs=1e-9)
+    with pytest.raises(ValueError, match="n_init"):
+        kmeans_scores(x, labels, 6, n_init=0)
+
+
+# Query vs gallery (In-Shop style), by hand. Gallery on the circle:
+#   gallery: 0°(l0) 40°(l0) 90°(l1) 180°(l2) 270°(l3)   classes 1, 2, 3 have ONE image
+#   q0 10° l0: order 0 1 2 4 3 -> match 1 1 0 0 0, R=2: AP 1,  RP 1
+#   q1 80° l1: order 2 1 0 3 4 -> match 1 0 0 0 0, R=1: AP 1,  RP 1
+#   q2 200° l3: order 3 4 2 .. -> match 0 1 0 0 0, R=1: AP 0,  RP 0
+#   q3 350° l4: no gallery image of class 4 (R = 0): a miss, left out of MAP@R / RP
+_GALLERY = _on_circle([0, 40, 90, 180, 270])
+_GALLERY_LABELS = np.array([0, 0, 1, 2, 3])
+_QUERIES = _on_circle([10, 80, 200, 350])
+_QUERY_LABELS = np.array([0, 1, 3, 4])
+
+
+def test_query_vs_gallery_hand_example_with_single_image_classes():
+    with pytest.warns(UserWarning, match="1 of 4 queries"):
+        got = retrieval_metrics(_QUERIES, _QUERY_LABELS, ks=(1, 2), precision_ks=(2,),
+                                nmi=False, gallery=_GALLERY, gallery_labels=_GALLERY_LABELS)
+    assert got["recall@1"] == pytest.approx(2 / 4, abs=1e-6)
+    assert got["recall@2"] == pytest.approx(3 / 4, abs=1e-6)
+    assert got["precision@2"] == pytest.approx((1 + 0.5 + 0.5 + 0) / 4, abs=1e-6)
+    assert got["map@r"] == pytest.approx(2 / 3, abs=1e-6)
+    assert got["r_precision"] == pytest.approx(2 / 3, abs=1e-6)
+    # a gallery K may reach the gallery size (no query is excluded)
+    with pytest.warns(UserWarning):
+        retrieval_metrics(_QUERIES, _QUERY_LABELS, ks=(5,), nmi=False, gallery=_GALLERY,
+                          gallery_labels=_GALLERY_LABELS)
+
+
+def test_query_equal_to_gallery_is_leave_one_out(rng):
+    x, labels = _clustered(rng)
+    with pytest.warns(UserWarning):
+        loo = retrieval_metrics(x, labels, ks=(1, 4), precision_ks=(2,), nmi=False)
+    with pytest.warns(UserWarning):
+        same = retrieval_metrics(x, labels, ks=(1, 4), precision_ks=(2,), nmi=False,
+                                 gallery=x.copy(), gallery_labels=labels.copy())
+    assert same == loo
+    # forced to keep itself, every query finds itself first
+    kept = retrieval_metrics(x, labels, ks=(1,), nmi=False, gallery=x, gallery_labels=labels,
+                             exclude_self=False)
+    assert kept["recall@1"] == 1.0
+
+
+def test_query_gallery_errors():
+    with pytest.raises(ValueError, match="gallery_labels"):
+        retrieval_metrics(_QUERIES, _QUERY_LABELS, nmi=False, gallery=_GALLERY)
+    with pytest.raises(ValueError, match="without `gallery`"):
+        retrieval_metrics(_QUERIES, _QUERY_LABELS, nmi=False, gallery_labels=_GALLERY_LABELS)
+    with pytest.raises(ValueError, match="same embedding dimension"):
+        retrieval_metrics(_QUERIES, _QUERY_LABELS, nmi=False, gallery=np.ones((5, 3), np.float32),
+                          gallery_labels=_GALLERY_LABELS)
+    with pytest.raises(ValueError, match="exclude_self=True"):
+        retrieval_metrics(_QUERIES, _QUERY_LABELS, nmi=False, gallery=_GALLERY,
+                          gallery_labels=_GALLERY_LABELS, exclude_self=True)

@@ -117,3 +117,26 @@ def test_keras_save_load_roundtrip(rng):
         loaded.layers[-1].proxies.numpy(), model.layers[-1].proxies.numpy()
     )
     assert isinstance(loaded.layers[-1], Proxies)
+
+
+def test_proxy_regularizer_argument_and_its_former_name(rng):
+    from kdml.regularizers import SoftOrthogonal
+
+    new = Proxies(num_classes=4, proxy_regularizer=SoftOrthogonal(2.0))
+    old = Proxies(num_classes=4, regularizer=SoftOrthogonal(2.0))
+    for layer in (new, old):
+        layer(rng.normal(size=(2, 6)).astype("float32"))
+        assert isinstance(layer.proxy_regularizer, SoftOrthogonal)
+        assert layer.regularizer is layer.proxy_regularizer
+        assert layer.get_config()["proxy_regularizer"]["config"] == {"strength": 2.0, "mode": "auto"}
+        assert "regularizer" not in layer.get_config()
+    np.testing.assert_allclose(float(new.losses[0]),
+                               float(SoftOrthogonal(2.0)(new.proxies)), rtol=1e-6)
+    # A config saved before the rename (key "regularizer") still loads.
+    legacy = {**Proxies(num_classes=4).get_config(), "regularizer": {
+        "module": "keras.regularizers", "class_name": "L2", "config": {"l2": 0.5},
+        "registered_name": None}}
+    legacy.pop("proxy_regularizer")
+    assert isinstance(Proxies.from_config(legacy).proxy_regularizer, keras.regularizers.L2)
+    with pytest.raises(ValueError, match="proxy_regularizer"):
+        Proxies(num_classes=4, proxy_regularizer="l2", regularizer="l2")

@@ -95,6 +95,19 @@ def test_backbones_build_offline_with_the_documented_feature_shapes(name, size, 
     assert tuple(backbone(np.zeros((2, size, size, 3), np.float32)).shape) == expected
 
 
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnet50", "deit_tiny"])
+def test_every_backbone_builds_a_unit_norm_embedder(name):
+    # The backbone's output must be one tensor (not keras.applications' one-element
+    # list) for the head to be built on it symbolically.
+    # training=True: BatchNorm on batch statistics (a freshly initialised MobileNetV3
+    # in inference mode shrinks features to ~1e-10, below l2_normalize's epsilon).
+    embedder = build_embedder(name, embedding_dim=8, image_size=32)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    out = embedder(x, training=True).numpy()
+    assert out.shape == (4, 8)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+
+
 def test_unknown_backbone_and_bad_sizes_are_clear_errors():
     with pytest.raises(ValueError, match="Valid backbones: conv4, deit_base"):
         build_embedder("resnet18")

@@ -58,3 +58,29 @@ def test_json_is_replaced_atomically(tmp_path):
     write_json_atomic(path, {"a": 2})
     assert json.load(open(path)) == {"a": 2}
     assert os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_restoring_into_another_optimizer_layout_is_an_error_not_a_silent_reset(tmp_path):
+    """Keras only warns and skips the optimizer when its variables differ in number."""
+    from kdml.optimizers import GroupedAdamW
+    import pytest
+
+    trained = _model(0)
+    _train(trained, 2)
+    path = save_checkpoint(trained, str(tmp_path), 2, {})
+    other = _model(1)
+    other.compile(GroupedAdamW({"^dense": 10.0}, learning_rate=1e-2), "mse")  # + 1 variable
+    with pytest.raises(ValueError, match="does not match this model.*flags of the run"):
+        restore_checkpoint(other, path)
+
+
+def test_partial_checkpoint_writes_are_removed(tmp_path):
+    from kdml.training.checkpointing import remove_partial_checkpoints
+
+    model = _model(0)
+    _train(model, 2)
+    save_checkpoint(model, str(tmp_path), 2, {})
+    os.makedirs(tmp_path / ".tmp-ckpt-4-77")
+    (tmp_path / ".tmp-ckpt-4-77" / "model.weights.h5").write_bytes(b"\x89HDF partial")
+    assert remove_partial_checkpoints(str(tmp_path)) == [str(tmp_path / ".tmp-ckpt-4-77")]
+    assert os.listdir(tmp_path) == ["ckpt-2"]

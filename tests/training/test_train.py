@@ -144,3 +144,21 @@ def test_train_under_mirrored_strategy_and_mixed_precision(glyph_folder, tmp_pat
     out = embedder(np.zeros((2, 16, 16, 3), np.float32))
     assert out.dtype == "float32"
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-3)
+
+
+def test_resume_refuses_a_run_recorded_with_another_method(tmp_path):
+    import dataclasses
+    import json
+
+    from kdml.config import TrainConfig
+    from kdml.training.run import check_same_run
+
+    recorded = TrainConfig(method="proxy_anchor", output_dir=str(tmp_path)).resolved("glyph")
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"config": dataclasses.asdict(recorded)}))
+    # More epochs and another evaluation cadence continue the same run.
+    check_same_run(dataclasses.replace(recorded, epochs=60, eval_every=5), str(path))
+    with pytest.raises(ValueError, match=r"--method='proxy_anchor' \(now 'so_proxy'\)"):
+        check_same_run(dataclasses.replace(recorded, method="so_proxy"), str(path))
+    with pytest.raises(ValueError, match="embedding_dim"):
+        check_same_run(dataclasses.replace(recorded, embedding_dim=128), str(path))

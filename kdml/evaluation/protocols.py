@@ -1,0 +1,294 @@
+"""The evaluation protocols of `python -m kdml.evaluate`, as functions of embeddings.
+
+- `"retrieval"`: one set, leave-one-out (CUB-200, Cars196, SOP test classes).
+- `"query_gallery"`: queries against a separate gallery (In-Shop), labels matched by
+  class name.
+- `"episodes"`: N-way K-shot episodes with a 95% interval (`few_shot_accuracy`).
+- `"omniglot"`: Lake et al.'s 20-way within-alphabet one-shot protocol: episodes whose
+  20 classes come from one alphabet, the alphabet of a class being the top-level folder
+  of its path (`<alphabet>/<character>`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+PROTOCOLS = ("retrieval", "query_gallery", "episodes", "omniglot")
+# `evaluate_model` is what `python -m kdml.evaluate` runs; it lives here, free of absl
+# flags, so that it can be imported next to `kdml.train` (whose flags share names).
+
+
+def top_level_groups(class_names, labels) -> np.ndarray:
+    """Group id per image: the first path component of its class name.
+
+    `class_names` like `"Alphabet_of_the_Magi/character01"` (what `folder:` sources
+    produce for `<root>/<alphabet>/<character>/<image>`). Raises ValueError when the
+    names have no "/" (a flat folder of classes has no alphabets).
+    """
+    names = list(class_names)
+    if not all("/" in name for name in names):
+        flat = next(name for name in names if "/" not in name)
+        raise ValueError(
+            "The omniglot protocol groups classes by their top-level folder "
+            "(<root>/<alphabet>/<character>/<image>). Received a class without one: "
+            f"{flat!r}. Point --dataset at a folder of alphabets, or use "
+            "--protocol=episodes.")
+    alphabets = sorted({name.split("/", 1)[0] for name in names})
+    group_of_class = np.array([alphabets.index(name.split("/", 1)[0]) for name in names])
+    return group_of_class[np.asarray(labels)]
+
+
+def align_labels(query_names, query_labels, gallery_names, gallery_labels):
+    """Query and gallery labels in one label space, matched by class name.
+
+    Returns `(query_labels, gallery_labels, class_names)`: int64 arrays indexing the
+    sorted union of both sets' class names.
+    """
+    names = sorted(set(query_names) | set(gallery_names))
+    index = {name: i for i, name in enumerate(names)}
+    query_map = np.array([index[n] for n in query_names], np.int64)
+    gallery_map = np.array([index[n] for n in gallery_names], np.int64)
+    return (query_map[np.asarray(query_labels)], gallery_map[np.asarray(gallery_labels)],
+            tuple(names))
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'256MiB' -> 268435456; '2GB' -> 2e9; '1000' -> 1000."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"--max_memory must be a positive size like 256MiB, 2GB or 1000000. "
+                         f"Received: {text!r}")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _load_images(spec, split, data_dir, seed):
+    """`ImageSet` of a source: its `split` ("test", "train" or "all" classes).
+
+    `folder:<dir>` with split "all" keeps every class, single-image classes included (a
+    query/gallery set may have them; training sources drop them).
+    """
+    import numpy as np
+
+    from kdml.data.image_set import ImageSet
+    from kdml.data.sources import load_dataset
+
+    kind, _, root = spec.partition(":")
+    if kind == "folder" and root and split == "all":
+        from kdml.data.sources.folder import _scan_leaf_folders
+
+        root = os.path.abspath(os.path.expanduser(root))
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"folder:{root}: no such folder.")
+        leaves, _ = _scan_leaf_folders(root)
+        if not leaves:
+            raise ValueError(f"folder:{root}: found no images in leaf folders "
+                             "(<root>/<class>/<image>).")
+        names = sorted(leaves)
+        paths = np.array([p for c in names for p in leaves[c]], dtype=str)
+        labels = np.repeat(np.arange(len(names)), [len(leaves[c]) for c in names])
+        return ImageSet(labels=labels, class_names=names, paths=paths, name=f"folder:{root}")
+    splits = load_dataset(spec, data_dir=data_dir, seed=seed)
+    if split != "all":
+        return getattr(splits, split)
+    train, test = splits.train, splits.test
+    stored = {"pixels": None, "paths": None}
+    field = "pixels" if train.pixels is not None else "paths"
+    stored[field] = np.concatenate([getattr(train, field), getattr(test, field)])
+    return ImageSet(labels=np.concatenate([train.labels, test.labels + train.num_classes]),
+                    class_names=tuple(train.class_names) + tuple(test.class_names),
+                    name=splits.name, **stored)
+
+
+def embed_image_set(embedder, image_set, *, batch_size=256, crop_fraction=0.875):
+    """`(N, d)` float32 embeddings of an `ImageSet` in its order, through `embedder.embed`."""
+    import numpy as np
+
+    from kdml.data.pipeline import eval_dataset
+
+    height, width = embedder.image_size
+    if height != width:
+        raise ValueError(
+            f"The model's input is {height} x {width}; kdml.evaluate feeds square RGB images "
+            f"(N, S, S, 3). Export the embedder with a square input.")
+    data = eval_dataset(image_set, image_size=int(height), batch_size=batch_size,
+                        crop_fraction=crop_fraction)
+    out = [embedder.embed(images.numpy(), batch_size=batch_size) for images, _ in data]
+    return np.concatenate(out, axis=0)
+
+
+def _load(model_path):
+    from kdml.export import load_embedder
+
+    if not os.path.exists(model_path):
+        raise FileNotFoundError(
+            f"No model at {model_path}. Pass --model=<path>/embedder.keras, a SavedModel "
+            "directory or a .tflite file.")
+    embedder = load_embedder(model_path)
+    size = tuple(embedder.image_size)
+    if len(size) != 2 or any(s is None for s in size):
+        raise ValueError(
+            f"The model at {model_path} takes inputs of shape (N, {size}): kdml.evaluate "
+            "needs an image embedder with a fixed (N, S, S, 3) RGB input.")
+    return embedder
+
+
+def _knn_strategy():
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else None
+
+
+def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval_dataset=None,
+                   data_dir=None, ks=(1, 2, 4, 8), crop_fraction=0.875, batch_size=256,
+                   seed=0, *, protocol="auto", query=None, gallery=None, precision_ks=None,
+                   nmi=True, kmeans_n_init=1, kmeans_max_iter=300,
+                   max_memory_bytes=256 * 2**20, knn_precision="float32", n_way=20, k_shot=1,
+                   queries_per_class=1, episodes=1000, rerank_top_k=0, reranker=None,
+                   plots_dir=None, plot_map="auto", plot_points=2000) -> dict:
+    """Loads an embedder, embeds the protocol's images and returns the report dict.
+
+    Returns:
+        `{"protocol", "split", "format", "metrics": {name: float}, "plots": {...}}`.
+    """
+    import numpy as np
+
+    from kdml.evaluation import few_shot_accuracy, retrieval_metrics
+    
+    if protocol == "auto":
+        protocol = "query_gallery" if query or gallery else "retrieval"
+    if protocol == "query_gallery" and not (query and gallery):
+        raise ValueError("--protocol=query_gallery needs both --query=<source> and "
+                         "--gallery=<source>.")
+    if protocol != "query_gallery" and (query or gallery):
+        raise ValueError(f"--query/--gallery belong to --protocol=query_gallery. Received: "
+                         f"--protocol={protocol}")
+    if split is None:
+        split = "all" if protocol in ("omniglot",) else "test"
+    if rerank_top_k and protocol != "retrieval":
+        raise ValueError("--rerank_top_k works with --protocol=retrieval (leave-one-out).")
+    embedder = _load(model_path)
+    embed_options = dict(batch_size=batch_size, crop_fraction=crop_fraction)
+    report = {"protocol": protocol, "split": split, "format": embedder.format}
+
+    if protocol == "query_gallery":
+        query_set = _load_images(query, "all" if query.startswith("folder:") else split,
+                                 data_dir, seed)
+        same_source = query == gallery
+        gallery_set = query_set if same_source else _load_images(
+            gallery, "all" if gallery.startswith("folder:") else split, data_dir, seed)
+        query_embeddings = embed_image_set(embedder, query_set, **embed_options)
+        gallery_embeddings = (query_embeddings if same_source
+                              else embed_image_set(embedder, gallery_set, **embed_options))
+        query_labels, gallery_labels, _ = align_labels(
+            query_set.class_names, query_set.labels, gallery_set.class_names, gallery_set.labels)
+        metrics = retrieval_metrics(
+            query_embeddings, query_labels, ks=ks, nmi=nmi, seed=seed,
+            max_memory_bytes=max_memory_bytes, gallery=gallery_embeddings,
+            gallery_labels=gallery_labels, exclude_self=same_source,
+            precision_ks=ks if precision_ks is None else precision_ks, ami=nmi,
+            n_init=kmeans_n_init, kmeans_max_iter=kmeans_max_iter,
+            knn_precision=knn_precision, strategy=_knn_strategy())
+        report.update(queries=int(len(query_labels)), gallery=int(len(gallery_labels)),
+                      metrics=metrics)
+        plot_embeddings, plot_labels = query_embeddings, query_labels
+        curve_source = None
+    else:
+        images = (_load_images(dataset, split, data_dir, seed) if eval_dataset is None
+                  else _load_eval_dataset(dataset, eval_dataset, split, data_dir, seed))
+        embeddings = embed_image_set(embedder, images, **embed_options)
+        labels = images.labels
+        report["images"] = int(len(labels))
+        plot_embeddings, plot_labels = embeddings, labels
+        curve_source = (embeddings, labels)
+        if protocol in ("episodes", "omniglot"):
+            groups = (top_level_groups(images.class_names, labels)
+                      if protocol == "omniglot" else None)
+            report["metrics"] = few_shot_accuracy(
+                embeddings, labels, n_way=n_way, k_shot=k_shot,
+                queries_per_class=queries_per_class, num_episodes=episodes, groups=groups,
+                seed=seed)
+            report.update(n_way=n_way, k_shot=k_shot, queries_per_class=queries_per_class)
+        else:
+            metrics = retrieval_metrics(
+                embeddings, labels, ks=ks, nmi=nmi, seed=seed, max_memory_bytes=max_memory_bytes,
+                precision_ks=ks if precision_ks is None else precision_ks, ami=nmi,
+                n_init=kmeans_n_init, kmeans_max_iter=kmeans_max_iter,
+                knn_precision=knn_precision, strategy=_knn_strategy())
+            if rerank_top_k:
+                metrics.update(_rerank(model_path, reranker, embeddings, labels, rerank_top_k,
+                                       ks, max_memory_bytes))
+            report["metrics"] = metrics
+
+    if plots_dir:
+        from kdml.evaluation.plots import write_plots
+
+        curve = _recall_curve(*(curve_source or (plot_embeddings, plot_labels)),
+                              gallery=None if curve_source else (gallery_embeddings,
+                                                                 gallery_labels),
+                              exclude_self=protocol != "query_gallery" or same_source,
+                              max_memory_bytes=max_memory_bytes)
+        report["plots"] = write_plots(plot_embeddings, np.asarray(plot_labels), curve, plots_dir,
+                                      map_method=plot_map, map_points=plot_points, seed=seed,
+                                      title=os.path.basename(os.path.normpath(model_path)))
+    return report
+
+
+def _load_eval_dataset(dataset, eval_dataset, split, data_dir, seed):
+    from kdml.data.sources import load_dataset
+
+    splits = load_dataset(dataset, eval_spec=eval_dataset, data_dir=data_dir, seed=seed)
+    return getattr(splits, "test" if split == "all" else split)
+
+
+def _recall_curve(embeddings, labels, *, gallery, exclude_self, max_memory_bytes):
+    """Recall@K for K = 1, 2, 4, ... up to 1024 (capped by the gallery) from one k-NN pass."""
+    import numpy as np
+
+    from kdml.evaluation.knn import _knn
+
+    labels = np.asarray(labels)
+    gallery_embeddings, gallery_labels = (embeddings, labels) if gallery is None else gallery
+    limit = len(gallery_labels) - int(exclude_self)
+    ks = [k for k in (2**i for i in range(11)) if k <= limit]
+    neighbours, _ = _knn(embeddings, None if gallery is None else gallery_embeddings,
+                         k=max(ks), max_memory_bytes=max_memory_bytes,
+                         exclude_self=exclude_self, return_similarities=False)
+    hits = np.cumsum(gallery_labels[neighbours] == labels[:, None], axis=1) > 0
+    return {k: float(hits[:, k - 1].mean()) for k in ks}
+
+
+def _rerank(model_path, reranker, embeddings, labels, top_k, ks, max_memory_bytes):
+    import keras
+
+    import kdml  # noqa: F401  registers kdml's serializable classes (the PDDM layers)
+    from kdml.evaluation.rerank import rerank_metrics
+
+    if reranker is None:
+        reranker = os.path.join(os.path.dirname(os.path.abspath(model_path)), "pddm.keras")
+    if not os.path.isfile(reranker):
+        raise FileNotFoundError(
+            f"No re-ranker at {reranker}. Train with --method=pddm (it writes pddm.keras "
+            "beside embedder.keras) or pass --reranker=<path>.keras.")
+    scorer_model = keras.saving.load_model(reranker, compile=False)
+
+    def scorer(a, b):
+        return keras.ops.reshape(scorer_model([a, b], training=False), (-1,))
+
+    return rerank_metrics(embeddings, labels, scorer, top_k=top_k, ks=ks,
+                          max_memory_bytes=max_memory_bytes)
+
+
+def default_output(model_path: str, protocol: str, split: str) -> str:
+    """`eval_<split>.json` (retrieval) or `eval_<protocol>_<split>.json` beside the model."""
+    directory = os.path.dirname(os.path.abspath(os.path.normpath(model_path)))
+    name = f"eval_{split}.json" if protocol == "retrieval" else f"eval_{protocol}_{split}.json"
+    return os.path.join(directory, name)

@@ -1,0 +1,64 @@
+"""`python -m kdml.export`: SavedModel + TFLite files of a trained embedder and their parity report.
+
+Example:
+    python -m kdml.export --model=runs/default/embedder.keras --output_dir=runs/default/export \
+        --formats=saved_model,tflite --quantization=float32,float16,dynamic,int8
+
+The dataset (calibration images from its training classes, parity on its held-out
+classes) is read from the run's `metrics.json` next to the model, or given by
+`--dataset`. Writes the files, a sidecar `<file>.json` with the metadata beside each,
+and `parity.json`; prints the parity table. Exit code 1 when int8 Recall@1 drops more
+than `--max_recall_drop` points, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from absl import app, flags, logging  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "The embedder to export (.keras).", required=True)
+flags.DEFINE_string("output_dir", None, "Where to write (default: <model dir>/export).")
+flags.DEFINE_list("formats", ["saved_model", "tflite"], "saved_model, tflite.")
+flags.DEFINE_list("quantization", ["float32", "float16", "dynamic", "int8"],
+                  "TFLite variants: float32, float16, dynamic, int8.")
+flags.DEFINE_string("dataset", None,
+                    "synthetic | folder:<dir> | tfds:<name>; default: the run's metrics.json "
+                    "config next to --model, else synthetic.")
+flags.DEFINE_string("eval_dataset", None, "folder:<dir> held-out classes (as in training).")
+flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
+flags.DEFINE_integer("calibration_images", 300, "Training images that calibrate int8.")
+flags.DEFINE_integer("parity_images", 2000,
+                     "At most this many held-out images (whole classes) in the parity report; 0: all.")
+flags.DEFINE_integer("latency_runs", 50, "Images timed per .tflite file (0: skip latency).")
+flags.DEFINE_float("max_recall_drop", 1.0,
+                   "Fail when int8 Recall@1 is more than this many points below Keras'.")
+flags.DEFINE_boolean("parity", True, "Compute the parity report.")
+flags.DEFINE_integer("seed", 0, "Seed of the image draws (and of the synthetic dataset).")
+
+
+def main(argv):
+    from kdml.export.parity import ParityError
+    from kdml.export.workflow import run_export
+
+    del argv
+    try:
+        run_export(FLAGS.model, FLAGS.output_dir, tuple(FLAGS.formats), tuple(FLAGS.quantization),
+                   FLAGS.dataset, FLAGS.eval_dataset, FLAGS.data_dir, FLAGS.calibration_images,
+                   FLAGS.parity_images, FLAGS.latency_runs, FLAGS.max_recall_drop, FLAGS.parity,
+                   FLAGS.seed)
+    except ParityError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except (ValueError, FileNotFoundError) as error:
+        logging.debug("Traceback of the error below:", exc_info=True)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,110 @@
+"""`export_embedder`: a Keras embedder -> SavedModel and TFLite files with their metadata."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Dict, Optional, Sequence
+
+import keras
+import numpy as np
+
+from kdml.export.metadata import embed_tflite_metadata, embedder_metadata, write_sidecar
+from kdml.export.saved_model import export_saved_model
+from kdml.export.tflite import QUANTIZATIONS, check_builtin_ops, convert_saved_model
+
+EXPORT_FORMATS = ("saved_model", "tflite")
+
+
+def tflite_filename(quantization: str) -> str:
+    return f"embedder_{quantization}.tflite"
+
+
+def export_embedder(embedder, output_dir: str, *,
+                    formats: Sequence[str] = EXPORT_FORMATS,
+                    quantizations: Sequence[str] = QUANTIZATIONS,
+                    calibration_images: Optional[np.ndarray] = None,
+                    name: Optional[str] = None, backbone: Optional[str] = None,
+                    source: Optional[str] = None) -> Dict[str, str]:
+    """Exports an embedder as a SavedModel and/or `.tflite` files.
+
+    Args:
+        embedder: a `keras.Model` `(B, H, W, 3)` pixels -> `(B, d)` (as
+            `kdml.models.build_embedder` makes), or the path of its `.keras` file.
+        output_dir: written: `saved_model/`, `embedder_<quantization>.tflite`, and a
+            sidecar `<file>.json` with the metadata next to each.
+        formats: subset of ("saved_model", "tflite").
+        quantizations: TFLite variants, subset of ("float32", "float16", "dynamic", "int8").
+        calibration_images: uint8 `(N, H, W, 3)` training images; required for "int8".
+        name: the model name stored in the metadata (default: the model's name).
+        backbone: the backbone's name, stored in the metadata when known.
+        source: where the model came from (stored in the metadata).
+
+    Returns:
+        {"saved_model": dir, "tflite_<quantization>": path, ...}.
+    """
+    if isinstance(embedder, str):
+        source = source or embedder
+        import kdml  # noqa: F401  registers kdml's serializable classes
+
+        embedder = keras.saving.load_model(embedder, compile=False)
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"`formats` must be a non-empty subset of {EXPORT_FORMATS}. "
+                         f"Received: {list(formats)}")
+    if "tflite" in formats:
+        bad = [q for q in quantizations if q not in QUANTIZATIONS]
+        if bad or not quantizations:
+            raise ValueError(f"`quantizations` must be a non-empty subset of {QUANTIZATIONS}. "
+                             f"Received: {list(quantizations)}")
+    height, width = embedder.input_shape[1:3]
+    if "tflite" in formats and "int8" in quantizations:
+        calibration_images = _check_calibration(calibration_images, (height, width))
+    os.makedirs(output_dir, exist_ok=True)
+    meta = dict(name=name or embedder.name, embedding_dim=embedder.output_shape[-1],
+                image_size=(height, width), backbone=backbone, source=source)
+    paths: Dict[str, str] = {}
+    keep = "saved_model" in formats
+    saved_model_dir = (os.path.join(output_dir, "saved_model") if keep
+                       else tempfile.mkdtemp(prefix="kdml_saved_model_"))
+    try:
+        if os.path.isdir(saved_model_dir) and keep:
+            shutil.rmtree(saved_model_dir)
+        export_saved_model(embedder, saved_model_dir)
+        if keep:
+            write_sidecar(saved_model_dir, embedder_metadata(fmt="saved_model", **meta))
+            paths["saved_model"] = saved_model_dir
+        if "tflite" in formats:
+            for quantization in quantizations:
+                representative = None
+                if quantization == "int8":
+                    representative = lambda: (calibration_images[i:i + 1]  # noqa: E731
+                                              for i in range(len(calibration_images)))
+                model = convert_saved_model(saved_model_dir, quantization, representative)
+                path = os.path.join(output_dir, tflite_filename(quantization))
+                check_builtin_ops(model, path)
+                metadata = embedder_metadata(fmt="tflite", quantization=quantization, **meta)
+                with open(path, "wb") as f:
+                    f.write(embed_tflite_metadata(model, metadata))
+                write_sidecar(path, metadata)
+                paths[f"tflite_{quantization}"] = path
+    finally:
+        if not keep:
+            shutil.rmtree(saved_model_dir, ignore_errors=True)
+    return paths
+
+
+def _check_calibration(images, image_size) -> np.ndarray:
+    if images is None or len(images) == 0:
+        raise ValueError(
+            "int8 quantization needs calibration images: pass `calibration_images` (uint8 "
+            "(N, H, W, 3) training images) or --dataset / --calibration_images on the CLI.")
+    images = np.asarray(images)
+    if images.ndim != 4 or tuple(images.shape[1:]) != (*image_size, 3):
+        raise ValueError(f"`calibration_images` must have shape (N, {image_size[0]}, "
+                         f"{image_size[1]}, 3). Received: {images.shape}")
+    if images.dtype != np.uint8:
+        images = np.clip(np.round(images), 0, 255).astype(np.uint8)
+    return images
+

@@ -1,0 +1,228 @@
+"""PDDM loss: hard-quadruplet mining, double-header hinge and embedding hinge (DESIGN.md 3.4)."""
+
+import warnings
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from kdml.losses._cross_replica import BatchLoss
+
+MINING_MODES = ("per_anchor", "single")
+_FAR = 3.0e38  # stands in for +-inf in masked argmin/argmax (no gradient flows there)
+
+
+def _take_pairs(matrix, rows, cols):
+    """matrix (B, B), rows/cols (Q,) int32 -> (Q,) entries matrix[rows, cols]."""
+    size = ops.shape(matrix)[1]
+    return ops.take(ops.reshape(matrix, (-1,)), rows * size + cols)
+
+
+def _squared_distances(embeddings, rows, cols):
+    """(Q,) squared L2 distances ||f_rows - f_cols||^2 of the given row pairs."""
+    diff = ops.take(embeddings, rows, axis=0) - ops.take(embeddings, cols, axis=0)
+    return ops.sum(ops.square(diff), axis=-1)
+
+
+def mine_quadruplets(labels, scores, mode="per_anchor"):
+    """Hard quadruplets (i, j, k, l) from a (B, B) PDDM score matrix, in-graph.
+
+    `mode="single"` (the paper, Sec. 3.2): the positive pair (i, j) with the lowest
+    score, then k = argmax_{y_k != y_i} S_ik and l = argmax_{y_l != y_j} S_jl; one
+    quadruplet (Q = 1). `mode="per_anchor"`: for every anchor i, j = its positive with
+    the lowest score, then k and l as above (Q = B). Ties go to the lowest index
+    (row-major for the single pair). Comparisons only: no gradient.
+
+    Args:
+        labels: (B,) int32 labels.
+        scores: (B, B) float32 scores S (higher = more similar).
+        mode: "per_anchor" or "single".
+
+    Returns:
+        (i, j, k, l, valid): four (Q,) int32 index vectors and a (Q,) bool mask of
+        quadruplets that exist (a positive and a negative are both available).
+    """
+    if mode not in MINING_MODES:
+        raise ValueError(f"Expected `mode` in {MINING_MODES}. Received: mode={mode!r}")
+    scores = ops.stop_gradient(ops.cast(scores, "float32"))
+    size = ops.shape(scores)[0]
+    index = ops.arange(size, dtype="int32")
+    same = ops.equal(labels[:, None], labels[None, :])
+    positive = ops.logical_and(same, ops.not_equal(index[:, None], index[None, :]))
+    negative = ops.logical_not(same)
+    neg_scores = ops.where(negative, scores, -_FAR)
+    if mode == "single":
+        flat = ops.argmin(ops.reshape(ops.where(positive, scores, _FAR), (-1,)))
+        flat = ops.cast(flat, "int32")
+        i = ops.reshape(flat // size, (1,))
+        j = ops.reshape(flat % size, (1,))
+        valid = ops.reshape(
+            ops.logical_and(ops.any(positive), ops.any(ops.take(negative, i, axis=0))), (1,)
+        )
+    else:
+        i = index
+        j = ops.cast(ops.argmin(ops.where(positive, scores, _FAR), axis=1), "int32")
+        valid = ops.logical_and(ops.any(positive, axis=1), ops.any(negative, axis=1))
+    k = ops.cast(ops.argmax(ops.take(neg_scores, i, axis=0), axis=1), "int32")
+    # y_j = y_i on valid rows, so j's negatives are i's negatives, scored from j.
+    l = ops.cast(ops.argmax(ops.take(neg_scores, j, axis=0), axis=1), "int32")  # noqa: E741
+    return i, j, k, l, valid
+
+
+@keras.saving.register_keras_serializable(package="kdml")
+class PDDMLoss(BatchLoss):
+    """PDDM objective: double-header hinge on unit scores + embedding hinge.
+
+    Huang, Loy, Tang, "Local Similarity-Aware Deep Feature Embedding", NIPS 2016,
+    Eq. (3)-(5) (DESIGN.md 3.4). For each mined hard quadruplet (i, j, k, l)
+    (`mine_quadruplets`: positive pair (i, j), hardest negatives k of i and l of j by
+    the unit's score S):
+
+        E_m = [alpha - S_ij + S_ik]_+ + [alpha - S_ij + S_jl]_+      (double-header hinge)
+        E_e = [beta + D_ij - D_ik]_+ + [beta + D_ij - D_jl]_+        (D = squared L2)
+        L   = mean over valid quadruplets of (E_m + lambda E_e)
+
+    `mining="single"` is the paper's one quadruplet per batch; `"per_anchor"` (the
+    default, an improvement DESIGN.md allows) mines one per anchor, using every image.
+
+    Input: `y_pred` is `kdml.layers.PDDMScoreMatrix`'s output, row i = [f_i, S_i,:]
+    (embeddings then the scores against the whole batch), so the model holds the unit
+    and the loss sees embeddings and scores in one Keras output. The loss all-gathers
+    labels and rows across replicas (the score layer gathers the columns), so the
+    mining pool is the global batch; the scalar is divided by the replica count
+    (`BatchLoss`), making one distributed step equal to the single-device step on the
+    concatenated batch.
+
+    A batch with no positive pair or no negative has no quadruplet: the loss is exactly
+    0 with zero, finite gradients; `invalid_batches` (a non-trainable counter) counts
+    such steps, eager calls warn at once, and `PDDMMiningMonitor` logs a warning from
+    training.
+
+    Args:
+        alpha: Score margin of the double-header hinge (paper alpha, default 0.5).
+        beta: Squared-distance margin of the embedding hinge (paper beta, default 1.0).
+        lambda_: Weight of the embedding loss (paper lambda, default 0.5).
+        mining: "per_anchor" (default) or "single".
+        gather_across_replicas: Must be True (the score layer always gathers).
+        name, **kwargs: As `keras.losses.Loss`.
+
+    Shapes:
+        y_true: int labels (B,) or (B, 1). y_pred: (B, d + B) float.
+        Returns: a float32 scalar. `sample_weight` is not supported.
+
+    Example:
+
+    >>> emb = keras.ops.convert_to_tensor([[1.0, 0.0], [0.6, 0.8], [0.8, 0.6]])
+    >>> scores = keras.ops.matmul(emb, keras.ops.transpose(emb))  # stand-in for S
+    >>> y_pred = keras.ops.concatenate([emb, scores], axis=1)
+    >>> # (i, j, k, l) = (0, 1, 2, 2): E_m = 0.7 + 0.86, E_e = 1.4 + 1.72
+    >>> round(float(PDDMLoss(mining="single")([0, 0, 1], y_pred)), 4)
+    3.12
+    """
+
+    def __init__(
+        self,
+        alpha=0.5,
+        beta=1.0,
+        lambda_=0.5,
+        mining="per_anchor",
+        gather_across_replicas=True,
+        name="pddm_loss",
+        **kwargs,
+    ):
+        super().__init__(gather_across_replicas=gather_across_replicas, name=name, **kwargs)
+        if not gather_across_replicas:
+            raise ValueError(
+                "PDDMLoss needs gather_across_replicas=True: kdml.layers.PDDMScoreMatrix "
+                "scores each row against the global batch, so the rows must be gathered "
+                "too. Received: gather_across_replicas=False."
+            )
+        for arg, value in (("alpha", alpha), ("beta", beta), ("lambda_", lambda_)):
+            if not value >= 0:
+                raise ValueError(f"Expected `{arg}` >= 0. Received: {arg}={value!r}")
+        if mining not in MINING_MODES:
+            raise ValueError(
+                f"Expected `mining` in {MINING_MODES}. Received: mining={mining!r}"
+            )
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.lambda_ = float(lambda_)
+        self.mining = mining
+        # Steps without a quadruplet. ONLY_FIRST_REPLICA: every replica sees the same
+        # global batch, so a step counts once.
+        self.invalid_batches = tf.Variable(
+            0, dtype=tf.int64, trainable=False, name="pddm_invalid_batches",
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
+
+    def call(self, y_true, y_pred):
+        labels, values = self._maybe_gather(y_true, y_pred)  # (B,), (B, d + B)
+        size = values.shape[0] if values.shape[0] is not None else ops.shape(values)[0]
+        width = values.shape[1] if values.shape[1] is not None else ops.shape(values)[1]
+        if isinstance(size, int) and isinstance(width, int) and width <= size:
+            raise ValueError(
+                "PDDMLoss expects y_pred (B, d + B) = [embeddings | PDDM score matrix], "
+                f"the output of kdml.layers.PDDMScoreMatrix. Received: shape={values.shape}"
+            )
+        dim = width - size
+        embeddings, scores = values[:, :dim], values[:, dim:]
+
+        i, j, k, l, valid = mine_quadruplets(labels, scores, self.mining)  # noqa: E741
+        s_ij = _take_pairs(scores, i, j)
+        s_ik = _take_pairs(scores, i, k)
+        s_jl = _take_pairs(scores, j, l)
+        d_ij = _squared_distances(embeddings, i, j)
+        d_ik = _squared_distances(embeddings, i, k)
+        d_jl = _squared_distances(embeddings, j, l)
+        score_hinge = ops.relu(self.alpha - s_ij + s_ik) + ops.relu(self.alpha - s_ij + s_jl)
+        embedding_hinge = ops.relu(self.beta + d_ij - d_ik) + ops.relu(self.beta + d_ij - d_jl)
+        per_quadruplet = ops.where(valid, score_hinge + self.lambda_ * embedding_hinge, 0.0)
+        count = ops.sum(ops.cast(valid, "float32"))
+
+        none_valid = ops.logical_not(ops.any(valid))
+        self.invalid_batches.assign_add(ops.cast(none_valid, "int64"))
+        if tf.executing_eagerly() and bool(none_valid):
+            warnings.warn(_INVALID_BATCH_MESSAGE, RuntimeWarning, stacklevel=2)
+        return ops.divide_no_nan(ops.sum(per_quadruplet), count)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {"alpha": self.alpha, "beta": self.beta, "lambda_": self.lambda_,
+             "mining": self.mining}
+        )
+        return config
+
+
+_INVALID_BATCH_MESSAGE = (
+    "PDDMLoss: a batch has no positive pair or no negative, so no quadruplet: its "
+    "loss is 0. Fix: sample at least 2 classes with at least 2 images each per batch "
+    "(--classes_per_batch >= 2, --images_per_class >= 2)."
+)
+
+
+class PDDMMiningMonitor(keras.callbacks.Callback):
+    """Logs a warning at each epoch end in which `loss` met batches with no quadruplet.
+
+    Reads `PDDMLoss.invalid_batches` host-side (no `tf.print` in the step) and adds
+    `pddm_invalid_batches` (the count of that epoch) to the epoch logs.
+    """
+
+    def __init__(self, loss):
+        super().__init__()
+        self.loss = loss
+        self._seen = 0
+
+    def on_train_begin(self, logs=None):
+        self._seen = int(self.loss.invalid_batches.numpy())
+
+    def on_epoch_end(self, epoch, logs=None):
+        from absl import logging
+
+        total = int(self.loss.invalid_batches.numpy())
+        new, self._seen = total - self._seen, total
+        if logs is not None:
+            logs["pddm_invalid_batches"] = float(new)
+        if new:
+            logging.warning("epoch %d: %d batch(es) gave zero loss. %s", epoch + 1, new,
+                            _INVALID_BATCH_MESSAGE)

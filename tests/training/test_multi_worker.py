@@ -1,0 +1,112 @@
+"""`--strategy=multi_worker`: two worker processes on 127.0.0.1 train one model.
+
+Slow by nature (two extra TensorFlow processes): one test, bounded by a timeout
+after which both workers are killed.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kdml  # noqa: F401
+from kdml.config import TrainConfig
+from kdml.data.sources.synthetic import glyphs
+from kdml.distribute import local_cluster
+from kdml.training import train
+
+# Both workers are killed after this. The job itself needs ~40 s of CPU (two
+# TensorFlow start-ups included, ~45 s wall on an idle 2-core machine); the bound
+# leaves room for a machine shared with other jobs.
+TIMEOUT_S = 300
+
+# Each worker runs the real `kdml.training.train`; the copy of the trained
+# embedder that only this test needs (the non-chief's own files are deleted).
+_WORKER = """
+import json, sys
+import kdml
+from kdml.config import TrainConfig
+from kdml.training import run
+config, copy = json.loads(sys.argv[1]), sys.argv[2]
+save = run.save_model_atomic
+def save_and_copy(model, path):
+    save(model, path)
+    model.save(copy)
+run.save_model_atomic = save_and_copy
+config["recall_ks"] = tuple(config["recall_ks"])
+run.train(TrainConfig(**config))
+"""
+
+
+@pytest.fixture(scope="module")
+def glyph_folder(tmp_path_factory):
+    """12 classes x 6 glyphs (6 train classes, 36 images: 5 steps of 4 x 2 per epoch)."""
+    root = tmp_path_factory.mktemp("mw_glyphs")
+    images = glyphs(num_classes=12, images_per_class=6, image_size=20, seed=3)
+    for i, (pixels, label) in enumerate(zip(images.pixels, images.labels)):
+        folder = root / f"c{label:02d}"
+        folder.mkdir(exist_ok=True)
+        tf.io.write_file(str(folder / f"{i}.png"), tf.io.encode_png(pixels))
+    return str(root)
+
+
+def _config(folder, out, **overrides):
+    return dict(dataset=f"folder:{folder}", output_dir=str(out), backbone="conv4",
+                weights="none", image_size=16, embedding_dim=16, augmentation="glyph",
+                classes_per_batch=4, images_per_class=2, epochs=2, lr=1e-3,
+                jit_compile="false", verbose=0, recall_ks=(1,), checkpoint_every_steps=3,
+                eval_every=2, verify_images=False,
+                **overrides)
+
+
+def _weights(path):
+    return [w.numpy() for w in keras.saving.load_model(path).weights]
+
+
+def test_two_workers_train_one_model_like_one_process(glyph_folder, tmp_path):
+    out = tmp_path / "mw"
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "CUDA_VISIBLE_DEVICES": ""}
+    config = json.dumps(_config(glyph_folder, out, strategy="multi_worker"))
+    workers = [
+        subprocess.Popen([sys.executable, "-c", _WORKER, config, str(tmp_path / f"w{i}.keras")],
+                         env={**env, "TF_CONFIG": tf_config}, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+        for i, tf_config in enumerate(local_cluster(2))]
+    deadline, logs = time.monotonic() + TIMEOUT_S, []
+    try:
+        for worker in workers:
+            logs.append(worker.communicate(timeout=max(1, deadline - time.monotonic()))[0])
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    for i, worker in enumerate(workers):
+        assert worker.returncode == 0, f"worker {i}: {logs[i][-3000:] if i < len(logs) else 'timed out'}"
+
+    # Only the chief wrote the run's files; both hold the same weights.
+    assert sorted(os.listdir(out)) == ["checkpoints", "embedder.keras", "logs", "metrics.json"]
+    chief, other = _weights(str(tmp_path / "w0.keras")), _weights(str(tmp_path / "w1.keras"))
+    for a, b in zip(chief, other):
+        np.testing.assert_array_equal(a, b)
+    metrics = json.load(open(out / "metrics.json"))
+    losses = [metrics["epochs"][e]["loss"] for e in ("1", "2")]
+    assert losses[1] < losses[0]  # training converges
+
+    # The two workers' rows form the single process's global batch: the same run in
+    # one process reaches the same losses and weights (up to all-reduce rounding).
+    config = _config(glyph_folder, tmp_path / "single")
+    single = train(TrainConfig(**config))
+    np.testing.assert_allclose(losses, [single["epochs"][e]["loss"] for e in ("1", "2")],
+                               rtol=1e-4)
+    for a, b in zip(chief, _weights(str(tmp_path / "single" / "embedder.keras"))):
+        np.testing.assert_allclose(a, b, atol=1e-3)
