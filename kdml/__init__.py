@@ -11,6 +11,7 @@ Public API:
     kdml.data         load_dataset, train_dataset, eval_dataset, class_balanced_batches
     kdml.evaluation   retrieval_metrics, exact_knn, few_shot_accuracy
     kdml.methods      the method table used by `python -m kdml.train`
+    kdml.export       export_embedder, load_embedder, parity_report (`python -m kdml.export`)
 
 Importing kdml registers every layer, loss and optimizer with Keras, so `.keras`
 files reload with `keras.saving.load_model` and no `custom_objects`.
