@@ -44,3 +44,20 @@ def weights_after_one_step(strategy, build_model, initial_weights, loss, x, y,
     dataset = tf.data.Dataset.from_tensors((x, y))
     model.fit(dataset, epochs=1, steps_per_epoch=1, shuffle=False, verbose=0)
     return [w.numpy() for w in model.weights]
+
+
+def write_glyph_folder(root, *, num_classes=12, images_per_class=6, seed=3,
+                       class_dir=lambda label: f"char{label:02d}"):
+    """Writes synthetic glyphs as PNG files, one folder per class (`class_dir(label)`,
+    relative to `root`, may hold an alphabet level); returns `str(root)`."""
+    import tensorflow as tf
+
+    from kdml.data.sources.synthetic import glyphs
+
+    images = glyphs(num_classes=num_classes, images_per_class=images_per_class,
+                    image_size=20, seed=seed)
+    for i, (pixels, label) in enumerate(zip(images.pixels, images.labels)):
+        folder = os.path.join(str(root), class_dir(int(label)))
+        os.makedirs(folder, exist_ok=True)
+        tf.io.write_file(os.path.join(folder, f"{i}.png"), tf.io.encode_png(pixels))
+    return str(root)

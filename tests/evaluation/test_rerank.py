@@ -112,15 +112,11 @@ def test_train_pddm_reports_reranked_recall_and_writes_a_consistent_pddm_keras(t
     import json
 
     from kdml.data import eval_dataset, load_dataset
-    from kdml.data.sources.synthetic import glyphs
     from kdml.training import embed
+    from tests.helpers import write_glyph_folder
 
-    root = tmp_path / "glyphs"
-    images = glyphs(num_classes=12, images_per_class=6, image_size=20, seed=3)
-    for i, (pixels, label) in enumerate(zip(images.pixels, images.labels)):
-        folder = root / f"alphabet{label // 6}" / f"char{label:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        tf.io.write_file(str(folder / f"{i}.png"), tf.io.encode_png(pixels))
+    root = write_glyph_folder(tmp_path / "glyphs",
+                              class_dir=lambda label: f"alphabet{label // 6}/char{label:02d}")
     out = tmp_path / "run"
     argv = [f"--dataset=folder:{root}", f"--output_dir={out}", "--method=pddm", "--rerank_top_k=4",
             "--pddm_hidden_dim=8", "--pddm_mining=single", "--backbone=conv4", "--weights=none",

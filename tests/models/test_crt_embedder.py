@@ -13,13 +13,12 @@ from absl import flags
 import kdml  # noqa: F401
 from kdml import train as train_cli
 from kdml.config import TrainConfig
-from kdml.data.sources.synthetic import glyphs
 from kdml.layers import CodedResidualTransform
 from kdml.losses import MultiSimilarityLoss, SimilarityConsistency
 from kdml.methods import get_method
 from kdml.models import build_embedder
 from tests.conftest import new_mirrored_strategy
-from tests.helpers import assert_model_save_load, weights_after_one_step
+from tests.helpers import assert_model_save_load, weights_after_one_step, write_glyph_folder
 
 
 def _images(n=4, size=28, seed=0):
@@ -125,13 +124,7 @@ def test_crt_fit_under_mirrored_strategy_equals_one_device_step():
 
 @pytest.fixture(scope="module")
 def glyph_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("crt_glyphs")
-    images = glyphs(num_classes=8, images_per_class=6, image_size=20, seed=5)
-    for i, (pixels, label) in enumerate(zip(images.pixels, images.labels)):
-        folder = root / f"char{label:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        tf.io.write_file(str(folder / f"{i}.png"), tf.io.encode_png(pixels))
-    return str(root)
+    return write_glyph_folder(tmp_path_factory.mktemp("crt_glyphs"), num_classes=8, seed=5)
 
 
 def test_kdml_train_method_crt_end_to_end(glyph_folder, tmp_path):

@@ -27,6 +27,7 @@ from kdml.training import list_checkpoints, train
 from kdml.training.callbacks import NonFiniteLossError
 from kdml.training.checkpointing import (latest_checkpoint, restore_checkpoint,
                                          save_checkpoint)
+from tests.helpers import write_glyph_folder
 
 KILL_TIMEOUT_S = 400  # killed by then at the latest (~15 s on an idle 2-core machine)
 
@@ -34,13 +35,7 @@ KILL_TIMEOUT_S = 400  # killed by then at the latest (~15 s on an idle 2-core ma
 @pytest.fixture(scope="module")
 def glyph_folder(tmp_path_factory):
     """12 classes x 6 glyph PNGs: 6 train classes, 36 images, 6 steps of 3 x 2."""
-    root = tmp_path_factory.mktemp("ft_glyphs")
-    images = glyphs(num_classes=12, images_per_class=6, image_size=20, seed=3)
-    for i, (pixels, label) in enumerate(zip(images.pixels, images.labels)):
-        folder = root / f"char{label:02d}"
-        folder.mkdir(exist_ok=True)
-        tf.io.write_file(str(folder / f"{i}.png"), tf.io.encode_png(pixels))
-    return str(root)
+    return write_glyph_folder(tmp_path_factory.mktemp("ft_glyphs"))
 
 
 def _flags(folder, out, *extra):

@@ -13,13 +13,12 @@ import time
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import kdml  # noqa: F401
 from kdml.config import TrainConfig
-from kdml.data.sources.synthetic import glyphs
 from kdml.distribute import local_cluster
 from kdml.training import train
+from tests.helpers import write_glyph_folder
 
 # Both workers are killed after this. The job itself needs ~40 s of CPU (two
 # TensorFlow start-ups included, ~45 s wall on an idle 2-core machine); the bound
@@ -47,13 +46,7 @@ run.train(TrainConfig(**config))
 @pytest.fixture(scope="module")
 def glyph_folder(tmp_path_factory):
     """12 classes x 6 glyphs (6 train classes, 36 images: 5 steps of 4 x 2 per epoch)."""
-    root = tmp_path_factory.mktemp("mw_glyphs")
-    images = glyphs(num_classes=12, images_per_class=6, image_size=20, seed=3)
-    for i, (pixels, label) in enumerate(zip(images.pixels, images.labels)):
-        folder = root / f"c{label:02d}"
-        folder.mkdir(exist_ok=True)
-        tf.io.write_file(str(folder / f"{i}.png"), tf.io.encode_png(pixels))
-    return str(root)
+    return write_glyph_folder(tmp_path_factory.mktemp("mw_glyphs"))
 
 
 def _config(folder, out, **overrides):

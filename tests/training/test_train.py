@@ -13,7 +13,6 @@ import tensorflow as tf
 import kdml  # noqa: F401
 from kdml.config import TrainConfig
 from kdml.data import eval_dataset, load_dataset
-from kdml.data.sources.synthetic import glyphs
 from kdml.evaluation import retrieval_metrics
 from kdml.methods import get_method
 from kdml.models import build_embedder
@@ -21,19 +20,14 @@ from kdml.optimizers import GroupedAdamW
 from kdml.training import embed, list_checkpoints, train
 from kdml.losses import ProxyAnchorLoss
 from tests.conftest import new_mirrored_strategy
-from tests.helpers import weights_after_one_step
+from tests.helpers import weights_after_one_step, write_glyph_folder
 
 
 @pytest.fixture(scope="module")
 def glyph_folder(tmp_path_factory):
     """12 classes x 6 glyph images as PNG files in alphabet/character folders."""
-    root = tmp_path_factory.mktemp("glyph_folder")
-    images = glyphs(num_classes=12, images_per_class=6, image_size=20, seed=3)
-    for i, (pixels, label) in enumerate(zip(images.pixels, images.labels)):
-        folder = root / f"alphabet{label // 6}" / f"char{label:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        tf.io.write_file(str(folder / f"{i}.png"), tf.io.encode_png(pixels))
-    return str(root)
+    return write_glyph_folder(tmp_path_factory.mktemp("glyph_folder"),
+                              class_dir=lambda label: f"alphabet{label // 6}/char{label:02d}")
 
 
 def _config(folder, out, **overrides):
