@@ -61,3 +61,15 @@ def write_glyph_folder(root, *, num_classes=12, images_per_class=6, seed=3,
         os.makedirs(folder, exist_ok=True)
         tf.io.write_file(os.path.join(folder, f"{i}.png"), tf.io.encode_png(pixels))
     return str(root)
+
+
+def numerical_gradient(f, x, h=1e-6):
+    """Central finite differences of the scalar function `f` at the array `x`."""
+    x = np.asarray(x)
+    numeric = np.zeros(x.shape)
+    for idx in np.ndindex(*x.shape):
+        plus, minus = x.copy(), x.copy()
+        plus[idx] += h
+        minus[idx] -= h
+        numeric[idx] = (f(plus) - f(minus)) / (2 * h)
+    return numeric

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from kdml.layers import CodedResidualTransform
 from kdml.regularizers import SoftOrthogonal
-from tests.helpers import assert_config_roundtrip
+from tests.helpers import assert_config_roundtrip, numerical_gradient
 
 
 def crt_reference(features, prototypes, kernel, bias, temperature, normalize_features=False,
@@ -126,13 +126,7 @@ def test_gradient_wrt_prototypes_matches_finite_differences():
     with tf.GradientTape() as tape:
         value = tf.reduce_sum(layer(features) * tf.constant(target, "float32"))
     grad = tape.gradient(value, layer.prototypes).numpy()
-    numeric = np.zeros_like(prototypes)
-    h = 1e-6
-    for idx in np.ndindex(*prototypes.shape):
-        plus, minus = prototypes.copy(), prototypes.copy()
-        plus[idx] += h
-        minus[idx] -= h
-        numeric[idx] = (objective(plus) - objective(minus)) / (2 * h)
+    numeric = numerical_gradient(objective, prototypes)
     assert np.abs(numeric).max() > 1e-2
     np.testing.assert_allclose(grad, numeric, rtol=2e-3, atol=2e-4)
 

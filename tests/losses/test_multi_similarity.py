@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from kdml.losses import MultiSimilarityLoss
 from kdml.losses import _cross_replica
-from tests.helpers import assert_config_roundtrip, weights_after_one_step
+from tests.helpers import assert_config_roundtrip, numerical_gradient, weights_after_one_step
 
 
 def multi_similarity_reference(labels, emb, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1):
@@ -103,16 +103,7 @@ def test_gradient_matches_central_finite_differences():
     emb = _unit_rows(rng, (6, 3))
     kwargs = dict(alpha=2.0, beta=10.0, base=0.5, epsilon=0.1)
     _, grad = _loss_and_grad(MultiSimilarityLoss(**kwargs), labels, emb)
-    h = 1e-6
-    numeric = np.zeros_like(emb)
-    for idx in np.ndindex(*emb.shape):
-        plus, minus = emb.copy(), emb.copy()
-        plus[idx] += h
-        minus[idx] -= h
-        numeric[idx] = (
-            multi_similarity_reference(labels, plus, **kwargs)
-            - multi_similarity_reference(labels, minus, **kwargs)
-        ) / (2 * h)
+    numeric = numerical_gradient(lambda e: multi_similarity_reference(labels, e, **kwargs), emb)
     assert np.abs(numeric).max() > 0.05
     np.testing.assert_allclose(grad.numpy(), numeric, rtol=1e-3, atol=1e-5)
 

@@ -11,7 +11,7 @@ import tensorflow as tf
 from kdml.layers import PDDM, PDDMScoreMatrix
 from kdml.losses import PDDMLoss
 from kdml.losses.pddm_loss import PDDMMiningMonitor, mine_quadruplets
-from tests.helpers import assert_config_roundtrip, weights_after_one_step
+from tests.helpers import assert_config_roundtrip, numerical_gradient, weights_after_one_step
 from tests.layers.test_pddm import _randomised_unit, pddm_reference, unit_weights
 
 
@@ -133,26 +133,16 @@ def test_gradients_reach_unit_and_embeddings_and_match_finite_differences(mode):
                                rtol=1e-5)
     h = 1e-6
     # Embeddings (the embedder's side).
-    numeric = np.zeros_like(base)
-    for idx in np.ndindex(*base.shape):
-        plus, minus = base.copy(), base.copy()
-        plus[idx] += h
-        minus[idx] -= h
-        numeric[idx] = (_numpy_loss_of_everything(weights, plus, labels, mode)
-                        - _numpy_loss_of_everything(weights, minus, labels, mode)) / (2 * h)
+    numeric = numerical_gradient(
+        lambda e: _numpy_loss_of_everything(weights, e, labels, mode), base, h)
     assert np.abs(numeric).max() > 0.05
     np.testing.assert_allclose(grads[0].numpy(), numeric, rtol=2e-3, atol=2e-4)
     # Every weight of the unit.
     for variable, grad in zip(unit.trainable_weights, grads[1:]):
         name = variable.path.split("/", 1)[1]
-        numeric = np.zeros(variable.shape)
-        for idx in np.ndindex(*variable.shape):
-            w_plus = {**weights, name: weights[name].copy()}
-            w_minus = {**weights, name: weights[name].copy()}
-            w_plus[name][idx] += h
-            w_minus[name][idx] -= h
-            numeric[idx] = (_numpy_loss_of_everything(w_plus, base, labels, mode)
-                            - _numpy_loss_of_everything(w_minus, base, labels, mode)) / (2 * h)
+        numeric = numerical_gradient(
+            lambda w: _numpy_loss_of_everything({**weights, name: w}, base, labels, mode),
+            weights[name], h)
         if name == "score_dense/kernel":
             assert np.abs(numeric).max() > 0.05
         if name == "score_dense/bias":  # S_ik - S_ij: the score offset cancels

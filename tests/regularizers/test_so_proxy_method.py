@@ -4,7 +4,6 @@ step, its per-method defaults, and an end-to-end `kdml.training.train` run."""
 import dataclasses
 import json
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from kdml.layers.proxies import Proxies
 from kdml.regularizers import SoftOrthogonal
-from tests.helpers import assert_config_roundtrip
+from tests.helpers import assert_config_roundtrip, numerical_gradient
 from tests.helpers import assert_model_save_load
 from tests.helpers import weights_after_one_step
 
@@ -53,14 +53,7 @@ def test_gradient_matches_finite_differences_of_the_reference(mode, shape, rng):
     with tf.GradientTape() as tape:
         value = SoftOrthogonal(2.0, mode)(variable)
     grad = tape.gradient(value, variable).numpy()
-    eps = 1e-6
-    numeric = np.zeros_like(p)
-    for index in np.ndindex(*p.shape):
-        plus, minus = p.copy(), p.copy()
-        plus[index] += eps
-        minus[index] -= eps
-        numeric[index] = (numpy_soft_orthogonal(plus, 2.0, mode)
-                          - numpy_soft_orthogonal(minus, 2.0, mode)) / (2 * eps)
+    numeric = numerical_gradient(lambda x: numpy_soft_orthogonal(x, 2.0, mode), p)
     np.testing.assert_allclose(grad, numeric, atol=2e-5 * np.abs(numeric).max())
     if shape[0] > shape[1]:  # C > d: both modes have the same gradient
         other = "rows" if mode == "columns" else "columns"
