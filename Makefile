@@ -11,7 +11,7 @@ TRAIN_ARGS ?=
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,ann]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,7 +28,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python tools/bench_speed.py
 
-# Method comparison on Omniglot (../shared/data/omniglot), 3 seeds; cached per run.
+# Method comparison on Omniglot (OMNIGLOT=<dir with images_background_small*.zip>); cached per run.
 bench_methods: $(STAMP)
 	$(BIN)/python tools/bench_methods.py --rows=proxy_anchor,so_proxy $(BENCH_ARGS)
 

@@ -61,7 +61,7 @@ class TrainConfig:
     # form of R_SO (kdml.regularizers.SoftOrthogonal; default from tools/bench_methods.py).
     so_strength: float = 10.0
     so_mode: str = "auto"
-    # Coded Residual Transform (crt, issue 5; DESIGN.md 3.3): the main branch is
+    # Coded Residual Transform (crt, issue 5; docs/design.md 3.3): the main branch is
     # (crt_prototypes, embedding_dim), the auxiliary branches (crt_aux_prototypes[i],
     # crt_aux_dims[i]); each branch gets `base_loss`, plus consistency_weight x
     # SimilarityConsistency(main, aux). Defaults from tools/bench_methods.py.
@@ -72,7 +72,7 @@ class TrainConfig:
     crt_temperature: float = 0.1
     crt_orthogonality: float = 1.0
     consistency_weight: float = 1.0
-    # PDDM (pddm, issue 6; DESIGN.md 3.4): the unit's width and dropout, the loss's
+    # PDDM (pddm, issue 6; docs/design.md 3.4): the unit's width and dropout, the loss's
     # margins alpha (scores) / beta (squared distances), weight lambda, mining mode;
     # rerank_top_k > 0 adds reranked_recall@K (top-k re-ranked by the unit) to evaluations.
     pddm_alpha: float = 0.5

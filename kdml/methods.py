@@ -70,7 +70,7 @@ def _proxy_anchor(embedder: keras.Model, num_classes: int, config: TrainConfig,
 
 
 def _so_proxy(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objective:
-    """Proxy Anchor + lambda * SoftOrthogonal on the proxies (DESIGN.md 3.2); the penalty
+    """Proxy Anchor + lambda * SoftOrthogonal on the proxies (docs/design.md 3.2); the penalty
     joins `model.losses`, so the logged loss is L_PA + lambda R_SO."""
     return _proxy_anchor(embedder, num_classes, config, name="so_proxy",
                          proxy_regularizer=SoftOrthogonal(config.so_strength, config.so_mode))
@@ -86,7 +86,7 @@ def _multi_similarity(embedder: keras.Model, num_classes: int, config: TrainConf
     )
 
 
-# --- Coded Residual Transform (issue 5; DESIGN.md 3.3) -----------------------------
+# --- Coded Residual Transform (issue 5; docs/design.md 3.3) -----------------------------
 
 
 def _crt_head(config: TrainConfig, num_prototypes: Optional[int] = None):
@@ -140,7 +140,7 @@ def _crt(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Object
     )
 
 
-# --- PDDM (issue 6; DESIGN.md 3.4) -------------------------------------------------
+# --- PDDM (issue 6; docs/design.md 3.4) -------------------------------------------------
 
 
 def _pddm(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objective:
@@ -182,7 +182,7 @@ def _pddm(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objec
 METHODS: Dict[str, Method] = {
     "crt": Method(
         "crt", "Coded Residual Transform head, multi-size with similarity consistency "
-        "(DESIGN.md 3.3); base loss --base_loss", _crt, head=_crt_head),
+        "(docs/design.md 3.3); base loss --base_loss", _crt, head=_crt_head),
     "proxy_anchor": Method(
         "proxy_anchor", "Proxy Anchor loss (Kim et al., CVPR 2020), the baseline", _proxy_anchor),
     "multi_similarity": Method(
@@ -190,9 +190,9 @@ METHODS: Dict[str, Method] = {
         _multi_similarity),
     "pddm": Method(
         "pddm", "PDDM unit, hard-quadruplet mining, double-header hinge (Huang et al., "
-        "NIPS 2016, DESIGN.md 3.4)", _pddm),
+        "NIPS 2016, docs/design.md 3.4)", _pddm),
     "so_proxy": Method(
-        "so_proxy", "Proxy Anchor + soft-orthogonal proxies (Soft Orthogonal Proxies, DESIGN.md 3.2)",
+        "so_proxy", "Proxy Anchor + soft-orthogonal proxies (Soft Orthogonal Proxies, docs/design.md 3.2)",
         _so_proxy),
 }
 

@@ -1,7 +1,7 @@
 """Test set-up shared by the whole suite.
 
 The CPU is split into two logical devices before TensorFlow initialises, so that
-`tf.distribute.MirroredStrategy` tests run without GPUs (DESIGN.md section 5).
+`tf.distribute.MirroredStrategy` tests run without GPUs (docs/design.md section 5).
 """
 
 import os

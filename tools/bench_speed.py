@@ -62,7 +62,7 @@ def pooling_head_flops(shape, pooling: str, d: int) -> float:
 
 def crt_head_flops(shape, k: int, d: int, skip_tokens: int = 0) -> float:
     """CodedResidualTransform per image: two (N, K, C) einsums, the K C -> d projection,
-    norms and softmax (DESIGN.md 3.3; see the layer's `call`)."""
+    norms and softmax (docs/design.md 3.3; see the layer's `call`)."""
     c = shape[-1]
     n = 1
     for s in shape[:-1]:

@@ -1,4 +1,4 @@
-"""Retrieval and clustering metrics of the deep-metric-learning protocol (DESIGN.md section 4).
+"""Retrieval and clustering metrics of the deep-metric-learning protocol (docs/design.md section 4).
 
 Every query is ranked against the gallery by cosine similarity with one exact,
 blocked k-NN pass (`kdml.evaluation.knn`, ties broken by lower gallery index). In the

@@ -1,6 +1,6 @@
 """Re-ranking of each query's cosine top-k neighbours by a learned pair scorer (PDDM).
 
-At test time the embedding does the retrieval (DESIGN.md 3.4); a trained PDDM unit can
+At test time the embedding does the retrieval (docs/design.md 3.4); a trained PDDM unit can
 then re-order each query's `top_k` cosine neighbours by its score S(query, candidate),
 as in Huang et al. (NIPS 2016) where the unit measures local similarity. Vectorised:
 one exact k-NN pass gathers the candidates, and the q x top_k pairs are scored in

@@ -1,4 +1,4 @@
-"""`CodedResidualTransform`: feature map -> prototype-coded residuals -> embedding (DESIGN.md 3.3)."""
+"""`CodedResidualTransform`: feature map -> prototype-coded residuals -> embedding (docs/design.md 3.3)."""
 
 import keras
 from keras import ops
@@ -20,7 +20,7 @@ class CodedResidualTransform(keras.layers.Layer):
     """Coded Residual Transform head: prototype-coded residuals of the features.
 
     Our reading of "Coded Residual Transform for Generalizable Deep Metric Learning"
-    (its method section is not available to us; DESIGN.md 3.3). With features x_n
+    (its method section is not available to us; docs/design.md 3.3). With features x_n
     (n = 1..N positions or tokens, C channels), K learnable prototypes c_k (C,) and
     c^_k = c_k / ||c_k||:
 
@@ -34,7 +34,7 @@ class CodedResidualTransform(keras.layers.Layer):
     sum_n w_nk r_nk = sum_n w_nk x_n - (sum_n w_nk (x_n . c^_k)) c^_k, two einsums of
     O(N K C) each. `coded_residuals` returns the explicit r_nk for inspection.
 
-    Choices that are ours (DESIGN.md 3.3 marks them), each an argument:
+    Choices that are ours (docs/design.md 3.3 marks them), each an argument:
 
     Args:
         num_prototypes: K, positive int.
@@ -43,7 +43,7 @@ class CodedResidualTransform(keras.layers.Layer):
             [-1, 1] / 0.1 give a peaked but not one-hot assignment).
         normalize_features: whether residuals and codes are formed from the
             L2-normalised features x_n / ||x_n|| instead of x_n. Default False
-            (DESIGN.md's r_nk uses x_n; the weights use cosines either way).
+            (docs/design.md's r_nk uses x_n; the weights use cosines either way).
         intra_normalization: L2-normalise each z_k before concatenation (NetVLAD's
             intra-normalisation). Default True.
         code_normalization: what is applied to the concatenated (K C,) code before
@@ -51,7 +51,7 @@ class CodedResidualTransform(keras.layers.Layer):
             constant 1/sqrt(K) that keeps the projection's input scale independent
             of K), "layer_norm" (a learnable LayerNorm), or "none". Default "l2".
         orthogonality_strength: strength of `kdml.regularizers.SoftOrthogonal` on the
-            prototype matrix (K, C) (DESIGN.md 3.2's penalty, normalised by K^2);
+            prototype matrix (K, C) (docs/design.md 3.2's penalty, normalised by K^2);
             0 disables it. Default 1.0.
         orthogonality_mode: that regulariser's mode ("auto": rows when K <= C).
         prototype_initializer: initializer of the (K, C) prototypes. Default

@@ -1,4 +1,4 @@
-"""The position-dependent deep metric (PDDM) unit (Huang, Loy, Tang, NIPS 2016; DESIGN.md 3.4)."""
+"""The position-dependent deep metric (PDDM) unit (Huang, Loy, Tang, NIPS 2016; docs/design.md 3.4)."""
 
 import keras
 from keras import ops
@@ -23,7 +23,7 @@ class PDDM(keras.layers.Layer):
     """Learned similarity S(f_i, f_j) of a pair of embeddings (the PDDM unit).
 
     Huang, Loy, Tang, "Local Similarity-Aware Deep Feature Embedding", NIPS 2016,
-    Eq. (1)-(2) (DESIGN.md 3.4):
+    Eq. (1)-(2) (docs/design.md 3.4):
 
         u = |f_i - f_j|,  v = (f_i + f_j) / 2
         u' = L2norm(ReLU(W_u u + b_u)),  v' = L2norm(ReLU(W_v v + b_v))

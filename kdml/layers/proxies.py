@@ -1,4 +1,4 @@
-"""Learnable class proxies that score embeddings by cosine similarity (DESIGN.md 3.1)."""
+"""Learnable class proxies that score embeddings by cosine similarity (docs/design.md 3.1)."""
 
 import keras
 from keras import ops
@@ -20,7 +20,7 @@ class Proxies(keras.layers.Layer):
     the similarities are computed and returned in float32 whatever the input dtype or
     the mixed-precision policy (the layer does not autocast: inputs are cast up to
     float32, and the weight is never cast down), because the Proxy Anchor loss scales
-    them by alpha = 32 before exponentiating (DESIGN.md 3.1).
+    them by alpha = 32 before exponentiating (docs/design.md 3.1).
 
     Args:
         num_classes: Number of proxies C (training classes), a positive int.
@@ -28,7 +28,7 @@ class Proxies(keras.layers.Layer):
             std sqrt(2 / C) for a (C, d) matrix).
         proxy_regularizer: Optional `keras.regularizers.Regularizer` on P (an instance,
             a name or a config); its penalty joins `layer.losses` / `model.losses`,
-            e.g. `kdml.regularizers.SoftOrthogonal(strength)` (DESIGN.md 3.2).
+            e.g. `kdml.regularizers.SoftOrthogonal(strength)` (docs/design.md 3.2).
         regularizer: Former name of `proxy_regularizer`, still accepted (give one).
         **kwargs: Standard layer arguments (`name`, `trainable`, `dtype`).
 

@@ -1,4 +1,4 @@
-"""kdml losses: batch-level deep-metric-learning objectives (DESIGN.md 3)."""
+"""kdml losses: batch-level deep-metric-learning objectives (docs/design.md 3)."""
 
 from kdml.losses.multi_branch import MultiBranchLoss
 from kdml.losses.multi_similarity import MultiSimilarityLoss

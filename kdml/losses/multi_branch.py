@@ -1,4 +1,4 @@
-"""`MultiBranchLoss`: a base loss per branch plus consistency between branches (DESIGN.md 3.3)."""
+"""`MultiBranchLoss`: a base loss per branch plus consistency between branches (docs/design.md 3.3)."""
 
 import keras
 from keras import ops

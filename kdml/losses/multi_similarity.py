@@ -1,4 +1,4 @@
-"""Multi-Similarity loss with its pair mining (Wang et al., CVPR 2019; DESIGN.md 3.3)."""
+"""Multi-Similarity loss with its pair mining (Wang et al., CVPR 2019; docs/design.md 3.3)."""
 
 import keras
 from keras import ops
@@ -15,7 +15,7 @@ class MultiSimilarityLoss(BatchLoss):
     Wang et al., "Multi-Similarity Loss with General Pair Weighting for Deep Metric
     Learning", CVPR 2019: pair mining by relative similarity (Sec. 4, its mining
     conditions with margin epsilon) then pair weighting (the MS loss equation);
-    DESIGN.md 3.3. With S = E E^T, for anchor i:
+    docs/design.md 3.3. With S = E E^T, for anchor i:
 
         keep positive j (y_j = y_i, j != i)  if  S_ij - epsilon < max_{k: y_k != y_i} S_ik
         keep negative k (y_k != y_i)         if  S_ik + epsilon > min_{j positive}  S_ij

@@ -1,4 +1,4 @@
-"""PDDM loss: hard-quadruplet mining, double-header hinge and embedding hinge (DESIGN.md 3.4)."""
+"""PDDM loss: hard-quadruplet mining, double-header hinge and embedding hinge (docs/design.md 3.4)."""
 
 import warnings
 
@@ -74,7 +74,7 @@ class PDDMLoss(BatchLoss):
     """PDDM objective: double-header hinge on unit scores + embedding hinge.
 
     Huang, Loy, Tang, "Local Similarity-Aware Deep Feature Embedding", NIPS 2016,
-    Eq. (3)-(5) (DESIGN.md 3.4). For each mined hard quadruplet (i, j, k, l)
+    Eq. (3)-(5) (docs/design.md 3.4). For each mined hard quadruplet (i, j, k, l)
     (`mine_quadruplets`: positive pair (i, j), hardest negatives k of i and l of j by
     the unit's score S):
 
@@ -83,7 +83,7 @@ class PDDMLoss(BatchLoss):
         L   = mean over valid quadruplets of (E_m + lambda E_e)
 
     `mining="single"` is the paper's one quadruplet per batch; `"per_anchor"` (the
-    default, an improvement DESIGN.md allows) mines one per anchor, using every image.
+    default, an improvement docs/design.md allows) mines one per anchor, using every image.
 
     Input: `y_pred` is `kdml.layers.PDDMScoreMatrix`'s output, row i = [f_i, S_i,:]
     (embeddings then the scores against the whole batch), so the model holds the unit

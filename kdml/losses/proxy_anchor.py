@@ -1,4 +1,4 @@
-"""Proxy Anchor loss (Kim et al., CVPR 2020; DESIGN.md 3.1)."""
+"""Proxy Anchor loss (Kim et al., CVPR 2020; docs/design.md 3.1)."""
 
 import keras
 from keras import ops
@@ -13,7 +13,7 @@ class ProxyAnchorLoss(BatchLoss):
 
     Each proxy is an anchor that pulls the batch samples of its class and pushes the
     others (Kim et al., "Proxy Anchor Loss for Deep Metric Learning", CVPR 2020, the
-    Proxy-Anchor loss equation; DESIGN.md 3.1):
+    Proxy-Anchor loss equation; docs/design.md 3.1):
 
         L = 1/|P+| sum_{p in P+} log(1 + sum_{x in X_p+} exp(-alpha (s(x, p) - delta)))
           + 1/|P|  sum_{p in P}  log(1 + sum_{x in X_p-} exp( alpha (s(x, p) + delta)))

@@ -1,4 +1,4 @@
-"""Multi-size consistency: two branches' batch similarity matrices agree (DESIGN.md 3.3)."""
+"""Multi-size consistency: two branches' batch similarity matrices agree (docs/design.md 3.3)."""
 
 import keras
 from keras import ops
@@ -11,7 +11,7 @@ class SimilarityConsistency(BatchLoss):
     """Mean squared difference of two embeddings' batch similarity matrices.
 
     For two embeddings of the same B images, E_1 (B, d_1) and E_2 (B, d_2) (e.g. two
-    CRT branches of different size; DESIGN.md 3.3, our reading of the CRT paper's
+    CRT branches of different size; docs/design.md 3.3, our reading of the CRT paper's
     multi-size consistency):
 
         S_b = E_b E_b^T  (B, B),    L = 1/B^2 sum_ij (S_1,ij - S_2,ij)^2

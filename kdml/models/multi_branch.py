@@ -1,6 +1,6 @@
 """`multi_branch_model`: the embedder plus auxiliary heads on its backbone's features.
 
-Multi-size CRT (DESIGN.md 3.3) trains several heads of different size on one shared
+Multi-size CRT (docs/design.md 3.3) trains several heads of different size on one shared
 backbone; only the embedder's own head (the main branch) is kept for retrieval and
 export, so `embedder.keras` needs nothing special.
 """

@@ -1,4 +1,4 @@
-"""Soft-orthogonality penalty on a matrix of row vectors (DESIGN.md 3.2)."""
+"""Soft-orthogonality penalty on a matrix of row vectors (docs/design.md 3.2)."""
 
 import keras
 from keras import ops
@@ -13,7 +13,7 @@ class SoftOrthogonal(keras.regularizers.Regularizer):
 
     On a (C, d) matrix P of row vectors with rows L2-normalised to P^ (so the penalty
     ignores the proxies' scale; "Deep Metric Learning with Soft Orthogonal Proxies",
-    R_SO of L = L_PA + lambda R_SO, DESIGN.md 3.2):
+    R_SO of L = L_PA + lambda R_SO, docs/design.md 3.2):
 
         "rows":    R = strength / C^2 * || P^ P^T - I_C ||_F^2
         "columns": R = strength / C^2 * || P^T P^ - (C/d) I_d ||_F^2

@@ -1,4 +1,4 @@
-"""CodedResidualTransform against a loop NumPy reference of DESIGN.md 3.3, invariances,
+"""CodedResidualTransform against a loop NumPy reference of docs/design.md 3.3, invariances,
 orthogonality of the coded residuals, finite-difference gradients, serialization."""
 
 import keras
@@ -13,7 +13,7 @@ from tests.helpers import assert_config_roundtrip, numerical_gradient
 
 def crt_reference(features, prototypes, kernel, bias, temperature, normalize_features=False,
                   intra_normalization=True, code_normalization="l2", skip_tokens=0):
-    """DESIGN.md 3.3 with explicit loops over images, prototypes and positions (float64)."""
+    """docs/design.md 3.3 with explicit loops over images, prototypes and positions (float64)."""
     x_all = np.asarray(features, np.float64)
     x_all = x_all.reshape(x_all.shape[0], -1, x_all.shape[-1])[:, skip_tokens:]
     c = np.asarray(prototypes, np.float64)

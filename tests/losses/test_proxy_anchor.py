@@ -14,7 +14,7 @@ from tests.helpers import assert_config_roundtrip, numerical_gradient, weights_a
 
 
 def proxy_anchor_reference(labels, sims, alpha, margin):
-    """DESIGN.md 3.1 written straight: a loop over proxies, float64."""
+    """docs/design.md 3.1 written straight: a loop over proxies, float64."""
     batch, num_classes = sims.shape
     pos_total, num_present, neg_total = 0.0, 0, 0.0
     for p in range(num_classes):
