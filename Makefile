@@ -1,12 +1,13 @@
 # kdml: `make train` sets up .venv and trains on the embedded glyph dataset;
-# `make test` runs the test suite. Both work offline after the first install.
+# `make test` runs the whole test suite (what CI runs), `make test-fast` all but the
+# tests marked `large` or `slow` (docs/development.md). Offline after the first install.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kdml-installed
 TRAIN_ARGS ?=
 
-.PHONY: install train test bench bench_methods clean
+.PHONY: install train test test-fast bench bench_methods clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,15 +23,25 @@ train: $(STAMP)
 	$(BIN)/python -m kdml.train --method=so_proxy --dataset=synthetic \
 		--epochs=30 --eval_every=3 --output_dir=runs/default --resume $(TRAIN_ARGS)
 
+# pytest exits 5 when it collects no test: that fails here too, with a message.
+PYTEST = $(BIN)/python -m pytest -n 2
+NO_TESTS = { status=$$?; [ $$status -ne 5 ] || echo "pytest collected no tests (exit 5)" >&2; exit $$status; }
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 tests
+	$(PYTEST) tests || $(NO_TESTS)
+
+test-fast: $(STAMP)
+	$(PYTEST) -m "not large and not slow" tests || $(NO_TESTS)
 
 bench: $(STAMP)
 	$(BIN)/python tools/bench_speed.py
 
-# Method comparison on Omniglot (OMNIGLOT=<dir with images_background_small*.zip>); cached per run.
+# Method comparison on Omniglot (python -m kdml.benchmark, docs/benchmarks.md):
+# make bench_methods OMNIGLOT=<dir with images_background_small{1,2}.zip> [BENCH_ARGS=...].
+# Every run is cached in docs/results/omniglot/runs/, so a rerun resumes.
 bench_methods: $(STAMP)
-	$(BIN)/python tools/bench_methods.py --rows=proxy_anchor,so_proxy $(BENCH_ARGS)
+	@test -n "$(OMNIGLOT)" || { echo "error: pass OMNIGLOT=<folder holding images_background_small1.zip and images_background_small2.zip>" >&2; exit 2; }
+	$(BIN)/python -m kdml.benchmark run --preset=omniglot --omniglot_dir=$(OMNIGLOT) $(BENCH_ARGS)
 
 clean:
 	rm -rf runs build *.egg-info

@@ -7,7 +7,8 @@ without TensorFlow).
     from kdml_litert import Embedder, CosineIndex
     embedder = Embedder("embedder_int8.tflite")           # from `python -m kdml.export`
     index = CosineIndex.from_folder(embedder, "gallery/")  # gallery/<label>/<image files>
-    index.save("gallery_index")                            # gallery_index.npy + .json
+    index.save("gallery.index")                            # a kdml index directory
+    index = CosineIndex.load("gallery.index")              # or one `python -m kdml.index build` wrote
     index.query(embedder.embed_files(["query.jpg"]), k=5)  # [[(label, path, cosine), ...]]
 
 Command line: `python kdml_litert.py index|query|embed --help`.
@@ -19,8 +20,10 @@ is inside the model) and return float32 `(N, d)` L2-normalised embeddings.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import sys
 from typing import List, Optional, Sequence, Tuple
 
@@ -28,6 +31,9 @@ import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 METADATA_NAME = "kdml"
+# kdml's gallery index directory (kdml/index/storage.py): index.json + three .npy arrays.
+INDEX_FORMAT, INDEX_VERSION, INDEX_METADATA = "kdml-gallery-index", 1, "index.json"
+INDEX_ARRAYS = ("embeddings.npy", "labels.npy", "paths.npy")
 
 
 def _interpreter_class():
@@ -67,6 +73,7 @@ class Embedder:
         self.image_size = (int(shape[1]), int(shape[2]))
         self.embedding_dim = int(self._output["shape"][-1])
         self.metadata = _tflite_metadata(content) or _sidecar(model_path)
+        self.fingerprint = tflite_fingerprint(content, self.image_size, self.embedding_dim)
         self._batch = None
 
     @property
@@ -143,8 +150,10 @@ class CosineIndex:
     """Exact cosine top-k over a gallery of L2-normalised embeddings.
 
     Args:
-        embeddings: `(N, d)` float32 (normalised here).
+        embeddings: `(N, d)` float32 (normalised here), N >= 1, finite.
         labels: N labels (str); paths: N source paths (optional).
+        model: the embedder's entry (`{"fingerprint", "format", "path", "image_size",
+            "embedding_dim"}`), as kdml's gallery index stores it, or None.
     """
 
     def __init__(self, embeddings: np.ndarray, labels: Sequence[str],
@@ -153,10 +162,20 @@ class CosineIndex:
         if embeddings.ndim != 2 or len(embeddings) != len(labels):
             raise ValueError(f"Expected (N, d) embeddings and N labels. Received: "
                              f"{embeddings.shape} and {len(labels)} labels.")
+        if len(embeddings) == 0:
+            raise ValueError("The gallery is empty: no embeddings to index. Point it at a "
+                             "folder of <label>/<image> files.")
+        bad = ~np.isfinite(embeddings).all(axis=1)
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            where = f" ({paths[first]})" if paths is not None and paths[first] else ""
+            raise ValueError(f"{int(bad.sum())} of {len(embeddings)} gallery embeddings are not "
+                             f"finite (NaN or Inf), the first at row {first}{where}: check the "
+                             "model and that image.")
         self.embeddings = _l2_normalise(embeddings)
         self.labels = [str(label) for label in labels]
-        self.paths = list(paths) if paths is not None else [""] * len(self.labels)
-        self.model = model or {}
+        self.paths = [str(p) for p in paths] if paths is not None else [""] * len(self.labels)
+        self.model = model or None
 
     def __len__(self):
         return len(self.labels)
@@ -167,8 +186,24 @@ class CosineIndex:
         in `folder` are labelled by their file name without extension."""
         paths, labels = gallery_files(folder)
         embeddings = embedder.embed_files(paths, batch_size=batch_size)
-        return cls(embeddings, labels, paths, model={"path": embedder.path,
-                                                     "metadata": embedder.metadata})
+        return cls(embeddings, labels, paths, model=embedder_entry(embedder))
+
+    def check_model(self, embedder: Embedder, allow_model_mismatch: bool = False) -> None:
+        """ValueError (one line, naming both models) unless `embedder` built this index."""
+        built = _describe(self.model)
+        dim = self.embeddings.shape[1]
+        if embedder.embedding_dim != dim:
+            raise ValueError(
+                f"The index holds embeddings of size {dim} from model {built}, but the query "
+                f"model {embedder.fingerprint} ({embedder.path}) gives {embedder.embedding_dim}: "
+                "rebuild the index with that model or query with the one that built it.")
+        if self.model and not allow_model_mismatch and \
+                self.model.get("fingerprint") != embedder.fingerprint:
+            raise ValueError(
+                f"The index was built by model {built}, but the query model is "
+                f"{embedder.fingerprint} ({embedder.path}): embeddings of different models are "
+                "not comparable. Rebuild the index with the query model, or pass "
+                "--allow_model_mismatch if both are exports of the same weights.")
 
     def query(self, queries: np.ndarray, k: int = 5) -> List[List[Tuple[str, str, float]]]:
         """`(Q, d)` query embeddings -> per query the k best (label, path, cosine), best first."""
@@ -176,27 +211,122 @@ class CosineIndex:
         if queries.ndim == 1:
             queries = queries[None]
         if queries.ndim != 2 or queries.shape[1] != self.embeddings.shape[1]:
-            raise ValueError(f"Expected query embeddings (Q, {self.embeddings.shape[1]}). "
-                             f"Received: {queries.shape}")
+            raise ValueError(
+                f"The index holds embeddings of size {self.embeddings.shape[1]} (model "
+                f"{_describe(self.model)}). Received queries of shape {queries.shape}: embed "
+                "them with the model that built the index.")
         k = min(int(k), len(self))
         scores = _l2_normalise(queries) @ self.embeddings.T
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return [[(self.labels[j], self.paths[j], float(scores[q, j])) for j in row]
                 for q, row in enumerate(top)]
 
-    def save(self, prefix: str) -> Tuple[str, str]:
-        """Writes `<prefix>.npy` (embeddings) and `<prefix>.json` (labels, paths, model)."""
-        np.save(prefix + ".npy", self.embeddings)
-        with open(prefix + ".json", "w") as f:
-            json.dump({"labels": self.labels, "paths": self.paths, "model": self.model}, f,
-                      indent=1)
-        return prefix + ".npy", prefix + ".json"
+    def save(self, path: str) -> str:
+        """Writes kdml's gallery index directory `path` atomically (temporary name, then
+        rename); `python -m kdml.index` and `GalleryIndex.load` read it too."""
+        path = os.path.normpath(path)
+        parent, name = os.path.split(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        arrays = {"embeddings.npy": self.embeddings,
+                  "labels.npy": np.asarray(self.labels, dtype=str),
+                  "paths.npy": np.asarray(self.paths, dtype=str)}
+        files = {}
+        for file_name, array in arrays.items():
+            full = os.path.join(tmp, file_name)
+            with open(full, "wb") as f:
+                np.save(f, array, allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+            files[file_name] = {"bytes": os.path.getsize(full), "sha256": _sha256(full)}
+        info = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "count": len(self),
+                "embedding_dim": int(self.embeddings.shape[1]), "similarity": "cosine",
+                "model": self.model, "backend": {"name": "exact", "config": {}},
+                "files": files, "seed": 0, "kdml_version": None}
+        with open(os.path.join(tmp, INDEX_METADATA), "w") as f:
+            json.dump(info, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            old = os.path.join(parent, f".{name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        return path
 
     @classmethod
-    def load(cls, prefix: str) -> "CosineIndex":
-        with open(prefix + ".json") as f:
-            info = json.load(f)
-        return cls(np.load(prefix + ".npy"), info["labels"], info["paths"], info.get("model"))
+    def load(cls, path: str, verify: bool = True) -> "CosineIndex":
+        """Reads a kdml gallery index directory (any backend: the kit searches exactly).
+
+        Raises a one-line ValueError for an incomplete (killed) write, a truncated or
+        corrupt file (size, and SHA-256 when `verify`), or another format version.
+        """
+        meta_path = os.path.join(path, INDEX_METADATA)
+        fix = "rebuild it (python -m kdml.index build, or kdml_litert.py index)"
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"No index directory at {path}.")
+        if not os.path.isfile(meta_path):
+            raise ValueError(f"{path} is not a complete kdml index (no {INDEX_METADATA}: its write "
+                             f"was interrupted, or it is another folder); {fix}.")
+        try:
+            with open(meta_path) as f:
+                info = json.load(f)
+        except ValueError as error:
+            raise ValueError(f"{meta_path} is corrupt ({error}); {fix}.") from None
+        if not isinstance(info, dict) or info.get("format") != INDEX_FORMAT or \
+                info.get("version") != INDEX_VERSION:
+            got = (info.get("format"), info.get("version")) if isinstance(info, dict) else info
+            raise ValueError(f"{path} is not a kdml gallery index of version {INDEX_VERSION} "
+                             f"(format, version: {got}); {fix}.")
+        for file_name in INDEX_ARRAYS:
+            full, expected = os.path.join(path, file_name), info.get("files", {}).get(file_name)
+            if expected is None or not os.path.isfile(full):
+                raise ValueError(f"{path}: {file_name} is missing; {fix}.")
+            if os.path.getsize(full) != expected["bytes"]:
+                raise ValueError(f"{path}: {file_name} has {os.path.getsize(full)} bytes, "
+                                 f"{INDEX_METADATA} says {expected['bytes']} (truncated); {fix}.")
+            if verify and _sha256(full) != expected["sha256"]:
+                raise ValueError(f"{path}: {file_name} does not match its SHA-256 (corrupt); {fix}.")
+        embeddings, labels, paths = (np.load(os.path.join(path, n), allow_pickle=False)
+                                     for n in INDEX_ARRAYS)
+        if embeddings.shape != (info["count"], info["embedding_dim"]) or \
+                labels.shape != (info["count"],) or paths.shape != (info["count"],):
+            raise ValueError(f"{path}: arrays do not match {INDEX_METADATA}; {fix}.")
+        return cls(embeddings, labels.tolist(), paths.tolist(), info.get("model"))
+
+
+def tflite_fingerprint(content: bytes, image_size, embedding_dim: int) -> str:
+    """kdml's model fingerprint of a `.tflite` file (kdml/index/fingerprint.py): the first
+    16 hex digits of SHA-256 over "tflite|HxW|d|<SHA-256 of the file>"."""
+    text = (f"tflite|{int(image_size[0])}x{int(image_size[1])}|{int(embedding_dim)}|"
+            f"{hashlib.sha256(content).hexdigest()}")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def embedder_entry(embedder: Embedder) -> dict:
+    """The `model` entry an index stores for `embedder`."""
+    return {"fingerprint": embedder.fingerprint, "format": "tflite",
+            "path": os.path.abspath(embedder.path),
+            "image_size": [int(s) for s in embedder.image_size],
+            "embedding_dim": int(embedder.embedding_dim)}
+
+
+def _describe(model: Optional[dict]) -> str:
+    if not model:
+        return "an unknown model"
+    return f"{model.get('fingerprint', '?')} ({model.get('path') or model.get('format')})"
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2**22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def gallery_files(folder: str) -> Tuple[List[str], List[str]]:
@@ -249,14 +379,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kdml_litert", description="Embed images and search a gallery with a kdml .tflite embedder.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_index = sub.add_parser("index", help="embed a gallery folder into <index>.npy + <index>.json")
+    p_index = sub.add_parser("index", help="embed a gallery folder into an index directory")
     p_index.add_argument("--model", required=True)
     p_index.add_argument("--gallery", required=True, help="folder: <label>/<image files>")
-    p_index.add_argument("--index", required=True, help="output prefix")
+    p_index.add_argument("--index", required=True, help="index directory to write")
     p_query = sub.add_parser("query", help="top-k gallery images for each query image")
     p_query.add_argument("--model", required=True)
-    p_query.add_argument("--index", required=True)
+    p_query.add_argument("--index", required=True,
+                         help="index directory (this kit's or `python -m kdml.index build`'s)")
     p_query.add_argument("--k", type=int, default=5)
+    p_query.add_argument("--allow_model_mismatch", action="store_true",
+                         help="query an index another model file built (same weights)")
     p_query.add_argument("images", nargs="+")
     p_embed = sub.add_parser("embed", help="embeddings of image files as .npy")
     p_embed.add_argument("--model", required=True)
@@ -269,10 +402,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         embedder = Embedder(args.model, num_threads=args.threads)
         if args.command == "index":
             index = CosineIndex.from_folder(embedder, args.gallery)
-            npy, meta = index.save(args.index)
-            print(f"Indexed {len(index)} images of {len(set(index.labels))} labels: {npy}, {meta}")
+            path = index.save(args.index)
+            print(f"Indexed {len(index)} images of {len(set(index.labels))} labels: {path}")
         elif args.command == "query":
             index = CosineIndex.load(args.index)
+            index.check_model(embedder, args.allow_model_mismatch)
             results = index.query(embedder.embed_files(args.images), k=args.k)
             print(json.dumps([{"query": q, "neighbours": [
                 {"label": label, "path": path, "cosine": round(score, 6)}

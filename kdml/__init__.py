@@ -21,6 +21,11 @@ import os as _os
 
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+from kdml import quiet_startup as _quiet_startup  # noqa: E402
+
+if _quiet_startup.is_kdml_command_line():  # `python -m kdml.<command>`: before TensorFlow loads
+    _quiet_startup.quiet_startup()
+
 from kdml import data, evaluation, layers, losses, models, optimizers  # noqa: E402,F401
 from kdml import regularizers  # noqa: E402,F401
 from kdml.version import __version__  # noqa: E402,F401

@@ -1,9 +1,16 @@
-"""`TrainConfig`: the one frozen object that flags become and builders read."""
+"""`TrainConfig`: the one frozen object that flags become and builders read.
+
+Each training setting is declared once, as a `TrainConfig` field made by `setting`:
+its default, its help text and (for a fixed set of values) its choices. The
+command line `python -m kdml.train` generates one flag per such field (the flag's
+name is the field's, its type follows the annotation); adding a hyperparameter is
+one line here. Importing this module imports neither absl nor TensorFlow.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 # Defaults that depend on the kind of data: glyphs train a small CNN from scratch,
 # photographs fine-tune an ImageNet backbone (the Proxy Anchor recipe).
@@ -23,77 +30,172 @@ METHOD_KIND_DEFAULTS = {
 }
 
 
+def setting(default, help: str, choices: Optional[Sequence[str]] = None):
+    """A `TrainConfig` field that is also the command-line flag `--<field name>`.
+
+    Args:
+        default: the field's default (immutable: a tuple, not a list). `None` means
+            "resolved from the data kind" (`TrainConfig.resolved`); the flag then
+            has no default either.
+        help: the flag's help text.
+        choices: the allowed values of a string setting (an enum flag); `TrainConfig`
+            rejects any other.
+    """
+    metadata = {"help": help}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def is_flag(field: dataclasses.Field) -> bool:
+    """Whether `field` of `TrainConfig` is a command-line flag (made by `setting`)."""
+    return "help" in field.metadata
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run needs; `None` fields are resolved from the data kind."""
+    """Everything a training run needs; `None` fields are resolved from the data kind.
 
-    method: str = "proxy_anchor"
-    dataset: str = "synthetic"
-    eval_dataset: Optional[str] = None
-    data_dir: Optional[str] = None
-    download: bool = False
-    verify_images: bool = True
-    output_dir: str = "runs/default"
-    data_kind: Optional[str] = None  # "photo" | "glyph"; None: the dataset's own kind
+    Fields made by `setting` are command-line flags; the others (plain defaults) are
+    set from Python only.
+    """
 
-    backbone: Optional[str] = None
-    weights: Optional[str] = None
-    embedding_dim: int = 512
-    image_size: Optional[int] = None
-    freeze_batchnorm: Optional[bool] = None  # None: freeze when weights are pretrained
-    augmentation: Optional[str] = None
+    # Method and data.
+    method: str = setting(
+        "proxy_anchor", "Training method: proxy_anchor | multi_similarity | so_proxy | pddm | crt.")
+    dataset: str = setting(
+        "synthetic", "synthetic (embedded glyphs) | folder:<dir> | tfds:<cub200|cars196|sop|omniglot>.")
+    eval_dataset: Optional[str] = setting(
+        None, "folder:<dir> to evaluate on; then every class of --dataset trains.")
+    data_dir: Optional[str] = setting(None, "tensorflow-datasets data directory.")
+    download: bool = setting(False, "Let tensorflow-datasets download a missing dataset.")
+    verify_images: bool = setting(
+        True, "Decode every image of a folder dataset once before training and skip "
+              "unreadable files (--noverify_images skips the check).")
+    output_dir: str = setting("runs/default", "Checkpoints, logs, metrics.json, embedder.keras.")
+    data_kind: Optional[str] = setting(
+        None, "Picks the defaults of backbone, weights, image size, lr, warm-up and augmentation. "
+              "Default: the dataset's kind (glyph for synthetic and tfds:omniglot, photo otherwise).",
+        choices=("photo", "glyph"))
+
+    # Model.
+    backbone: Optional[str] = setting(
+        None, "conv4 | resnet50 | mobilenet_v3_small | deit_tiny | deit_small | deit_base. "
+              "Default: conv4 for glyphs, resnet50 for photos.")
+    weights: Optional[str] = setting(
+        None, "Backbone weights. Default: none for glyphs, imagenet for photos.",
+        choices=("none", "imagenet"))
+    embedding_dim: int = setting(512, "Embedding size d.")
+    image_size: Optional[int] = setting(
+        None, "Square input size. Default: 28 for glyphs, 224 for photos.")
+    # None: freeze when the weights are pretrained (the flag: auto | true | false).
+    freeze_batchnorm: Optional[bool] = setting(
+        None, "Freeze BatchNorm (auto: when --weights=imagenet).")
+    augmentation: Optional[str] = setting(
+        None, "Training crops/flips. Default: from the dataset kind.",
+        choices=("photo", "glyph", "none"))
     eval_crop_fraction: Optional[float] = None
 
-    classes_per_batch: int = 32
-    images_per_class: int = 4
-    epochs: int = 30
-    lr: Optional[float] = None
-    weight_decay: float = 1e-4
-    proxy_lr_multiplier: float = 100.0
-    warmup_epochs: Optional[int] = None
-    alpha: float = 32.0
-    margin: float = 0.1
-    ms_alpha: float = 2.0
-    ms_beta: float = 50.0
-    ms_base: float = 0.5
-    ms_epsilon: float = 0.1
+    # Optimisation.
+    classes_per_batch: int = setting(32, "P: classes per batch.")
+    images_per_class: int = setting(4, "K: images per class in a batch.")
+    epochs: int = setting(30, "Epochs of ceil(N_train / (P x K)) steps.")
+    lr: Optional[float] = setting(
+        None, "AdamW learning rate. Default: 1e-3 for glyphs (from scratch), "
+              "1e-4 for photos (fine-tuning).")
+    weight_decay: float = setting(1e-4, "AdamW decoupled weight decay.")
+    proxy_lr_multiplier: float = setting(100.0, "Proxies' lr / backbone lr.")
+    warmup_epochs: Optional[int] = setting(
+        None, "Epochs that train only head and proxies. Default: 1 with pretrained weights, else 0.")
+    alpha: float = setting(32.0, "Proxy Anchor scale alpha.")
+    margin: float = setting(0.1, "Proxy Anchor margin delta.")
+    ms_alpha: float = setting(2.0, "Multi-Similarity positive scale.")
+    ms_beta: float = setting(50.0, "Multi-Similarity negative scale.")
+    ms_base: float = setting(0.5, "Multi-Similarity similarity offset lambda.")
+    ms_epsilon: float = setting(0.1, "Multi-Similarity mining margin.")
     # Soft-orthogonal proxies (so_proxy, issue 4): lambda of L_PA + lambda R_SO and the
-    # form of R_SO (kdml.regularizers.SoftOrthogonal; default from tools/bench_methods.py).
-    so_strength: float = 10.0
-    so_mode: str = "auto"
+    # form of R_SO (kdml.regularizers.SoftOrthogonal). 1e-3: the strength the Omniglot
+    # benchmark chose on its validation alphabets (docs/benchmarks.md).
+    so_strength: float = setting(
+        1e-3, "so_proxy: weight lambda of the soft-orthogonality penalty on the proxies, "
+                "in the paper's units (unnormalised ||P^ P^T - I||_F^2).")
+    so_normalization: str = setting(
+        "none", "so_proxy: none (the paper's sum) or size (divided by C^2).",
+        choices=("none", "size"))
+    so_mode: str = setting(
+        "auto", "so_proxy: ||P P^T - I_C|| (rows), ||P^T P - (C/d) I_d|| (columns), "
+                "or auto (rows when C <= d); same gradient, see kdml.regularizers.",
+        choices=("auto", "rows", "columns"))
     # Coded Residual Transform (crt, issue 5; docs/design.md 3.3): the main branch is
     # (crt_prototypes, embedding_dim), the auxiliary branches (crt_aux_prototypes[i],
     # crt_aux_dims[i]); each branch gets `base_loss`, plus consistency_weight x
-    # SimilarityConsistency(main, aux). Defaults from tools/bench_methods.py.
-    base_loss: str = "ms"  # "ms" | "proxy_anchor"
-    crt_prototypes: int = 64
-    crt_aux_prototypes: Tuple[int, ...] = (32,)
-    crt_aux_dims: Tuple[int, ...] = (128,)
-    crt_temperature: float = 0.1
-    crt_orthogonality: float = 1.0
-    consistency_weight: float = 1.0
+    # SimilarityConsistency(main, aux). Benchmark search spaces: kdml/benchmark/presets.py.
+    base_loss: str = setting(
+        "ms", "crt: loss of every CRT branch, Multi-Similarity (the paper's) or Proxy "
+              "Anchor (proxies per branch, lr x --proxy_lr_multiplier).",
+        choices=("ms", "proxy_anchor"))
+    crt_prototypes: int = setting(
+        64, "crt: prototypes K of the main branch (its size d is --embedding_dim).")
+    crt_aux_prototypes: Tuple[int, ...] = setting(
+        (32,), "crt: prototypes of each auxiliary branch (empty: main branch only).")
+    crt_aux_dims: Tuple[int, ...] = setting(
+        (128,), "crt: embedding size of each auxiliary branch (one per --crt_aux_prototypes).")
+    crt_temperature: float = setting(
+        0.1, "crt: temperature of the prototype-correlation softmax.")
+    crt_orthogonality: float = setting(
+        1.0, "crt: SoftOrthogonal strength on each branch's prototypes (0: off).")
+    consistency_weight: float = setting(
+        1.0, "crt: weight of the similarity-matrix consistency, main vs each aux branch.")
     # PDDM (pddm, issue 6; docs/design.md 3.4): the unit's width and dropout, the loss's
     # margins alpha (scores) / beta (squared distances), weight lambda, mining mode;
     # rerank_top_k > 0 adds reranked_recall@K (top-k re-ranked by the unit) to evaluations.
-    pddm_alpha: float = 0.5
-    pddm_beta: float = 1.0
-    pddm_lambda: float = 0.5
-    pddm_hidden_dim: int = 128
-    pddm_dropout: float = 0.0
-    pddm_mining: str = "per_anchor"
-    rerank_top_k: int = 0
+    pddm_alpha: float = setting(0.5, "pddm: margin of the double-header hinge on scores.")
+    pddm_beta: float = setting(1.0, "pddm: margin of the embedding hinge on squared distances.")
+    pddm_lambda: float = setting(0.5, "pddm: weight of the embedding hinge.")
+    pddm_hidden_dim: int = setting(128, "pddm: width of the PDDM unit.")
+    pddm_dropout: float = setting(0.0, "pddm: dropout on the unit's hidden layer.")
+    pddm_mining: str = setting(
+        "per_anchor", "pddm: one hard quadruplet per anchor, or the paper's single one per batch.",
+        choices=("per_anchor", "single"))
+    pddm_mining_score: str = setting(
+        "unit", "pddm: mine quadruplets by the unit's score (the paper) or by cosine (ablation).",
+        choices=("unit", "cosine"))
+    pddm_normalization: str = setting(
+        "before_fc", "pddm: L2-normalise u, v before the unit's FC layers (the paper's Eq. 1) "
+                     "or after.",
+        choices=("before_fc", "after_fc"))
+    rerank_top_k: int = setting(
+        0, "pddm: also report reranked_recall@K, each query's top-k cosine neighbours "
+           "re-ordered by the PDDM unit (0: off).")
 
-    strategy: str = "auto"
-    mixed_precision: bool = False
-    jit_compile: str = "auto"
-    seed: int = 0
-    resume: bool = False
-    eval_every: int = 1
+    # Execution.
+    strategy: str = setting(
+        "auto", "tf.distribute strategy (auto: mirrored on >1 GPU; multi_worker: "
+                "MultiWorkerMirroredStrategy from the TF_CONFIG environment variable).",
+        choices=("auto", "one_device", "mirrored", "multi_worker"))
+    mixed_precision: bool = setting(
+        False, "mixed_float16 on GPU, mixed_bfloat16 on CPU; losses stay float32.")
+    jit_compile: str = setting(
+        "auto", "XLA-compile the train step.", choices=("auto", "true", "false"))
+    seed: int = setting(0, "Seed of data order, augmentation and initialisation.")
+    resume: bool = setting(False, "Continue from the newest checkpoint in --output_dir.")
+    eval_every: int = setting(1, "Evaluate retrieval every N epochs (and at the end).")
     eval_batch_size: int = 256
-    recall_ks: Tuple[int, ...] = (1, 2, 4, 8)
-    checkpoint_every_steps: int = 0
-    keep_checkpoints: int = 3
-    verbose: int = 1
+    recall_ks: Tuple[int, ...] = setting((1, 2, 4, 8), "K values of Recall@K.")
+    checkpoint_every_steps: int = setting(
+        0, "Also checkpoint every N steps (0: only at epoch ends).")
+    keep_checkpoints: int = setting(3, "Checkpoints kept.")
+    verbose: int = setting(
+        1, "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            choices = field.metadata.get("choices")
+            value = getattr(self, field.name)
+            if choices and value is not None and value not in choices:
+                raise ValueError(
+                    f"--{field.name} must be one of {', '.join(choices)}. "
+                    f"Received: {field.name}={value!r}")
 
     @property
     def batch_size(self) -> int:
@@ -101,10 +203,28 @@ class TrainConfig:
 
     def resolved(self, kind: str) -> "TrainConfig":
         """A copy with every `None` field filled from `KIND_DEFAULTS[kind]`, overridden
-        by `METHOD_KIND_DEFAULTS[method][kind]`."""
+        by `METHOD_KIND_DEFAULTS[method][kind]`.
+
+        A backbone without pretrained weights (conv4) defaults to `weights="none"`
+        whatever the kind. With `weights="none"` the warm-up (which protects
+        pretrained weights from the untrained head's gradients) defaults to 0 epochs
+        and BatchNorm trains.
+        """
         defaults = {**KIND_DEFAULTS[kind], **METHOD_KIND_DEFAULTS.get(self.method, {}).get(kind, {})}
+        if (self.weights is None and self.backbone is not None
+                and not _has_pretrained_weights(self.backbone)):
+            defaults["weights"] = "none"
+        weights = self.weights or defaults["weights"]
+        if weights == "none":
+            defaults["warmup_epochs"] = 0
         updates = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         config = dataclasses.replace(self, **updates)
         if config.freeze_batchnorm is None:
-            config = dataclasses.replace(config, freeze_batchnorm=config.weights != "none")
+            config = dataclasses.replace(config, freeze_batchnorm=weights != "none")
         return config
+
+
+def _has_pretrained_weights(backbone: str) -> bool:
+    from kdml.models.backbones import backbone_spec  # imports Keras: only when resolving
+
+    return backbone_spec(backbone).pretrained_weights

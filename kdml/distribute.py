@@ -4,6 +4,7 @@
 - `worker_role(strategy)`: this process's worker index, the number of workers and
   whether it is the chief (the one process that writes checkpoints, logs,
   metrics.json and embedder.keras).
+- `describe_strategy(strategy, role)`: one line for the run's header.
 - `distribute_batches(strategy, make_worker_dataset, global_batch)`: feeds each
   replica its contiguous rows of the global batch, every worker loading only its own.
 """
@@ -107,6 +108,23 @@ def worker_role(strategy: tf.distribute.Strategy) -> WorkerRole:
     return WorkerRole(index=index, count=len(order), is_chief=index == 0)
 
 
+def describe_strategy(strategy: tf.distribute.Strategy, role: WorkerRole = WorkerRole()) -> str:
+    """One line naming the strategy and its devices, e.g. "MirroredStrategy, 2 replicas
+    on GPU:0, GPU:1", "one device, CPU:0" or "MultiWorkerMirroredStrategy, 4 replicas:
+    2 workers x 2 devices (GPU:0, GPU:1 here); this is worker 0, the chief"."""
+    if not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy():
+        return f"one device, {'GPU:0' if tf.config.list_logical_devices('GPU') else 'CPU:0'}"
+    devices = [f"{spec.device_type}:{spec.device_index}" for spec in
+               map(tf.DeviceSpec.from_string, strategy.extended.worker_devices)]
+    replicas = strategy.num_replicas_in_sync
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return (f"MultiWorkerMirroredStrategy, {replicas} replicas: {role.count} workers x "
+                f"{len(devices)} device{'s' * (len(devices) > 1)} ({', '.join(devices)} here); "
+                f"this is worker {role.index}{', the chief' if role.is_chief else ''}")
+    return (f"{type(strategy).__name__}, {replicas} replica{'s' * (replicas > 1)} on "
+            f"{', '.join(devices)}")
+
+
 def check_replica_batch(global_batch: int, strategy: tf.distribute.Strategy) -> None:
     """Raises a ValueError naming the fix unless the batch splits evenly over replicas."""
     replicas = strategy.num_replicas_in_sync
@@ -143,6 +161,7 @@ def distribute_batches(strategy: tf.distribute.Strategy,
     def dataset_fn(context: tf.distribute.InputContext):
         local = replicas // context.num_input_pipelines
 
+        @tf.autograph.experimental.do_not_convert  # no control flow; AutoGraph warns on it
         def split(*batch):
             parts = [tf.reshape(t, [local, per_replica, *t.shape[1:]]) for t in batch]
             return tf.data.Dataset.from_tensor_slices(tuple(parts))

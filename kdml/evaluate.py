@@ -30,6 +30,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from absl import app, flags, logging  # noqa: E402
 
+from kdml.evaluation.clustering import DEFAULT_MAX_ITER  # noqa: E402
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Embedder: a .keras file, a SavedModel directory or a "
                     ".tflite file.", required=True)
@@ -47,9 +49,12 @@ flags.DEFINE_string("gallery", None, "Gallery source of --protocol=query_gallery
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
 flags.DEFINE_list("recall_ks", ["1", "2", "4", "8"], "K values of Recall@K.")
 flags.DEFINE_list("precision_ks", None, "K values of Precision@K (default: --recall_ks).")
-flags.DEFINE_boolean("nmi", True, "Report NMI and AMI (k-means with k = number of classes).")
+flags.DEFINE_enum("nmi", "auto", ["auto", "true", "false"],
+                  "Report NMI and AMI (k-means with k = number of classes). auto: only where "
+                  "k-means costs about as much as the ranking metrics; the result says when "
+                  "it was skipped and why (docs/evaluation.md).")
 flags.DEFINE_integer("kmeans_n_init", 1, "k-means restarts for NMI / AMI.")
-flags.DEFINE_integer("kmeans_max_iter", 300, "k-means Lloyd iterations at most.")
+flags.DEFINE_integer("kmeans_max_iter", DEFAULT_MAX_ITER, "k-means Lloyd iterations at most.")
 flags.DEFINE_string("max_memory", "256MiB", "Memory budget of the k-NN tiles, e.g. 512MiB, 2GB, "
                     "or a number of bytes.")
 flags.DEFINE_enum("knn_precision", "float32", ["float32", "bfloat16"],
@@ -62,8 +67,13 @@ flags.DEFINE_integer("rerank_top_k", 0, "Re-rank each query's top-k cosine neigh
                      "--reranker (0 = off; retrieval protocol).")
 flags.DEFINE_string("reranker", None, "Pair scorer (a .keras model (n, d), (n, d) -> (n,)); "
                     "default: pddm.keras beside --model.")
-flags.DEFINE_boolean("plots", False, "Write PNG figures: Recall@K curve, similarity "
-                     "histograms, 2-D map of the embeddings.")
+flags.DEFINE_boolean("plots", False, "Write PNG figures: the retrieval grid (queries and "
+                     "their top-k, same class or not), Recall@K curve, similarity histograms, "
+                     "2-D map of the embeddings.")
+flags.DEFINE_integer("grid_k", 8, "Results per query in the retrieval grid.")
+flags.DEFINE_integer("grid_sampled", 6, "Queries drawn at random (--seed) for the grid.")
+flags.DEFINE_integer("grid_worst", 6, "Worst queries in the grid (their first same-class "
+                     "result comes last).")
 flags.DEFINE_enum("plot_map", "auto", ["auto", "umap", "tsne"],
                   "2-D map: UMAP when installed (auto), or t-SNE.")
 flags.DEFINE_integer("plot_points", 2000, "Images in the 2-D map at most.")
@@ -92,12 +102,13 @@ def main(argv):
             FLAGS.model, FLAGS.dataset, FLAGS.split, FLAGS.eval_dataset, FLAGS.data_dir, ks,
             FLAGS.crop_fraction, FLAGS.batch_size, FLAGS.seed, protocol=FLAGS.protocol,
             query=FLAGS.query, gallery=FLAGS.gallery, precision_ks=precision_ks,
-            nmi=FLAGS.nmi, kmeans_n_init=FLAGS.kmeans_n_init,
+            nmi={"auto": "auto", "true": True, "false": False}[FLAGS.nmi], kmeans_n_init=FLAGS.kmeans_n_init,
             kmeans_max_iter=FLAGS.kmeans_max_iter,
             max_memory_bytes=parse_bytes(FLAGS.max_memory), knn_precision=FLAGS.knn_precision,
             n_way=FLAGS.n_way, k_shot=FLAGS.k_shot, queries_per_class=FLAGS.queries_per_class,
             episodes=FLAGS.episodes, rerank_top_k=FLAGS.rerank_top_k, reranker=FLAGS.reranker,
-            plots_dir=plots_dir, plot_map=FLAGS.plot_map, plot_points=FLAGS.plot_points)
+            plots_dir=plots_dir, plot_map=FLAGS.plot_map, plot_points=FLAGS.plot_points,
+            grid_k=FLAGS.grid_k, grid_sampled=FLAGS.grid_sampled, grid_worst=FLAGS.grid_worst)
     except (ValueError, FileNotFoundError) as error:
         logging.debug("Traceback of the error below:", exc_info=True)
         print(f"error: {error}", file=sys.stderr)

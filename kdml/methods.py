@@ -73,7 +73,8 @@ def _so_proxy(embedder: keras.Model, num_classes: int, config: TrainConfig) -> O
     """Proxy Anchor + lambda * SoftOrthogonal on the proxies (docs/design.md 3.2); the penalty
     joins `model.losses`, so the logged loss is L_PA + lambda R_SO."""
     return _proxy_anchor(embedder, num_classes, config, name="so_proxy",
-                         proxy_regularizer=SoftOrthogonal(config.so_strength, config.so_mode))
+                         proxy_regularizer=SoftOrthogonal(config.so_strength, config.so_mode,
+                                                          config.so_normalization))
 
 
 def _multi_similarity(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objective:
@@ -96,10 +97,26 @@ def _crt_head(config: TrainConfig, num_prototypes: Optional[int] = None):
                        orthogonality_strength=config.crt_orthogonality)
 
 
+class CRTGeometry(keras.callbacks.Callback):
+    """Adds the CRT head's N (positions encoded) and K (prototypes) to every epoch's logs,
+    so metrics.json reports N next to K."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and self.head.num_positions is not None:
+            logs["crt_num_positions"] = float(self.head.num_positions)
+            logs["crt_num_prototypes"] = float(self.head.num_prototypes)
+
+
 def _crt(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objective:
     """Multi-size CRT: the embedder's CRT head (main) plus auxiliary CRT heads on the
     same backbone features, each with the base loss, plus consistency_weight x
     SimilarityConsistency(main, aux) (kdml.losses.MultiBranchLoss)."""
+    from absl import logging
+
     from kdml.layers import CodedResidualTransform
     from kdml.losses import MultiBranchLoss
     from kdml.models import multi_branch_model
@@ -133,10 +150,14 @@ def _crt(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Object
         input_dims = dims
     else:
         raise ValueError(f"Unknown --base_loss {config.base_loss!r}. Valid: ms, proxy_anchor.")
+    logging.info("CRT heads over N=%s positions of the backbone's features: (K, d) = %s",
+                 head.num_positions, ", ".join(
+                     f"({h.num_prototypes}, {h.embedding_dim})" for h in [head, *aux_heads]))
     return Objective(
         model=multi_branch_model(embedder, aux_heads, proxies, name="crt"),
         loss=MultiBranchLoss(base, input_dims, dims, consistency_weight=config.consistency_weight),
         learning_rate_multipliers=multipliers,
+        callbacks=[CRTGeometry(head)],
     )
 
 
@@ -156,10 +177,12 @@ def _pddm(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objec
     from kdml.losses.pddm_loss import PDDMLoss, PDDMMiningMonitor
 
     images = keras.Input(embedder.input_shape[1:], name="images")
-    unit = PDDM(config.pddm_hidden_dim, config.pddm_dropout, name="pddm")
+    unit = PDDM(config.pddm_hidden_dim, config.pddm_dropout,
+                normalization=config.pddm_normalization, name="pddm")
     outputs = PDDMScoreMatrix(unit, name="pddm_scores")(embedder(images))
     loss = PDDMLoss(alpha=config.pddm_alpha, beta=config.pddm_beta,
-                    lambda_=config.pddm_lambda, mining=config.pddm_mining)
+                    lambda_=config.pddm_lambda, mining=config.pddm_mining,
+                    mining_score=config.pddm_mining_score)
     dim = embedder.output_shape[-1]
     extra_metrics = None
     if config.rerank_top_k > 0:

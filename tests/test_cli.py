@@ -1,5 +1,6 @@
 """The command lines: `python -m kdml.train` and `python -m kdml.evaluate`."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 from absl import flags
 
 from kdml import train as train_cli
+from kdml.config import TrainConfig, is_flag, setting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,6 +36,7 @@ def _run_main(module, argv):
     (["--dataset=tfds:mnist"], "mnist"),
     (["--dataset=folder:/no/such/dir"], "/no/such/dir"),
     (["--classes_per_batch=500"], "--classes_per_batch"),
+    (["--recall_ks=1,two"], "--recall_ks must be comma-separated integers"),
 ])
 def test_bad_input_is_a_one_line_error_with_exit_code_2(argv, message, capsys, tmp_path):
     code = _run_main(train_cli, argv + [f"--output_dir={tmp_path}"])
@@ -55,16 +58,115 @@ def test_helpfull_lists_every_training_flag():
 def test_train_then_evaluate_the_default_dataset_from_the_command_line(tmp_path):
     """The README's main job, one short epoch: train, then `kdml.evaluate` its embedder."""
     out = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "kdml.train", "--epochs=1", "--embedding_dim=32",
-                    "--classes_per_batch=16", "--images_per_class=4", "--jit_compile=false",
-                    "--verbose=0", f"--output_dir={out}"], check=True, cwd=ROOT, timeout=600,
-                   capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "kdml.train", "--epochs=1", "--embedding_dim=32",
+                          "--classes_per_batch=16", "--images_per_class=4", "--jit_compile=false",
+                          "--verbose=0", f"--output_dir={out}"], check=True, cwd=ROOT, timeout=600,
+                         capture_output=True, text=True)
+    # Quiet and informative: no TensorFlow C++ / CUDA / NMSLIB start-up lines, the first
+    # lines say what will run, the last ones where the files are.
+    for noise in ("cudart_stub", "absl::InitializeLog", "cpu_feature_guard", "cuInit", "NMSLIB"):
+        assert noise not in run.stderr + run.stdout, noise
+    lines = run.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:6]] == [
+        "data", "model", "method", "strategy", "schedule", "output"]
+    assert lines[0].startswith("data:     synthetic (glyph): train 2000 images of 100 classes")
+    assert lines[1].startswith("model:    conv4 (weights none, 28 px") and "32-d embedding" in lines[1]
+    assert "1 epoch x 32 steps of 16 classes x 4 images" in lines[4] and str(out) in lines[5]
+    assert lines[-3:] == [f"embedder: {out / 'embedder.keras'}", f"metrics:  {out / 'metrics.json'}",
+                          f"logs:     {out / 'logs'} (tensorboard --logdir {out / 'logs'})"]
+    assert lines[-4].startswith("| final |") and lines[-5].startswith("| initial |")
     metrics = json.load(open(out / "metrics.json"))
     assert metrics["config"]["dataset"] == "synthetic" and metrics["config"]["backbone"] == "conv4"
+    # Training's evaluations use the library's k-means default (kdml.evaluation.clustering).
+    from kdml.evaluation.clustering import DEFAULT_MAX_ITER
+
     result = subprocess.run([sys.executable, "-m", "kdml.evaluate", f"--model={out / 'embedder.keras'}",
-                             "--dataset=synthetic"], check=True, cwd=ROOT, timeout=600,
-                            capture_output=True, text=True)
+                             "--dataset=synthetic", f"--kmeans_max_iter={DEFAULT_MAX_ITER}"],
+                            check=True, cwd=ROOT, timeout=600, capture_output=True, text=True)
     assert "| embedder.keras |" in result.stdout
     evaluated = json.load(open(out / "eval_test.json"))["metrics"]
     for key in ("recall@1", "recall@8", "map@r", "r_precision", "nmi"):
         np.testing.assert_allclose(evaluated[key], metrics["final"][key], atol=1e-6)
+
+
+# The flags as `kdml/train.py` declared them one by one, before they were generated from
+# `TrainConfig` (name -> parser, default, help text, enum choices), captured from absl.
+# New settings need no entry; a deliberate change of a default or a help text updates
+# its entry in the same commit (so far: --so_strength, 10 -> 1e-3 in the paper's units, chosen on validation).
+_FLAGS_SNAPSHOT = os.path.join(ROOT, "tests", "training", "train_flags.json")
+
+
+def test_generated_flags_keep_every_name_default_help_and_choice_of_the_snapshot():
+    snapshot = json.load(open(_FLAGS_SNAPSHOT))
+    generated = {flag.name: flag for flag in flags.FLAGS.get_flags_for_module(train_cli.__name__)}
+    for name, expected in snapshot.items():
+        flag = generated[name]
+        assert type(flag.parser).__name__ == expected["type"], name
+        assert flag.default == expected["default"], name
+        assert flag.help == expected["help"], name
+        choices = list(getattr(flag.parser, "enum_values", None) or [])
+        assert choices == expected.get("enum_values", []), name
+    # Every flag is a setting of TrainConfig, and every setting is a flag.
+    settings = {f.name for f in dataclasses.fields(TrainConfig) if is_flag(f)}
+    assert set(generated) == settings and set(snapshot) <= settings
+
+
+def _config(argv):
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["prog", *argv])
+    try:
+        return train_cli.config_from_flags()
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def test_default_flags_give_the_default_config_and_special_flags_parse():
+    assert _config([]) == TrainConfig()
+    config = _config(["--freeze_batchnorm=false", "--recall_ks=1,5", "--crt_aux_prototypes=",
+                      "--crt_aux_dims=64,32", "--lr=0.5", "--noverify_images", "--so_mode=rows",
+                      "--image_size=40"])
+    assert config.freeze_batchnorm is False and config.recall_ks == (1, 5)
+    assert config.crt_aux_prototypes == () and config.crt_aux_dims == (64, 32)
+    assert config.lr == 0.5 and config.verify_images is False and config.so_mode == "rows"
+    assert config.image_size == 40 and config.weights is None  # unset Optional flags stay None
+    assert _config(["--freeze_batchnorm=true"]).freeze_batchnorm is True
+    assert _config(["--freeze_batchnorm=auto"]).freeze_batchnorm is None
+
+
+def test_a_new_setting_is_one_field_and_becomes_a_flag():
+    """What adding a method's hyperparameter takes: one `setting(...)` line."""
+    @dataclasses.dataclass(frozen=True)
+    class Extended(TrainConfig):
+        new_margin: float = setting(0.25, "newmethod: the margin.")
+        new_mode: str = setting("a", "newmethod: the mode.", choices=("a", "b"))
+
+    values = flags.FlagValues()
+    train_cli.define_flags(Extended, values)
+    values(["prog", "--new_mode=b"])
+    assert values["new_margin"].default == 0.25 and values["new_margin"].help == "newmethod: the margin."
+    assert values.new_mode == "b" and list(values["new_mode"].parser.enum_values) == ["a", "b"]
+    assert set(values) == {f.name for f in dataclasses.fields(Extended) if is_flag(f)}
+    assert "new_margin" in values and "eval_batch_size" not in values  # a plain field: no flag
+
+
+def test_a_setting_outside_its_choices_is_an_error_naming_it():
+    with pytest.raises(ValueError, match=r"--so_mode must be one of auto, rows, columns. "
+                                         r"Received: so_mode='diagonal'"):
+        TrainConfig(so_mode="diagonal")
+
+
+def test_quiet_startup_reads_verbosity_and_replays_captured_stderr_on_failure(capfd):
+    from kdml import quiet_startup
+
+    assert quiet_startup.is_kdml_command_line(["python", "-m", "kdml.train", "--epochs=1"])
+    assert not quiet_startup.is_kdml_command_line(["python", "-m", "pytest", "tests"])
+    for argv in (["-v", "0"], ["--verbosity=1"], ["-v=0"], ["--verbosity", "-1"]):
+        assert quiet_startup.asks_for_verbosity(argv), argv
+        assert quiet_startup.quiet_startup(argv) is False  # skipped: the logs stay
+    assert not quiet_startup.asks_for_verbosity(["--verify_images", "--method=pddm"])
+    with quiet_startup.stderr_captured():
+        os.write(2, b"noise from C++\n")
+    with pytest.raises(RuntimeError), quiet_startup.stderr_captured():
+        os.write(2, b"why the import failed\n")
+        raise RuntimeError("import failed")
+    assert capfd.readouterr().err == "why the import failed\n"

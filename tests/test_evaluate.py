@@ -6,6 +6,7 @@ each other, and bad input against its one-line error.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from PIL import Image
 import kdml
 from kdml.evaluation import protocols as evaluate_cli
 from kdml.evaluation import few_shot_accuracy, retrieval_metrics
+from kdml.evaluation.clustering import DEFAULT_MAX_ITER
 from kdml.evaluation.protocols import top_level_groups
 from kdml.export import load_embedder
 
@@ -78,7 +80,10 @@ def test_retrieval_report_equals_the_library_on_the_same_embeddings(models):
     embedder = keras.saving.load_model(models["keras"])
     images = kdml.data.eval_dataset(test, image_size=SIZE)
     embeddings = embedder.predict(images.map(lambda x, y: x), verbose=0)
-    want = retrieval_metrics(embeddings, test.labels, ks=(1, 4), precision_ks=(1, 4), ami=True)
+    # the CLI's defaults: --nmi=auto (runs at this size), --kmeans_max_iter=10, --kmeans_n_init=1
+    want = retrieval_metrics(embeddings, test.labels, ks=(1, 4), precision_ks=(1, 4), ami=True,
+                             nmi=True, kmeans_max_iter=DEFAULT_MAX_ITER, n_init=1)
+    assert not math.isnan(want["nmi"])
     assert set(report["metrics"]) == set(want)
     for name, value in want.items():
         assert report["metrics"][name] == pytest.approx(value, abs=1e-6), name
@@ -186,7 +191,8 @@ def test_command_line_end_to_end_with_plots(models, alphabets, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "kdml.evaluate", f"--model={models['saved_model']}",
          f"--dataset=folder:{alphabets / 'omniglot'}", "--split=all", "--recall_ks=1,2",
-         "--max_memory=1MiB", "--plots", "--plot_map=tsne", f"--output={output}"],
+         "--max_memory=1MiB", "--plots", "--plot_map=tsne", "--grid_k=3", "--grid_sampled=2",
+         "--grid_worst=3", f"--output={output}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| saved_model | " in result.stdout
@@ -194,6 +200,25 @@ def test_command_line_end_to_end_with_plots(models, alphabets, tmp_path):
     assert report["format"] == "saved_model" and report["protocol"] == "retrieval"
     for key in ("recall@1", "recall@2", "precision@2", "map@r", "r_precision", "nmi", "ami"):
         assert 0.0 <= report["metrics"][key] <= 1.0 or key == "ami"
-    for name in ("recall_curve", "similarity_histograms", "embedding_map"):
+    for name in ("retrieval_grid", "recall_curve", "similarity_histograms", "embedding_map"):
         path = report["plots"][name]
         assert os.path.getsize(path) > 1000 and open(path, "rb").read(4) == b"\x89PNG"
+
+    # the grid's worst rows: the queries whose first same-class neighbour (leave-one-out,
+    # NumPy cosine top-3, stable ties) comes last; none in the top 3 counts as rank 4
+    from kdml.evaluation.plots import grid_size
+
+    image_set = evaluate_cli._load_images(f"folder:{alphabets / 'omniglot'}", "all", None, 0)
+    x = _embed(models["saved_model"], image_set)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    scores = x @ x.T
+    np.fill_diagonal(scores, -np.inf)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :3]
+    same = image_set.labels[top] == image_set.labels[:, None]
+    ranks = np.where(same.any(axis=1), same.argmax(axis=1) + 1, 4)
+    worst = sorted(range(len(ranks)), key=lambda q: (-ranks[q], q))[:3]
+    grid = report["retrieval_grid"]
+    assert grid["worst"] == worst and grid["worst_ranks"] == [int(ranks[q]) for q in worst]
+    assert len(grid["sampled"]) == 2 and not set(grid["sampled"]) & set(worst)
+    with Image.open(report["plots"]["retrieval_grid"]) as png:
+        assert png.size == grid_size(5, 3)

@@ -65,9 +65,12 @@ def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
     Returns:
         (H, W, 3) uint8 tensor.
 
-    Example:
-        >>> ds = tf.data.Dataset.from_tensor_slices(paths)
-        >>> ds = ds.map(lambda p: decode_rgb(tf.io.read_file(p)))
+    Example (a 1 x 2 grayscale PNG with alpha: the transparent pixel turns white):
+        >>> gray_alpha = tf.constant([[[0, 255], [0, 0]]], tf.uint8)
+        >>> decode_rgb(tf.io.encode_png(gray_alpha)).numpy().tolist()
+        [[[0, 0, 0], [255, 255, 255]]]
+
+    Inside a pipeline: `paths_dataset.map(lambda p: decode_rgb(tf.io.read_file(p)))`.
     """
     encoded = tf.convert_to_tensor(encoded, dtype=tf.string)
     is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_MAGIC)), _PNG_MAGIC)

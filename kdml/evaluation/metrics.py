@@ -1,21 +1,23 @@
 """Retrieval and clustering metrics of the deep-metric-learning protocol (docs/design.md section 4).
 
-Every query is ranked against the gallery by cosine similarity with one exact,
-blocked k-NN pass (`kdml.evaluation.knn`, ties broken by lower gallery index). In the
-leave-one-out protocol (CUB, Cars, SOP) the queries are the gallery and a query is
-never its own neighbour; in the query-vs-gallery protocol (In-Shop) the two sets are
-given separately. From that one ranking, with R = the number of gallery items of the
+Every query is ranked against the gallery by cosine similarity in one exact, blocked
+product pass (`kdml.evaluation.ranking.retrieval_ranking`, ties broken by lower gallery
+index). In the leave-one-out protocol (CUB, Cars, SOP) the queries are the gallery and a
+query is never its own neighbour; in the query-vs-gallery protocol (In-Shop) the two
+sets are given separately. From that pass, with R = the number of gallery items of the
 query's class (the query itself not counted):
 
 | metric | definition | computed by |
 |---|---|---|
-| `recall@K` | 1 when any of the K nearest shares the query's label (the DML Recall@K) | tensorflow-similarity `RecallAtK` |
-| `precision@K` | fraction of the K nearest that share the label | tensorflow-similarity `PrecisionAtK` |
-| `map@r` | Musgrave et al., ECCV 2020, sec. 3.2: `(1/R) sum_{i<=R} P@i rel_i` | tensorflow-similarity `MapAtK` (mask pre-clipped at R, see below) |
+| `recall@K` | 1 when any of the K nearest shares the query's label (the DML Recall@K) | kdml: fewer than K negatives rank before the best positive (counted in the pass), every K at once |
+| `precision@K` | fraction of the K nearest that share the label | tensorflow-similarity `PrecisionAtK` on the pass's top-K lists |
+| `map@r` | Musgrave et al., ECCV 2020, sec. 3.2: `(1/R) sum_{i<=R} P@i rel_i` | tensorflow-similarity `MapAtK` on the top-`max R` lists (mask pre-clipped at R, see below) |
 | `r_precision` | same paper: `#{same class among the R nearest} / R` | tensorflow-similarity `PrecisionAtK(r=R)` on the pre-clipped mask |
-| `nmi`, `ami` | mutual information of the labels and a k-means clustering (k = number of classes) of the L2-normalised query embeddings, arithmetic normalisation; AMI corrects for chance | scikit-learn `KMeans`, `normalized_mutual_info_score`, `adjusted_mutual_info_score` |
+| `nmi`, `ami` | mutual information of the labels and a k-means clustering (k = number of classes) of the L2-normalised query embeddings, arithmetic normalisation; AMI corrects for chance | `kdml.evaluation.clustering.kmeans` (TensorFlow Lloyd), scikit-learn `normalized_mutual_info_score`, `adjusted_mutual_info_score` |
 
-All values are averaged over queries ("micro" average).
+All values are averaged over queries ("micro" average). `nmi="auto"` (the default)
+skips NMI, with a warning and the reason in the result's `.notes`, when its k-means
+would cost more than twice the ranking pass (Stanford Online Products: 12,100 clusters).
 
 Queries whose class has no other gallery item (R = 0) cannot be scored by MAP@R or
 R-Precision. As in Musgrave et al.'s reference implementation (pytorch-metric-learning's
@@ -33,23 +35,39 @@ same sum `sum_{i<=R} P@i * rel_i / R`, vectorised (tested equal to `clip_at_r=Tr
 """
 
 import math
+import re
 import warnings
 
 import numpy as np
 import tensorflow as tf
 
+from kdml.evaluation.clustering import DEFAULT_MAX_ITER, kmeans
 from kdml.evaluation.knn import _knn
+from kdml.evaluation.ranking import retrieval_ranking
 
 _KMEANS_N_INIT = 1
 _PERCENT_PREFIXES = ("recall", "map", "precision", "r_precision", "nmi", "ami", "accuracy",
                      "ci95", "reranked")
+# NMI runs by default ("auto") while k-means (`max_iter` passes of N x C products) costs
+# at most this many times the ranking pass (N x M products), or is small anyway.
+_AUTO_NMI_COST_RATIO = 2.0
+_AUTO_NMI_SMALL = 2**25  # iterations x points x clusters: well under a second
+
+
+class RetrievalMetrics(dict):
+    """`{metric name: float}`, plus `notes`: `{metric name: str}` for what needs saying
+    (the k-means settings behind `nmi`, or why it was skipped)."""
+
+    def __init__(self, *args, notes=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.notes = dict(notes or {})
 
 
 def retrieval_metrics(
     embeddings,
     labels,
     ks=(1, 2, 4, 8),
-    nmi=True,
+    nmi="auto",
     seed=0,
     max_memory_bytes=256 * 2**20,
     *,
@@ -59,15 +77,16 @@ def retrieval_metrics(
     precision_ks=(),
     ami=False,
     n_init=_KMEANS_N_INIT,
-    kmeans_max_iter=300,
+    kmeans_max_iter=DEFAULT_MAX_ITER,
     knn_precision="float32",
     strategy=None,
 ):
-    """Recall@K, Precision@K, MAP@R, R-Precision, NMI and AMI from one k-NN pass.
+    """Recall@K, Precision@K, MAP@R, R-Precision, NMI and AMI from one product pass.
 
-    One exact k-NN pass with `k = max(max(ks), max(precision_ks), max R)` serves every
-    ranking metric; see the module docstring for the definitions and where each is
-    computed. Two protocols:
+    One pass (`kdml.evaluation.ranking.retrieval_ranking`) gives each query the rank of
+    its first positive (Recall@K for every K) and its `k = max(max R, max(precision_ks))`
+    nearest neighbours (MAP@R, R-Precision, Precision@K); see the module docstring for
+    the definitions. Two protocols:
 
     - leave-one-out (`gallery=None`, CUB / Cars / SOP): every embedding is a query
       against all the others; R = size of the query's class minus one.
@@ -82,25 +101,30 @@ def retrieval_metrics(
         labels: `(N,)` integer class labels of the queries.
         ks: the K of Recall@K, each an integer with `1 <= K <` gallery size (minus one
             for leave-one-out).
-        nmi: whether to run k-means on the query embeddings and report `nmi` (the slow
-            part for many classes).
+        nmi: `"auto"` (default): report `nmi` when its k-means costs at most 2x the
+            ranking pass (`(kmeans_max_iter + 1) x classes <= 2 x gallery size`: CUB,
+            Cars; not SOP) or is small (`(kmeans_max_iter + 1) x N x classes <= 2**25`), else
+            report NaN with a warning and the reason in `.notes["nmi"]`; `True`:
+            always; `False`: never.
         seed: seed of the k-means initialisation, so `nmi`/`ami` are deterministic.
-        max_memory_bytes: memory budget of the k-NN tiles (see `exact_knn`).
+        max_memory_bytes: memory budget of the product strips (see `retrieval_ranking`).
         gallery: optional `(M, d)` gallery embeddings (query-vs-gallery protocol).
         gallery_labels: `(M,)` integer labels of `gallery`.
         exclude_self: see above.
         precision_ks: the K of Precision@K (fraction of the K nearest in the class).
-        ami: whether to report `ami` (adjusted mutual information of the same
-            k-means clustering; needs no extra k-means run).
-        n_init: k-means restarts (the best inertia is kept).
-        kmeans_max_iter: Lloyd iterations per k-means run at most.
-        knn_precision: `"float32"` (exact) or `"bfloat16"` (see `exact_knn`).
-        strategy: optional `tf.distribute.Strategy` to shard the k-NN queries over.
+        ami: whether to report `ami` (adjusted mutual information of the same k-means
+            clustering); `"auto"` follows the `nmi` rule.
+        n_init: k-means restarts (the lowest inertia is kept).
+        kmeans_max_iter: Lloyd iterations per k-means run at most (default 10).
+        knn_precision: `"float32"` (exact, one pass) or `"bfloat16"` (neighbour lists
+            from `exact_knn`'s bfloat16 pass, `k = max(ks)`).
+        strategy: optional `tf.distribute.Strategy` to shard the queries over.
 
     Returns:
-        A dict of Python floats in [0, 1]: `"recall@K"` for each K, `"precision@K"`
-        for each K of `precision_ks`, `"map@r"`, `"r_precision"` and, when asked,
-        `"nmi"` and `"ami"` (AMI can be slightly negative).
+        A `RetrievalMetrics` dict of Python floats in [0, 1]: `"recall@K"` for each K,
+        `"precision@K"` for each K of `precision_ks`, `"map@r"`, `"r_precision"` and,
+        when asked, `"nmi"` and `"ami"` (AMI can be slightly negative), in that order;
+        its `.notes` say how `nmi` was computed or why it was skipped.
 
     Example:
 
@@ -110,6 +134,10 @@ def retrieval_metrics(
     (1.0, 1.0)
     """
     embeddings, labels = _validate_set(embeddings, labels, "embeddings", "labels")
+    for name, value in (("nmi", nmi), ("ami", ami)):
+        if not (isinstance(value, (bool, np.bool_)) or value == "auto"):
+            raise ValueError(f"Expected `{name}` to be True, False or 'auto'. "
+                             f"Received: {name}={value!r}")
     if gallery is None:
         if gallery_labels is not None:
             raise ValueError("`gallery_labels` was given without `gallery`. Pass both or neither.")
@@ -147,8 +175,11 @@ def retrieval_metrics(
             f"Received: N={num_gallery}")
     ks = _validate_ks(ks, limit, "ks", allow_empty=False)
     precision_ks = _validate_ks(precision_ks, limit, "precision_ks", allow_empty=True)
+    if knn_precision not in ("float32", "bfloat16"):
+        raise ValueError("Expected `knn_precision` to be 'float32' or 'bfloat16'. "
+                         f"Received: knn_precision={knn_precision!r}")
     # Imported here: importing tensorflow_similarity takes seconds.
-    from tensorflow_similarity.retrieval_metrics import MapAtK, PrecisionAtK, RecallAtK
+    from tensorflow_similarity.retrieval_metrics import MapAtK, PrecisionAtK
 
     gallery_classes, gallery_counts = np.unique(gallery_label_array, return_counts=True)
     count_of = dict(zip(gallery_classes.tolist(), gallery_counts.tolist()))
@@ -157,22 +188,33 @@ def retrieval_metrics(
                   for c in np.unique(labels)}
     r_per_query = np.array([r_of_class[int(c)] for c in labels], dtype=np.int64)
     max_r = int(r_per_query.max())
-    num_neighbours = int(max(max(ks), max(precision_ks, default=1), min(max_r, limit)))
-    neighbours, _ = _knn(
-        embeddings, None if gallery is None else gallery_matrix, k=num_neighbours,
-        max_memory_bytes=max_memory_bytes, exclude_self=exclude_self,
-        precision=knn_precision, strategy=strategy, return_similarities=False,
-    )
-    match_mask = gallery_label_array[neighbours] == labels[:, None]  # (N, num_neighbours)
+    num_neighbours = int(max(max(precision_ks, default=0), min(max(max_r, 0), limit)))
+    gallery_argument = None if gallery is None else gallery_matrix
+    if knn_precision == "float32":
+        ranking = retrieval_ranking(
+            embeddings, labels, gallery_argument,
+            None if gallery is None else gallery_label_array, top_k=num_neighbours,
+            exclude_self=exclude_self, max_memory_bytes=max_memory_bytes, strategy=strategy)
+        first_rank, neighbours = ranking.first_positive_rank, ranking.top_k
+        first_rank = np.where(first_rank < 0, np.iinfo(np.int64).max, first_rank)
+    else:  # neighbour lists long enough for every K
+        num_neighbours = max(num_neighbours, max(ks))
+        neighbours, _ = _knn(
+            embeddings, gallery_argument, k=num_neighbours, max_memory_bytes=max_memory_bytes,
+            exclude_self=exclude_self, precision=knn_precision, strategy=strategy,
+            return_similarities=False)
+        matches = gallery_label_array[neighbours] == labels[:, None]
+        first_rank = np.where(matches.any(axis=1), matches.argmax(axis=1),
+                              np.iinfo(np.int64).max)
+    match_mask = (gallery_label_array[neighbours] == labels[:, None] if num_neighbours
+                  else np.zeros((len(labels), 0), bool))  # (N, num_neighbours)
     del neighbours
 
-    query_labels, match_tensor = tf.constant(labels), tf.constant(match_mask)
-    results = {}
+    results = RetrievalMetrics()
     for k in ks:
-        # each metric reads only the first K columns: hand it those (cheaper casts)
-        recall = RecallAtK(k=k).compute(query_labels=query_labels,
-                                        match_mask=match_tensor[:, :k])
-        results[f"recall@{k}"] = float(recall)
+        # hit at K iff fewer than K items rank before the first positive
+        results[f"recall@{k}"] = float(np.count_nonzero(first_rank < k) / len(labels))
+    query_labels, match_tensor = tf.constant(labels), tf.constant(match_mask)
     for k in precision_ks:
         precision = PrecisionAtK(k=k).compute(query_labels=query_labels,
                                               match_mask=match_tensor[:, :k])
@@ -205,45 +247,71 @@ def retrieval_metrics(
         results["map@r"] = math.nan
         results["r_precision"] = math.nan
 
-    if nmi or ami:
-        classes, class_of_item = np.unique(labels, return_inverse=True)
-        results.update(kmeans_scores(embeddings, class_of_item, len(classes), seed=seed,
-                                     n_init=n_init, max_iter=kmeans_max_iter, nmi=nmi, ami=ami))
+    classes, class_of_item = np.unique(labels, return_inverse=True)
+    wanted = [name for name, flag in (("nmi", nmi), ("ami", ami)) if flag is not False]
+    if wanted:
+        automatic = [name for name, flag in (("nmi", nmi), ("ami", ami)) if flag == "auto"]
+        # (max_iter + 1) assignment passes of N x C products against N x M for ranking
+        cost_ratio = (kmeans_max_iter + 1) * len(classes) / num_gallery
+        small = (kmeans_max_iter + 1) * len(labels) * len(classes) <= _AUTO_NMI_SMALL
+        skip = automatic if cost_ratio > _AUTO_NMI_COST_RATIO and not small else []
+        run = [name for name in wanted if name not in skip]
+        if run:
+            scores, settings = kmeans_scores(
+                embeddings, class_of_item, len(classes), seed=seed, n_init=n_init,
+                max_iter=kmeans_max_iter, nmi="nmi" in run, ami="ami" in run,
+                max_memory_bytes=max_memory_bytes, return_settings=True)
+            results.update(scores)
+            for name in run:
+                results.notes[name] = settings
+        if skip:
+            reason = (
+                f"skipped: k-means with {len(classes):,} clusters x {kmeans_max_iter} + 1 "
+                f"iterations would cost {cost_ratio:.1f}x the ranking pass over "
+                f"{num_gallery:,} items (the 'auto' limit is {_AUTO_NMI_COST_RATIO:g}x); "
+                "pass nmi=True (ami=True) to compute it")
+            for name in skip:
+                results[name] = math.nan
+                results.notes[name] = reason
+            warnings.warn(f"{' and '.join(skip)} {reason}.", stacklevel=2)
     return results
 
 
 def kmeans_scores(embeddings, labels, num_clusters, *, seed=0, n_init=_KMEANS_N_INIT,
-                  max_iter=300, nmi=True, ami=False):
+                  max_iter=DEFAULT_MAX_ITER, nmi=True, ami=False, max_memory_bytes=256 * 2**20,
+                  return_settings=False):
     """NMI / AMI between `labels` and a k-means clustering of the L2-normalised rows.
 
-    scikit-learn's `KMeans` (k-means++ initialisation, Lloyd iterations, `n_init`
-    restarts, `random_state=seed`) with `k = num_clusters`, then
+    `kdml.evaluation.clustering.kmeans` (TensorFlow Lloyd iterations; k-means++ seeding
+    for small problems, seeded random rows otherwise; `max_iter` iterations at most,
+    `n_init` restarts, `seed`) with `k = num_clusters`, then scikit-learn's
     `normalized_mutual_info_score` / `adjusted_mutual_info_score` (arithmetic-mean
-    normalisation). Returns `{"nmi": float, "ami": float}` (those asked for).
+    normalisation). Returns `{"nmi": float, "ami": float}` (those asked for) and, with
+    `return_settings=True`, also a one-line description of the k-means run.
     """
-    from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
-    from threadpoolctl import threadpool_limits
+
+    from kdml.evaluation import clustering
 
     for name, value in (("n_init", n_init), ("kmeans_max_iter", max_iter)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"Expected `{name}` to be a positive integer. Received: {value!r}")
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    normalised = embeddings / np.maximum(norms, 1e-12)
-    kmeans = KMeans(n_clusters=num_clusters, n_init=int(n_init), max_iter=int(max_iter),
-                    random_state=seed)
-    # scikit-learn already runs the Lloyd iterations with single-threaded BLAS (it
-    # parallelises with OpenMP); the k-means++ initialisation does not, and its many
-    # small multi-threaded GEMMs oversubscribe a busy CPU (10,000 x 128, 1,000 classes
-    # on 2 shared cores: 103 s -> 10 s with this limit).
-    with threadpool_limits(limits=1, user_api="blas"):
-        clusters = kmeans.fit_predict(normalised)
+    clusters, _, inertia, iterations = kmeans(
+        embeddings, int(num_clusters), seed=seed, n_init=int(n_init), max_iter=int(max_iter),
+        max_memory_bytes=max_memory_bytes)
     scores = {}
     if nmi:
         scores["nmi"] = float(normalized_mutual_info_score(labels, clusters))
     if ami:
         scores["ami"] = float(adjusted_mutual_info_score(labels, clusters))
-    return scores
+    if not return_settings:
+        return scores
+    init = ("k-means++" if num_clusters * len(embeddings) <= clustering._PLUSPLUS_LIMIT
+            else "random rows")
+    settings = (f"k-means (TensorFlow Lloyd): {int(num_clusters):,} clusters, {init} init, "
+                f"seed {seed}, {int(n_init)} restart(s), at most {int(max_iter)} iterations "
+                f"(best run: {iterations}), inertia {inertia:.6g}")
+    return scores, settings
 
 
 def format_metrics_table(rows):
@@ -251,8 +319,10 @@ def format_metrics_table(rows):
 
     Args:
         rows: `{row_name: {metric_name: value}}`, e.g. `{"initial": {...}, "final":
-            {...}}`. Columns appear in first-seen order; a metric missing from a row
-            shows `-`, a NaN shows `n/a`.
+            {...}}`. Columns come in one fixed order whatever the dicts' key order:
+            recall@K, precision@K (increasing K), map@r, r_precision, nmi, ami,
+            reranked_recall@K, accuracy, ci95, then any other metric by name; a metric
+            missing from a row shows `-`, a NaN shows `n/a`.
 
     Returns:
         The table as a string. Recall, MAP, precision and NMI values are printed in
@@ -267,11 +337,8 @@ def format_metrics_table(rows):
     """
     if not rows:
         raise ValueError("Expected at least one row of metrics. Received: rows={}")
-    columns = []
-    for metrics in rows.values():
-        for name in metrics:
-            if name not in columns:
-                columns.append(name)
+    columns = sorted({name for metrics in rows.values() for name in metrics},
+                     key=metric_column_key)
     lines = [
         "| result | " + " | ".join(columns) + " |",
         "|---|" + "---:|" * len(columns),
@@ -280,6 +347,19 @@ def format_metrics_table(rows):
         cells = [_format_value(name, metrics.get(name)) for name in columns]
         lines.append(f"| {row_name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# Column order of every metrics table: family, then K, then name.
+_COLUMN_FAMILIES = ("recall@", "precision@", "map@r", "r_precision", "nmi", "ami",
+                    "reranked_recall@", "accuracy", "ci95")
+
+
+def metric_column_key(name):
+    """Sort key of a metric name in result tables (see `format_metrics_table`)."""
+    match = re.fullmatch(r"(.*@)(\d+)", name)
+    stem, k = (match.group(1), int(match.group(2))) if match else (name, 0)
+    family = _COLUMN_FAMILIES.index(stem) if stem in _COLUMN_FAMILIES else len(_COLUMN_FAMILIES)
+    return family, k, name
 
 
 def _format_value(name, value):

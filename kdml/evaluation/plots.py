@@ -1,4 +1,9 @@
-"""PNG figures of an evaluation: Recall@K curve, similarity histograms, 2-D embedding map.
+"""PNG figures of an evaluation: retrieval grid, Recall@K curve, similarity histograms, 2-D map.
+
+The retrieval grid is the one to look at first: one row per query, its thumbnail then
+its top-k results framed green (same class) or red (another), for a seeded sample of
+queries and for the worst ones (`select_grid_rows`). `python -m kdml.evaluate --plots`
+and `python -m kdml.index query --plot` draw it.
 
 matplotlib (a dependency of tensorflow-similarity) draws with the non-interactive Agg
 backend. The 2-D map uses UMAP (`umap-learn`, also brought by tensorflow-similarity)
@@ -172,3 +177,163 @@ def write_plots(embeddings, labels, recall_at_k: dict, directory: str, *, map_me
         coordinates, labels[keep_index], os.path.join(directory, f"embedding_map_{used}.png"),
         f"{title} ({used}, {len(keep_index)} images)".strip())
     return paths
+
+
+# --- Retrieval grid -------------------------------------------------------------------
+
+MATCH_COLOUR = (0, 158, 115)      # green: the result is of the query's class
+MISMATCH_COLOUR = (213, 94, 0)    # red: another class
+QUERY_COLOUR = (90, 90, 90)       # the query's own frame
+_BORDER, _PAD, _HEADER, _LABEL_WIDTH, _DPI = 4, 2, 22, 112, 100
+
+
+def first_positive_rank(query_labels, neighbour_labels) -> np.ndarray:
+    """`(Q,)` 1-based rank of each query's first same-class result; K + 1 when none of
+    its K results `neighbour_labels (Q, K)` is of its class."""
+    matches = np.asarray(neighbour_labels) == np.asarray(query_labels)[:, None]
+    k = matches.shape[1]
+    return np.where(matches.any(axis=1), matches.argmax(axis=1) + 1, k + 1)
+
+
+def select_grid_rows(query_labels, neighbour_labels, *, num_sampled: int = 6,
+                     num_worst: int = 6, seed: int = 0):
+    """The queries a retrieval grid shows: `(sampled, worst)` row indices.
+
+    `worst`: the `num_worst` queries whose first same-class result comes last (highest
+    `first_positive_rank`, none at all first), ties to the lower query index. `sampled`:
+    `num_sampled` of the remaining queries, drawn with `numpy.random.default_rng(seed)`,
+    in increasing order.
+    """
+    ranks = first_positive_rank(query_labels, neighbour_labels)
+    order = np.lexsort((np.arange(len(ranks)), -ranks))
+    worst = order[:max(0, int(num_worst))]
+    rest = np.setdiff1d(np.arange(len(ranks)), worst)
+    rng = np.random.default_rng(seed)
+    sampled = np.sort(rng.choice(rest, size=min(max(0, int(num_sampled)), len(rest)),
+                                 replace=False))
+    return sampled, worst
+
+
+def grid_size(rows: int, k: int, thumb: int = 64) -> tuple:
+    """(width, height) in pixels of a retrieval grid of `rows` queries and `k` results."""
+    cell = thumb + 2 * (_BORDER + _PAD)
+    return _LABEL_WIDTH + (k + 1) * cell + cell // 2, _HEADER + rows * cell
+
+
+def _thumbnail(image, size: int) -> np.ndarray:
+    """An `(H, W, 3)` (or `(H, W)`) image as uint8 `(size, size, 3)`: centre square,
+    nearest-neighbour resize."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    image = image[..., :3]
+    if image.dtype != np.uint8:
+        image = np.clip(np.round(image), 0, 255).astype(np.uint8)
+    h, w = image.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    pick = (np.arange(size) * side // size)
+    return image[top + pick][:, left + pick]
+
+
+def plot_retrieval_grid(query_images, neighbour_images, matches, path: str, *,
+                        row_labels=None, thumb: int = 64, title: str = "") -> str:
+    """Draws one row per query: its thumbnail, then its top-k results, best first.
+
+    Args:
+        query_images: Q images, each `(H, W, 3)` RGB (uint8, or float in [0, 255]).
+        neighbour_images: Q sequences of k images.
+        matches: `(Q, k)` bool, True where the result shares the query's class: framed
+            green (`MATCH_COLOUR`), else red (`MISMATCH_COLOUR`); queries are framed grey.
+        row_labels: Q short strings written left of each row (e.g. "worst, rank 7").
+        thumb: thumbnail side in pixels.
+
+    Returns:
+        `path`; the PNG is `grid_size(Q, k, thumb)` pixels.
+    """
+    plt = _pyplot()
+    matches = np.asarray(matches, bool)
+    rows, k = matches.shape
+    if len(query_images) != rows or any(len(n) != k for n in neighbour_images):
+        raise ValueError(f"Expected {rows} query images and {rows} rows of {k} results (the shape "
+                         f"of `matches`). Received: {len(query_images)} queries.")
+    width, height = grid_size(rows, k, thumb)
+    cell = thumb + 2 * (_BORDER + _PAD)
+    canvas = np.full((height, width, 3), 255, np.uint8)
+
+    def put(image, row, column, colour):
+        top = _HEADER + row * cell + _PAD
+        left = _LABEL_WIDTH + column * cell + (cell // 2 if column else 0) + _PAD
+        frame = thumb + 2 * _BORDER
+        canvas[top:top + frame, left:left + frame] = colour
+        canvas[top + _BORDER:top + _BORDER + thumb, left + _BORDER:left + _BORDER + thumb] = \
+            _thumbnail(image, thumb)
+
+    for r in range(rows):
+        put(query_images[r], r, 0, QUERY_COLOUR)
+        for j in range(k):
+            put(neighbour_images[r][j], r, j + 1, MATCH_COLOUR if matches[r, j] else MISMATCH_COLOUR)
+    fig = plt.figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_xlim(-0.5, width - 0.5)
+    ax.set_ylim(height - 0.5, -0.5)
+    ax.axis("off")
+    font = dict(fontsize=8, va="center")
+    ax.text(_LABEL_WIDTH + cell / 2, _HEADER / 2, "query", ha="center", **font)
+    ax.text(_LABEL_WIDTH + 1.5 * cell, _HEADER / 2, f"top {k} (green: same class, red: other)",
+            ha="left", **font)
+    if title:
+        ax.text(4, _HEADER / 2, title, ha="left", **font)
+    for r, label in enumerate(row_labels or []):
+        ax.text(4, _HEADER + (r + 0.5) * cell, str(label), ha="left", **font)
+    fig.savefig(path, dpi=_DPI)
+    plt.close(fig)
+    return path
+
+
+def retrieval_grid(query_labels, neighbours, gallery_labels, load_query, load_gallery,
+                   path: str, *, num_sampled: int = 6, num_worst: int = 6, seed: int = 0,
+                   thumb: int = 64, title: str = "") -> dict:
+    """Selects the rows (`select_grid_rows`), loads their images and draws the grid.
+
+    Args:
+        query_labels: `(Q,)` labels; neighbours: `(Q, k)` gallery rows, best first;
+            gallery_labels: `(N,)`.
+        load_query, load_gallery: `f(rows) -> list of (H, W, 3) images`.
+
+    Returns:
+        `{"path", "sampled": [query rows], "worst": [query rows], "worst_ranks": [...]}`.
+    """
+    query_labels, gallery_labels = np.asarray(query_labels), np.asarray(gallery_labels)
+    neighbour_labels = gallery_labels[np.asarray(neighbours)]
+    sampled, worst = select_grid_rows(query_labels, neighbour_labels, num_sampled=num_sampled,
+                                      num_worst=num_worst, seed=seed)
+    ranks = first_positive_rank(query_labels, neighbour_labels)
+    k = neighbour_labels.shape[1]
+    shown = np.concatenate([sampled, worst]).astype(np.int64)
+    labels = [f"query {q}\nsample" for q in sampled] + [
+        f"query {q}, worst\n" + (f"1st match: {ranks[q]}" if ranks[q] <= k else f"no match in {k}")
+        for q in worst]
+    queries = load_query(shown)
+    rows_neighbours = np.asarray(neighbours)[shown]
+    flat = load_gallery(rows_neighbours.reshape(-1))
+    nested = [flat[i * k:(i + 1) * k] for i in range(len(shown))]
+    plot_retrieval_grid(queries, nested, neighbour_labels[shown] == query_labels[shown][:, None],
+                        path, row_labels=labels, thumb=thumb, title=title)
+    return {"path": path, "sampled": sampled.tolist(), "worst": worst.tolist(),
+            "worst_ranks": ranks[worst].tolist()}
+
+
+def load_image_files(paths, size: int = 96) -> list:
+    """Image files as uint8 RGB thumbnails `(size, size, 3)` (Pillow; transparency over white)."""
+    from PIL import Image
+
+    out = []
+    for path in paths:
+        with Image.open(str(path)) as image:
+            if image.mode in ("RGBA", "LA", "P"):
+                rgba = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255,) * 4), rgba)
+            out.append(_thumbnail(np.asarray(image.convert("RGB")), size))
+    return out

@@ -16,6 +16,8 @@ import re
 
 import numpy as np
 
+from kdml.evaluation.clustering import DEFAULT_MAX_ITER
+
 PROTOCOLS = ("retrieval", "query_gallery", "episodes", "omniglot")
 # `evaluate_model` is what `python -m kdml.evaluate` runs; it lives here, free of absl
 # flags, so that it can be imported next to `kdml.train` (whose flags share names).
@@ -150,14 +152,20 @@ def _knn_strategy():
 def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval_dataset=None,
                    data_dir=None, ks=(1, 2, 4, 8), crop_fraction=0.875, batch_size=256,
                    seed=0, *, protocol="auto", query=None, gallery=None, precision_ks=None,
-                   nmi=True, kmeans_n_init=1, kmeans_max_iter=300,
+                   nmi="auto", kmeans_n_init=1, kmeans_max_iter=DEFAULT_MAX_ITER,
                    max_memory_bytes=256 * 2**20, knn_precision="float32", n_way=20, k_shot=1,
                    queries_per_class=1, episodes=1000, rerank_top_k=0, reranker=None,
-                   plots_dir=None, plot_map="auto", plot_points=2000) -> dict:
+                   plots_dir=None, plot_map="auto", plot_points=2000, grid_k=8,
+                   grid_sampled=6, grid_worst=6) -> dict:
     """Loads an embedder, embeds the protocol's images and returns the report dict.
 
+    With `plots_dir`, the figures of `kdml.evaluation.plots.write_plots` plus
+    `retrieval_grid.png`: `grid_sampled` seeded queries and the `grid_worst` worst ones
+    (latest first same-class result), each followed by its top `grid_k`.
+
     Returns:
-        `{"protocol", "split", "format", "metrics": {name: float}, "plots": {...}}`.
+        `{"protocol", "split", "format", "metrics": {name: float}, "plots": {...},
+        "retrieval_grid": {"sampled", "worst", "worst_ranks"}}` (the last two with plots).
     """
     import numpy as np
 
@@ -201,6 +209,8 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
                       metrics=metrics)
         plot_embeddings, plot_labels = query_embeddings, query_labels
         curve_source = None
+        grid_sets = (query_set, query_embeddings, query_labels, gallery_set, gallery_embeddings,
+                     gallery_labels, same_source)
     else:
         images = (_load_images(dataset, split, data_dir, seed) if eval_dataset is None
                   else _load_eval_dataset(dataset, eval_dataset, split, data_dir, seed))
@@ -209,6 +219,7 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
         report["images"] = int(len(labels))
         plot_embeddings, plot_labels = embeddings, labels
         curve_source = (embeddings, labels)
+        grid_sets = (images, embeddings, labels, images, embeddings, labels, True)
         if protocol in ("episodes", "omniglot"):
             groups = (top_level_groups(images.class_names, labels)
                       if protocol == "omniglot" else None)
@@ -236,10 +247,37 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
                                                                  gallery_labels),
                               exclude_self=protocol != "query_gallery" or same_source,
                               max_memory_bytes=max_memory_bytes)
-        report["plots"] = write_plots(plot_embeddings, np.asarray(plot_labels), curve, plots_dir,
-                                      map_method=plot_map, map_points=plot_points, seed=seed,
-                                      title=os.path.basename(os.path.normpath(model_path)))
+        title = os.path.basename(os.path.normpath(model_path))
+        os.makedirs(plots_dir, exist_ok=True)
+        grid = _retrieval_grid(*grid_sets, os.path.join(plots_dir, "retrieval_grid.png"),
+                               k=grid_k, num_sampled=grid_sampled, num_worst=grid_worst,
+                               seed=seed, title=title, max_memory_bytes=max_memory_bytes)
+        report["plots"] = {"retrieval_grid": grid.pop("path"),
+                           **write_plots(plot_embeddings, np.asarray(plot_labels), curve,
+                                         plots_dir, map_method=plot_map, map_points=plot_points,
+                                         seed=seed, title=title)}
+        report["retrieval_grid"] = grid
     return report
+
+
+def _retrieval_grid(query_set, query_embeddings, query_labels, gallery_set, gallery_embeddings,
+                    gallery_labels, leave_one_out, path, *, k, num_sampled, num_worst, seed,
+                    title, max_memory_bytes, thumb=64):
+    """`kdml.evaluation.plots.retrieval_grid` of a protocol's queries and gallery."""
+    from kdml.evaluation import exact_knn
+    from kdml.evaluation.plots import retrieval_grid
+    from kdml.export.images import _subset, load_uint8
+
+    k = max(1, min(int(k), len(gallery_labels) - int(leave_one_out)))
+    neighbours, _ = exact_knn(query_embeddings, None if leave_one_out else gallery_embeddings,
+                              k=k, max_memory_bytes=max_memory_bytes)
+
+    def loader(image_set):
+        return lambda rows: list(load_uint8(_subset(image_set, np.asarray(rows)), thumb))
+
+    return retrieval_grid(query_labels, neighbours, gallery_labels, loader(query_set),
+                          loader(gallery_set), path, num_sampled=num_sampled,
+                          num_worst=num_worst, seed=seed, thumb=thumb, title=title)
 
 
 def _load_eval_dataset(dataset, eval_dataset, split, data_dir, seed):

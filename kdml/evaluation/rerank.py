@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from kdml.evaluation.knn import exact_knn
 
-__all__ = ["pair_scorer", "rerank_metrics", "reranked_neighbours"]
+__all__ = ["pair_scorer", "rerank_metrics", "reranked_neighbours", "select_top_k"]
 
 
 def pair_scorer(model) -> Callable:
@@ -50,6 +50,19 @@ def reranked_neighbours(embeddings, scorer, *, top_k, pair_batch_size=8192,
         (N, top_k) int64 gallery indices in decreasing score; equal scores keep the
         cosine order.
     """
+    indices, scores = _scored_candidates(embeddings, scorer, top_k, pair_batch_size,
+                                         max_memory_bytes)
+    return _order_by_score(indices, scores)
+
+
+def _order_by_score(indices, scores):
+    """Candidates (N, k) re-ordered by decreasing score; ties keep the cosine order."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(indices, order, axis=1)
+
+
+def _scored_candidates(embeddings, scorer, top_k, pair_batch_size, max_memory_bytes):
+    """Each query's cosine top-k (N, k) and their scorer scores (N, k) float32."""
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2:
         raise ValueError(
@@ -75,8 +88,7 @@ def reranked_neighbours(embeddings, scorer, *, top_k, pair_batch_size=8192,
             a, b = np.pad(a, pad), np.pad(b, pad)
         out = np.asarray(scorer(tf.constant(a), tf.constant(b)), dtype=np.float32)
         scores[start:stop] = out.reshape(-1)[: stop - start]
-    order = np.argsort(-scores.reshape(num_queries, top_k), axis=1, kind="stable")
-    return np.take_along_axis(indices, order, axis=1)
+    return indices, scores.reshape(num_queries, top_k)
 
 
 def rerank_metrics(embeddings, labels, scorer, *, top_k, ks=(1, 2, 4, 8), **kwargs) -> dict:
@@ -111,3 +123,39 @@ def rerank_metrics(embeddings, labels, scorer, *, top_k, ks=(1, 2, 4, 8), **kwar
     hits = labels[order] == labels[:, None]  # (N, top_k)
     return {f"reranked_recall@{k}": float(np.mean(np.any(hits[:, :k], axis=1)))
             for k in kept}
+
+
+def select_top_k(embeddings, labels, scorer, *, candidates=(1, 2, 4, 8, 16, 32), k=1,
+                 pair_batch_size=8192, max_memory_bytes=256 * 2**20):
+    """The re-ranking depth with the best reranked Recall@`k` on a VALIDATION split.
+
+    Re-ranking is its own evaluation row; its depth is a hyperparameter, so it is
+    chosen here on validation embeddings and then applied once to test. The pairs of
+    the largest candidate are scored once; a smaller depth re-orders a prefix of them.
+    `top_k = 1` (or any depth <= k) leaves Recall@k as the embedding's own.
+
+    Args:
+        embeddings: (N, d) validation embeddings; labels: (N,) their labels.
+        scorer: `scorer(a, b) -> (n,)`, see `reranked_neighbours`.
+        candidates: depths to try, each in [1, N - 1].
+        k: the Recall@K that decides (default 1).
+        pair_batch_size, max_memory_bytes: as `reranked_neighbours`.
+
+    Returns:
+        (best depth, {depth: reranked Recall@k}); ties go to the smallest depth.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    depths = sorted({int(c) for c in candidates})
+    if not depths or depths[0] < 1 or depths[-1] > len(labels) - 1:
+        raise ValueError(
+            f"Expected `candidates` in [1, N - 1] = [1, {len(labels) - 1}]. "
+            f"Received: candidates={tuple(candidates)}. Drop the depths beyond N - 1.")
+    indices, scores = _scored_candidates(embeddings, scorer, depths[-1], pair_batch_size,
+                                         max_memory_bytes)
+    recalls = {}
+    for depth in depths:
+        order = _order_by_score(indices[:, :depth], scores[:, :depth])
+        hits = labels[order[:, :k]] == labels[:, None]
+        recalls[depth] = float(np.mean(np.any(hits, axis=1)))
+    best = max(depths, key=lambda depth: (recalls[depth], -depth))
+    return best, recalls

@@ -51,9 +51,12 @@ class CodedResidualTransform(keras.layers.Layer):
             constant 1/sqrt(K) that keeps the projection's input scale independent
             of K), "layer_norm" (a learnable LayerNorm), or "none". Default "l2".
         orthogonality_strength: strength of `kdml.regularizers.SoftOrthogonal` on the
-            prototype matrix (K, C) (docs/design.md 3.2's penalty, normalised by K^2);
-            0 disables it. Default 1.0.
+            prototype matrix (K, C) (docs/design.md 3.2's penalty); 0 disables it.
+            Default 1.0.
         orthogonality_mode: that regulariser's mode ("auto": rows when K <= C).
+        orthogonality_normalization: that regulariser's normalization. Default "size"
+            (divided by K^2: the mean squared cosine between prototypes, so one strength
+            fits any K; "none" is the SO paper's unnormalised sum).
         prototype_initializer: initializer of the (K, C) prototypes. Default
             "orthogonal" (orthonormal rows when K <= C: distinct directions from the
             start).
@@ -69,19 +72,24 @@ class CodedResidualTransform(keras.layers.Layer):
 
     Shapes:
         `(B, H, W, C)` feature map or `(B, N, C)` tokens -> `(B, d)` float32, unit norm.
+        `num_positions` is N, the positions (H W) or tokens (less `skip_tokens`) the
+        K prototypes encode, once built.
 
     Example:
 
     >>> crt = CodedResidualTransform(num_prototypes=8, embedding_dim=16, temperature=0.1)
-    >>> tuple(crt(np.random.rand(2, 4, 4, 32).astype("float32")).shape)
+    >>> tuple(crt(np.random.rand(2, 7, 7, 32).astype("float32")).shape)
     (2, 16)
+    >>> crt.num_positions, crt.num_prototypes  # N = 7 x 7 positions, K prototypes
+    (49, 8)
     """
 
     def __init__(self, num_prototypes, embedding_dim, temperature=0.1,
                  normalize_features=False, intra_normalization=True,
                  code_normalization="l2", orthogonality_strength=1.0,
                  orthogonality_mode="auto", prototype_initializer="orthogonal",
-                 skip_tokens=0, kernel_initializer="glorot_uniform", **kwargs):
+                 skip_tokens=0, kernel_initializer="glorot_uniform",
+                 orthogonality_normalization="size", **kwargs):
         kwargs.pop("autocast", None)
         super().__init__(autocast=False, **kwargs)
         for arg, value in (("num_prototypes", num_prototypes), ("embedding_dim", embedding_dim)):
@@ -105,8 +113,10 @@ class CodedResidualTransform(keras.layers.Layer):
         self.code_normalization = code_normalization
         self.orthogonality_strength = float(orthogonality_strength)
         self.orthogonality_mode = orthogonality_mode
-        # Validates strength >= 0 and the mode with SoftOrthogonal's own messages.
-        regularizer = SoftOrthogonal(self.orthogonality_strength, orthogonality_mode)
+        self.orthogonality_normalization = orthogonality_normalization
+        # Validates strength >= 0, mode and normalization with SoftOrthogonal's messages.
+        regularizer = SoftOrthogonal(self.orthogonality_strength, orthogonality_mode,
+                                     orthogonality_normalization)
         self.prototype_regularizer = regularizer if self.orthogonality_strength > 0 else None
         self.prototype_initializer = keras.initializers.get(prototype_initializer)
         self.skip_tokens = skip_tokens
@@ -117,6 +127,13 @@ class CodedResidualTransform(keras.layers.Layer):
             embedding_dim, kernel_initializer=self.kernel_initializer,
             dtype=self.dtype_policy, name="projection")
         self.normalization = L2Normalization(name="l2_normalization")
+        self._num_positions = None
+
+    @property
+    def num_positions(self):
+        """N: the positions or tokens each input contributes (None before build, or when
+        the input's spatial size is unknown)."""
+        return self._num_positions
 
     def build(self, input_shape):
         if len(input_shape) not in (3, 4) or input_shape[-1] is None:
@@ -130,6 +147,12 @@ class CodedResidualTransform(keras.layers.Layer):
         if len(input_shape) == 3 and input_shape[1] is not None and input_shape[1] <= self.skip_tokens:
             raise ValueError(
                 f"skip_tokens={self.skip_tokens} leaves no tokens of input_shape={input_shape}.")
+        spatial = input_shape[1:-1]
+        if all(size is not None for size in spatial):
+            count = 1
+            for size in spatial:
+                count *= int(size)
+            self._num_positions = count - (self.skip_tokens if len(input_shape) == 3 else 0)
         channels = int(input_shape[-1])
         self.prototypes = self.add_weight(
             name="prototypes", shape=(self.num_prototypes, channels),
@@ -212,6 +235,7 @@ class CodedResidualTransform(keras.layers.Layer):
             "code_normalization": self.code_normalization,
             "orthogonality_strength": self.orthogonality_strength,
             "orthogonality_mode": self.orthogonality_mode,
+            "orthogonality_normalization": self.orthogonality_normalization,
             "prototype_initializer": keras.initializers.serialize(self.prototype_initializer),
             "skip_tokens": self.skip_tokens,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),

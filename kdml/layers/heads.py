@@ -23,6 +23,15 @@ class PoolingHead(keras.layers.Layer):
         kernel_initializer: initializer of the linear layer.
 
     Shapes: `(B, H, W, C)` or `(B, N, C)` -> `(B, d)` float32, unit norm.
+
+    Example: with an identity projection, max pooling of a (1, 2, 1, 2) map whose
+    channel maxima are (3, 4) gives (3, 4) / 5.
+
+    >>> head = PoolingHead(embedding_dim=2, pooling="max", kernel_initializer="identity")
+    >>> head(np.array([[[[3.0, 0.0]], [[-1.0, 4.0]]]])).numpy()
+    array([[0.6, 0.8]], dtype=float32)
+    >>> tuple(PoolingHead(embedding_dim=8)(np.random.rand(2, 7, 7, 64)).shape)
+    (2, 8)
     """
 
     def __init__(self, embedding_dim, pooling="avg_max",

@@ -18,7 +18,10 @@ class L2Normalization(keras.layers.Layer):
     Shapes: `(..., d) -> (..., d)` float32.
 
     Example:
-    >>> L2Normalization()(np.array([[3.0, 4.0]]))  # [[0.6, 0.8]]
+
+    >>> L2Normalization()(np.array([[3.0, 4.0], [0.0, -2.0]])).numpy()
+    array([[ 0.6,  0.8],
+           [ 0. , -1. ]], dtype=float32)
     """
 
     def __init__(self, axis=-1, epsilon=1e-12, **kwargs):

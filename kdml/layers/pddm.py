@@ -5,7 +5,8 @@ from keras import ops
 
 from kdml.losses._cross_replica import all_gather
 
-_NORM_EPSILON = 1e-12  # as tf.math.l2_normalize: guards the all-zero (all-ReLU-dead) vector
+_NORM_EPSILON = 1e-12  # as tf.math.l2_normalize: guards u = |f_i - f_i| = 0 and dead ReLUs
+NORMALIZATIONS = ("before_fc", "after_fc")
 
 
 def _l2_normalize(x):
@@ -23,15 +24,24 @@ class PDDM(keras.layers.Layer):
     """Learned similarity S(f_i, f_j) of a pair of embeddings (the PDDM unit).
 
     Huang, Loy, Tang, "Local Similarity-Aware Deep Feature Embedding", NIPS 2016,
-    Eq. (1)-(2) (docs/design.md 3.4):
+    Eq. (1), on L2-normalised embeddings f (the paper's Fig. 2):
 
-        u = |f_i - f_j|,  v = (f_i + f_j) / 2
-        u' = L2norm(ReLU(W_u u + b_u)),  v' = L2norm(ReLU(W_v v + b_v))
-        c  = ReLU(W_c [u'; v'] + b_c),   S_ij = W_s c + b_s
+        u1 = |f_i - f_j|,           v1 = (f_i + f_j) / 2
+        u2 = u1 / ||u1||_2,         v2 = v1 / ||v1||_2       (normalised BEFORE the FCs)
+        u  = ReLU(W_u u2 + b_u),    v  = ReLU(W_v v2 + b_v)
+        c  = ReLU(W_c [u; v] + b_c),  S_ij = W_s c + b_s
+
+    The normalisation removes the scale of the difference and of the mean: u2 keeps
+    only the direction in which f_i and f_j differ, v2 where the pair sits (the
+    "position" of the position-dependent metric). For f_i = f_j, u1 = 0: the norm is
+    guarded by max(||u1||^2, 1e-12) (u2 = 0, finite gradients).
+    `normalization="after_fc"` is the other order, u = L2(ReLU(W_u u1 + b_u)) and
+    v = L2(ReLU(W_v v1 + b_v)), kept as an option (an earlier reading of the paper).
 
     u and v are symmetric in (f_i, f_j), so S_ij = S_ji exactly (bit for bit) in
     inference; dropout on c (training only) draws independent masks per pair. Since
-    W_v is linear, W_v v = (W_v f_i + W_v f_j) / 2 is computed per row and broadcast,
+    W_v is linear, W_v v1 = (W_v f_i + W_v f_j) / 2 is computed per row and broadcast,
+    and ||v1||^2 = (||f_i||^2 + ||f_j||^2) / 2 - ||u1||^2 / 4 (the parallelogram law),
     so a (q, g) score matrix only needs the (q, g, d) tensor for u.
 
     Computed in float32 whatever the input dtype or mixed-precision policy (inputs are
@@ -39,8 +49,9 @@ class PDDM(keras.layers.Layer):
     and a re-ranking sort.
 
     Args:
-        hidden_dim: Width of u', v' and c (the paper's fully connected layers).
+        hidden_dim: Width of u, v and c (the paper's fully connected layers).
         dropout: Dropout rate on c during training, in [0, 1).
+        normalization: "before_fc" (default, the paper's Eq. 1) or "after_fc", see above.
         **kwargs: Standard layer arguments (`name`, `trainable`, `dtype`).
 
     Shapes:
@@ -54,16 +65,24 @@ class PDDM(keras.layers.Layer):
     >>> x = keras.random.normal((5, 8))
     >>> tuple(unit(x, x[::-1]).shape), tuple(unit.pairwise(x).shape)
     ((5,), (5, 5))
+    >>> # u1, v1 are normalised before the FCs: the pair's scale does not matter.
+    >>> bool(np.allclose(unit(x, x[::-1]), unit(3 * x, 3 * x[::-1]), atol=1e-5))
+    True
     """
 
-    def __init__(self, hidden_dim=128, dropout=0.0, **kwargs):
+    def __init__(self, hidden_dim=128, dropout=0.0, normalization="before_fc", **kwargs):
         kwargs.pop("autocast", None)
         super().__init__(autocast=False, **kwargs)
         _check_positive_int("hidden_dim", hidden_dim)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"Expected `dropout` in [0, 1). Received: dropout={dropout!r}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"Expected `normalization` in {NORMALIZATIONS} (\"before_fc\" is the paper's "
+                f"Eq. 1). Received: normalization={normalization!r}")
         self.hidden_dim = hidden_dim
         self.dropout = float(dropout)
+        self.normalization = normalization
         dense = dict(dtype="float32", kernel_initializer="glorot_uniform")
         self.u_dense = keras.layers.Dense(hidden_dim, name="u_dense", **dense)
         self.v_dense = keras.layers.Dense(hidden_dim, name="v_dense", **dense)
@@ -93,26 +112,37 @@ class PDDM(keras.layers.Layer):
             self.build(tensors[0].shape)
         return [ops.cast(x, "float32") for x in tensors]
 
-    def _head(self, u, v_pre, training):
-        """u (..., d), pre-activation W_v v + b_v (..., h) -> scores (...)."""
-        u_prime = _l2_normalize(ops.relu(self.u_dense(u)))
-        v_prime = _l2_normalize(ops.relu(v_pre))
-        c = ops.relu(self.c_dense(ops.concatenate([u_prime, v_prime], axis=-1)))
+    def _head(self, u1, v_mean_proj, v_squared_norm, training):
+        """u1 = |f_i - f_j| (..., d), W_v v1 (..., h), ||v1||^2 (...) -> scores (...)."""
+        v_bias = ops.cast(self.v_dense.bias, "float32")
+        if self.normalization == "before_fc":
+            u = ops.relu(self.u_dense(_l2_normalize(u1)))
+            # W_v (v1 / ||v1||) + b_v, guarded as _l2_normalize guards u1.
+            v_scale = ops.rsqrt(ops.maximum(v_squared_norm, _NORM_EPSILON))
+            v = ops.relu(v_mean_proj * v_scale[..., None] + v_bias)
+        else:
+            u = _l2_normalize(ops.relu(self.u_dense(u1)))
+            v = _l2_normalize(ops.relu(v_mean_proj + v_bias))
+        c = ops.relu(self.c_dense(ops.concatenate([u, v], axis=-1)))
         c = self.dropout_layer(c, training=training)
         return ops.squeeze(self.score_dense(c), axis=-1)
-
-    def _v_pre(self, a_proj, b_proj):
-        # W_v (a + b) / 2 + b_v from the per-row products W_v a, W_v b (no bias inside).
-        return (a_proj + b_proj) * 0.5 + ops.cast(self.v_dense.bias, "float32")
 
     def _project_v(self, x):
         return ops.matmul(x, ops.cast(self.v_dense.kernel, "float32"))
 
+    def _scores(self, a, b, a_proj, b_proj, a_sq, b_sq, training):
+        """Broadcast rows a, b (..., d), their W_v products and squared norms -> (...)."""
+        u1 = ops.abs(a - b)
+        # ||v1||^2 = ||(a + b) / 2||^2 by the parallelogram law; symmetric in (a, b).
+        v_squared_norm = ops.maximum((a_sq + b_sq) * 0.5 - ops.sum(ops.square(u1), axis=-1) * 0.25,
+                                     0.0)
+        return self._head(u1, (a_proj + b_proj) * 0.5, v_squared_norm, training)
+
     def call(self, a, b, training=None):
         a, b = self._check(a, b)
-        u = ops.abs(a - b)
-        v_pre = self._v_pre(self._project_v(a), self._project_v(b))
-        return self._head(u, v_pre, training)
+        return self._scores(a, b, self._project_v(a), self._project_v(b),
+                            ops.sum(ops.square(a), axis=-1), ops.sum(ops.square(b), axis=-1),
+                            training)
 
     def pairwise(self, x, y=None, training=None):
         """Scores of every pair: (q, d) x (g, d) -> (q, g); `y=None` means `y = x`."""
@@ -121,18 +151,24 @@ class PDDM(keras.layers.Layer):
             y = x
         else:
             x, y = self._check(x, y)
-        u = ops.abs(x[:, None, :] - y[None, :, :])  # (q, g, d)
         x_proj, y_proj = self._project_v(x), self._project_v(y)
-        v_pre = self._v_pre(x_proj[:, None, :], y_proj[None, :, :])  # (q, g, h)
-        return self._head(u, v_pre, training)
+        x_sq, y_sq = ops.sum(ops.square(x), axis=-1), ops.sum(ops.square(y), axis=-1)
+        return self._scores(x[:, None, :], y[None, :, :], x_proj[:, None, :], y_proj[None, :, :],
+                            x_sq[:, None], y_sq[None, :], training)
 
     def compute_output_spec(self, a, b, training=None):
         return keras.KerasTensor(a.shape[:-1], dtype="float32")
 
     def get_config(self):
         config = super().get_config()
-        config.update({"hidden_dim": self.hidden_dim, "dropout": self.dropout})
+        config.update({"hidden_dim": self.hidden_dim, "dropout": self.dropout,
+                       "normalization": self.normalization})
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        # Units saved before `normalization` existed normalised after the FCs.
+        return cls(**{"normalization": "after_fc", **config})
 
 
 @keras.saving.register_keras_serializable(package="kdml")
@@ -155,6 +191,13 @@ class PDDMScoreMatrix(keras.layers.Layer):
 
     Shapes:
         (b, d) -> (b, d + B) float32, B = b x replicas.
+
+    Example:
+
+    >>> head = PDDMScoreMatrix(PDDM(hidden_dim=8))
+    >>> out = head(keras.random.normal((4, 6)))
+    >>> tuple(out.shape)  # [4 embeddings of 6 | their 4 x 4 scores]
+    (4, 10)
     """
 
     def __init__(self, unit, **kwargs):

@@ -18,6 +18,15 @@ class PixelNormalization(keras.layers.Layer):
             from `keras.applications` expect BGR).
 
     Shapes: `(B, H, W, 3) -> (B, H, W, 3)` in the layer's compute dtype.
+
+    Example:
+
+    >>> pixel = np.array([[[[0.0, 127.5, 255.0]]]])  # (1, 1, 1, 3): one RGB pixel
+    >>> PixelNormalization()(pixel).numpy()  # (x - 127.5) / 127.5
+    array([[[[-1.,  0.,  1.]]]], dtype=float32)
+    >>> bgr = PixelNormalization(mean=(0, 0, 0), std=(1, 2, 4), channel_order="bgr")
+    >>> bgr(pixel).numpy()  # (255 / 4, 127.5 / 2, 0 / 1): B, G, R
+    array([[[[63.75, 63.75,  0.  ]]]], dtype=float32)
     """
 
     def __init__(self, mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5),

@@ -41,6 +41,12 @@ class Proxies(keras.layers.Layer):
     >>> sims = Proxies(num_classes=100)(embeddings)
     >>> tuple(sims.shape), sims.dtype
     ((None, 100), 'float32')
+
+    With the proxies e_1 and e_2 (identity initializer), the cosines of (3, 4) to them
+    are 3/5 and 4/5:
+
+    >>> Proxies(num_classes=2, initializer="identity")(np.array([[3.0, 4.0]])).numpy()
+    array([[0.6, 0.8]], dtype=float32)
     """
 
     def __init__(self, num_classes, initializer="he_normal", proxy_regularizer=None,

@@ -9,6 +9,7 @@ from keras import ops
 from kdml.losses._cross_replica import BatchLoss
 
 MINING_MODES = ("per_anchor", "single")
+MINING_SCORES = ("unit", "cosine")
 _FAR = 3.0e38  # stands in for +-inf in masked argmin/argmax (no gradient flows there)
 
 
@@ -16,6 +17,13 @@ def _take_pairs(matrix, rows, cols):
     """matrix (B, B), rows/cols (Q,) int32 -> (Q,) entries matrix[rows, cols]."""
     size = ops.shape(matrix)[1]
     return ops.take(ops.reshape(matrix, (-1,)), rows * size + cols)
+
+
+def _cosine_matrix(embeddings):
+    """(B, d) -> (B, B) cosine similarities (rows L2-normalised first)."""
+    squared = ops.sum(ops.square(embeddings), axis=-1, keepdims=True)
+    unit = embeddings * ops.rsqrt(ops.maximum(squared, 1e-12))
+    return ops.matmul(unit, ops.transpose(unit))
 
 
 def _squared_distances(embeddings, rows, cols):
@@ -82,6 +90,11 @@ class PDDMLoss(BatchLoss):
         E_e = [beta + D_ij - D_ik]_+ + [beta + D_ij - D_jl]_+        (D = squared L2)
         L   = mean over valid quadruplets of (E_m + lambda E_e)
 
+    E_e is computed on the SAME quadruplets, so the unit's hard-quadruplet mining
+    drives the embedding loss (the paper's Sec. 3.2). `mining_score="cosine"` is the
+    ablation: the quadruplets are mined with the cosine similarity of the embeddings
+    instead of S, everything else (E_m on S, E_e, the weights) unchanged.
+
     `mining="single"` is the paper's one quadruplet per batch; `"per_anchor"` (the
     default, an improvement docs/design.md allows) mines one per anchor, using every image.
 
@@ -103,6 +116,7 @@ class PDDMLoss(BatchLoss):
         beta: Squared-distance margin of the embedding hinge (paper beta, default 1.0).
         lambda_: Weight of the embedding loss (paper lambda, default 0.5).
         mining: "per_anchor" (default) or "single".
+        mining_score: "unit" (default, the paper: mine by S) or "cosine" (the ablation).
         gather_across_replicas: Must be True (the score layer always gathers).
         name, **kwargs: As `keras.losses.Loss`.
 
@@ -118,6 +132,9 @@ class PDDMLoss(BatchLoss):
     >>> # (i, j, k, l) = (0, 1, 2, 2): E_m = 0.7 + 0.86, E_e = 1.4 + 1.72
     >>> round(float(PDDMLoss(mining="single")([0, 0, 1], y_pred)), 4)
     3.12
+    >>> # The ablation mines by cosine; here S is the cosine, so the same quadruplet.
+    >>> round(float(PDDMLoss(mining="single", mining_score="cosine")([0, 0, 1], y_pred)), 4)
+    3.12
     """
 
     def __init__(
@@ -126,6 +143,7 @@ class PDDMLoss(BatchLoss):
         beta=1.0,
         lambda_=0.5,
         mining="per_anchor",
+        mining_score="unit",
         gather_across_replicas=True,
         name="pddm_loss",
         **kwargs,
@@ -144,6 +162,12 @@ class PDDMLoss(BatchLoss):
             raise ValueError(
                 f"Expected `mining` in {MINING_MODES}. Received: mining={mining!r}"
             )
+        if mining_score not in MINING_SCORES:
+            raise ValueError(
+                f"Expected `mining_score` in {MINING_SCORES} (\"unit\" mines with the PDDM "
+                f"score, as the paper). Received: mining_score={mining_score!r}"
+            )
+        self.mining_score = mining_score
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.lambda_ = float(lambda_)
@@ -167,7 +191,8 @@ class PDDMLoss(BatchLoss):
         dim = width - size
         embeddings, scores = values[:, :dim], values[:, dim:]
 
-        i, j, k, l, valid = mine_quadruplets(labels, scores, self.mining)  # noqa: E741
+        mining_scores = scores if self.mining_score == "unit" else _cosine_matrix(embeddings)
+        i, j, k, l, valid = mine_quadruplets(labels, mining_scores, self.mining)  # noqa: E741
         s_ij = _take_pairs(scores, i, j)
         s_ik = _take_pairs(scores, i, k)
         s_jl = _take_pairs(scores, j, l)
@@ -189,7 +214,7 @@ class PDDMLoss(BatchLoss):
         config = super().get_config()
         config.update(
             {"alpha": self.alpha, "beta": self.beta, "lambda_": self.lambda_,
-             "mining": self.mining}
+             "mining": self.mining, "mining_score": self.mining_score}
         )
         return config
 

@@ -1,6 +1,7 @@
 """Proxy Anchor loss (Kim et al., CVPR 2020; docs/design.md 3.1)."""
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from kdml.losses._cross_replica import BatchLoss
@@ -40,6 +41,12 @@ class ProxyAnchorLoss(BatchLoss):
         **kwargs: Passed to `keras.losses.Loss` (`reduction` has no effect on the
             scalar; `dtype` is the dtype inputs are first converted to, keep float32).
 
+    Labels: a label outside [0, C) (C = the number of proxies) is an error, not a
+    sample that is negative for every proxy: eagerly a `ValueError`, in a
+    `tf.function` (`model.fit`) a `tf.errors.InvalidArgumentError` (both name C and
+    the label). Under XLA (`jit_compile=True`), which compiles asserts away, the loss
+    is NaN instead, which kdml's training stops on at once (`NonFiniteLossGuard`).
+
     Shapes:
         y_true: int class labels in [0, C), (B,) or (B, 1); float labels (Keras casts
             `y_true` to the loss dtype) are converted back to int32.
@@ -52,6 +59,13 @@ class ProxyAnchorLoss(BatchLoss):
     >>> sims = keras.ops.convert_to_tensor([[0.9, -0.1], [-0.2, 0.8]])
     >>> float(loss([0, 1], sims)) < 0.5
     True
+
+    With alpha = 1, margin = 0 and one sample per proxy at cosine 0, each proxy has
+    one positive and one negative term, log(1 + e^0) = log 2, so L = 2 log 2:
+
+    >>> zeros = keras.ops.zeros((2, 2))
+    >>> round(float(ProxyAnchorLoss(alpha=1.0, margin=0.0)([0, 1], zeros)), 6)
+    1.386294
     """
 
     def __init__(
@@ -75,6 +89,7 @@ class ProxyAnchorLoss(BatchLoss):
     def call(self, y_true, y_pred):
         labels, sims = self._maybe_gather(y_true, y_pred)  # (B,), (B, C) float32
         num_classes = ops.shape(sims)[-1]
+        labels, valid = _checked_labels(labels, num_classes)
         class_ids = ops.arange(num_classes, dtype="int32")
         positive = ops.equal(labels[:, None], class_ids[None, :])  # (B, C)
 
@@ -89,9 +104,41 @@ class ProxyAnchorLoss(BatchLoss):
         present = ops.cast(ops.any(positive, axis=0), "float32")  # P+ indicator
         pos_loss = ops.divide_no_nan(ops.sum(present * pos_terms), ops.sum(present))
         neg_loss = ops.mean(neg_terms)
-        return pos_loss + neg_loss
+        # NaN for labels outside [0, C) where the assert cannot run (XLA).
+        return pos_loss + neg_loss + ops.where(valid, 0.0, float("nan"))
 
     def get_config(self):
         config = super().get_config()
         config.update({"alpha": self.alpha, "margin": self.margin})
         return config
+
+
+_LABEL_FIX = ("Fix: map the labels to 0..C-1 (as kdml.data does) and give Proxies one proxy "
+              "per training class.")
+
+
+def _checked_labels(labels, num_classes):
+    """(labels, valid): raises on a label outside [0, C) eagerly and in a tf.function.
+
+    Eagerly a `ValueError`; in a graph a `tf.debugging.Assert` (InvalidArgumentError)
+    that the returned labels depend on. XLA compiles the assert to nothing, so `valid`
+    (a bool scalar) is returned for the caller to turn the loss into NaN.
+    """
+    in_range = ops.logical_and(ops.greater_equal(labels, 0), ops.less(labels, num_classes))
+    valid = ops.all(in_range)
+    if tf.executing_eagerly():
+        if not bool(valid):
+            bad = ops.convert_to_numpy(labels)[~ops.convert_to_numpy(in_range)][0]
+            raise ValueError(
+                f"ProxyAnchorLoss: labels must be class indices in [0, C) = [0, {int(num_classes)})"
+                f" (C = y_pred.shape[-1], the number of proxies); received a label of {bad}. "
+                + _LABEL_FIX)
+        return labels, valid
+    lowest, highest = ops.min(labels), ops.max(labels)
+    bad = ops.where(ops.less(lowest, 0), lowest, highest)  # an offending label
+    check = tf.debugging.Assert(valid, [
+        "ProxyAnchorLoss: labels must be class indices in [0, C) with C = y_pred.shape[-1], "
+        "the number of proxies, =", num_classes, "; received a label of", bad,
+        ". " + _LABEL_FIX])
+    with tf.control_dependencies([check]):
+        return tf.identity(labels), valid

@@ -43,6 +43,12 @@ class SimilarityConsistency(BatchLoss):
     >>> e = keras.ops.convert_to_tensor([[1.0, 0.0], [0.0, 1.0]])
     >>> float(SimilarityConsistency()(None, (e, e)))
     0.0
+
+    S_1 = I against S_2 = all ones: two of the four entries differ by 1, so L = 2/4.
+
+    >>> same = keras.ops.convert_to_tensor([[1.0, 0.0], [1.0, 0.0]])
+    >>> float(SimilarityConsistency()(None, (e, same)))
+    0.5
     """
 
     def __init__(self, split=None, gather_across_replicas=True,

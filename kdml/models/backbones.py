@@ -1,4 +1,5 @@
-"""Backbones by name: `conv4`, `resnet50`, `mobilenet_v3_small`, `deit_tiny|small|base`.
+"""Backbones by name: `conv4`, `conv4_stride4`, `resnet50`, `mobilenet_v3_small`,
+`deit_tiny|small|base`.
 
 Each builder returns the backbone as a Keras model named "backbone" that maps
 normalised images `(B, H, W, 3)` to features: a map `(B, h, w, C)` for CNNs or a
@@ -33,21 +34,32 @@ class BackboneSpec:
     min_image_size: int = 1
     pretrained_image_size: int | None = None  # the only size the ImageNet weights load at
     prefix_tokens: int = 0  # leading non-patch tokens of "tokens" features (class, distillation)
+    pretrained_weights: bool = True  # has weights="imagenet"; without, weights default to "none"
 
 
-def _conv4(image_size: int, weights: str) -> keras.Model:
-    """4 x [conv3x3-64, BatchNorm, ReLU, maxpool 2] (Vinyals et al. 2016; Snell et al. 2017)."""
+def _conv4(image_size: int, weights: str, poolings: int = 4, name: str = "conv4") -> keras.Model:
+    """4 x [conv3x3-64, BatchNorm, ReLU], each of the first `poolings` blocks followed by
+    maxpool 2 (Vinyals et al. 2016; Snell et al. 2017 use all 4 poolings)."""
     if weights != "none":
-        raise ValueError("Backbone 'conv4' has no pretrained weights; use --weights=none.")
+        raise ValueError(f"Backbone {name!r} has no pretrained weights; use --weights=none.")
     blocks = [keras.Input((image_size, image_size, 3))]
     for i in range(4):
         blocks += [
             keras.layers.Conv2D(64, 3, padding="same", use_bias=False, name=f"conv{i + 1}"),
             keras.layers.BatchNormalization(synchronized=True, name=f"bn{i + 1}"),
             keras.layers.ReLU(name=f"relu{i + 1}"),
-            keras.layers.MaxPooling2D(2, padding="same", name=f"pool{i + 1}"),
         ]
+        if i < poolings:
+            blocks.append(keras.layers.MaxPooling2D(2, padding="same", name=f"pool{i + 1}"))
     return keras.Sequential(blocks, name="backbone")
+
+
+def _conv4_stride4(image_size: int, weights: str) -> keras.Model:
+    """conv4 without its last two poolings: output stride 4, so a 28 px glyph gives a
+    7 x 7 x 64 map (N = 49 positions) for heads that encode local features (CRT),
+    instead of conv4's 2 x 2. Same weights as conv4; about 1.1x its FLOPs at 28 px (only
+    block 4 grows, from 4 x 4 to 7 x 7 positions), where conv4 at 84 px costs 9x."""
+    return _conv4(image_size, weights, poolings=2, name="conv4_stride4")
 
 
 def _resnet50(image_size: int, weights: str) -> keras.Model:
@@ -100,7 +112,11 @@ def _deit(variant: str) -> Callable[[int, str], keras.Model]:
 
 _GLYPH_SPEC = dict(pixel_mean=(127.5,) * 3, pixel_std=(127.5,) * 3)
 BACKBONES: Dict[str, tuple] = {
-    "conv4": (_conv4, BackboneSpec("conv4", "map", "avg_max", **_GLYPH_SPEC, min_image_size=16)),
+    "conv4": (_conv4, BackboneSpec("conv4", "map", "avg_max", **_GLYPH_SPEC, min_image_size=16,
+                                    pretrained_weights=False)),
+    "conv4_stride4": (_conv4_stride4, BackboneSpec(
+        "conv4_stride4", "map", "avg_max", **_GLYPH_SPEC, min_image_size=4,
+        pretrained_weights=False)),
     "resnet50": (_resnet50, BackboneSpec(
         "resnet50", "map", "avg_max", pixel_mean=IMAGENET_MEAN, pixel_std=(1.0, 1.0, 1.0),
         channel_order="bgr", min_image_size=32, pretrained_image_size=None)),

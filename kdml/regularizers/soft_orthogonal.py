@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 _MODES = ("auto", "rows", "columns")
+NORMALIZATIONS = ("none", "size")
 _NORM_EPSILON = 1e-12  # as tf.math.l2_normalize: guards an all-zero row
 
 
@@ -11,32 +12,34 @@ _NORM_EPSILON = 1e-12  # as tf.math.l2_normalize: guards an all-zero row
 class SoftOrthogonal(keras.regularizers.Regularizer):
     """Soft-orthogonality penalty that spreads class proxies (or prototypes) apart.
 
-    On a (C, d) matrix P of row vectors with rows L2-normalised to P^ (so the penalty
-    ignores the proxies' scale; "Deep Metric Learning with Soft Orthogonal Proxies",
-    R_SO of L = L_PA + lambda R_SO, docs/design.md 3.2):
+    Saberi-Movahed et al., "Deep Metric Learning with Soft Orthogonal Proxies" (2023):
+    L = L_PA + lambda ||P^ P^T - I||_F^2, with P (C, d) the proxies as rows and P^ its
+    rows L2-normalised (so the penalty ignores the proxies' scale). By default the
+    penalty is in the paper's own units, unnormalised, so `strength` is its lambda:
 
-        "rows":    R = strength / C^2 * || P^ P^T - I_C ||_F^2
-        "columns": R = strength / C^2 * || P^T P^ - (C/d) I_d ||_F^2
+        "rows":    R = strength * || P^ P^T - I_C ||_F^2
+        "columns": R = strength * || P^T P^ - (C/d) I_d ||_F^2
         "auto":    "rows" when C <= d, else "columns".
 
-    "rows" is the sum of squared cosines between distinct proxies (the diagonal of
-    P^ P^T is 1), so it is zero exactly when the proxies are orthonormal, which needs
-    C <= d. When C > d it cannot reach zero: since trace(P^T P^) = C,
+    "rows" is the paper's form: the sum of squared cosines between distinct proxies
+    (the diagonal of P^ P^T is 1), zero exactly when the proxies are orthonormal, which
+    needs C <= d. When C > d it cannot reach zero: since trace(P^T P^) = C,
 
         || P^ P^T - I_C ||_F^2 = || P^T P^ - (C/d) I_d ||_F^2 + C (C - d) / d,
 
     so both forms differ by a constant and have the same gradient. The minimisers are
     the unit-norm tight frames (P^T P^ = (C/d) I_d: the proxies spread evenly over all
     d directions), where the mean squared off-diagonal cosine equals the Welch bound
-    (C - d) / (d (C - 1)) and "rows" converges to C (C - d) / d (before scaling), while
-    "columns" reaches 0. The mode therefore changes the reported value (zero at the
-    optimum in "auto"), not the optimisation.
+    (C - d) / (d (C - 1)) and "rows" converges to C (C - d) / d, while "columns"
+    reaches 0. The mode changes the reported value (zero at the optimum in "auto"),
+    never the gradient or the optimisation.
 
-    Normalisation: both modes divide by C^2, the size of the proxy Gram matrix, so R
-    is (up to (C - 1) / C) `strength` times the mean squared cosine between distinct
-    proxies: random proxies give about strength / d for any C, and the gradient on one
-    proxy scales like 1/C, as does its Proxy Anchor gradient (whose terms are averaged
-    over proxies), so one `strength` means the same thing for 100 or 11,318 classes.
+    Normalisation (`normalization`): "none" (default) is the paper's sum; "size"
+    divides by C^2, the size of the Gram matrix, making R (up to (C - 1) / C) `strength`
+    times the mean squared cosine between distinct proxies: about strength / d for
+    random proxies whatever C, so one strength means the same for 100 or 11,318
+    classes. Converting: "size" with strength s equals "none" with s / C^2 (e.g.
+    s = 10 with C = 136 classes is lambda = 5.4e-4 in the paper's units).
 
     Distribution: under a `tf.distribute` strategy with R replicas every replica
     evaluates the penalty on the (mirrored) weight and the optimizer SUMS gradients
@@ -52,6 +55,7 @@ class SoftOrthogonal(keras.regularizers.Regularizer):
     Args:
         strength: Non-negative weight lambda of the penalty.
         mode: "auto" (default), "rows" or "columns", see above.
+        normalization: "none" (default, the paper's units) or "size" (divided by C^2).
 
     Shapes:
         (C, d) -> scalar float32.
@@ -61,9 +65,13 @@ class SoftOrthogonal(keras.regularizers.Regularizer):
     >>> reg = SoftOrthogonal(strength=1.0)
     >>> round(float(reg(keras.ops.eye(3, 8))), 6)  # orthonormal rows
     0.0
+    >>> # Two unit proxies at 60 degrees: 2 off-diagonal cosines of 0.5 -> 2 * 0.25.
+    >>> p = keras.ops.convert_to_tensor([[1.0, 0.0], [0.5, 3 ** 0.5 / 2]])
+    >>> round(float(reg(p)), 6), round(float(SoftOrthogonal(1.0, normalization="size")(p)), 6)
+    (0.5, 0.125)
     """
 
-    def __init__(self, strength, mode="auto"):
+    def __init__(self, strength, mode="auto", normalization="none"):
         try:
             strength = float(strength)
         except (TypeError, ValueError):
@@ -77,8 +85,14 @@ class SoftOrthogonal(keras.regularizers.Regularizer):
             raise ValueError(
                 f"Expected `mode` to be one of {', '.join(_MODES)}. Received: mode={mode!r}"
             )
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"Expected `normalization` to be one of {', '.join(NORMALIZATIONS)} (\"none\": "
+                f"the paper's units). Received: normalization={normalization!r}"
+            )
         self.strength = strength
         self.mode = mode
+        self.normalization = normalization
 
     def resolved_mode(self, num_rows, dim):
         """"rows" or "columns" for a (num_rows, dim) matrix."""
@@ -101,8 +115,13 @@ class SoftOrthogonal(keras.regularizers.Regularizer):
         else:
             deviation = ops.matmul(ops.transpose(p), p) - (num_rows / dim) * ops.eye(
                 dim, dtype="float32")
-        penalty = ops.sum(ops.square(deviation)) * (self.strength / float(num_rows) ** 2)
-        return penalty
+        scale = self.strength / (float(num_rows) ** 2 if self.normalization == "size" else 1.0)
+        return ops.sum(ops.square(deviation)) * scale
 
     def get_config(self):
-        return {"strength": self.strength, "mode": self.mode}
+        return {"strength": self.strength, "mode": self.mode, "normalization": self.normalization}
+
+    @classmethod
+    def from_config(cls, config):
+        # Penalties saved before `normalization` existed were divided by C^2.
+        return cls(**{"normalization": "size", **config})

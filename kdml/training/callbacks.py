@@ -21,21 +21,60 @@ def grouped_optimizer(optimizer):
 
 
 class BackboneWarmup(keras.callbacks.Callback):
-    """Trains only the head and proxies for the first `epochs` epochs.
+    """Trains only the head and proxies for the first `epochs` epochs (Kim et al.
+    2020's `--warm`), with the backbone frozen as a whole.
 
-    Sets the learning-rate multiplier of the optimizer group `group` (the
-    backbone's variables) to 0 during warm-up and back to 1 after (Kim et al.
-    2020's `--warm`).
+    During warm-up the backbone layer is not trainable: it gets no gradients, its
+    BatchNorm layers run in inference mode (moving statistics unchanged), and the
+    optimizer group `group` (the backbone's variables) has learning-rate multiplier
+    0, so `GroupedAdamW` leaves its Adam moments and step count as they are. After
+    warm-up every layer gets its own `trainable` flag back (BatchNorm frozen by
+    `freeze_batchnorm` stays frozen) and the multiplier returns to 1. Each switch
+    retraces the train step (`make_train_function(force=True)`).
+
+    Args:
+        epochs: warm-up epochs (0: none).
+        group: the backbone's `GroupedAdamW` group pattern.
+        backbone: the backbone layer (`embedder.get_layer("backbone")`).
     """
 
-    def __init__(self, epochs: int, group: str):
+    def __init__(self, epochs: int, group: str, backbone: keras.layers.Layer):
         super().__init__()
         self.epochs = int(epochs)
         self.group = group
+        self.backbone = backbone
+        self._trainable = None  # the layers' own flags while frozen, else None
 
     def on_epoch_begin(self, epoch, logs=None):
-        grouped_optimizer(self.model.optimizer).set_multiplier(
-            self.group, 0.0 if epoch < self.epochs else 1.0)
+        frozen = epoch < self.epochs
+        grouped_optimizer(self.model.optimizer).set_multiplier(self.group, 0.0 if frozen else 1.0)
+        if frozen == (self._trainable is not None):
+            return
+        if frozen:
+            self._freeze()
+        else:
+            self._unfreeze()
+        self.model.make_train_function(force=True)
+
+    def on_train_end(self, logs=None):
+        # The saved embedder gets its own flags back; a next `fit` re-freezes if needed.
+        if self._trainable is not None:
+            self._unfreeze()
+            self.model.make_train_function(force=True)
+
+    def _freeze(self):
+        self._trainable = [(layer, layer.trainable)
+                           for layer in self.backbone._flatten_layers(include_self=True)]
+        self.backbone.trainable = False
+
+    def _unfreeze(self):
+        if self._trainable is None:
+            return
+        # Outer layers first: setting a model trainable sets all its layers, then
+        # the inner ones get their own flag back.
+        for layer, trainable in self._trainable:
+            layer.trainable = trainable
+        self._trainable = None
 
 
 class Throughput(keras.callbacks.Callback):

@@ -24,15 +24,14 @@ from typing import Dict
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from kdml.config import TrainConfig
 from kdml.data.augmentation import AUGMENTATIONS
 from kdml.data.pipeline import eval_dataset, steps_per_epoch, train_dataset
 from kdml.data.sampler import check_batch_geometry, class_balanced_batches
 from kdml.data.sources import load_dataset
-from kdml.distribute import (check_replica_batch, create_strategy, distribute_batches,
-                             fix_multi_worker_build, worker_role)
+from kdml.distribute import (check_replica_batch, create_strategy, describe_strategy,
+                             distribute_batches, fix_multi_worker_build, worker_role)
 from kdml.evaluation import format_metrics_table, retrieval_metrics
 from kdml.methods import BACKBONE_GROUP, get_method
 from kdml.models import build_embedder
@@ -155,11 +154,10 @@ def _train(config, method, splits, strategy, role, out, write_dir, resume_from) 
         remove_partial_checkpoints(checkpoint_dir)
     keras.utils.set_random_seed(config.seed)
 
-    logging.info("Data: %s, %d train images / %d classes, %d test images / %d classes.",
-                 config.dataset, splits.train.num_images, splits.train.num_classes,
-                 splits.test.num_images, splits.test.num_classes)
-    if role.count > 1:
-        logging.info("Worker %d of %d%s.", role.index, role.count, " (chief)" if role.is_chief else "")
+    per_epoch = steps_per_epoch(splits.train.num_images, config.batch_size)
+    if role.is_chief:
+        print(describe_run(config, method, splits, strategy, role, per_epoch, resume_from),
+              flush=True)
     with strategy.scope(), _dtype_policy(config.mixed_precision):
         head, head_options = method.head(config)  # the method table names its head
         embedder = build_embedder(config.backbone, head, config.embedding_dim,
@@ -204,7 +202,8 @@ def _train(config, method, splits, strategy, role, out, write_dir, resume_from) 
     # so the other workers simply wait for it at the next step).
     if role.is_chief and not history.get("initial"):
         history["initial"] = evaluate()
-        logging.info("Untrained embedder: %s", history["initial"])
+        print("untrained (%):", ", ".join(f"{k} {100 * v:.2f}" for k, v in history["initial"].items()),
+              flush=True)
     if role.is_chief:
         write_json_atomic(metrics_path, history)
 
@@ -222,7 +221,6 @@ def _train(config, method, splits, strategy, role, out, write_dir, resume_from) 
         names = ", ".join(f"{c} ({splits.train.class_names[c]!r})" for c in classes)
         return f"{len(indices)} images of classes {names}"
 
-    per_epoch = steps_per_epoch(splits.train.num_images, config.batch_size)
     checkpointer = Checkpointer(checkpoint_dir, config.checkpoint_every_steps,
                                 config.keep_checkpoints, extra_state=epoch_loss.state)
     guard = NonFiniteLossGuard(describe_batch,
@@ -230,7 +228,7 @@ def _train(config, method, splits, strategy, role, out, write_dir, resume_from) 
     callbacks = [
         guard,  # first: a NaN step raises before anything below can checkpoint it
         epoch_loss,  # the whole epoch's loss, also for an epoch resumed mid-way
-        BackboneWarmup(config.warmup_epochs, BACKBONE_GROUP),
+        BackboneWarmup(config.warmup_epochs, BACKBONE_GROUP, embedder.get_layer("backbone")),
         Throughput(config.batch_size),
         *objective.callbacks,  # before the evaluation: what they log reaches metrics.json
         *([RetrievalEvaluation(evaluate, config.eval_every, config.epochs, on_result=record)]
@@ -270,4 +268,35 @@ def _train(config, method, splits, strategy, role, out, write_dir, resume_from) 
     history["final"] = {k: last[k] for k in history["initial"]} if last else evaluate()
     write_json_atomic(metrics_path, history)
     print(format_metrics_table({"initial": history["initial"], "final": history["final"]}))
+    print(f"embedder: {os.path.join(out, 'embedder.keras')}\n"
+          f"metrics:  {metrics_path}\n"
+          f"logs:     {os.path.join(out, 'logs')} (tensorboard --logdir {os.path.join(out, 'logs')})",
+          flush=True)
     return history
+
+
+def describe_run(config: TrainConfig, method, splits, strategy, role, steps: int,
+                 resume_from=None) -> str:
+    """The run's first lines: data, model, method, strategy, schedule, output."""
+    train, test = splits.train, splits.test
+    kind = config.data_kind or splits.kind
+    precision = "float32"
+    if config.mixed_precision:
+        precision = "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
+    warmup = ""
+    if config.warmup_epochs:
+        warmup = f", warm-up {config.warmup_epochs} epoch(s) (backbone frozen)"
+    lines = [
+        f"data:     {config.dataset} ({kind}): train {train.num_images} images of "
+        f"{train.num_classes} classes, test {test.num_images} images of {test.num_classes} classes"
+        + (f" ({config.eval_dataset})" if config.eval_dataset else ""),
+        f"model:    {config.backbone} (weights {config.weights}, {config.image_size} px, BatchNorm "
+        f"{'frozen' if config.freeze_batchnorm else 'trained'}) -> {config.embedding_dim}-d embedding",
+        f"method:   {method.name}: {method.description}",
+        f"strategy: {describe_strategy(strategy, role)}; {precision}, XLA {config.jit_compile}",
+        f"schedule: {config.epochs} epoch{'s' * (config.epochs != 1)} x {steps} steps of "
+        f"{config.classes_per_batch} classes x {config.images_per_class} images, "
+        f"lr {config.lr:g}{warmup}",
+        f"output:   {config.output_dir}" + (f" (resuming {resume_from})" if resume_from else ""),
+    ]
+    return "\n".join(lines)

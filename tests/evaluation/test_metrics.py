@@ -272,20 +272,59 @@ def test_ami_and_nmi_equal_scikit_learn_on_the_known_clustering():
     assert "nmi" not in only_ami and only_ami["ami"] == got["ami"]
 
 
-def test_kmeans_n_init_is_scikit_learn_kmeans(rng):
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import adjusted_mutual_info_score
+def test_kmeans_scores_are_scikit_learn_scores_of_kdml_kmeans(rng):
+    from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 
+    from kdml.evaluation import kmeans
     from kdml.evaluation.metrics import kmeans_scores
 
     x = rng.normal(size=(60, 5)).astype(np.float32)
     labels = np.repeat(np.arange(6), 10)
-    got = kmeans_scores(x, labels, 6, seed=3, n_init=4, ami=True)
-    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
-    clusters = KMeans(n_clusters=6, n_init=4, random_state=3).fit_predict(unit)
-    assert got["ami"] == pytest.approx(adjusted_mutual_info_score(labels, clusters), abs=1e-9)
+    got, settings = kmeans_scores(x, labels, 6, seed=3, n_init=4, ami=True,
+                                  return_settings=True)
+    clusters, *_ = kmeans(x, 6, seed=3, n_init=4)
+    assert got["ami"] == pytest.approx(adjusted_mutual_info_score(labels, clusters), abs=1e-12)
+    assert got["nmi"] == pytest.approx(normalized_mutual_info_score(labels, clusters), abs=1e-12)
+    assert settings.startswith("k-means (TensorFlow Lloyd): 6 clusters, k-means++ init, seed 3, "
+                               "4 restart(s), at most 10 iterations")
     with pytest.raises(ValueError, match="n_init"):
         kmeans_scores(x, labels, 6, n_init=0)
+
+
+def test_nmi_auto_is_skipped_with_its_reason_when_kmeans_costs_more(monkeypatch):
+    from kdml.evaluation import metrics
+
+    # 20 classes of 2 among 40 items: (10 + 1) passes x 20 clusters = 5.5x the 40-item pass
+    monkeypatch.setattr(metrics, "_AUTO_NMI_SMALL", 0)  # no "small anyway" exemption
+    x = _on_circle(np.repeat(np.arange(0, 360, 18), 2) + np.tile([0, 3], 20))
+    labels = np.repeat(np.arange(20), 2)
+    with pytest.warns(UserWarning, match=r"nmi skipped: k-means with 20 clusters x 10 \+ 1 "
+                                         r"iterations would cost 5\.5x the ranking pass"):
+        got = retrieval_metrics(x, labels, ks=(1,))
+    assert math.isnan(got["nmi"]) and "nmi=True" in got.notes["nmi"]
+    assert got["recall@1"] == 1.0
+    forced = retrieval_metrics(x, labels, ks=(1,), nmi=True)
+    assert forced["nmi"] == pytest.approx(1.0, abs=1e-9)
+    assert "20 clusters" in forced.notes["nmi"] and "seed 0" in forced.notes["nmi"]
+    assert "nmi" not in retrieval_metrics(x, labels, ks=(1,), nmi=False)
+    with pytest.raises(ValueError, match="nmi='yes'"):
+        retrieval_metrics(x, labels, ks=(1,), nmi="yes")
+
+
+def test_table_columns_have_one_fixed_order():
+    first = {"recall@1": 0.5, "recall@10": 0.9, "recall@2": 0.6, "precision@2": 0.4,
+             "map@r": 0.3, "r_precision": 0.35, "nmi": 0.8, "epochs": 3}
+    shuffled = {name: first[name] for name in
+                ["nmi", "epochs", "map@r", "recall@10", "r_precision", "precision@2",
+                 "recall@2", "recall@1"]}
+    table = format_metrics_table({"final": first})
+    assert table.splitlines()[0] == (
+        "| result | recall@1 | recall@2 | recall@10 | precision@2 | map@r | r_precision | nmi "
+        "| epochs |")
+    assert format_metrics_table({"final": shuffled}) == table
+    # a re-run whose dicts list the metrics in another order prints the same table
+    assert format_metrics_table({"initial": shuffled, "final": first}) == format_metrics_table(
+        {"initial": first, "final": shuffled})
 
 
 # Query vs gallery (In-Shop style), by hand. Gallery on the circle:
@@ -340,3 +379,14 @@ def test_query_gallery_errors():
     with pytest.raises(ValueError, match="exclude_self=True"):
         retrieval_metrics(_QUERIES, _QUERY_LABELS, nmi=False, gallery=_GALLERY,
                           gallery_labels=_GALLERY_LABELS, exclude_self=True)
+
+
+def test_bfloat16_neighbour_lists_give_the_float32_metrics_on_separable_data(rng):
+    centres = rng.normal(size=(12, 32))
+    labels = np.repeat(np.arange(12), 5)
+    x = (centres[labels] + 0.2 * rng.normal(size=(60, 32))).astype(np.float32)
+    exact = retrieval_metrics(x, labels, ks=(1, 4, 30), precision_ks=(2,), nmi=False)
+    fast = retrieval_metrics(x, labels, ks=(1, 4, 30), precision_ks=(2,), nmi=False,
+                             knn_precision="bfloat16")
+    assert fast == pytest.approx(exact, abs=1e-6)
+    assert list(fast) == list(exact)

@@ -40,7 +40,7 @@ def _build(root):
     model = keras.Model(images, proxies(embedder(images)))
     model.compile(optimizer=kdml.optimizers.GroupedAdamW({"^proxies/": 100.0}, learning_rate=1e-3),
                   loss=kdml.losses.ProxyAnchorLoss(), jit_compile=False)
-    model.fit(train, epochs=1, steps_per_epoch=TRAIN_STEPS, verbose=0)
+    model.fit(train, epochs=1, steps_per_epoch=TRAIN_STEPS, verbose=0, shuffle=False)
     keras_path = os.path.join(root, "embedder.keras")
     embedder.save(keras_path)
     output_dir = os.path.join(root, "export")

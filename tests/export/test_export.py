@@ -1,5 +1,6 @@
 """Keras -> SavedModel -> TFLite (each quantization) on a tiny trained glyph embedder."""
 
+import inspect
 import json
 import os
 
@@ -143,12 +144,73 @@ def test_parity_report_numbers(exported):
     assert table.count("\n| ") == 2 + len(report["files"])  # header rule, keras, one per file
 
 
-def test_int8_recall_drop_fails_with_a_clear_message(exported):
-    path = exported["paths"]["tflite_int8"]
-    with pytest.raises(ParityError, match="int8 Recall@1 dropped .* --max_recall_drop=-101"):
-        # any drop exceeds -101 points: the check itself is what is tested
-        parity_report(exported["keras"], {"tflite_int8": path}, exported["images"][:100],
-                      exported["labels"][:100], latency_runs=0, max_recall_drop=-101)
+def _cosines_between_rows(embeddings):
+    x = np.asarray(embeddings, np.float64)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return x @ x.T
+
+
+def _query_int8_gets_wrong(keras_embeddings, int8_embeddings, labels):
+    """(q, [its Keras and its int8 nearest neighbour]) for the held-out query whose Keras
+    nearest neighbour shares its class and whose int8 one does not, by the widest margin
+    (leave-one-out, cosine, float64)."""
+    keras_sim = _cosines_between_rows(keras_embeddings)
+    int8_sim = _cosines_between_rows(int8_embeddings)
+    best = None
+    for q in range(len(labels)):
+        same, other = labels == labels[q], labels != labels[q]
+        same[q] = False
+        keras_margin = keras_sim[q, same].max() - keras_sim[q, other].max()  # > 0: right
+        int8_margin = int8_sim[q, other].max() - int8_sim[q, same].max()  # > 0: wrong
+        if min(keras_margin, int8_margin) > (best[0] if best else 0.0):
+            neighbours = {int(np.flatnonzero(same)[np.argmax(keras_sim[q, same])]),
+                          int(np.flatnonzero(other)[np.argmax(int8_sim[q, other])])}
+            best = (min(keras_margin, int8_margin), q, sorted(neighbours))
+    assert best is not None, "no held-out query that Keras retrieves right and int8 wrong"
+    return best[1], best[2]
+
+
+def test_int8_guard_at_its_default_threshold_of_one_point(exported):
+    """Image sets whose int8 Recall@1 drop is known exactly: 100/101 points passes the
+    default --max_recall_drop=1, 100/99 points fails it.
+
+    One query q that Keras retrieves right and int8 wrong keeps both outcomes in any
+    subset of the held-out images that holds its Keras and its int8 nearest neighbour
+    (no other image was nearer). Every other image is included twice, so its nearest
+    neighbour is its own copy (right in both). With N images, Keras Recall@1 is 100 and
+    int8's 100 (N - 1) / N: a drop of 100 / N points.
+    """
+    assert inspect.signature(parity_report).parameters["max_recall_drop"].default == 1.0
+    from kdml.export.workflow import run_export
+
+    assert inspect.signature(run_export).parameters["max_recall_drop"].default == 1.0
+    images, labels = exported["images"], exported["labels"]
+    int8_path = exported["paths"]["tflite_int8"]
+    int8_embeddings = load_embedder(int8_path).embed(images)
+    q, helpers = _query_int8_gets_wrong(exported["reference"], int8_embeddings, labels)
+    others = [i for i in range(len(labels)) if i != q and i not in helpers]
+
+    def image_set(size):  # q + pairs of copies: size = 1 + 2 x (number of pairs)
+        pairs = [*helpers, *others[:(size - 1) // 2 - len(helpers)]]
+        index = np.array([q, *pairs, *pairs])
+        assert len(index) == size
+        return images[index], labels[index]
+
+    for size in (101, 99):
+        drop = 100.0 / size  # 0.990 and 1.010 points
+        set_images, set_labels = image_set(size)
+        if drop < 1.0:
+            report = parity_report(exported["keras"], {"tflite_int8": int8_path}, set_images,
+                                   set_labels, latency_runs=0)  # the default threshold
+            row = report["files"]["tflite_int8"]
+            assert report["keras"]["recall@1"] == pytest.approx(100.0)
+            assert row["recall@1"] == pytest.approx(100.0 * (size - 1) / size)
+            assert row["recall@1_drop"] == pytest.approx(drop)
+        else:
+            with pytest.raises(ParityError, match=r"int8 Recall@1 dropped 1\.01 points \(100\.00 "
+                               r"-> 98\.99\), more than --max_recall_drop=1\.0\. Calibrate"):
+                parity_report(exported["keras"], {"tflite_int8": int8_path}, set_images,
+                              set_labels, latency_runs=0)
 
 
 def test_run_export_errors(tmp_path):

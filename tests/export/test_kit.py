@@ -53,6 +53,16 @@ _SCRIPT = textwrap.dedent("""
     out["hits"] = [[list(h) for h in row] for row in hits]
     out["paths"] = paths
     out["index_labels"] = index.labels[:3]
+    out["fingerprint"] = embedder.fingerprint
+    # a directory without index.json (a write killed before its rename) is refused
+    import shutil
+    partial = os.path.join(work, "partial.index")
+    shutil.copytree(prefix, partial)
+    os.remove(os.path.join(partial, "index.json"))
+    try:
+        kit.CosineIndex.load(partial)
+    except ValueError as error:
+        out["partial_error"] = str(error)
     out["tensorflow_blocked"] = True
     try:
         import tensorflow  # noqa: F401
@@ -101,9 +111,51 @@ def test_kit_runs_without_tensorflow(exported, tmp_path):
         assert abs(hits[0][2] - 1.0) < 1e-5
         scores = [h[2] for h in hits]
         assert scores == sorted(scores, reverse=True)
-    assert os.path.isfile(tmp_path / "index.npy")
-    with open(tmp_path / "index.json") as f:
-        assert len(json.load(f)["labels"]) == 40
+    assert "its write was interrupted" in out["partial_error"]
+
+    # kdml reads the kit's index directory, and fingerprints the .tflite the same way
+    from kdml.index import GalleryIndex, build_index, model_fingerprint
+
+    kit_index = GalleryIndex.load(str(tmp_path / "index"))
+    assert len(kit_index) == 40 and kit_index.labels[:3].tolist() == out["index_labels"]
+    assert kit_index.model["fingerprint"] == out["fingerprint"] == \
+        model_fingerprint(load_embedder(model))["fingerprint"]
+    np.testing.assert_allclose(np.linalg.norm(kit_index.embeddings, axis=1), 1.0, atol=1e-6)
+
+    # the kit reads (and queries) an index `kdml.index` built with the same .tflite file
+    kdml_index = build_index(model, f"folder:{tmp_path / 'gallery'}", str(tmp_path / "kdml.index"))
+    want = kdml_index.query(kdml_index.embeddings[:3], k=4)
+    code = _BLOCK.format(kit=os.path.join(REPO, "export")) + _READ_KDML_INDEX.format(
+        index=str(tmp_path / "kdml.index"), model=model)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    read = json.loads(result.stdout.strip().splitlines()[-1])
+    assert read["count"] == 40
+    for row, want_paths, want_scores in zip(read["hits"], want.paths, want.similarities):
+        assert [h[1] for h in row] == want_paths.tolist()
+        np.testing.assert_allclose([h[2] for h in row], want_scores, atol=1e-5)
+    # a model of another size (the float32 file has the same size, so: a mismatch by name)
+    assert "but the query model is" in read["mismatch_error"]
+    assert "\n" not in read["mismatch_error"]
+
+
+_READ_KDML_INDEX = textwrap.dedent("""
+    import json
+    import numpy as np
+    import kdml_litert as kit
+
+    index = kit.CosineIndex.load({index!r})
+    hits = index.query(index.embeddings[:3], k=4)
+    embedder = kit.Embedder({model!r}, num_threads=1)
+    index.check_model(embedder)
+    index.model["fingerprint"] = "0" * 16
+    try:
+        index.check_model(embedder)
+    except ValueError as error:
+        mismatch = str(error)
+    print(json.dumps({{"count": len(index), "hits": hits, "mismatch_error": mismatch}}))
+""")
 
 
 def test_kit_cosine_index_against_numpy(rng):

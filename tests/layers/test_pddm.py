@@ -1,5 +1,6 @@
-"""PDDM unit: NumPy reference of Eq. (1)-(2), symmetry, pairwise == per-pair, float32,
-dropout, serialization, and the score-matrix head under MirroredStrategy."""
+"""PDDM unit: NumPy reference of Eq. (1) in both normalisation orders, scale invariance,
+finite gradients for identical inputs, symmetry, pairwise == per-pair, float32, dropout,
+serialization, and the score-matrix head under MirroredStrategy."""
 
 import keras
 import numpy as np
@@ -16,17 +17,23 @@ def unit_weights(unit):
     return {w.path.split("/", 1)[1]: np.asarray(w.numpy(), "float64") for w in unit.weights}
 
 
-def pddm_reference(weights, a, b):
-    """Huang et al. 2016 Eq. (1)-(2) on row pairs, float64, straight from the formulas."""
+def pddm_reference(weights, a, b, normalization="before_fc"):
+    """Huang et al. 2016 Eq. (1) on row pairs, float64, straight from the formulas:
+    u1, v1 L2-normalised before their fully connected layers ("after_fc": after)."""
     def l2n(x):
         return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
 
+    def fc(x, name):
+        return np.maximum(x @ weights[f"{name}/kernel"] + weights[f"{name}/bias"], 0)
+
     w = weights
-    u = np.abs(a - b)
-    v = (a + b) / 2
-    u1 = l2n(np.maximum(u @ w["u_dense/kernel"] + w["u_dense/bias"], 0))
-    v1 = l2n(np.maximum(v @ w["v_dense/kernel"] + w["v_dense/bias"], 0))
-    c = np.maximum(np.concatenate([u1, v1], -1) @ w["c_dense/kernel"] + w["c_dense/bias"], 0)
+    u1 = np.abs(a - b)
+    v1 = (a + b) / 2
+    if normalization == "before_fc":
+        u, v = fc(l2n(u1), "u_dense"), fc(l2n(v1), "v_dense")
+    else:
+        u, v = l2n(fc(u1, "u_dense")), l2n(fc(v1, "v_dense"))
+    c = np.maximum(np.concatenate([u, v], -1) @ w["c_dense/kernel"] + w["c_dense/bias"], 0)
     return (c @ w["score_dense/kernel"] + w["score_dense/bias"])[..., 0]
 
 
@@ -45,15 +52,48 @@ def _rows(rng, n, d):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype("float32")
 
 
-def test_scores_match_numpy_reference():
+@pytest.mark.parametrize("normalization", ["before_fc", "after_fc"])
+def test_scores_match_numpy_reference(normalization):
     rng = np.random.default_rng(1)
-    unit = _randomised_unit()
+    unit = _randomised_unit(normalization=normalization)
     a, b = _rows(rng, 7, 5), _rows(rng, 7, 5)
     got = unit(a, b).numpy()
     assert got.shape == (7,) and got.dtype == np.float32
-    expected = pddm_reference(unit_weights(unit), a.astype("float64"), b.astype("float64"))
+    expected = pddm_reference(unit_weights(unit), a.astype("float64"), b.astype("float64"),
+                              normalization)
     assert np.std(expected) > 0.05
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    pairwise = unit.pairwise(a, b).numpy()
+    np.testing.assert_allclose(
+        pairwise, pddm_reference(unit_weights(unit), a[:, None].astype("float64"),
+                                 b[None].astype("float64"), normalization), rtol=1e-5, atol=1e-5)
+    assert unit.normalization == normalization
+
+
+def test_paper_order_ignores_the_scale_of_the_pair_and_the_other_order_does_not():
+    """u2 = u1/||u1||, v2 = v1/||v1||: scaling both embeddings leaves S unchanged."""
+    rng = np.random.default_rng(11)
+    a, b = _rows(rng, 6, 5), _rows(rng, 6, 5)
+    paper, other = _randomised_unit(), _randomised_unit(normalization="after_fc")
+    np.testing.assert_allclose(paper(3.0 * a, 3.0 * b).numpy(), paper(a, b).numpy(),
+                               rtol=1e-5, atol=1e-5)
+    assert np.abs(other(3.0 * a, 3.0 * b).numpy() - other(a, b).numpy()).max() > 1e-2
+
+
+@pytest.mark.parametrize("normalization", ["before_fc", "after_fc"])
+def test_identical_inputs_have_finite_scores_and_gradients(normalization):
+    """u1 = |f - f| = 0 on the diagonal of a score matrix: the norm guard keeps it finite."""
+    unit = _randomised_unit(normalization=normalization)
+    x = tf.Variable(_rows(np.random.default_rng(12), 4, 5))
+    with tf.GradientTape() as tape:
+        scores = unit.pairwise(x)
+        diagonal = tf.reduce_sum(tf.linalg.diag_part(scores)) + tf.reduce_sum(unit(x, x))
+    grads = tape.gradient(diagonal, [x] + unit.trainable_weights)
+    assert all(np.all(np.isfinite(g.numpy())) for g in grads)
+    # u2 = 0, v2 = f: the reference with u1 = 0 (its 1e-6 guard gives 0 / 1e-6 = 0 too).
+    expected = pddm_reference(unit_weights(unit), x.numpy().astype("float64"),
+                              x.numpy().astype("float64"), normalization)
+    np.testing.assert_allclose(np.diag(scores.numpy()), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_symmetric_in_its_inputs_exactly():
@@ -103,6 +143,8 @@ def test_rejects_bad_arguments_and_inputs():
         PDDM(0)
     with pytest.raises(ValueError, match="dropout=1.0"):
         PDDM(4, dropout=1.0)
+    with pytest.raises(ValueError, match="normalization='inputs'"):
+        PDDM(4, normalization="inputs")
     with pytest.raises(ValueError, match=r"\(n, d\)"):
         PDDM(4).pairwise(np.zeros((2, 3, 4), "float32"))
     with pytest.raises(ValueError, match="kdml.layers.PDDM"):
@@ -110,9 +152,11 @@ def test_rejects_bad_arguments_and_inputs():
 
 
 def test_config_roundtrip_and_keras_files():
-    unit = _randomised_unit(hidden_dim=6, dropout=0.25, name="pddm")
+    unit = _randomised_unit(hidden_dim=6, dropout=0.25, normalization="after_fc", name="pddm")
     clone = assert_config_roundtrip(unit)
-    assert (clone.hidden_dim, clone.dropout) == (6, 0.25)
+    assert (clone.hidden_dim, clone.dropout, clone.normalization) == (6, 0.25, "after_fc")
+    old_config = {k: v for k, v in PDDM(6).get_config().items() if k != "normalization"}
+    assert PDDM.from_config(old_config).normalization == "after_fc"  # saved before the option
     x = _rows(np.random.default_rng(6), 4, 5)
     loaded = assert_model_save_load(pddm_pair_model(unit, 5), [x, x[::-1]])
     np.testing.assert_allclose(loaded([x, x[::-1]]).numpy(), unit(x, x[::-1]).numpy(), atol=1e-6)

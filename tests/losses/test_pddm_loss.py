@@ -49,9 +49,11 @@ def brute_force_mining(labels, scores, mode):
     return quads
 
 
-def reference_loss(labels, emb, scores, mode, alpha=0.5, beta=1.0, lambda_=0.5):
-    """Eq. (3)-(5) averaged over the brute-force quadruplets, float64."""
-    quads = brute_force_mining(labels, scores, mode)
+def reference_loss(labels, emb, scores, mode, alpha=0.5, beta=1.0, lambda_=0.5,
+                   mining_scores=None):
+    """Eq. (3)-(5) averaged over the brute-force quadruplets (mined on `mining_scores`,
+    default the unit's `scores`), float64."""
+    quads = brute_force_mining(labels, scores if mining_scores is None else mining_scores, mode)
     if not quads:
         return 0.0
     total = 0.0
@@ -100,6 +102,25 @@ def test_loss_matches_reference_with_a_real_unit(mode):
             expected = reference_loss(labels, emb.astype("float64"), scores, mode, **kwargs)
             assert expected > 0
             np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["per_anchor", "single"])
+def test_cosine_mining_ablation_mines_by_cosine_and_keeps_the_hinges_on_the_unit(mode):
+    differs = 0
+    for seed, labels in enumerate(_LABELS):
+        rng = np.random.default_rng(30 + seed)
+        unit = _randomised_unit(hidden_dim=6, dim=5, seed=seed)
+        emb = _rows(rng, 8, 5).astype("float32")
+        y_pred = PDDMScoreMatrix(unit)(emb)
+        scores = pddm_reference(unit_weights(unit), emb[:, None].astype("float64"),
+                                emb[None].astype("float64"))
+        cosine = emb.astype("float64") @ emb.T.astype("float64")
+        got = float(PDDMLoss(mining=mode, mining_score="cosine")(np.array(labels), y_pred))
+        expected = reference_loss(labels, emb.astype("float64"), scores, mode,
+                                  mining_scores=cosine)
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+        differs += brute_force_mining(labels, cosine, mode) != brute_force_mining(labels, scores, mode)
+    assert differs >= 2  # the switch changes which quadruplets train
 
 
 def test_hand_worked_example():
@@ -208,6 +229,8 @@ def test_low_precision_input_gives_float32_loss():
 def test_rejects_bad_arguments_and_inputs():
     with pytest.raises(ValueError, match="mining='hardest'"):
         PDDMLoss(mining="hardest")
+    with pytest.raises(ValueError, match="mining_score='l2'"):
+        PDDMLoss(mining_score="l2")
     with pytest.raises(ValueError, match="alpha=-1"):
         PDDMLoss(alpha=-1)
     with pytest.raises(ValueError, match="gather_across_replicas=False"):
@@ -216,10 +239,30 @@ def test_rejects_bad_arguments_and_inputs():
         PDDMLoss()(np.array([0, 0, 1]), np.zeros((3, 3), "float32"))
 
 
+def test_method_table_passes_the_mining_score_and_unit_normalization(tmp_path):
+    import dataclasses
+
+    from kdml.config import TrainConfig
+    from kdml.methods import get_method
+    from kdml.models import build_embedder
+
+    config = TrainConfig(method="pddm", output_dir=str(tmp_path)).resolved("glyph")
+    embedder = build_embedder("conv4", embedding_dim=8, image_size=16)
+    default = get_method("pddm").build(embedder, 3, config)
+    assert default.loss.mining_score == "unit"
+    assert default.model.get_layer("pddm_scores").unit.normalization == "before_fc"
+    ablation = get_method("pddm").build(embedder, 3, dataclasses.replace(
+        config, pddm_mining_score="cosine", pddm_normalization="after_fc"))
+    assert ablation.loss.mining_score == "cosine"
+    assert ablation.model.get_layer("pddm_scores").unit.normalization == "after_fc"
+
+
 def test_config_roundtrip_keeps_every_argument():
-    loss = PDDMLoss(alpha=0.7, beta=0.2, lambda_=0.0, mining="single", name="p")
+    loss = PDDMLoss(alpha=0.7, beta=0.2, lambda_=0.0, mining="single", mining_score="cosine",
+                    name="p")
     clone = assert_config_roundtrip(loss)
-    assert (clone.alpha, clone.beta, clone.lambda_, clone.mining, clone.name) == (0.7, 0.2, 0.0, "single", "p")
+    assert (clone.alpha, clone.beta, clone.lambda_, clone.mining, clone.mining_score,
+            clone.name) == (0.7, 0.2, 0.0, "single", "cosine", "p")
 
 
 # --- training model and distribution ----------------------------------------------

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from kdml.layers.proxies import Proxies
 from kdml.losses import ProxyAnchorLoss
-from tests.helpers import assert_config_roundtrip, numerical_gradient, weights_after_one_step
+from tests.helpers import numerical_gradient, weights_after_one_step
 
 
 def proxy_anchor_reference(labels, sims, alpha, margin):
@@ -150,15 +150,42 @@ def test_rejects_sample_weight_and_bad_alpha():
         ProxyAnchorLoss(alpha=0)
 
 
-def test_config_roundtrip_keeps_every_argument():
-    loss = ProxyAnchorLoss(alpha=16.0, margin=0.2, gather_across_replicas=False, name="pa")
-    clone = assert_config_roundtrip(loss)
-    assert (clone.alpha, clone.margin, clone.gather_across_replicas, clone.name) == (
-        16.0,
-        0.2,
-        False,
-        "pa",
-    )
+_LABEL_ERROR = r"labels must be class indices in \[0, C\).*received a label of"
+
+
+@pytest.mark.parametrize("bad_label", [4, -1, 100])
+def test_label_outside_the_proxies_raises_eagerly_and_in_a_graph(bad_label):
+    # Before: a label >= C (or < 0) matched no proxy, so it counted as a negative
+    # for every proxy and the loss was a finite, wrong number.
+    sims = np.random.default_rng(8).uniform(-1, 1, size=(3, 4)).astype("float32")
+    labels = np.array([0, bad_label, 2])
+    loss = ProxyAnchorLoss()
+    with pytest.raises(ValueError, match=_LABEL_ERROR + f" {bad_label}\\. Fix:") as error:
+        loss(labels, sims)
+    assert "[0, 4)" in str(error.value)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=_LABEL_ERROR) as error:
+        tf.function(loss)(labels, sims)
+    assert f"[4] [; received a label of] [{bad_label}]" in str(error.value)
+    # In range, all three modes agree.
+    good = np.array([0, 3, 2])
+    expected = proxy_anchor_reference(good, sims.astype("float64"), 32.0, 0.1)
+    for fn in (loss, tf.function(loss), tf.function(loss, jit_compile=True)):
+        np.testing.assert_allclose(float(fn(good, sims)), expected, rtol=1e-5)
+
+
+def test_label_outside_the_proxies_stops_model_fit_and_is_nan_under_xla():
+    x = np.random.default_rng(9).normal(size=(4, 3)).astype("float32")
+    y = np.array([0, 1, 2, 3])  # 3 proxies: label 3 has none
+    for jit_compile in (False, True):
+        inputs = keras.Input(shape=(3,))
+        model = keras.Model(inputs, Proxies(3)(inputs))
+        model.compile(optimizer="sgd", loss=ProxyAnchorLoss(), jit_compile=jit_compile)
+        if not jit_compile:
+            with pytest.raises(tf.errors.InvalidArgumentError, match=_LABEL_ERROR):
+                model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+        else:  # XLA compiles asserts away: the loss is NaN (kdml's NonFiniteLossGuard stops)
+            history = model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+            assert np.isnan(history.history["loss"][0])
 
 
 # --- distribution -----------------------------------------------------------------
@@ -205,12 +232,3 @@ def test_replica_value_is_global_loss_divided_by_replicas(mirrored):
     per_replica = mirrored.experimental_local_results(mirrored.run(replica_fn))
     np.testing.assert_allclose([v.numpy() for v in per_replica], [global_loss / 2] * 2, rtol=1e-5)
 
-
-def test_compiled_model_saves_and_reloads_with_its_loss(tmp_path):
-    inputs = keras.Input(shape=(4,))
-    model = keras.Model(inputs, Proxies(3)(inputs))
-    model.compile(optimizer="sgd", loss=ProxyAnchorLoss(alpha=16.0, gather_across_replicas=False))
-    model.save(tmp_path / "model.keras")
-    loaded = keras.saving.load_model(tmp_path / "model.keras")
-    assert isinstance(loaded.loss, ProxyAnchorLoss)
-    assert loaded.loss.get_config() == model.loss.get_config()

@@ -86,6 +86,7 @@ def test_frozen_batchnorm_makes_training_mode_equal_inference_mode():
 
 @pytest.mark.parametrize("name,size,expected", [
     ("conv4", 28, (2, 2, 2, 64)),
+    ("conv4_stride4", 28, (2, 7, 7, 64)),  # its last two poolings removed
     ("mobilenet_v3_small", 32, (2, 1, 1, 576)),
     ("resnet50", 32, (2, 1, 1, 2048)),
     ("deit_tiny", 32, (2, 6, 192)),  # class + distillation token + 2 x 2 patches
@@ -109,7 +110,7 @@ def test_every_backbone_builds_a_unit_norm_embedder(name):
 
 
 def test_unknown_backbone_and_bad_sizes_are_clear_errors():
-    with pytest.raises(ValueError, match="Valid backbones: conv4, deit_base"):
+    with pytest.raises(ValueError, match="Valid backbones: conv4, conv4_stride4, deit_base"):
         build_embedder("resnet18")
     with pytest.raises(ValueError, match="no pretrained weights"):
         build_backbone("conv4", 28, weights="imagenet")

@@ -132,15 +132,24 @@ def test_so_flags_reach_the_config():
 
     from kdml import train as train_cli
 
-    for name in ("so_strength", "so_mode"):
+    for name in ("so_strength", "so_mode", "so_normalization"):
         assert name in flags.FLAGS
     flags.FLAGS.unparse_flags()
     try:
-        flags.FLAGS(["prog", "--method=so_proxy", "--so_strength=0.5", "--so_mode=columns"])
+        flags.FLAGS(["prog", "--method=so_proxy", "--so_strength=0.5", "--so_mode=columns",
+                     "--so_normalization=size"])
         config = train_cli.config_from_flags()
     finally:
         flags.FLAGS.unparse_flags()
-    assert (config.method, config.so_strength, config.so_mode) == ("so_proxy", 0.5, "columns")
+    assert (config.method, config.so_strength, config.so_mode, config.so_normalization) == (
+        "so_proxy", 0.5, "columns", "size")
+    embedder = build_embedder("conv4", embedding_dim=8, image_size=16)
+    model = get_method("so_proxy").build(embedder, 3, config.resolved("glyph")).model
+    reg = model.get_layer("proxies").proxy_regularizer
+    assert (reg.strength, reg.mode, reg.normalization) == (0.5, "columns", "size")
+    # The default is the paper's unnormalised penalty at the strength the Omniglot benchmark
+    # chose on validation (docs/results/omniglot/selection.json).
+    assert (TrainConfig().so_normalization, TrainConfig().so_strength) == ("none", 1e-3)
     with pytest.raises(ValueError, match="mode='nope'"):
         _objective_with_mode("nope")
 

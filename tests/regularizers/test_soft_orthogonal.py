@@ -1,6 +1,7 @@
-"""SoftOrthogonal: NumPy reference for both modes, finite-difference gradients, its
-zeros (orthonormal rows, tight frames), scale invariance, serialization, and one count
-per global step on 2 replicas."""
+"""SoftOrthogonal: NumPy reference for both modes and both normalisations (the paper's
+unnormalised sum by default), finite-difference gradients, its zeros (orthonormal rows,
+tight frames), scale invariance, serialization, and one count per global step on 2
+replicas."""
 
 import keras
 import numpy as np
@@ -14,7 +15,8 @@ from tests.helpers import assert_model_save_load
 from tests.helpers import weights_after_one_step
 
 
-def numpy_soft_orthogonal(p, strength, mode):
+def numpy_soft_orthogonal(p, strength, mode, normalization="none"):
+    """lambda ||P^ P^T - I||_F^2 (or the columns form), over C^2 for "size"."""
     p = np.asarray(p, np.float64)
     p = p / np.linalg.norm(p, axis=1, keepdims=True)
     c, d = p.shape
@@ -24,25 +26,42 @@ def numpy_soft_orthogonal(p, strength, mode):
         deviation = p @ p.T - np.eye(c)
     else:
         deviation = p.T @ p - (c / d) * np.eye(d)
-    return strength * np.sum(deviation ** 2) / c ** 2
+    return strength * np.sum(deviation ** 2) / (c ** 2 if normalization == "size" else 1)
 
 
 @pytest.mark.parametrize("shape", [(5, 8), (12, 4), (6, 6)])
 @pytest.mark.parametrize("mode", ["auto", "rows", "columns"])
-def test_matches_numpy_reference(shape, mode, rng):
+@pytest.mark.parametrize("normalization", ["none", "size"])
+def test_matches_numpy_reference(shape, mode, normalization, rng):
     p = rng.normal(size=shape).astype("float32") * 3.0
-    got = float(SoftOrthogonal(0.7, mode)(p))
-    np.testing.assert_allclose(got, numpy_soft_orthogonal(p, 0.7, mode), rtol=1e-5)
+    got = float(SoftOrthogonal(0.7, mode, normalization)(p))
+    np.testing.assert_allclose(got, numpy_soft_orthogonal(p, 0.7, mode, normalization), rtol=1e-5)
+
+
+def test_default_is_the_papers_unnormalised_sum_of_squared_cosines(rng):
+    """rows: ||P^ P^T - I||_F^2 = sum over i != j of cos^2(p_i, p_j), no 1/C^2."""
+    p = rng.normal(size=(5, 7))
+    unit = p / np.linalg.norm(p, axis=1, keepdims=True)
+    cosines = unit @ unit.T
+    off_diagonal = np.sum(cosines ** 2) - 5
+    assert SoftOrthogonal(2.0).normalization == "none"
+    np.testing.assert_allclose(float(SoftOrthogonal(2.0)(p.astype("float32"))), 2.0 * off_diagonal,
+                               rtol=1e-5)
+    # "size" with strength s equals the paper's form with lambda = s / C^2.
+    p32 = p.astype("float32")
+    np.testing.assert_allclose(float(SoftOrthogonal(10.0, normalization="size")(p32)),
+                               float(SoftOrthogonal(10.0 / 25)(p32)), rtol=1e-6)
 
 
 def test_rows_and_columns_differ_by_the_constant_c_times_c_minus_d_over_d(rng):
     c, d = 12, 4
     p = rng.normal(size=(c, d)).astype("float32")
     rows, columns = (float(SoftOrthogonal(1.0, m)(p)) for m in ("rows", "columns"))
-    np.testing.assert_allclose(rows - columns, c * (c - d) / d / c ** 2, rtol=1e-5)
-    # Random proxies: about the mean squared cosine 1/d, whatever C (C <= d here).
+    np.testing.assert_allclose(rows - columns, c * (c - d) / d, rtol=1e-5)
+    # Random proxies, "size": about the mean squared cosine 1/d, whatever C (C <= d here).
     big = rng.normal(size=(64, 256)).astype("float32")
-    np.testing.assert_allclose(float(SoftOrthogonal(1.0, "rows")(big)), 63 / 64 / 256, rtol=0.1)
+    np.testing.assert_allclose(float(SoftOrthogonal(1.0, "rows", "size")(big)), 63 / 64 / 256,
+                               rtol=0.1)
 
 
 @pytest.mark.parametrize("mode", ["rows", "columns"])
@@ -59,7 +78,8 @@ def test_gradient_matches_finite_differences_of_the_reference(mode, shape, rng):
         other = "rows" if mode == "columns" else "columns"
         with tf.GradientTape() as tape:
             value = SoftOrthogonal(2.0, other)(variable)
-        np.testing.assert_allclose(tape.gradient(value, variable).numpy(), grad, atol=1e-6)
+        np.testing.assert_allclose(tape.gradient(value, variable).numpy(), grad,
+                                   atol=1e-6 * np.abs(grad).max())
 
 
 def test_zero_for_orthonormal_rows_of_any_scale(rng):
@@ -79,8 +99,8 @@ def test_columns_mode_is_zero_for_a_tight_frame_and_rows_mode_is_not(rng):
     p = np.concatenate(bases).astype("float32")
     assert float(SoftOrthogonal(1.0, "columns")(p)) == pytest.approx(0.0, abs=1e-6)
     assert float(SoftOrthogonal(1.0, "auto")(p)) == pytest.approx(0.0, abs=1e-6)
-    # rows cannot reach zero when C > d; its floor is C (C - d) / d / C^2.
-    assert float(SoftOrthogonal(1.0, "rows")(p)) == pytest.approx(12 * 8 / 4 / 144, rel=1e-5)
+    # rows cannot reach zero when C > d; its floor is C (C - d) / d.
+    assert float(SoftOrthogonal(1.0, "rows")(p)) == pytest.approx(12 * 8 / 4, rel=1e-5)
 
 
 def test_invariant_to_the_scale_of_each_proxy(rng):
@@ -106,13 +126,17 @@ def test_argument_errors_name_the_value():
         SoftOrthogonal("strong")
     with pytest.raises(ValueError, match="mode='diagonal'"):
         SoftOrthogonal(1.0, mode="diagonal")
+    with pytest.raises(ValueError, match="normalization='mean'"):
+        SoftOrthogonal(1.0, normalization="mean")
     with pytest.raises(ValueError, match=r"shape=\(3,\)"):
         SoftOrthogonal(1.0)(np.ones(3, "float32"))
 
 
 def test_config_roundtrip_and_keras_names():
-    clone = assert_config_roundtrip(SoftOrthogonal(0.25, mode="columns"))
-    assert clone.strength == 0.25 and clone.mode == "columns"
+    clone = assert_config_roundtrip(SoftOrthogonal(0.25, mode="columns", normalization="size"))
+    assert (clone.strength, clone.mode, clone.normalization) == (0.25, "columns", "size")
+    # A penalty saved before `normalization` existed keeps its 1/C^2.
+    assert SoftOrthogonal.from_config({"strength": 1.0, "mode": "auto"}).normalization == "size"
     config = keras.regularizers.serialize(SoftOrthogonal(1.0))
     assert isinstance(keras.regularizers.get(config), SoftOrthogonal)
 

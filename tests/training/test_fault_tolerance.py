@@ -81,6 +81,7 @@ def _assert_every_checkpoint_loads(directory, config):
         assert all(np.isfinite(w.numpy()).all() for w in model.weights)
 
 
+@pytest.mark.large
 def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(glyph_folder, tmp_path):
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2",

@@ -93,12 +93,16 @@ def test_float16_wraps_grouped_adamw_in_loss_scaling_and_multipliers_still_apply
 def test_warmup_sets_the_multiplier_through_the_loss_scale_optimizer():
     model, _ = _model("proxy_anchor", "mixed_float16")
     model.optimizer.build(model.trainable_variables)
-    warmup = BackboneWarmup(1, "^backbone/")
+    backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model)
+                    ).get_layer("backbone")
+    warmup = BackboneWarmup(1, "^backbone/", backbone)
     warmup.set_model(model)
     warmup.on_epoch_begin(0)
     assert grouped_optimizer(model.optimizer).multiplier("^backbone/") == 0.0
+    assert not backbone.trainable
     warmup.on_epoch_begin(1)
     assert grouped_optimizer(model.optimizer).multiplier("^backbone/") == 1.0
+    assert backbone.trainable
 
 
 def test_dtype_policy_is_float16_on_gpu_and_bfloat16_on_cpu():

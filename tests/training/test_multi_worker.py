@@ -62,7 +62,13 @@ def _weights(path):
     return [w.numpy() for w in keras.saving.load_model(path).weights]
 
 
-def test_two_workers_train_one_model_like_one_process(glyph_folder, tmp_path):
+@pytest.mark.large
+def test_two_workers_end_bit_identical_and_match_one_process_to_a_tolerance(glyph_folder, tmp_path):
+    """Worker vs worker: bit-identical weights (both apply the same all-reduced
+    gradient to the same variables). Worker vs one process on the same global
+    batches: equal up to float rounding, losses to rtol 1e-4 and weights to atol
+    1e-3 after 10 steps, since the all-reduce adds the two workers' partial
+    gradients in another order than one process sums its batch."""
     out = tmp_path / "mw"
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2",
            "CUDA_VISIBLE_DEVICES": ""}
@@ -86,7 +92,7 @@ def test_two_workers_train_one_model_like_one_process(glyph_folder, tmp_path):
     for i, worker in enumerate(workers):
         assert worker.returncode == 0, f"worker {i}: {logs[i][-3000:] if i < len(logs) else 'timed out'}"
 
-    # Only the chief wrote the run's files; both hold the same weights.
+    # Only the chief wrote the run's files; both workers hold bit-identical weights.
     assert sorted(os.listdir(out)) == ["checkpoints", "embedder.keras", "logs", "metrics.json"]
     chief, other = _weights(str(tmp_path / "w0.keras")), _weights(str(tmp_path / "w1.keras"))
     for a, b in zip(chief, other):
@@ -96,7 +102,8 @@ def test_two_workers_train_one_model_like_one_process(glyph_folder, tmp_path):
     assert losses[1] < losses[0]  # training converges
 
     # The two workers' rows form the single process's global batch: the same run in
-    # one process reaches the same losses and weights (up to all-reduce rounding).
+    # one process reaches the same losses and weights to a tolerance, not bit for bit
+    # (float sums in another order: the all-reduce of two partial gradients).
     config = _config(glyph_folder, tmp_path / "single")
     single = train(TrainConfig(**config))
     np.testing.assert_allclose(losses, [single["epochs"][e]["loss"] for e in ("1", "2")],

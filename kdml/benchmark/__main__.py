@@ -1,0 +1,124 @@
+"""`python -m kdml.benchmark`: run (or resume) a benchmark, or regenerate its report.
+
+    python -m kdml.benchmark run --preset=omniglot --omniglot_dir=<dir with the zips>
+        [--methods=proxy_anchor,so_proxy] [--seeds=0,1,2,3,4] [--trials=3] [--epochs=10]
+        [--results_dir=docs/results/omniglot] [--scratch_dir=runs/benchmark]
+    python -m kdml.benchmark run --preset=omniglot --data=<root>[,<root>...]
+        [--test_groups=A,B | --num_test_groups=2] [--num_validation_groups=1] [--split_seed=0]
+    python -m kdml.benchmark report <results_dir> [--readme=README.md --readme=docs/benchmarks.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+def _list(text):
+    return [t for t in text.split(",") if t] if text else []
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kdml.benchmark", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="Run or resume a benchmark (cached per run).")
+    run.add_argument("--preset", default="omniglot", help="Named benchmark (kdml.benchmark.PRESETS).")
+    run.add_argument("--omniglot_dir", help="Folder with images_background_small{1,2}.zip (omniglot preset).")
+    run.add_argument("--data", help="Comma-separated dataset roots <root>/<group>/<class>/<image> "
+                     "(instead of --omniglot_dir).")
+    run.add_argument("--test_groups", help="Comma-separated test groups, named up front "
+                     "(omniglot preset: Japanese_(katakana),Sanskrit).")
+    run.add_argument("--num_test_groups", type=int, default=2, help="Test groups drawn when "
+                     "--test_groups is empty.")
+    run.add_argument("--num_validation_groups", type=int, default=1)
+    run.add_argument("--split_seed", type=int, default=0)
+    run.add_argument("--methods", help="Comma-separated rows of the preset, in run order (default: all).")
+    run.add_argument("--seeds", help="Comma-separated seeds of the final runs (default: the preset's).")
+    run.add_argument("--trials", type=int, help="Trials per method (default: the preset's).")
+    run.add_argument("--epochs", type=int, help="Epochs of every run (default: the preset's).")
+    run.add_argument("--results_dir", default=os.path.join("docs", "results", "omniglot"),
+                     help="Run JSON files, selection.json and the report.")
+    run.add_argument("--scratch_dir", default=os.path.join("runs", "benchmark"),
+                     help="Split folders, checkpoints, models and logs (not committed).")
+    run.add_argument("--cache_dir", default=os.path.join("runs", "benchmark", "data"),
+                     help="Where the omniglot zips are unpacked.")
+    run.add_argument("--readme", action="append", help="Also rewrite the results block of this "
+                     "markdown file (repeatable).")
+    report = commands.add_parser("report", help="Regenerate results.{json,md,png} from the run files.")
+    report.add_argument("results_dir")
+    report.add_argument("--readme", action="append",
+                        help="Markdown file whose results block is rewritten (repeatable).")
+    worker = commands.add_parser("_run", help=argparse.SUPPRESS)
+    worker.add_argument("request")
+    return parser
+
+
+def _run(args, parser) -> None:
+    from kdml.benchmark.presets import OMNIGLOT_TEST_GROUPS, PRESETS, omniglot_roots
+    from kdml.benchmark.protocol import run_on_folders
+    from kdml.benchmark.report import write_report
+
+    if args.preset not in PRESETS:
+        parser.error(f"--preset={args.preset!r} is unknown. Valid presets: {', '.join(PRESETS)}.")
+    spec = PRESETS[args.preset]
+    if args.trials:
+        spec = dataclasses.replace(spec, trials=args.trials)
+    if args.seeds:
+        spec = dataclasses.replace(spec, seeds=tuple(int(s) for s in _list(args.seeds)))
+    if args.epochs:
+        spec = dataclasses.replace(spec, budget={**spec.budget, "epochs": args.epochs})
+    methods = _list(args.methods) or None
+    unknown = [m for m in methods or [] if m not in spec.methods]
+    if unknown:
+        parser.error(f"--methods: unknown rows {unknown}. Valid rows: {', '.join(spec.methods)}.")
+    test_groups = _list(args.test_groups) or None
+    if args.data:
+        roots = _list(args.data)
+    elif args.omniglot_dir:
+        roots = omniglot_roots(args.omniglot_dir, args.cache_dir)
+        test_groups = test_groups or list(OMNIGLOT_TEST_GROUPS)
+    else:
+        parser.error("Pass --omniglot_dir=<folder with images_background_small{1,2}.zip> or "
+                     "--data=<root>[,<root>...].")
+    run_on_folders(spec, roots, args.results_dir, args.scratch_dir, test_groups=test_groups,
+                   num_test_groups=args.num_test_groups,
+                   num_validation_groups=args.num_validation_groups, split_seed=args.split_seed,
+                   methods=methods, progress=lambda line: print(line, flush=True))
+    write_report(args.results_dir, readme=args.readme)
+    with open(os.path.join(args.results_dir, "results.md")) as f:
+        print(f.read())
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "_run":
+            from kdml.benchmark.runs import run_request_file
+
+            run_request_file(args.request)
+        elif args.command == "report":
+            from kdml.benchmark.report import write_report
+
+            if not os.path.exists(os.path.join(args.results_dir, "selection.json")):
+                parser.error(f"{args.results_dir} holds no selection.json: pass the --results_dir "
+                             "of a benchmark run (python -m kdml.benchmark run ...).")
+            write_report(args.results_dir, readme=args.readme)
+            with open(os.path.join(args.results_dir, "results.md")) as f:
+                print(f.read())
+        else:
+            _run(args, parser)
+    except (ValueError, FileNotFoundError) as error:
+        if args.command == "_run":
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

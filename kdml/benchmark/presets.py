@@ -1,0 +1,102 @@
+"""Named benchmarks (data, not code): the Omniglot comparison of kdml's methods.
+
+`OMNIGLOT` compares each seed method with its own base on Omniglot's
+`images_background_small1` + `_small2` (8 alphabets, 242 characters), split by
+alphabet: test = Japanese_(katakana) and Sanskrit (named up front: the two unseen
+alphabets with >= 20 characters, so both serve the 20-way within-alphabet one-shot
+task), 1 validation alphabet drawn from the split seed, 5 train alphabets.
+
+| row | compared with | what the pair isolates |
+|---|---|---|
+| so_proxy | proxy_anchor | the soft-orthogonality penalty |
+| crt | multi_similarity (pooling head, same backbone) | the CRT head + multi-size consistency |
+| pddm | pddm_cosine, proxy_anchor | mining with the PDDM unit vs plain cosine |
+| so_proxy_d64 | proxy_anchor_d64 | SO when d = 64 < C (proxies cannot be orthogonal) |
+
+The rows run in blocks, a method with its base (`default_blocks`); the d = 64 pair is
+opt-in. Method presets are TrainConfig fields, so a new method or flag is one entry here.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from typing import List
+
+from kdml.benchmark.protocol import BenchmarkSpec, MethodPreset
+
+# Every run: conv4 from scratch at 28 px, P x K = 32 x 4, d = 512, 10 epochs (the
+# glyph defaults otherwise: AdamW lr 1e-3, wd 1e-4, glyph crops).
+OMNIGLOT_BUDGET = dict(data_kind="glyph", backbone="conv4", image_size=28, embedding_dim=512,
+                       classes_per_batch=32, images_per_class=4, epochs=10)
+# CRT needs a spatial map: conv4 without its last two poolings keeps 7 x 7 at 28 px
+# (conv4 ends at 2 x 2); its pooling baseline uses the same backbone.
+_STRIDE4 = "conv4_stride4"
+
+OMNIGLOT_METHODS = {
+    "proxy_anchor": MethodPreset(
+        {"method": "proxy_anchor"}, {"alpha": (16.0, 32.0, 64.0), "margin": (0.1, 0.2)},
+        description="Proxy Anchor (Kim et al. 2020)"),
+    "so_proxy": MethodPreset(
+        {"method": "so_proxy"}, {"so_strength": (1e-4, 1e-3, 1e-2)}, bases=("proxy_anchor",),
+        description="Proxy Anchor + soft-orthogonal proxies, lambda in the paper's units"),
+    "multi_similarity": MethodPreset(
+        {"method": "multi_similarity", "backbone": _STRIDE4},
+        {"ms_alpha": (1.0, 2.0), "ms_beta": (40.0, 50.0), "ms_base": (0.5,)},
+        description="Multi-Similarity, pooling head on conv4_stride4 (7 x 7): CRT's base"),
+    "crt": MethodPreset(
+        {"method": "crt", "base_loss": "ms", "backbone": _STRIDE4},
+        {"crt_prototypes": (32, 64), "crt_temperature": (0.05, 0.1),
+         "consistency_weight": (0.5, 1.0)},
+        bases=("multi_similarity",),
+        description="Multi-Similarity + multi-size CRT head on conv4_stride4 (7 x 7)"),
+    "pddm_cosine": MethodPreset(
+        {"method": "pddm", "pddm_mining_score": "cosine"},
+        {"pddm_alpha": (0.5, 1.0), "pddm_beta": (0.5, 1.0), "pddm_lambda": (0.5, 1.0)},
+        description="PDDM losses, quadruplets mined with plain cosine (ablation)"),
+    "pddm": MethodPreset(
+        {"method": "pddm"},
+        {"pddm_alpha": (0.5, 1.0), "pddm_beta": (0.5, 1.0), "pddm_lambda": (0.5, 1.0)},
+        bases=("pddm_cosine", "proxy_anchor"),
+        description="PDDM: quadruplets mined with the learned unit (Huang et al. 2016)"),
+    "proxy_anchor_d64": MethodPreset(
+        {"method": "proxy_anchor", "embedding_dim": 64},
+        {"alpha": (16.0, 32.0, 64.0), "margin": (0.1, 0.2)},
+        description="Proxy Anchor, d = 64 (fewer dimensions than classes)"),
+    "so_proxy_d64": MethodPreset(
+        {"method": "so_proxy", "embedding_dim": 64}, {"so_strength": (1e-4, 1e-3, 1e-2)},
+        bases=("proxy_anchor_d64",),
+        description="soft-orthogonal proxies, d = 64"),
+}
+
+# The default rows fit about 90 min of 2 idle CPU cores (48 runs); the d = 64 pair
+# (16 more runs) is opt-in: --methods=proxy_anchor_d64,so_proxy_d64.
+OMNIGLOT = BenchmarkSpec(budget=OMNIGLOT_BUDGET, methods=OMNIGLOT_METHODS, trials=3,
+                         seeds=(0, 1, 2, 3, 4), n_way=20, episodes=1000,
+                         default_blocks=(("proxy_anchor", "so_proxy"), ("multi_similarity", "crt"),
+                                         ("pddm_cosine", "pddm")))
+OMNIGLOT_ZIPS = ("images_background_small1", "images_background_small2")
+OMNIGLOT_TEST_GROUPS = ("Japanese_(katakana)", "Sanskrit")
+
+PRESETS = {"omniglot": OMNIGLOT}
+
+
+def omniglot_roots(omniglot_dir: str, cache_dir: str) -> List[str]:
+    """Unzips `images_background_small{1,2}.zip` of `omniglot_dir` into `cache_dir` (once);
+    returns the two dataset roots."""
+    roots = []
+    for name in OMNIGLOT_ZIPS:
+        target = os.path.join(cache_dir, name)
+        if not os.path.isdir(target):
+            archive = os.path.join(omniglot_dir, f"{name}.zip")
+            if not os.path.exists(archive):
+                raise FileNotFoundError(
+                    f"{archive} not found. Pass --omniglot_dir=<folder holding "
+                    f"{OMNIGLOT_ZIPS[0]}.zip and {OMNIGLOT_ZIPS[1]}.zip>.")
+            tmp = f"{target}.tmp-{os.getpid()}"
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(tmp)
+            os.replace(os.path.join(tmp, name), target)
+            os.rmdir(tmp)
+        roots.append(target)
+    return roots

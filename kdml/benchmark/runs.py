@@ -1,0 +1,177 @@
+"""One benchmark run: its specification, cache key, cached result and execution.
+
+A run is `kdml.training.train(TrainConfig(...))` on one split, evaluated on another:
+Recall@1, MAP@R and R-Precision (`kdml.evaluation.retrieval_metrics`, leave-one-out over
+the evaluation split) and, on test, the 20-way within-group one-shot accuracy of Lake
+et al. (`kdml.evaluation.few_shot_accuracy`, groups = the top-level folder). Each run
+executes in its own Python process (clean TensorFlow state) and its result is one small
+JSON file, `<results_dir>/runs/<method>/<stage>-<index>-<key>.json`, where the key
+hashes everything that defines the run: every TrainConfig field, the classes of both
+splits and the evaluation settings. A rerun finds it and skips the training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, Mapping, Optional
+
+# The fields that locate a run rather than define it; never part of the key.
+_NOT_IN_KEY = ("dataset", "eval_dataset", "output_dir", "verbose", "resume", "verify_images",
+               "eval_every", "checkpoint_every_steps", "keep_checkpoints", "data_dir", "download")
+KEY_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """What one run trains and where it is evaluated.
+
+    Attributes:
+        method: the benchmark row (e.g. "so_proxy"), not necessarily `config["method"]`.
+        stage: "trial" (train -> validation) or "final" (train+validation -> test).
+        index: trial number, or the seed of a final run.
+        config: the run's TrainConfig fields (dataset paths and output dir excluded).
+        train_split, eval_split, train_fingerprint, eval_fingerprint: split names and
+            hashes of their classes (`ClassSplit.fingerprint`).
+        one_shot: `{"n_way", "episodes"}` of the one-shot evaluation, or None.
+    """
+
+    method: str
+    stage: str
+    index: int
+    config: Mapping
+    train_split: str
+    eval_split: str
+    train_fingerprint: str
+    eval_fingerprint: str
+    one_shot: Optional[Mapping] = None
+
+    @property
+    def key(self) -> str:
+        """sha1 of everything that defines the run (12 hex digits)."""
+        payload = {"version": KEY_VERSION,
+                   "config": {k: _plain(v) for k, v in sorted(self.config.items()) if k not in _NOT_IN_KEY},
+                   "train": [self.train_split, self.train_fingerprint],
+                   "eval": [self.eval_split, self.eval_fingerprint],
+                   "one_shot": dict(self.one_shot) if self.one_shot else None}
+        return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+    def result_path(self, results_dir: str) -> str:
+        return os.path.join(results_dir, "runs", self.method,
+                            f"{self.stage}-{self.index}-{self.key}.json")
+
+    def to_json(self) -> Dict:
+        return {**dataclasses.asdict(self), "config": {k: _plain(v) for k, v in self.config.items()},
+                "key": self.key}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def cached_result(spec: RunSpec, results_dir: str) -> Optional[Dict]:
+    path = spec.result_path(results_dir)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json_atomic(path: str, payload) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def execute_in_subprocess(spec: RunSpec, train_dir: str, eval_dir: str, scratch_dir: str) -> Dict:
+    """Trains and evaluates `spec` in a fresh `python -m kdml.benchmark _run` process.
+
+    Checkpoints, the embedder and the process log go to `<scratch_dir>/<method>/<stage>-
+    <index>-<key>/`; returns the result dict (metrics and wall time). A failed run
+    raises a RuntimeError that quotes the end of its log.
+    """
+    work = os.path.join(scratch_dir, spec.method, f"{spec.stage}-{spec.index}-{spec.key}")
+    os.makedirs(work, exist_ok=True)
+    request = os.path.join(work, "request.json")
+    write_json_atomic(request, {"spec": spec.to_json(), "train_dir": train_dir,
+                                "eval_dir": eval_dir, "output_dir": os.path.join(work, "run")})
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    start = time.perf_counter()
+    with open(os.path.join(work, "log.txt"), "w") as log:
+        code = subprocess.run([sys.executable, "-m", "kdml.benchmark", "_run", request],
+                              stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    wall = time.perf_counter() - start
+    if code != 0:
+        with open(os.path.join(work, "log.txt")) as f:
+            tail = f.read()[-2000:]
+        raise RuntimeError(f"Run {spec.method} {spec.stage} {spec.index} failed (exit {code}); "
+                           f"log {work}/log.txt ends with:\n{tail}")
+    with open(os.path.join(work, "result.json")) as f:
+        return {**json.load(f), "wall_s": wall}
+
+
+def train_and_evaluate(spec: RunSpec, train_dir: str, eval_dir: str, output_dir: str) -> Dict:
+    """Runs `spec` in this process: `kdml.training.train`, then the evaluation metrics."""
+    import keras
+    import numpy as np
+
+    from kdml.config import TrainConfig
+    from kdml.data.sources.folder import load_folder
+    from kdml.data.pipeline import eval_dataset
+    from kdml.evaluation import few_shot_accuracy
+    from kdml.evaluation.protocols import top_level_groups
+    from kdml.training import embed, train
+
+    epochs = spec.config.get("epochs", TrainConfig.epochs)
+    config = TrainConfig(**{**spec.config, "dataset": f"folder:{train_dir}",
+                            "eval_dataset": f"folder:{eval_dir}", "output_dir": output_dir,
+                            "verbose": 0, "verify_images": False, "resume": True,
+                            "eval_every": epochs})
+    history = train(config)
+    final = history["final"]
+    result = {"metrics": {k: float(final[k]) for k in ("recall@1", "map@r", "r_precision")}}
+    if spec.one_shot:
+        resolved = history["config"]
+        test = load_folder(eval_dir, verify_images=False)
+        embedder = keras.saving.load_model(os.path.join(output_dir, "embedder.keras"))
+        embeddings = embed(embedder, eval_dataset(test, image_size=resolved["image_size"],
+                                                  crop_fraction=resolved["eval_crop_fraction"]))
+        groups = top_level_groups(test.class_names, test.labels)
+        n_way = int(spec.one_shot["n_way"])
+        classes_per_group = {g: len(set(test.labels[groups == g])) for g in set(groups.tolist())}
+        keep = np.array([classes_per_group[g] >= n_way for g in groups.tolist()])
+        if not keep.any():
+            raise ValueError(
+                f"One-shot evaluation: no test group has n_way={n_way} classes "
+                f"(largest: {max(classes_per_group.values())}). Lower n_way or name larger test groups.")
+        shot = few_shot_accuracy(embeddings[keep], test.labels[keep], n_way=n_way, k_shot=1,
+                                 num_episodes=int(spec.one_shot["episodes"]), groups=groups[keep],
+                                 seed=0)
+        result["metrics"]["one_shot"] = shot["accuracy"]
+        result["one_shot_ci95"] = shot["ci95"]
+        names = sorted({test.class_names[c].split("/")[0] for c in set(test.labels[keep].tolist())})
+        result["one_shot_groups"] = names
+    last = history["epochs"].get(str(epochs), {})
+    result["train_log"] = {k: float(v) for k, v in last.items()}
+    result["resolved_config"] = {k: _plain(v) for k, v in history["config"].items()
+                                 if k not in ("dataset", "eval_dataset", "output_dir")}
+    return result
+
+
+def run_request_file(request_path: str) -> None:
+    """Entry point of the run process (`python -m kdml.benchmark _run <request.json>`)."""
+    with open(request_path) as f:
+        request = json.load(f)
+    fields = {f.name for f in dataclasses.fields(RunSpec)}
+    spec_json = {k: v for k, v in request["spec"].items() if k in fields}
+    spec = RunSpec(**spec_json)
+    result = train_and_evaluate(spec, request["train_dir"], request["eval_dir"], request["output_dir"])
+    write_json_atomic(os.path.join(os.path.dirname(request_path), "result.json"), result)

@@ -1,0 +1,67 @@
+"""Seed statistics: mean with a Student-t 95 % interval, and paired differences to a base.
+
+With n seeds, `mean_interval` is mean +- t_{0.975, n-1} s / sqrt(n) (s the sample
+standard deviation, ddof = 1). `paired_difference` applies it to the per-seed
+differences method - base on the same seeds, with the paired t-test
+(`scipy.stats.ttest_rel`) and, as a distribution-free check, the exact Wilcoxon
+signed-rank test (`scipy.stats.wilcoxon`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Sequence
+
+import numpy as np
+from scipy import stats
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Dict:
+    """Mean and its t interval over seeds.
+
+    Args:
+        values: one value per seed.
+        confidence: coverage of the interval.
+
+    Returns:
+        `{"mean", "low", "high", "half_width", "n"}`; with one value the interval is
+        undefined (NaN half width).
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or not len(x):
+        raise ValueError(f"Expected a non-empty 1-D sequence of per-seed values. Received: {values!r}")
+    n, mean = len(x), float(x.mean())
+    if n < 2:
+        half = math.nan
+    else:
+        half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "half_width": half, "n": n}
+
+
+def paired_difference(method: Sequence[float], base: Sequence[float],
+                      confidence: float = 0.95) -> Dict:
+    """Method minus base on the same seeds: mean, t interval, paired t-test, Wilcoxon test.
+
+    Args:
+        method, base: per-seed values, `method[i]` and `base[i]` from the same seed.
+
+    Returns:
+        `mean_interval` of the differences plus `"t_p"` (two-sided paired t-test p-value),
+        `"wilcoxon_p"` (two-sided; 1.0 when every difference is zero), `"wins"` (seeds
+        where the method is higher) and `"above_zero"` (the interval's low end > 0).
+    """
+    a, b = np.asarray(method, dtype=np.float64), np.asarray(base, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(
+            f"Expected per-seed values of the same seeds for the method and its base. "
+            f"Received: {len(a)} and {len(b)} values.")
+    diff = a - b
+    result = mean_interval(diff, confidence)
+    if len(diff) >= 2 and np.any(diff != diff[0]):
+        result["t_p"] = float(stats.ttest_rel(a, b).pvalue)
+    else:  # constant differences: no spread, the t statistic is undefined
+        result["t_p"] = math.nan if np.all(diff == 0) or len(diff) < 2 else 0.0
+    result["wilcoxon_p"] = (float(stats.wilcoxon(a, b).pvalue) if np.any(diff != 0) else 1.0)
+    result["wins"] = int(np.sum(diff > 0))
+    result["above_zero"] = bool(result["low"] > 0)
+    return result

@@ -1,0 +1,307 @@
+"""Ranking statistics of every query in one blocked product pass: no neighbour lists.
+
+`retrieval_ranking` computes, for each query, the rank of its first positive (the
+gallery items of its class) and, when asked, its `top_k` nearest gallery items, from one
+pass of `(B, M)` strips `S = Q_b G^T` (one `tf.linalg.matmul` per block of B query rows
+against the whole gallery; cosine or inner product), never the `(Q, M)` matrix and
+never a top-K list per K:
+
+- Recall@K for every K needs one number per query: the rank of its first positive =
+  the negatives ranked before its best positive `p` (score `s_p`): `S > s_p`, or
+  `S == s_p` and a lower gallery index than `p`. It is counted in the strip, one
+  comparison per score in one XLA-fused read, and the query is a hit at K iff
+  `rank < K`, for every K at once. Positives never count (the best one is the first
+  by definition), so the query itself, a positive, needs no exclusion.
+- `s_p` and `p` (the lowest-index positive among those tied at the maximum) are
+  gathered from the same strip at the query's positive columns: the count compares
+  the very floats that rank the items, whatever the matmul's summation order.
+- MAP@R and R-Precision need only the R nearest (R the class size; `top_k = max R`,
+  11 for SOP), Precision@K the K nearest. `tf.math.top_k` over M scores per row costs
+  as much as the product here, so it runs on far fewer: the strip's maxima over groups
+  of `G` columns (a second fused read), then the `k G` scores of the k best groups.
+  The top k items lie in those groups: every group ranked after k others has k items
+  ranked before each of its items (`G` is a power of two near `sqrt(M / k)`: 64 for SOP).
+
+Ties: exactly as `kdml.evaluation.knn.exact_knn`: equal scores are ordered by lower
+gallery index (`tf.math.top_k` keeps the lower position first; the chosen groups are
+sorted by index before the final `top_k`). The result equals ranking by a stable sort.
+
+Memory: the `(Q, d)` queries and `(M, d)` gallery on the device, plus two `(B, M)`
+float32 strips; `B` follows `max_memory_bytes` and keeps a strip within 16 MiB, where
+its two reads hit the cache (64 rows for SOP; at least 32 rows). Under a `tf.distribute` strategy the query blocks are dealt to the
+replicas, each with its own gallery copy, as in `exact_knn`.
+"""
+
+import collections
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from kdml.evaluation.knn import (
+    _as_float32_matrix,
+    _full_float32_matmul,
+    _replica_devices,
+)
+
+RetrievalRanking = collections.namedtuple("RetrievalRanking", ["first_positive_rank", "top_k"])
+RetrievalRanking.__doc__ = """Result of `retrieval_ranking`.
+
+`first_positive_rank`: `(Q,)` int64, the number of gallery items ranked before the
+query's first positive (0 = the nearest is a positive), -1 when the query has none.
+`top_k`: `(Q, top_k)` int64 gallery indices in decreasing similarity (ties: lower
+index first), or `None` when `top_k=0`.
+"""
+
+# Rows per block at most: beyond a few hundred rows the strip matmul is at its peak.
+_MAX_BLOCK_ROWS = 512
+# float32 (B, M) arrays alive per block: the strip and one XLA temporary.
+_LIVE_STRIP_COPIES = 2
+# A strip of at most this many bytes stays in the last-level cache for its two fused
+# reads (SOP: 64 rows x 60,544 columns); at least 32 rows keep the matmul efficient.
+_CACHED_STRIP_BYTES = 2**24
+_MIN_CACHED_ROWS = 32
+_NO_CLASS = -2  # a query whose class has no gallery item
+_PADDING_CLASS = -1  # gallery rows padded to a multiple of the group size
+
+
+def retrieval_ranking(queries, query_labels, gallery=None, gallery_labels=None, *, top_k=0,
+                      exclude_self=None, similarity="cosine", max_memory_bytes=256 * 2**20,
+                      strategy=None):
+    """Rank of each query's first positive and its `top_k` neighbours, in one pass.
+
+    Args:
+        queries: `(Q, d)` real array.
+        query_labels: `(Q,)` integer classes.
+        gallery: `(M, d)` real array, or `None` for leave-one-out (`M = Q`).
+        gallery_labels: `(M,)` integer classes (`None` with `gallery=None`).
+        top_k: neighbours to return per query, `0 <= top_k <= M` (`M - 1` without
+            the query itself); 0 returns none and skips the top-k selection.
+        exclude_self: whether query i is gallery item i and never its own neighbour;
+            `None`: `True` for leave-one-out, else `False`.
+        similarity: `"cosine"` (rows L2-normalised) or `"inner_product"`.
+        max_memory_bytes: budget of the `(B, M)` float32 strips: query rows per block
+            `B = max_memory_bytes // (8 M)`, between 1 and 512, and at most what keeps a
+            strip within 16 MiB of cache (64 rows for SOP; at least 32).
+        strategy: optional `tf.distribute.Strategy`; its replicas score disjoint
+            query blocks, each against its own copy of the gallery.
+
+    Returns:
+        `RetrievalRanking(first_positive_rank (Q,) int64, top_k (Q, top_k) int64 or
+        None)`.
+
+    Example:
+
+    >>> x = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    >>> retrieval_ranking(x, np.array([0, 1, 1, 0])).first_positive_rank.tolist()
+    [1, 2, 1, 2]
+
+    (Query 0's positive, item 3, comes after item 1 (cosine 0.99) and before item 2
+    (cosine 0): one item is ranked before it.)
+    """
+    if similarity not in ("cosine", "inner_product"):
+        raise ValueError("Expected `similarity` to be 'cosine' or 'inner_product'. "
+                         f"Received: similarity={similarity!r}")
+    queries = _as_float32_matrix(queries, "queries")
+    query_labels = _as_labels(query_labels, "query_labels", len(queries))
+    if gallery is None:
+        if gallery_labels is not None:
+            raise ValueError("`gallery_labels` was given without `gallery`. Pass both or neither.")
+        gallery_matrix, gallery_labels = queries, query_labels
+        exclude_self = True if exclude_self is None else bool(exclude_self)
+    else:
+        gallery_matrix = _as_float32_matrix(gallery, "gallery")
+        gallery_labels = _as_labels(gallery_labels, "gallery_labels", len(gallery_matrix))
+        exclude_self = False if exclude_self is None else bool(exclude_self)
+    num_queries, dim = queries.shape
+    num_gallery = len(gallery_matrix)
+    if gallery_matrix.shape[1] != dim:
+        raise ValueError(
+            "Expected `queries` and `gallery` of the same embedding dimension. Received: "
+            f"queries.shape={queries.shape}, gallery.shape={gallery_matrix.shape}")
+    if exclude_self and num_queries != num_gallery:
+        raise ValueError(
+            "`exclude_self=True` needs query i to be gallery item i (as many rows). "
+            f"Received: queries.shape={queries.shape}, gallery.shape={gallery_matrix.shape}")
+    limit = num_gallery - int(exclude_self)
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not (
+            0 <= top_k <= limit):
+        raise ValueError(f"Expected `top_k` to be an integer in [0, {limit}] (the gallery "
+                         f"size{' minus the query itself' if exclude_self else ''}). "
+                         f"Received: top_k={top_k!r}")
+    if (isinstance(max_memory_bytes, bool) or not isinstance(max_memory_bytes, (int, np.integer))
+            or max_memory_bytes <= 0):
+        raise ValueError("Expected `max_memory_bytes` to be a positive integer. "
+                         f"Received: max_memory_bytes={max_memory_bytes!r}")
+    top_k = int(top_k)
+
+    # Dense class ids: gallery classes 0..C-1, query classes absent from the gallery -2.
+    classes, gallery_class = np.unique(gallery_labels, return_inverse=True)
+    position = np.minimum(np.searchsorted(classes, query_labels), len(classes) - 1)
+    query_class = np.where(classes[position] == query_labels, position, _NO_CLASS)
+    group = _group_size(top_k, num_gallery)
+    width = _round_up(num_gallery, group)
+    gallery_class = np.pad(gallery_class.astype(np.int32), (0, width - num_gallery),
+                           constant_values=_PADDING_CLASS)
+    block = _block_rows(num_queries, width, int(max_memory_bytes))
+
+    # each query's positives: its class's gallery items (class-sorted order), -1 padded
+    gallery_order = np.argsort(gallery_class[:num_gallery], kind="stable").astype(np.int32)
+    class_start = np.searchsorted(gallery_class[gallery_order], np.arange(len(classes)))
+    class_size = np.bincount(gallery_class[:num_gallery], minlength=len(classes))
+    max_positives = int(class_size.max())
+
+    def positive_columns(query_rows, class_ids):
+        known = class_ids >= 0
+        sizes = np.where(known, class_size[np.maximum(class_ids, 0)], 0)
+        slots = np.arange(max_positives)
+        index = np.where(known, class_start[np.maximum(class_ids, 0)], 0)[:, None] + slots
+        columns = np.where(slots < sizes[:, None],
+                           gallery_order[np.minimum(index, num_gallery - 1)], -1)
+        if exclude_self:
+            columns[columns == query_rows[:, None]] = -1
+        return columns.astype(np.int32)
+
+    devices = _replica_devices(strategy)
+    first_rank = np.empty(num_queries, np.int64)
+    neighbours = np.empty((num_queries, top_k), np.int64) if top_k else None
+    with _full_float32_matmul():
+        per_device = []
+        for device in devices:
+            with tf.device(device):
+                gallery_tensor = _normalised(gallery_matrix, similarity)
+                gallery_tensor = tf.pad(gallery_tensor, [[0, width - num_gallery], [0, 0]])
+                # leave-one-out: the queries are the gallery's first rows, one device copy
+                query_tensor = (gallery_tensor if gallery_matrix is queries
+                                else _normalised(queries, similarity))
+                per_device.append((query_tensor, gallery_tensor, tf.constant(gallery_class)))
+        for super_start in range(0, num_queries, block * len(devices)):
+            outputs = []
+            for replica, device in enumerate(devices):
+                start = super_start + replica * block
+                if start >= num_queries:
+                    break
+                stop = min(start + block, num_queries)
+                query_tensor, gallery_tensor, class_tensor = per_device[replica]
+                classes_here = np.full(block, _NO_CLASS, np.int32)
+                classes_here[: stop - start] = query_class[start:stop]
+                self_index = (np.arange(start, start + block, dtype=np.int32) if exclude_self
+                              else np.full(block, -1, np.int32))
+                with tf.device(device):
+                    query_block = query_tensor[start:stop]
+                    if stop - start < block:  # keep the traced shape: zero-pad the last block
+                        query_block = tf.pad(query_block, [[0, block - (stop - start)], [0, 0]])
+                    ranks, found = _block_ranking(
+                        query_block, tf.constant(classes_here), tf.constant(self_index),
+                        tf.constant(positive_columns(np.arange(start, start + block),
+                                                     classes_here)),
+                        gallery_tensor, class_tensor, top_k=top_k, group=group)
+                outputs.append((start, stop, ranks, found))
+            # ops were dispatched to every replica before any result is read back
+            for start, stop, ranks, found in outputs:
+                first_rank[start:stop] = ranks.numpy()[: stop - start]
+                if top_k:
+                    neighbours[start:stop] = found.numpy()[: stop - start]
+    return RetrievalRanking(first_rank, neighbours)
+
+
+@tf.function
+def _block_ranking(query_block, query_class, self_index, positive_columns, gallery,
+                   gallery_class, top_k, group):
+    """First-positive ranks `(B,)` int32 (-1: no positive) and top-k `(B, top_k)` int32
+    of one query block, from its `(B, M)` strip `S = Q_b G^T`.
+
+    `positive_columns`: `(B, P)` gallery indices of each query's positives (the query
+    itself left out), -1 padded. `top_k` and `group` are Python ints (trace keys);
+    padded gallery columns have class -1; `self_index` is -1 when the query is not in
+    the gallery.
+    """
+    strip = tf.linalg.matmul(query_block, gallery, transpose_b=True)  # (B, M)
+    # the best positive, read from the strip itself: the same float the count compares
+    has_column = positive_columns >= 0
+    positive = tf.gather(strip, tf.maximum(positive_columns, 0), batch_dims=1)
+    positive = tf.where(has_column, positive, -np.inf)
+    best = tf.reduce_max(positive, axis=1)
+    best_index = tf.reduce_min(
+        tf.where(has_column & (positive == best[:, None]), positive_columns, tf.int32.max), axis=1)
+    before = _negatives_before(strip, query_class, gallery_class, best, best_index)
+    ranks = tf.where(best == -np.inf, -1, before)
+    if not top_k:
+        return ranks, tf.zeros([tf.shape(strip)[0], 0], tf.int32)
+    group_max = _group_maxima(strip, gallery_class, self_index, group)
+    return ranks, _top_k_by_groups(strip, group_max, self_index, gallery_class, top_k, group)
+
+
+@tf.function(jit_compile=True)
+def _negatives_before(strip, query_class, gallery_class, best, best_index):
+    """`(B,)` negatives ranked before the best positive: a higher score, or the same
+    score and a lower gallery index. One fused read of the `(B, M)` strip (XLA; one
+    reduction: XLA reads the strip again for each further output)."""
+    columns = tf.range(tf.shape(strip)[1], dtype=tf.int32)
+    negative = (gallery_class[None, :] != query_class[:, None]) & (gallery_class[None, :] >= 0)
+    before = (strip > best[:, None]) | (
+        (strip == best[:, None]) & (columns[None, :] < best_index[:, None]))
+    return tf.reduce_sum(tf.cast(negative & before, tf.int32), axis=1)
+
+
+@tf.function(jit_compile=True)
+def _group_maxima(strip, gallery_class, self_index, group):
+    """`(B, M / group)` maxima over groups of `group` columns, the padded columns and
+    the query itself at -inf (XLA, one read of the strip)."""
+    columns = tf.range(tf.shape(strip)[1], dtype=tf.int32)
+    excluded = (gallery_class[None, :] < 0) | (columns[None, :] == self_index[:, None])
+    masked = tf.where(excluded, tf.constant(-np.inf, tf.float32), strip)
+    return tf.reduce_max(tf.reshape(masked, [tf.shape(strip)[0], -1, group]), axis=2)
+
+
+def _top_k_by_groups(strip, group_max, self_index, gallery_class, top_k, group):
+    """Top-k columns `(B, top_k)` of a strip through its group maxima (module doc):
+    `top_k` over the `M / G` maxima, then over the `k G` scores of the chosen groups."""
+    rows = tf.shape(strip)[0]
+    num_groups = tf.shape(group_max)[1]
+    _, top_groups = tf.math.top_k(group_max, k=tf.minimum(top_k, num_groups), sorted=False)
+    top_groups = tf.sort(top_groups, axis=1)  # increasing gallery order: the tie rule
+    grouped = tf.reshape(strip, [rows, num_groups, group])
+    candidates = tf.reshape(tf.gather(grouped, top_groups, batch_dims=1), [rows, -1])
+    candidate_columns = tf.reshape(
+        top_groups[:, :, None] * group + tf.range(group)[None, None, :], [rows, -1])
+    excluded = ((tf.gather(gallery_class, candidate_columns) < 0)
+                | (candidate_columns == self_index[:, None]))
+    candidates = tf.where(excluded, tf.constant(-np.inf, tf.float32), candidates)
+    _, position = tf.math.top_k(candidates, k=top_k, sorted=True)
+    return tf.gather(candidate_columns, position, batch_dims=1)
+
+
+def _block_rows(num_queries, width, max_memory_bytes):
+    """Query rows per block: within the memory budget, the cache and [1, 512]."""
+    cached = max(_MIN_CACHED_ROWS, _CACHED_STRIP_BYTES // (4 * width) // 8 * 8)
+    budget = max_memory_bytes // (_LIVE_STRIP_COPIES * 4 * width)
+    return int(max(1, min(num_queries, _MAX_BLOCK_ROWS, cached, budget)))
+
+
+def _normalised(matrix, similarity):
+    tensor = tf.constant(matrix)
+    return tf.math.l2_normalize(tensor, axis=1) if similarity == "cosine" else tensor
+
+
+def _group_size(top_k, width):
+    """Columns per group: a power of two near sqrt(M / k), which balances the `M / G`
+    group maxima and the `k G` candidates that `top_k` sees."""
+    if top_k == 0:
+        return 1
+    return 2 ** int(round(math.log2(max(1.0, math.sqrt(width / top_k)))))
+
+
+def _round_up(value, multiple):
+    return int(math.ceil(value / multiple) * multiple)
+
+
+def _as_labels(labels, name, count):
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"Expected `{name}` to be a 1-D integer array. "
+                         f"Received: shape={labels.shape}, dtype={labels.dtype}")
+    if len(labels) != count:
+        raise ValueError(f"Expected one label per row. Received: {name}.shape={labels.shape} "
+                         f"for {count} rows")
+    return labels.astype(np.int64)

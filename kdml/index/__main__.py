@@ -1,0 +1,228 @@
+"""`python -m kdml.index build|query|evaluate`: a gallery index of a saved embedder.
+
+    python -m kdml.index build --model=runs/default/embedder.keras \\
+        --source=folder:gallery/ --output=gallery.index [--backend=faiss]
+    python -m kdml.index build ... --output=gallery.index --add      # append new images
+    python -m kdml.index query --index=gallery.index --model=runs/default/embedder.keras \\
+        --k=5 q1.jpg q2.png            # or --source=folder:queries/ ; --plot=grid.png
+    python -m kdml.index evaluate --index=gallery.index --k=10     # recall@10 vs exact, q/s
+
+`--strategy=multi_worker` (with TF_CONFIG on every worker) splits the build over the
+workers (see `kdml.index.build`). Bad input is a one-line `error:` (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _backend_options(args) -> dict:
+    options = {}
+    for name in ("nlist", "nprobe", "target_recall"):
+        value = getattr(args, name, None)
+        if value is not None:
+            options[name] = value
+    return options
+
+
+def _parser() -> argparse.ArgumentParser:
+    from kdml.distribute import STRATEGIES
+    from kdml.index.backends import BACKENDS
+
+    parser = argparse.ArgumentParser(prog="python -m kdml.index", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def ann_flags(p):
+        p.add_argument("--nlist", type=int, help="faiss: IVF cells (default ~4 sqrt(N))")
+        p.add_argument("--nprobe", type=int, help="faiss: cells per query (default: calibrated)")
+        p.add_argument("--target_recall", type=float,
+                       help="faiss: recall@10 vs exact the nprobe calibration aims for (0.97)")
+
+    build = sub.add_parser("build", help="embed a labelled image source into an index directory")
+    build.add_argument("--model", required=True, help=".keras, SavedModel directory or .tflite")
+    build.add_argument("--source", required=True,
+                       help="folder:<dir> (<class>/<image>), synthetic or tfds:<name>")
+    build.add_argument("--output", required=True, help="index directory to write")
+    build.add_argument("--backend", choices=BACKENDS, default="exact")
+    build.add_argument("--strategy", choices=STRATEGIES, default="auto")
+    build.add_argument("--split", choices=("test", "train", "all"), default="all",
+                       help="classes of a dataset source (folder: sources use every class)")
+    build.add_argument("--data_dir", default=None)
+    build.add_argument("--batch_size", type=int, default=256)
+    build.add_argument("--crop_fraction", type=float, default=0.875)
+    build.add_argument("--shard_size", type=int, default=10_000,
+                       help="images per shard (the unit a re-run skips and workers split)")
+    build.add_argument("--wait_timeout_s", type=float, default=3600.0,
+                       help="how long the chief waits for the other workers' shards")
+    build.add_argument("--add", action="store_true",
+                       help="append the source to the existing index at --output")
+    build.add_argument("--allow_model_mismatch", action="store_true")
+    build.add_argument("--seed", type=int, default=0)
+    ann_flags(build)
+
+    query = sub.add_parser("query", help="top-k gallery items of query images")
+    query.add_argument("--index", required=True)
+    query.add_argument("--model", required=True, help="the embedder of the queries")
+    query.add_argument("--source", default=None, help="labelled queries: folder:<dir>")
+    query.add_argument("images", nargs="*", help="query image files (label: parent folder); a "
+                       "gallery file used as a query is not returned for itself")
+    query.add_argument("--k", type=int, default=5)
+    query.add_argument("--backend", choices=BACKENDS, default=None,
+                       help="search with another backend than the saved one")
+    query.add_argument("--plot", default=None, help="PNG retrieval grid to write")
+    query.add_argument("--plot_sampled", type=int, default=6, help="seeded sample rows")
+    query.add_argument("--plot_worst", type=int, default=6, help="worst-query rows")
+    query.add_argument("--output", default=None, help="JSON results file (default: stdout)")
+    query.add_argument("--allow_model_mismatch", action="store_true")
+    query.add_argument("--batch_size", type=int, default=256)
+    query.add_argument("--crop_fraction", type=float, default=0.875)
+    query.add_argument("--seed", type=int, default=0)
+
+    evaluate = sub.add_parser("evaluate", help="recall@k of the approximate search vs exact, "
+                              "and queries/s of both")
+    evaluate.add_argument("--index", required=True)
+    evaluate.add_argument("--k", type=int, default=10)
+    evaluate.add_argument("--backend", choices=BACKENDS[1:], default=None,
+                          help="approximate backend (default: the index's, else faiss)")
+    evaluate.add_argument("--num_queries", type=int, default=1000,
+                          help="gallery rows used as queries (their own row excluded)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--output", default=None, help="JSON report file")
+    ann_flags(evaluate)
+    return parser
+
+
+def _build(args):
+    from kdml.index import GalleryIndex, build_index
+
+    add_to = GalleryIndex.load(args.output) if args.add else None
+    index = build_index(args.model, args.source, args.output, backend=args.backend,
+                        backend_options=_backend_options(args), strategy=args.strategy,
+                        split=args.split, data_dir=args.data_dir, batch_size=args.batch_size,
+                        crop_fraction=args.crop_fraction, shard_size=args.shard_size,
+                        seed=args.seed, wait_timeout_s=args.wait_timeout_s, add_to=add_to,
+                        allow_model_mismatch=args.allow_model_mismatch)
+    if index is None:
+        print(f"Wrote this worker's shards of {args.output}; the chief merges them.")
+        return
+    config = index.backend.config()
+    print(f"Indexed {len(index)} images of {len(set(index.labels.tolist()))} classes "
+          f"(d = {index.dim}, backend {index.backend.name}"
+          + (f" {json.dumps(config)}" if config else "") + f"): {args.output}")
+
+
+def _query(args):
+    from kdml.data.image_set import ImageSet
+    from kdml.evaluation.protocols import embed_image_set
+    from kdml.export import load_embedder
+    from kdml.index import GalleryIndex, model_fingerprint
+    from kdml.index.build import load_source
+
+    if bool(args.source) == bool(args.images):
+        raise ValueError("Give query images either as files (positional) or as --source="
+                         "folder:<dir>, not both and not neither.")
+    index = GalleryIndex.load(args.index, backend=args.backend)
+    embedder = load_embedder(args.model)
+    index.check_model(model_fingerprint(embedder), args.allow_model_mismatch)
+    if args.source:
+        queries = load_source(args.source)
+    else:
+        missing = [p for p in args.images if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"No query image at {missing[0]}.")
+        names = sorted({os.path.basename(os.path.dirname(os.path.abspath(p))) for p in args.images})
+        queries = ImageSet(labels=[names.index(os.path.basename(os.path.dirname(os.path.abspath(p))))
+                                   for p in args.images], class_names=names,
+                           paths=list(args.images), name="query images")
+    embeddings = embed_image_set(embedder, queries, batch_size=args.batch_size,
+                                 crop_fraction=args.crop_fraction)
+    result = index.query(embeddings, k=args.k + 1)
+    result = _without_self(result, queries.paths, args.k)
+    query_names = [queries.class_names[label] for label in queries.labels]
+    records = [{"query": str(path), "label": str(label), "neighbours": hits}
+               for path, label, hits in zip(queries.paths, query_names, result.as_records())]
+    if args.plot:
+        import numpy as np
+
+        from kdml.evaluation.plots import load_image_files, retrieval_grid
+
+        label_ids = {name: i for i, name in enumerate(sorted(set(index.labels.tolist())
+                                                            | set(query_names)))}
+        grid = retrieval_grid(
+            np.array([label_ids[n] for n in query_names]), result.indices,
+            np.array([label_ids[n] for n in index.labels]),
+            lambda rows: load_image_files(queries.paths[rows]),
+            lambda rows: load_image_files(index.paths[rows]), args.plot,
+            num_sampled=args.plot_sampled, num_worst=args.plot_worst, seed=args.seed,
+            title=os.path.basename(os.path.normpath(args.index)))
+        print(f"Wrote the retrieval grid: {grid['path']}", file=sys.stderr)
+    text = json.dumps(records, indent=1)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+        print(f"Wrote {args.output}")
+    else:
+        print(text)
+
+
+def _without_self(result, query_paths, k):
+    """The top-k without the gallery item that is the query's own file (a gallery image
+    used as a query), from a top-(k + 1) result."""
+    import numpy as np
+
+    from kdml.index import QueryResult
+
+    keep = np.asarray([[path != str(query) for path in row]
+                       for row, query in zip(result.paths, query_paths)])
+    keep &= np.cumsum(keep, axis=1) <= k
+    rows = [np.flatnonzero(row)[:k] for row in keep]
+    k = min(len(r) for r in rows)
+    take = np.stack([r[:k] for r in rows])
+    return QueryResult(*(np.take_along_axis(a, take, axis=1) for a in (
+        result.indices, result.similarities, result.labels, result.paths)))
+
+
+def _evaluate(args):
+    from kdml.index import GalleryIndex
+    from kdml.index.approximation import measure_approximation
+
+    index = GalleryIndex.load(args.index)
+    report = measure_approximation(index, k=args.k, approximate=args.backend,
+                                   num_queries=args.num_queries, seed=args.seed,
+                                   backend_options=_backend_options(args))
+    print(f"| search | recall@{report['k']} vs exact | queries/s |")
+    print("|---|---:|---:|")
+    print(f"| exact | 1.0000 | {report['exact_qps']:,.0f} |")
+    print(f"| {report['backend']} {json.dumps(report['config'])} | {report['recall_at_k']:.4f} | "
+          f"{report['approximate_qps']:,.0f} |")
+    print(f"{report['gallery']:,} gallery items, {report['queries']:,} queries (gallery rows, "
+          f"own row excluded); approximate / exact: {report['speedup']:.1f}x")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"Wrote {args.output}")
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    from kdml.index.storage import IndexFormatError
+
+    try:
+        {"build": _build, "query": _query, "evaluate": _evaluate}[args.command](args)
+    except (ValueError, FileNotFoundError, IndexFormatError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

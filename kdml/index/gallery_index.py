@@ -1,0 +1,218 @@
+"""`GalleryIndex`: labelled gallery embeddings, searchable top-k, saved as one directory.
+
+    index = GalleryIndex(embeddings, labels, paths, model=model_fingerprint(embedder))
+    result = index.query(query_embeddings, k=5)   # result.labels[q], result.paths[q] ...
+    index.add(more_embeddings, more_labels, more_paths)
+    index.save("gallery.index");  GalleryIndex.load("gallery.index", backend="faiss")
+
+Built from a model and images by `kdml.index.build_index`. Rows are stored
+L2-normalised; the similarity is their cosine (inner product of unit rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import numpy as np
+
+from kdml.index.backends import make_backend
+from kdml.index.storage import model_summary, read_index_files, write_index_files
+
+SIMILARITY = "cosine"
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryResult:
+    """Top-k of Q queries, best first.
+
+    Attributes:
+        indices: `(Q, k)` int64 gallery rows.
+        similarities: `(Q, k)` float32 cosines.
+        labels: `(Q, k)` str gallery labels.
+        paths: `(Q, k)` str gallery paths.
+    """
+
+    indices: np.ndarray
+    similarities: np.ndarray
+    labels: np.ndarray
+    paths: np.ndarray
+
+    def as_records(self) -> list:
+        """Per query, a list of `{"label", "path", "similarity", "index"}` dicts."""
+        return [[{"label": str(label), "path": str(path), "similarity": float(score),
+                  "index": int(index)}
+                 for index, score, label, path in zip(*row)]
+                for row in zip(self.indices, self.similarities, self.labels, self.paths)]
+
+
+def check_embeddings(embeddings, paths=None, source: str = "the gallery") -> np.ndarray:
+    """`(N, d)` finite float32 rows, L2-normalised; a one-line ValueError otherwise.
+
+    Raises for an empty array (no images) and for non-finite rows (how many, and the
+    first one's row and path).
+    """
+    embeddings = np.asarray(embeddings)
+    if embeddings.ndim != 2:
+        raise ValueError(f"Expected embeddings of shape (N, d) for {source}. Received: "
+                         f"shape={embeddings.shape}")
+    if len(embeddings) == 0:
+        raise ValueError(f"{source} is empty: no embeddings to index. Point the source at a "
+                         "folder with images (<root>/<class>/<image>) or pass a non-empty array.")
+    embeddings = embeddings.astype(np.float32, copy=False)
+    bad = ~np.isfinite(embeddings).all(axis=1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        where = f" ({paths[first]})" if paths is not None and len(paths) > first and \
+            str(paths[first]) else ""
+        raise ValueError(
+            f"{int(bad.sum())} of {len(embeddings)} embeddings of {source} are not finite (NaN "
+            f"or Inf), the first at row {first}{where}: the model produced them; check the model "
+            "(a diverged training gives NaN weights) and that image, then rebuild.")
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+class GalleryIndex:
+    """Labelled, L2-normalised gallery embeddings with an exact or approximate search.
+
+    Args:
+        embeddings: `(N, d)` float (normalised here), N >= 1, all finite.
+        labels: N class names (str).
+        paths: N source paths (default: "").
+        model: the embedder's entry (`kdml.index.model_fingerprint`), or None for vectors
+            of unknown origin (then queries are not checked against a model).
+        backend: "exact" (default), "faiss" or "scann" (`kdml.index.backends`).
+        backend_options: keyword arguments of the backend (e.g. `nprobe`, `strategy`).
+        seed: seed of the approximate backend's training (k-means) and calibration.
+    """
+
+    def __init__(self, embeddings, labels: Sequence[str], paths: Optional[Sequence[str]] = None,
+                 *, model: Optional[dict] = None, backend: str = "exact",
+                 backend_options: Optional[dict] = None, seed: int = 0, _backend_state=None):
+        labels = np.asarray([str(label) for label in labels], dtype=str)
+        paths = (np.full(len(labels), "", dtype=str) if paths is None
+                 else np.asarray([str(p) for p in paths], dtype=str))
+        self.embeddings = check_embeddings(embeddings, paths)
+        if not (len(labels) == len(paths) == len(self.embeddings)):
+            raise ValueError(f"Expected N embeddings, N labels and N paths. Received: "
+                             f"{len(self.embeddings)} embeddings, {len(labels)} labels, "
+                             f"{len(paths)} paths.")
+        if model and int(model.get("embedding_dim", self.dim)) != self.dim:
+            raise ValueError(f"The model {model_summary(model)} gives embeddings of size "
+                             f"{model['embedding_dim']}, but the arrays have {self.dim} columns.")
+        self.labels, self.paths = labels, paths
+        self.model = dict(model) if model else None
+        self.seed = int(seed)
+        self.directory = None
+        self.backend = make_backend(backend, **(backend_options or {}))
+        if _backend_state is None:
+            self.backend.build(self.embeddings, seed=self.seed)
+        else:
+            self.backend.load(_backend_state["directory"], self.embeddings,
+                              _backend_state["config"])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __repr__(self):
+        return (f"GalleryIndex({len(self)} x {self.dim}, backend={self.backend.name!r}, "
+                f"model={model_summary(self.model)})")
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def check_model(self, model: Optional[dict], allow_model_mismatch: bool = False) -> None:
+        """Raises a one-line ValueError when `model` did not build this index.
+
+        A different embedding size always raises; another fingerprint raises unless
+        `allow_model_mismatch` (e.g. the `.tflite` export of the `.keras` that built it).
+        """
+        if model is None:
+            return
+        where = f"The index at {self.directory}" if self.directory else "The index"
+        built_by = model_summary(self.model)
+        if int(model["embedding_dim"]) != self.dim:
+            raise ValueError(
+                f"{where} holds embeddings of size {self.dim} from model {built_by}, but the "
+                f"query model {model_summary(model)} gives {model['embedding_dim']}: rebuild "
+                f"the index with that model (python -m kdml.index build --model="
+                f"{model.get('path')} ...) or query with the model that built it.")
+        if (self.model and not allow_model_mismatch
+                and model["fingerprint"] != self.model["fingerprint"]):
+            raise ValueError(
+                f"{where} was built by model {built_by}, but the query model is "
+                f"{model_summary(model)}: embeddings of different models are not comparable. "
+                f"Rebuild the index with the query model (python -m kdml.index build --model="
+                f"{model.get('path')} ...), or pass allow_model_mismatch=True "
+                "(--allow_model_mismatch) if both are exports of the same weights.")
+
+    def query(self, queries, k: int = 5) -> QueryResult:
+        """`(Q, d)` query embeddings (or one `(d,)`) -> the k most similar gallery items."""
+        queries = np.asarray(queries, dtype=np.float32)
+        if queries.ndim == 1:
+            queries = queries[None]
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(
+                f"The index holds embeddings of size {self.dim} (model "
+                f"{model_summary(self.model)}); the queries have shape {queries.shape}: embed "
+                f"them with the model that built the index, (Q, {self.dim}).")
+        if isinstance(k, bool) or int(k) < 1:
+            raise ValueError(f"Expected k >= 1. Received: k={k}")
+        k = min(int(k), len(self))
+        queries = check_embeddings(queries, source="the queries")
+        indices, similarities = self.backend.search(queries, k)
+        found = np.where(indices < 0, 0, indices)  # faiss returns -1 for unfilled slots
+        return QueryResult(indices, similarities, self.labels[found], self.paths[found])
+
+    def add(self, embeddings, labels: Sequence[str], paths: Optional[Sequence[str]] = None,
+            model: Optional[dict] = None, allow_model_mismatch: bool = False) -> "GalleryIndex":
+        """Appends items (from the model that built the index); returns self.
+
+        The approximate backend adds them to its existing cells (no re-training).
+        """
+        self.check_model(model, allow_model_mismatch)
+        labels = [str(label) for label in labels]
+        paths = [""] * len(labels) if paths is None else [str(p) for p in paths]
+        new = check_embeddings(embeddings, paths, source="the added items")
+        if new.shape[1] != self.dim or len(new) != len(labels) or len(labels) != len(paths):
+            raise ValueError(f"Expected ({len(labels)}, {self.dim}) embeddings with as many labels "
+                             f"and paths. Received: embeddings {new.shape}, {len(labels)} labels, "
+                             f"{len(paths)} paths.")
+        self.embeddings = np.concatenate([self.embeddings, new])
+        self.labels = np.concatenate([self.labels, np.asarray(labels, dtype=str)])
+        self.paths = np.concatenate([self.paths, np.asarray(paths, dtype=str)])
+        self.backend.add(new, self.embeddings)
+        return self
+
+    def save(self, path: str) -> str:
+        """Writes the index directory atomically (see `kdml.index.storage`); returns it."""
+        metadata = {"model": self.model, "similarity": SIMILARITY, "seed": self.seed,
+                    "backend": {"name": self.backend.name, "config": self.backend.config()}}
+        write_index_files(path, self.embeddings, self.labels, self.paths, metadata,
+                          write_extra=lambda d: [p for p in [self.backend.save(d)] if p])
+        self.directory = path
+        return path
+
+    @classmethod
+    def load(cls, path: str, backend: Optional[str] = None,
+             backend_options: Optional[dict] = None, verify: bool = True) -> "GalleryIndex":
+        """Loads and validates an index directory.
+
+        Args:
+            backend: None keeps the saved backend; another name rebuilds that search
+                over the stored vectors (e.g. "exact" for an index saved with "faiss").
+            verify: check every file's SHA-256 (sizes are always checked).
+        """
+        stored = read_index_files(path, verify=verify)
+        metadata = stored["metadata"]
+        saved = (metadata.get("backend") or {}).get("name", "exact")
+        name = backend or saved
+        state = ({"directory": path, "config": metadata["backend"].get("config") or {}}
+                 if name == saved and saved != "exact" else None)
+        index = cls(stored["embeddings"], stored["labels"], stored["paths"],
+                    model=metadata.get("model"), backend=name, backend_options=backend_options,
+                    seed=metadata.get("seed", 0), _backend_state=state)
+        index.directory = path
+        return index

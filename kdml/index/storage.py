@@ -1,0 +1,178 @@
+"""The saved format of a gallery index: one directory, written atomically, NumPy-readable.
+
+    <index>/
+      index.json        {"format": "kdml-gallery-index", "version": 1, "count": N,
+                         "embedding_dim": d, "similarity": "cosine", "model": {...},
+                         "backend": {"name", "config"}, "files": {name: {bytes, sha256}},
+                         "kdml_version"}
+      embeddings.npy    float32 (N, d), rows L2-normalised
+      labels.npy        str (N,)   class name of each gallery item
+      paths.npy         str (N,)   its image file ("" when it came from arrays)
+      faiss.index       the approximate backend's state (backend "faiss" only)
+
+`model` identifies the embedder: `fingerprint` (see `kdml.index.fingerprint`),
+`format`, `path`, `image_size`, `embedding_dim`. The directory is written under a
+temporary name (`.<name>.tmp-<pid>`), `index.json` last, and renamed into place, so a
+write killed midway never leaves a directory that loads: `read_index_files` needs
+`index.json`, and checks every file's byte size (and SHA-256 when `verify=True`)
+against it. The arrays load with `numpy.load(allow_pickle=False)`, so the LiteRT kit
+(`export/kdml_litert.py`) reads the same directory without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Optional
+
+import numpy as np
+
+FORMAT_NAME = "kdml-gallery-index"
+FORMAT_VERSION = 1
+METADATA_FILE = "index.json"
+ARRAY_FILES = ("embeddings.npy", "labels.npy", "paths.npy")
+
+
+class IndexFormatError(ValueError):
+    """A directory that is not a complete, valid kdml gallery index."""
+
+
+def sha256_file(path: str, block: int = 2**22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_index_files(path: str, embeddings: np.ndarray, labels: np.ndarray, paths: np.ndarray,
+                      metadata: dict, write_extra=None) -> str:
+    """Writes the index directory `path` atomically (replacing an existing one).
+
+    Args:
+        embeddings, labels, paths: the arrays (validated by the caller).
+        metadata: `model`, `backend`, `similarity` ... (count, sizes, version and file
+            checksums are added here).
+        write_extra: optional `f(temp_dir) -> [file names]` writing backend files.
+
+    Returns:
+        `path`.
+    """
+    path = os.path.normpath(path)
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        arrays = {"embeddings.npy": np.ascontiguousarray(embeddings, np.float32),
+                  "labels.npy": np.asarray(labels, dtype=str),
+                  "paths.npy": np.asarray(paths, dtype=str)}
+        for file_name, array in arrays.items():
+            with open(os.path.join(tmp, file_name), "wb") as f:
+                np.save(f, array, allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+        extra = list(write_extra(tmp) or []) if write_extra else []
+        files = {}
+        for file_name in list(arrays) + [os.path.basename(e) for e in extra]:
+            full = os.path.join(tmp, file_name)
+            files[file_name] = {"bytes": os.path.getsize(full), "sha256": sha256_file(full)}
+        from kdml.version import __version__
+
+        info = {**metadata, "format": FORMAT_NAME, "version": FORMAT_VERSION,
+                "count": int(len(arrays["labels.npy"])),
+                "embedding_dim": int(arrays["embeddings.npy"].shape[1]),
+                "files": files, "kdml_version": __version__}
+        with open(os.path.join(tmp, METADATA_FILE), "w") as f:
+            json.dump(info, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        old = None
+        if os.path.exists(path):
+            old = os.path.join(parent, f".{name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_index_files(path: str, verify: bool = True, mmap: bool = False) -> dict:
+    """Reads and validates an index directory.
+
+    Returns:
+        `{"metadata": dict, "embeddings": (N, d) float32, "labels": (N,) str,
+        "paths": (N,) str, "directory": path}`.
+
+    Raises:
+        FileNotFoundError: no such directory.
+        IndexFormatError: incomplete (a write killed midway), truncated, corrupt, of
+            another format version, or inconsistent; the one-line message says what.
+    """
+    if not os.path.isdir(path):
+        if os.path.exists(path):
+            raise IndexFormatError(f"{path} is a file, not a kdml index directory; build one with "
+                                   "`python -m kdml.index build`.")
+        raise FileNotFoundError(f"No index at {path}. Build one with `python -m kdml.index build "
+                                f"--model=<embedder> --source=folder:<gallery> --output={path}`.")
+    meta_path = os.path.join(path, METADATA_FILE)
+    rebuild = "rebuild it with `python -m kdml.index build`"
+    if not os.path.isfile(meta_path):
+        raise IndexFormatError(f"{path} is not a complete kdml index (no {METADATA_FILE}: its write "
+                               f"was interrupted, or it is another folder); {rebuild}.")
+    try:
+        with open(meta_path) as f:
+            metadata = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise IndexFormatError(f"{meta_path} is corrupt ({error}); {rebuild}.") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
+        raise IndexFormatError(f"{path}: {METADATA_FILE} is not a kdml gallery index "
+                               f"(format {metadata.get('format') if isinstance(metadata, dict) else None!r}, "
+                               f"expected {FORMAT_NAME!r}); {rebuild}.")
+    if metadata.get("version") != FORMAT_VERSION:
+        raise IndexFormatError(f"{path} has index format version {metadata.get('version')!r}; this "
+                               f"kdml reads version {FORMAT_VERSION}: {rebuild}.")
+    files = metadata.get("files") or {}
+    for file_name in ARRAY_FILES + tuple(f for f in files if f not in ARRAY_FILES):
+        full = os.path.join(path, file_name)
+        expected = files.get(file_name)
+        if expected is None or not os.path.isfile(full):
+            raise IndexFormatError(f"{path}: {file_name} is missing; {rebuild}.")
+        size = os.path.getsize(full)
+        if size != expected["bytes"]:
+            raise IndexFormatError(f"{path}: {file_name} has {size} bytes, {METADATA_FILE} says "
+                                   f"{expected['bytes']} (truncated or replaced); {rebuild}.")
+        if verify and sha256_file(full) != expected["sha256"]:
+            raise IndexFormatError(f"{path}: {file_name} does not match its SHA-256 in "
+                                   f"{METADATA_FILE} (corrupt); {rebuild}.")
+    try:
+        embeddings = np.load(os.path.join(path, "embeddings.npy"), allow_pickle=False,
+                             mmap_mode="r" if mmap else None)
+        labels = np.load(os.path.join(path, "labels.npy"), allow_pickle=False)
+        paths = np.load(os.path.join(path, "paths.npy"), allow_pickle=False)
+    except ValueError as error:
+        raise IndexFormatError(f"{path}: unreadable array ({error}); {rebuild}.") from None
+    count, dim = metadata.get("count"), metadata.get("embedding_dim")
+    if (embeddings.dtype != np.float32 or embeddings.shape != (count, dim)
+            or labels.shape != (count,) or paths.shape != (count,)):
+        raise IndexFormatError(
+            f"{path}: arrays do not match {METADATA_FILE} (count {count}, embedding_dim {dim}): "
+            f"embeddings {embeddings.dtype} {embeddings.shape}, labels {labels.shape}, paths "
+            f"{paths.shape}; {rebuild}.")
+    return {"metadata": metadata, "embeddings": embeddings, "labels": labels, "paths": paths,
+            "directory": path}
+
+
+def model_summary(model: Optional[dict]) -> str:
+    """'<fingerprint> (<path>)' of an index's model entry, for error messages."""
+    if not model:
+        return "an unknown model"
+    where = model.get("path") or model.get("format") or "?"
+    return f"{model.get('fingerprint', '?')} ({where})"

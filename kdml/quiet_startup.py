@@ -1,0 +1,80 @@
+"""Quiet start-up of kdml's command lines (`python -m kdml.train`, `kdml.evaluate`, ...).
+
+Importing TensorFlow writes C++ lines to stderr before any Python code can filter
+them: CUDA probing ("cudart_stub.cc ... Could not find cuda drivers"), "All log
+messages before absl::InitializeLog() is called are written to STDERR", CPU feature
+notes, and on a machine with CUDA libraries but no GPU "failed call to cuInit".
+tensorflow-similarity's NMSLIB prints a CPU-instruction banner from C++ when it is
+imported. On a CPU-only machine all of it is noise.
+
+`quiet_startup()` runs before `kdml` imports TensorFlow (from `kdml/__init__.py`, for
+a `python -m kdml.<command>` process only; a library user's process is left alone):
+it sets `TF_CPP_MIN_LOG_LEVEL=2` (TensorFlow's C++ errors only) unless the user set
+it, and imports TensorFlow (probing the GPUs) and nmslib with the stderr file
+descriptor sent to a temporary file, replayed if the import fails. Passing absl's
+`-v` / `--verbosity` (any level) on the command line skips all of this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from typing import Iterator, Optional, Sequence
+
+_VERBOSITY_FLAGS = ("-v", "--verbosity", "-verbosity")
+
+
+def is_kdml_command_line(argv: Optional[Sequence[str]] = None) -> bool:
+    """Whether this process is `python -m kdml.<command> ...` (`sys.orig_argv`)."""
+    argv = list(getattr(sys, "orig_argv", []) if argv is None else argv)
+    return any(a == "-m" and b.startswith("kdml.") for a, b in zip(argv, argv[1:]))
+
+
+def asks_for_verbosity(argv: Sequence[str]) -> bool:
+    """Whether the command line sets absl's `-v` / `--verbosity` flag."""
+    return any(arg in _VERBOSITY_FLAGS or arg.startswith(tuple(f"{f}=" for f in _VERBOSITY_FLAGS))
+               for arg in argv)
+
+
+@contextlib.contextmanager
+def stderr_captured() -> Iterator[None]:
+    """Sends file descriptor 2 (C and C++ writes included) to a temporary file; on an
+    exception the captured text is written back to stderr before it propagates."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to protect
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            os.write(2, captured.read())
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def quiet_startup(argv: Optional[Sequence[str]] = None) -> bool:
+    """Imports TensorFlow and nmslib without their start-up lines; returns whether it
+    did (False when `argv`, default `sys.argv`, asks for `--verbosity`)."""
+    if asks_for_verbosity(sys.argv[1:] if argv is None else argv):
+        return False
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with stderr_captured():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")  # CUDA probing logs here, once
+        try:
+            import nmslib  # noqa: F401  (tensorflow-similarity's index; its banner)
+        except ImportError:
+            pass
+    return True

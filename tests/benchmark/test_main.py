@@ -1,0 +1,55 @@
+"""`python -m kdml.benchmark`: one-line errors, and the Omniglot preset's data preparation."""
+
+import os
+import zipfile
+
+import pytest
+
+from kdml.benchmark.__main__ import main
+from kdml.benchmark.presets import OMNIGLOT, OMNIGLOT_ZIPS, omniglot_roots
+
+
+def test_report_of_a_folder_without_a_benchmark_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "holds no selection.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run"], "Pass --omniglot_dir"),
+    (["run", "--data=/x", "--methods=nope"], "--methods: unknown rows ['nope']"),
+    (["run", "--preset=cub"], "--preset='cub' is unknown"),
+])
+def test_run_argument_errors_name_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_missing_omniglot_zips_say_what_to_pass(tmp_path, capsys):
+    assert main(["run", f"--omniglot_dir={tmp_path}", f"--cache_dir={tmp_path / 'c'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Pass --omniglot_dir=" in err
+
+
+def test_omniglot_zips_are_unpacked_once(tmp_path):
+    for name in OMNIGLOT_ZIPS:
+        with zipfile.ZipFile(tmp_path / f"{name}.zip", "w") as z:
+            z.writestr(f"{name}/Greek/character01/a.png", b"x")
+    roots = omniglot_roots(str(tmp_path), str(tmp_path / "cache"))
+    assert roots == [str(tmp_path / "cache" / n) for n in OMNIGLOT_ZIPS]
+    assert os.path.exists(os.path.join(roots[1], "Greek", "character01", "a.png"))
+    os.remove(tmp_path / f"{OMNIGLOT_ZIPS[0]}.zip")
+    assert omniglot_roots(str(tmp_path), str(tmp_path / "cache")) == roots  # cached
+
+
+def test_the_omniglot_preset_gives_every_method_the_same_trials_and_budget():
+    from kdml.benchmark.search import sample_trials
+
+    for name, preset in OMNIGLOT.methods.items():
+        assert len(sample_trials(preset.search, OMNIGLOT.trials)) == OMNIGLOT.trials, name
+        assert not set(preset.config) & {"epochs", "classes_per_batch", "images_per_class", "seed"}
+        assert all(base in OMNIGLOT.methods for base in preset.bases)
+    blocks = [m for block in OMNIGLOT.default_blocks for m in block]
+    assert len(blocks) == len(set(blocks)) and len(OMNIGLOT.seeds) == 5 and OMNIGLOT.trials >= 3

@@ -1,0 +1,142 @@
+"""kdml.benchmark.protocol: selection on validation only, test read after it, resumable."""
+
+import os
+
+import pytest
+
+from kdml.benchmark.protocol import BenchmarkSpec, MethodPreset, run_benchmark, select
+from kdml.benchmark.splits import SplitFolders, class_folders, group_split
+from kdml.data.sources.folder import load_folder
+from tests.helpers import write_glyph_folder
+
+SPEC = BenchmarkSpec(
+    budget={"backbone": "conv4", "epochs": 2},
+    methods={
+        "base": MethodPreset({"method": "proxy_anchor"}, {"alpha": (16.0, 32.0, 64.0)}),
+        "seed_method": MethodPreset({"method": "so_proxy"}, {"so_strength": (0.1, 1.0, 10.0, 100.0)},
+                                    bases=("base",)),
+    },
+    trials=3, seeds=(0, 1, 2))
+
+
+def _score(spec):
+    """A made-up validation score, highest for alpha = 32 and so_strength = 1."""
+    c = spec.config
+    return 0.5 - abs(c.get("alpha", 32.0) - 32.0) / 100 - abs(c.get("so_strength", 1.0) - 1.0) / 1000
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    root = write_glyph_folder(tmp_path / "data", num_classes=10, images_per_class=2,
+                              class_dir=lambda c: f"alphabet{c // 2}/char{c % 2}")
+    folders = class_folders([root])
+    split = group_split(sorted(folders), num_validation_groups=1, num_test_groups=2, seed=0)
+    return folders, split, SplitFolders(folders, split, str(tmp_path / "splits"))
+
+
+def test_test_split_is_loaded_only_after_every_selection(dataset, tmp_path):
+    folders, split, splits = dataset
+    events, seen = [], {}
+
+    def images_of(split_name):
+        return {os.path.realpath(os.path.join(folders[c], f))
+                for c in split.classes[split_name] for f in os.listdir(folders[c])}
+
+    test_images, validation_images = images_of("test"), images_of("validation")
+
+    def spy_load_split(name):
+        events.append(("load", name))
+        return splits.load_split(name)
+
+    def execute(spec, train_dir, eval_dir):
+        events.append(("run", spec.stage, spec.method))
+        seen.setdefault(spec.stage, set()).add((train_dir, eval_dir))
+        # No validation or test image reaches a trial's training, no test image a final's.
+        train = {os.path.realpath(p) for p in load_folder(train_dir, verify_images=False).paths}
+        held_out = {os.path.realpath(p) for p in load_folder(eval_dir, verify_images=False).paths}
+        assert train and held_out and not train & held_out
+        assert not train & test_images
+        if spec.stage == "trial":
+            assert not train & validation_images
+        return {"metrics": {"recall@1": _score(spec), "map@r": 0.1, "r_precision": 0.2,
+                            **({"one_shot": 0.3} if spec.one_shot else {})}, "wall_s": 1.0}
+
+    results = run_benchmark(SPEC, split, spy_load_split, execute, str(tmp_path / "results"),
+                            progress=lambda line: None)
+    first_test = events.index(("load", "test"))
+    trials = [i for i, e in enumerate(events) if e[:2] == ("run", "trial")]
+    finals = [i for i, e in enumerate(events) if e[:2] == ("run", "final")]
+    assert len(trials) == 2 * 3 and len(finals) == 2 * 3
+    assert max(trials) < first_test < min(finals)
+    assert seen["trial"] == {(splits.load_split("train"), splits.load_split("validation"))}
+    assert seen["final"] == {(splits.load_split("train+validation"), splits.load_split("test"))}
+    assert results["selection"]["base"]["params"] == {"alpha": 32.0}
+    assert [r["config"]["seed"] for r in results["finals"]["base"]] == [0, 1, 2]
+    assert all(r["config"]["alpha"] == 32.0 and r["config"]["epochs"] == 2
+               for r in results["finals"]["base"])
+
+    # Resuming runs nothing: every run is cached under its key.
+    def fail(*args):
+        raise AssertionError("a cached run was executed again")
+
+    again = run_benchmark(SPEC, split, splits.load_split, fail, str(tmp_path / "results"),
+                          progress=lambda line: None)
+    assert again["selection"] == results["selection"]
+
+
+def test_select_takes_the_best_validation_recall_and_the_first_of_ties():
+    trials = [{"metrics": {"recall@1": r}} for r in (0.5, 0.7, 0.7, 0.6)]
+    assert select(trials) == 1
+
+
+def test_unknown_methods_are_refused(dataset, tmp_path):
+    _, split, splits = dataset
+    with pytest.raises(ValueError, match="Unknown methods.*Valid methods: base, seed_method"):
+        run_benchmark(SPEC, split, splits.load_split, None, str(tmp_path), methods=["nope"])
+
+
+def test_blocks_read_test_only_after_their_own_selection_and_skip_what_kdml_lacks(tmp_path):
+    import dataclasses
+
+    from kdml.benchmark.protocol import run_on_folders
+
+    root = write_glyph_folder(tmp_path / "data", num_classes=10, images_per_class=2,
+                              class_dir=lambda c: f"alphabet{c // 2}/char{c % 2}")
+    spec = dataclasses.replace(SPEC, methods={
+        **SPEC.methods,
+        "third": MethodPreset({"method": "proxy_anchor"}, {"margin": (0.1, 0.2, 0.3)}),
+        "future": MethodPreset({"method": "pddm", "no_such_field": 1}, {"alpha": (1.0, 2.0, 3.0)}),
+    }, default_blocks=(("base", "seed_method"), ("third", "future")))
+    events, lines = [], []
+
+    def execute(run_spec, train_dir, eval_dir):
+        events.append((run_spec.stage, run_spec.method, os.path.basename(eval_dir)))
+        return {"metrics": {"recall@1": _score(run_spec), "map@r": 0.1, "r_precision": 0.2}}
+
+    results = run_on_folders(spec, [root], str(tmp_path / "results"), str(tmp_path / "scratch"),
+                             progress=lines.append, execute=execute)
+    stages = [(stage, method) for stage, method, _ in events]
+    first_block_finals = stages.index(("final", "base"))
+    assert {m for s, m in stages[:first_block_finals]} == {"base", "seed_method"}
+    assert {m for s, m in stages[first_block_finals:first_block_finals + 6]} == {"base", "seed_method"}
+    assert stages[first_block_finals + 6:] == [("trial", "third")] * 3 + [("final", "third")] * 3
+    assert all((eval_dir == "test") == (stage == "final") for stage, _, eval_dir in events)
+    assert "Skipping future: TrainConfig has no field no_such_field." in lines
+    assert set(results["selection"]) == {"base", "seed_method", "third"}
+
+
+def test_a_failed_run_is_reported_not_cached_and_the_rest_goes_on(dataset, tmp_path):
+    _, split, splits = dataset
+    lines = []
+
+    def execute(spec, train_dir, eval_dir):
+        if spec.method == "base" and spec.index == 1:
+            raise RuntimeError("Run base trial 1 failed (exit 1)")
+        return {"metrics": {"recall@1": _score(spec)}}
+
+    results = run_benchmark(SPEC, split, splits.load_split, execute, str(tmp_path / "r"),
+                            progress=lines.append)
+    assert any("base trial 2/3 alpha=32.0: FAILED, Run base trial 1 failed" in line for line in lines)
+    assert "base: no selection and no final runs, 1 trial(s) failed." in lines
+    assert list(results["finals"]) == ["seed_method"] and len(results["finals"]["seed_method"]) == 3
+    assert len(os.listdir(tmp_path / "r" / "runs" / "base")) == 2  # the failure is not cached

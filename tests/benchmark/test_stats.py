@@ -1,0 +1,53 @@
+"""kdml.benchmark.stats against an independent NumPy / SciPy computation."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from kdml.benchmark.stats import mean_interval, paired_difference
+
+
+def test_mean_interval_is_the_student_t_interval():
+    x = np.array([0.61, 0.64, 0.58, 0.66, 0.63])
+    low, high = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
+    got = mean_interval(x)
+    assert got["mean"] == pytest.approx(x.mean())
+    assert (got["low"], got["high"]) == (pytest.approx(low), pytest.approx(high))
+    # by hand: t_{0.975, 4} = 2.776445 (tables), s = std(ddof=1)
+    assert got["half_width"] == pytest.approx(2.776445 * x.std(ddof=1) / math.sqrt(5), rel=1e-6)
+    assert got["n"] == 5
+    assert math.isnan(mean_interval([0.5])["half_width"])
+
+
+def test_paired_difference_matches_a_hand_computed_paired_t_test():
+    method = np.array([0.64, 0.66, 0.61, 0.67, 0.65])
+    base = np.array([0.62, 0.63, 0.61, 0.64, 0.60])
+    d = method - base
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
+    p = 2 * stats.t.sf(abs(t), len(d) - 1)
+    got = paired_difference(method, base)
+    assert got["mean"] == pytest.approx(d.mean())
+    assert got["t_p"] == pytest.approx(p)
+    low, high = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+    assert (got["low"], got["high"]) == (pytest.approx(low), pytest.approx(high))
+    assert got["above_zero"] == (low > 0) and got["wins"] == 4
+
+
+def test_wilcoxon_exact_p_value():
+    # 5 seeds, all differences positive with distinct sizes: the exact two-sided p of
+    # the signed-rank test is 2 / 2^5 (only the all-positive sign pattern is as extreme).
+    got = paired_difference([1.0, 2.0, 3.0, 4.0, 5.0], [0.9, 1.8, 2.7, 3.6, 4.5])
+    assert got["wilcoxon_p"] == pytest.approx(2 / 32)
+    assert got["above_zero"] and got["wins"] == 5
+
+
+def test_no_difference_is_not_a_win():
+    got = paired_difference([0.5, 0.6, 0.7], [0.5, 0.6, 0.7])
+    assert got["mean"] == 0 and got["wilcoxon_p"] == 1.0 and not got["above_zero"]
+
+
+def test_unpaired_values_are_refused():
+    with pytest.raises(ValueError, match="same seeds"):
+        paired_difference([0.1, 0.2], [0.1])

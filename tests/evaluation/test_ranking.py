@@ -1,0 +1,137 @@
+"""retrieval_ranking (one product pass) against a stable-sort NumPy ranking and exact_knn."""
+
+import numpy as np
+import pytest
+
+from kdml.evaluation import exact_knn, retrieval_metrics, retrieval_ranking
+from kdml.evaluation import ranking as ranking_module
+
+
+def _stable_ranking(queries, gallery, exclude_self):
+    """Full float64 similarity, stable sort: ties -> lower gallery index first."""
+    sims = np.asarray(queries, np.float64) @ np.asarray(gallery, np.float64).T
+    if exclude_self:
+        np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")
+    return order[:, : len(gallery) - int(exclude_self)]
+
+
+def _first_positive(order, query_labels, gallery_labels):
+    """Position of the first same-class item in each row of `order`, -1 if none."""
+    matches = gallery_labels[order] == query_labels[:, None]
+    return np.where(matches.any(axis=1), matches.argmax(axis=1), -1)
+
+
+def _tied_data(rng, n, dim=3):
+    # small integers: exact inner products, so exact ties everywhere
+    return rng.integers(-2, 3, size=(n, dim)).astype(np.float32)
+
+
+@pytest.mark.parametrize("budget", [1, 3 * 8 * 64, 2**30])  # 1, 3 and all rows per block
+def test_leave_one_out_ranks_and_top_k_equal_stable_sort_with_ties(rng, budget):
+    x = _tied_data(rng, 61)
+    labels = rng.integers(0, 15, size=61)
+    got = retrieval_ranking(x, labels, top_k=9, similarity="inner_product",
+                            max_memory_bytes=budget)
+    order = _stable_ranking(x, x, exclude_self=True)
+    np.testing.assert_array_equal(got.first_positive_rank, _first_positive(order, labels, labels))
+    np.testing.assert_array_equal(got.top_k, order[:, :9])
+    assert got.first_positive_rank.dtype == np.int64 and got.top_k.dtype == np.int64
+    # not vacuous: ties inside the lists, and queries without a positive (-1)
+    sims = np.take_along_axis(x @ x.T, order[:, :9], axis=1)
+    assert np.any(sims[:, 1:] == sims[:, :-1])
+    assert np.any(got.first_positive_rank == -1) and np.any(got.first_positive_rank > 3)
+
+
+@pytest.mark.parametrize("top_k", [0, 1, 4, 40])
+def test_query_vs_gallery_equals_stable_sort(rng, top_k):
+    queries, gallery = _tied_data(rng, 23), _tied_data(rng, 47)
+    query_labels, gallery_labels = rng.integers(0, 12, 23), rng.integers(0, 10, 47)
+    got = retrieval_ranking(queries, query_labels, gallery, gallery_labels, top_k=top_k,
+                            similarity="inner_product", max_memory_bytes=4 * 8 * 48)
+    order = _stable_ranking(queries, gallery, exclude_self=False)
+    want = _first_positive(order, query_labels, gallery_labels)
+    np.testing.assert_array_equal(got.first_positive_rank, want)
+    assert np.any(want == -1)  # classes 10, 11 are not in the gallery
+    if top_k:
+        np.testing.assert_array_equal(got.top_k, order[:, :top_k])
+    else:
+        assert got.top_k is None
+
+
+@pytest.mark.filterwarnings("ignore:.*R = 0")
+def test_counting_recall_equals_top_k_recall_for_every_k(rng):
+    # Recall@K by counting (one pass) == Recall@K from exact_knn's full neighbour lists,
+    # for every K from 1 to N - 1, on cosine data with exact ties (duplicated rows).
+    x = _tied_data(rng, 40, dim=2)  # 2-D integer vectors: many duplicate directions
+    labels = rng.integers(0, 8, size=40)
+    ks = tuple(range(1, 40))
+    got = retrieval_metrics(x, labels, ks=ks, nmi=False, max_memory_bytes=5 * 8 * 40)
+    neighbours, sims = exact_knn(x, k=39)
+    hits = np.cumsum(labels[neighbours] == labels[:, None], axis=1) > 0
+    for k in ks:
+        assert got[f"recall@{k}"] == pytest.approx(hits[:, k - 1].mean(), abs=1e-12), k
+    assert np.any(np.isclose(sims[:, 1:], sims[:, :-1], atol=0))  # ties decided by index
+
+
+def test_float_data_matches_exact_knn(rng):
+    centres = rng.normal(size=(30, 32))
+    labels = rng.integers(0, 30, size=300)
+    x = (centres[labels] + 2.0 * rng.normal(size=(300, 32))).astype(np.float32)
+    got = retrieval_ranking(x, labels, top_k=12, max_memory_bytes=7 * 8 * 300)
+    neighbours, _ = exact_knn(x, k=299)
+    np.testing.assert_array_equal(got.top_k, neighbours[:, :12])
+    np.testing.assert_array_equal(got.first_positive_rank,
+                                  _first_positive(neighbours, labels, labels))
+    assert 0.1 < np.mean(got.first_positive_rank == 0) < 0.95
+
+
+def test_group_selection_keeps_the_top_k(rng):
+    # groups of G columns: the top k must survive any group size (G = 1 ... 64)
+    x = _tied_data(rng, 300, dim=4)
+    labels = rng.integers(0, 50, size=300)
+    order = _stable_ranking(x, x, exclude_self=True)
+    for top_k in (1, 2, 7, 30, 299):
+        got = retrieval_ranking(x, labels, top_k=top_k, similarity="inner_product")
+        np.testing.assert_array_equal(got.top_k, order[:, :top_k])
+    assert ranking_module._group_size(11, 60_502) == 64
+    assert ranking_module._group_size(1000, 60_502) == 8
+    assert ranking_module._group_size(0, 60_502) == 1
+
+
+def test_strategy_shards_queries_with_identical_results(mirrored, rng):
+    x = rng.normal(size=(53, 8)).astype(np.float32)
+    labels = rng.integers(0, 9, size=53)
+    want = retrieval_ranking(x, labels, top_k=5, max_memory_bytes=5 * 8 * 56)
+    got = retrieval_ranking(x, labels, top_k=5, max_memory_bytes=5 * 8 * 56, strategy=mirrored)
+    np.testing.assert_array_equal(got.first_positive_rank, want.first_positive_rank)
+    np.testing.assert_array_equal(got.top_k, want.top_k)
+
+
+def test_block_step_traced_once(rng):
+    x = rng.normal(size=(29, 5)).astype(np.float32)
+    labels = rng.integers(0, 4, size=29)
+    retrieval_ranking(x, labels, top_k=3, max_memory_bytes=4 * 8 * 32)
+    traces = ranking_module._block_ranking.experimental_get_tracing_count()
+    retrieval_ranking(x + 1.0, labels, top_k=3, max_memory_bytes=4 * 8 * 32)  # 8 blocks
+    assert ranking_module._block_ranking.experimental_get_tracing_count() == traces
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda x, y: retrieval_ranking(x, y, top_k=5), r"top_k.*\[0, 4\].*top_k=5"),
+        (lambda x, y: retrieval_ranking(x, y, top_k=-1), "top_k=-1"),
+        (lambda x, y: retrieval_ranking(x, y[:3]), "one label per row"),
+        (lambda x, y: retrieval_ranking(x, y.astype(float)), "integer"),
+        (lambda x, y: retrieval_ranking(x, y, x[:, :1], y), "same embedding dimension"),
+        (lambda x, y: retrieval_ranking(x, y, x[:3], y[:3], exclude_self=True), "exclude_self"),
+        (lambda x, y: retrieval_ranking(x, y, gallery_labels=y), "without `gallery`"),
+        (lambda x, y: retrieval_ranking(x, y, similarity="l2"), "similarity"),
+        (lambda x, y: retrieval_ranking(x, y, max_memory_bytes=0), "max_memory_bytes"),
+    ],
+)
+def test_invalid_inputs_raise(call, message):
+    x = np.arange(10, dtype=np.float32).reshape(5, 2)
+    with pytest.raises(ValueError, match=message):
+        call(x, np.array([0, 0, 1, 1, 2]))

@@ -1,0 +1,74 @@
+"""The retrieval grid: which queries it shows, how results are marked, the PNG's size."""
+
+import numpy as np
+import pytest
+
+from kdml.evaluation.plots import (MATCH_COLOUR, MISMATCH_COLOUR, _BORDER, _HEADER, _LABEL_WIDTH,
+                                   _PAD, first_positive_rank, grid_size, retrieval_grid,
+                                   select_grid_rows)
+
+
+def test_first_positive_rank_by_hand():
+    query_labels = np.array([0, 1, 2, 3])
+    neighbour_labels = np.array([[0, 5, 0], [5, 5, 1], [5, 5, 5], [5, 3, 3]])
+    assert first_positive_rank(query_labels, neighbour_labels).tolist() == [1, 3, 4, 2]
+
+
+def test_worst_rows_are_the_latest_first_positives_and_the_sample_is_seeded():
+    query_labels = np.arange(10)
+    # query q's first match at rank r[q] (r = 4: none of the 3 results)
+    ranks = np.array([1, 4, 2, 3, 1, 4, 2, 1, 3, 1])
+    neighbour_labels = np.full((10, 3), -1)
+    for q, r in enumerate(ranks):
+        if r <= 3:
+            neighbour_labels[q, r - 1] = q
+    sampled, worst = select_grid_rows(query_labels, neighbour_labels, num_sampled=3,
+                                      num_worst=4, seed=7)
+    assert worst.tolist() == [1, 5, 3, 8]  # no match (1, 5), then rank 3, ties by index
+    rest = np.setdiff1d(np.arange(10), worst)
+    want = np.sort(np.random.default_rng(7).choice(rest, size=3, replace=False))
+    assert sampled.tolist() == want.tolist() and not set(sampled) & set(worst)
+    again, _ = select_grid_rows(query_labels, neighbour_labels, num_sampled=3, num_worst=4, seed=7)
+    assert again.tolist() == sampled.tolist()
+
+
+def test_grid_png_size_and_frame_colours(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(12, 20, 24, 3), dtype=np.uint8)
+    query_labels = np.array([0, 1, 2, 0])
+    gallery_labels = np.array([0, 0, 1, 1, 2, 2, 0, 1, 2, 0, 1, 2])
+    neighbours = np.array([[0, 2, 4], [7, 3, 0], [0, 1, 5], [2, 3, 4]])  # q3: no match
+    path = str(tmp_path / "grid.png")
+    thumb = 32
+    info = retrieval_grid(query_labels, neighbours, gallery_labels,
+                          lambda rows: list(images[rows]), lambda rows: list(images[rows]),
+                          path, num_sampled=2, num_worst=2, seed=0, thumb=thumb)
+    assert info["worst"] == [3, 2] and info["worst_ranks"] == [4, 3]
+    assert info["sampled"] == [0, 1]
+    with Image.open(path) as png:
+        assert png.size == grid_size(4, 3, thumb)
+        pixels = np.asarray(png.convert("RGB"))
+    cell = thumb + 2 * (_BORDER + _PAD)
+    shown = info["sampled"] + info["worst"]
+    for row, q in enumerate(shown):
+        for j in range(3):
+            top = _HEADER + row * cell + _PAD
+            left = _LABEL_WIDTH + (j + 1) * cell + cell // 2 + _PAD
+            colour = pixels[top + 1, left + 1]  # inside the frame, outside the thumbnail
+            same = gallery_labels[neighbours[q, j]] == query_labels[q]
+            assert tuple(colour) == (MATCH_COLOUR if same else MISMATCH_COLOUR), (row, j)
+            inside = pixels[top + _BORDER + thumb // 2, left + _BORDER + thumb // 2]
+            thumb_image = images[neighbours[q, j]]
+            # nearest-neighbour thumbnail of the centred square of the 20 x 24 image
+            pick = np.arange(thumb) * 20 // thumb
+            assert tuple(inside) == tuple(thumb_image[pick[thumb // 2], 2 + pick[thumb // 2]])
+
+
+def test_grid_rejects_mismatched_rows(tmp_path):
+    from kdml.evaluation.plots import plot_retrieval_grid
+
+    with pytest.raises(ValueError, match="Expected 2 query images"):
+        plot_retrieval_grid([np.zeros((4, 4, 3))], [[np.zeros((4, 4, 3))]] * 2,
+                            np.ones((2, 1), bool), str(tmp_path / "x.png"))
