@@ -1,7 +1,10 @@
 """Assertions shared by layer, loss and model tests."""
 
 import os
+import subprocess
+import sys
 import tempfile
+import time
 
 import keras
 import numpy as np
@@ -72,3 +75,31 @@ def numerical_gradient(f, x, h=1e-6):
         minus[idx] -= h
         numeric[idx] = (f(plus) - f(minus)) / (2 * h)
     return numeric
+
+
+def run_local_workers(argv, num_workers=2, *, timeout_s, cwd=None):
+    """Runs `python <argv>` as `num_workers` processes of a localhost TF_CONFIG cluster
+    (CPU only, quiet) and returns each worker's combined output; asserts every worker
+    exited 0 within `timeout_s` (a straggler is killed), showing the end of its log."""
+    from kdml.distribute import local_cluster
+
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "CUDA_VISIBLE_DEVICES": ""}
+    workers = [subprocess.Popen([sys.executable, *argv(i)], cwd=cwd,
+                                env={**env, "TF_CONFIG": tf_config}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+               for i, tf_config in enumerate(local_cluster(num_workers))]
+    deadline, logs = time.monotonic() + timeout_s, []
+    try:
+        for worker in workers:
+            logs.append(worker.communicate(timeout=max(1, deadline - time.monotonic()))[0])
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    for i, worker in enumerate(workers):
+        assert worker.returncode == 0, f"worker {i}: {logs[i][-3000:] if i < len(logs) else 'timed out'}"
+    return logs

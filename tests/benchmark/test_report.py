@@ -55,7 +55,7 @@ def test_report_numbers_match_an_independent_computation(results_dir):
 
     markdown = open(os.path.join(results_dir, "results.md")).read()
     mean, half = 100 * new.mean(), 100 * (high - new.mean())
-    assert f"| `new` | so_strength=" in markdown and f"{mean:.2f} ± {half:.2f}" in markdown
+    assert "| `new` | so_strength=" in markdown and f"{mean:.2f} ± {half:.2f}" in markdown
     assert f"| `new` − `base` | 4 | {100 * d['mean']:+.2f} [{100 * d['low']:+.2f}, " in markdown
     assert "| Recall@1, MAP@R, R-Precision |" in markdown
     assert "- `new` beats `base` on Recall@1, MAP@R, R-Precision (4 paired seed(s))." in markdown

@@ -4,7 +4,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 
 from kdml.index import GalleryIndex
 from kdml.index.__main__ import main

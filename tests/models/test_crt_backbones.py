@@ -88,7 +88,8 @@ def test_crt_training_logs_n_next_to_k(caplog):
     head, options = method.head(config)
     embedder = build_embedder(config.backbone, head, config.embedding_dim, config.image_size,
                               head_options=options)
-    with caplog.at_level(logging.INFO):
+    # the absl logger's own level: another test's command line may have set it to WARNING
+    with caplog.at_level(logging.INFO, logger="absl"):
         objective = method.build(embedder, 3, config)
     assert "N=49 positions" in caplog.text and "(8, 16), (4, 8)" in caplog.text
     logs = {}

@@ -6,9 +6,6 @@ after which both workers are killed.
 
 import json
 import os
-import subprocess
-import sys
-import time
 
 import keras
 import numpy as np
@@ -16,9 +13,8 @@ import pytest
 
 import kdml  # noqa: F401
 from kdml.config import TrainConfig
-from kdml.distribute import local_cluster
 from kdml.training import train
-from tests.helpers import write_glyph_folder
+from tests.helpers import run_local_workers, write_glyph_folder
 
 # Both workers are killed after this. The job itself needs ~40 s of CPU (two
 # TensorFlow start-ups included, ~45 s wall on an idle 2-core machine); the bound
@@ -70,27 +66,9 @@ def test_two_workers_end_bit_identical_and_match_one_process_to_a_tolerance(glyp
     1e-3 after 10 steps, since the all-reduce adds the two workers' partial
     gradients in another order than one process sums its batch."""
     out = tmp_path / "mw"
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2",
-           "CUDA_VISIBLE_DEVICES": ""}
     config = json.dumps(_config(glyph_folder, out, strategy="multi_worker"))
-    workers = [
-        subprocess.Popen([sys.executable, "-c", _WORKER, config, str(tmp_path / f"w{i}.keras")],
-                         env={**env, "TF_CONFIG": tf_config}, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
-        for i, tf_config in enumerate(local_cluster(2))]
-    deadline, logs = time.monotonic() + TIMEOUT_S, []
-    try:
-        for worker in workers:
-            logs.append(worker.communicate(timeout=max(1, deadline - time.monotonic()))[0])
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
-    for i, worker in enumerate(workers):
-        assert worker.returncode == 0, f"worker {i}: {logs[i][-3000:] if i < len(logs) else 'timed out'}"
+    run_local_workers(lambda i: ["-c", _WORKER, config, str(tmp_path / f"w{i}.keras")],
+                      timeout_s=TIMEOUT_S)
 
     # Only the chief wrote the run's files; both workers hold bit-identical weights.
     assert sorted(os.listdir(out)) == ["checkpoints", "embedder.keras", "logs", "metrics.json"]
