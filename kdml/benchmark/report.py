@@ -133,7 +133,9 @@ def format_markdown(summary: Dict) -> str:
     lines.append("")
     for c in summary["comparisons"]:
         seeds = f"{len(c['seeds'])} paired seed(s)"
-        if c["beats_base_on"]:
+        if not c["seeds"]:
+            lines.append(f"- `{c['method']}` vs `{c['base']}`: not measured yet (no seed has run).")
+        elif c["beats_base_on"]:
             metrics = ", ".join(t for k, t in METRICS if k in c["beats_base_on"])
             lines.append(f"- `{c['method']}` beats `{c['base']}` on {metrics} ({seeds}).")
         else:
