@@ -164,6 +164,9 @@ class TrainConfig:
         "before_fc", "pddm: L2-normalise u, v before the unit's FC layers (the paper's Eq. 1) "
                      "or after.",
         choices=("before_fc", "after_fc"))
+    pddm_lr_multiplier: float = setting(
+        1.0, "pddm: the unit's learning rate / the embedder's (a newly added head; its scores "
+             "start near 0, far below the margin pddm_alpha).")
     rerank_top_k: int = setting(
         0, "pddm: also report reranked_recall@K, each query's top-k cosine neighbours "
            "re-ordered by the PDDM unit (0: off).")

@@ -18,6 +18,7 @@ from kdml.losses import MultiSimilarityLoss, ProxyAnchorLoss
 from kdml.regularizers import SoftOrthogonal
 
 BACKBONE_GROUP = "^backbone/"
+PDDM_UNIT_GROUP = "(^|/)pddm/"  # the PDDM unit's variables inside the training model
 
 
 @dataclasses.dataclass
@@ -195,7 +196,8 @@ def _pddm(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objec
     return Objective(
         model=keras.Model(images, outputs, name="pddm"),
         loss=loss,
-        learning_rate_multipliers={BACKBONE_GROUP: 1.0},
+        learning_rate_multipliers={PDDM_UNIT_GROUP: config.pddm_lr_multiplier,
+                                   BACKBONE_GROUP: 1.0},
         callbacks=[PDDMMiningMonitor(loss),
                    SavePDDMUnit(unit, dim, os.path.join(config.output_dir, "pddm.keras"))],
         extra_metrics=extra_metrics,

@@ -65,3 +65,31 @@ def test_compiled_training_model_round_trips_with_its_optimizer_state(tmp_path):
     for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), atol=1e-6)
+
+
+def test_pddm_unit_trains_at_its_own_learning_rate_multiplier():
+    # Adam's first step moves every weight by lr * multiplier * g / (|g| + eps): the
+    # PDDM unit's weights by 10x the embedder's with --pddm_lr_multiplier=10.
+    import kdml
+    from kdml.config import TrainConfig
+    from kdml.methods import PDDM_UNIT_GROUP, get_method
+
+    embedder = kdml.models.build_embedder("conv4", embedding_dim=8, image_size=16)
+    config = TrainConfig(method="pddm", pddm_lr_multiplier=10.0, weight_decay=0.0).resolved("glyph")
+    objective = get_method("pddm").build(embedder, 4, config)
+    assert objective.learning_rate_multipliers[PDDM_UNIT_GROUP] == 10.0
+    model = objective.model
+    optimizer = GroupedAdamW(objective.learning_rate_multipliers, learning_rate=1e-3,
+                             weight_decay=0.0)
+    model.compile(optimizer, objective.loss)
+    x = np.random.default_rng(0).uniform(0, 255, (8, 16, 16, 3)).astype(np.float32)
+    y = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    before = {v.path: v.numpy() for v in model.trainable_variables}
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    steps = {}
+    for v in model.trainable_variables:
+        moved = np.abs(v.numpy() - before[v.path])
+        steps.setdefault("unit" if "/pddm/" in f"/{v.path}" else "other", []).append(moved.max())
+    assert len(steps["unit"]) == 8  # u, v, c, score: kernels and biases
+    np.testing.assert_allclose(max(steps["unit"]), 1e-2, rtol=1e-3)
+    np.testing.assert_allclose(max(steps["other"]), 1e-3, rtol=1e-3)

@@ -8,8 +8,12 @@ so its peak memory is its own: the RSS high-water mark (`VmHWM`, TensorFlow's
 allocations and the data included) counted from after the data generation:
 
     tf_bare       the blocked float32 product pass alone: `tf.linalg.matmul` of each
-                  query block (kdml's block rows) against the whole gallery, no
-                  selection; the limit of any exact method built on it
+                  query block (kdml's block rows) against the whole gallery stored
+                  transposed `(d, M)`, as kdml stores it, no selection; the limit of
+                  any exact method built on it
+    tf_bare_transpose_b
+                  the same with `matmul(block, gallery, transpose_b=True)` on the
+                  `(M, d)` gallery (kdml's product before it stored `G^T`)
     numpy_bare    the same blocks with NumPy / OpenBLAS (`q @ g.T` into one buffer)
     faiss_ip10    faiss `IndexFlatIP`, k = 10 (+1 for the query itself)
     kdml_ranking  `retrieval_metrics(x, labels, ks=(1, 10, 100, 1000), nmi=False)`:
@@ -17,12 +21,17 @@ allocations and the data included) counted from after the data generation:
     kdml_nmi      `kmeans_scores` (TensorFlow k-means, k = classes) + NMI, as
                   `retrieval_metrics(..., nmi=True)` adds it
 
-Times are wall clock and process CPU time (user + system); on a shared machine the CPU
-time ratio is the steadier one.
+Times are wall clock and process CPU time (user + system). The cases run `--repeats`
+times, interleaved (all cases, then all cases again), and each case's best wall and best
+CPU time are reported: on a shared or throttled machine the best of several interleaved
+runs is the least disturbed one. Memory: the peak over the repeats, and its part above
+the process's RSS when the call starts (TensorFlow and tensorflow-similarity loaded,
+the data made): "own".
 
 Usage:
     python tools/bench_eval.py                          # SOP size, every case
     python tools/bench_eval.py --scale=0.1 --cases=tf_bare,kdml_ranking   # quick check
+    python tools/bench_eval.py --repeats=3                # best of 3 interleaved runs
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ import time
 import numpy as np
 
 SOP_IMAGES, SOP_CLASSES, SOP_DIM = 60_502, 12_100, 512
-CASES = ("tf_bare", "numpy_bare", "faiss_ip10", "kdml_ranking", "kdml_nmi")
+CASES = ("tf_bare", "tf_bare_transpose_b", "numpy_bare", "faiss_ip10", "kdml_ranking", "kdml_nmi")
 KS = (1, 10, 100, 1000)
 
 
@@ -87,6 +96,17 @@ def _peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _rss_gib():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
 def _block_rows(num_gallery, max_memory_bytes):
     """kdml's query rows per block (`kdml.evaluation.ranking._block_rows`: two float32
     strips in the budget, one in 16 MiB of cache), without importing TensorFlow."""
@@ -101,7 +121,11 @@ def run_case(case, args):
     x, labels = sop_like_embeddings(n, int(round(SOP_CLASSES * args.scale)), SOP_DIM)
     budget = int(args.max_memory_mib * 2**20)
     metrics = {}
+    if case not in ("numpy_bare", "faiss_ip10"):
+        import tensorflow as tf  # noqa: F401  (loaded before the baseline RSS is read)
+        import tensorflow_similarity.retrieval_metrics  # noqa: F401  (a one-off import, untimed)
     _reset_peak_rss()  # the data generation's temporaries are not the method's
+    baseline = _rss_gib()
     if case == "numpy_bare":
         block = _block_rows(n, budget)
         out = np.empty((block, n), np.float32)
@@ -120,23 +144,26 @@ def run_case(case, args):
         metrics = {"recall@1": float(hits.mean())}
     else:
         import tensorflow as tf
-        import tensorflow_similarity.retrieval_metrics  # noqa: F401  (a one-off import, untimed)
 
         from kdml.evaluation import retrieval_metrics
         from kdml.evaluation.metrics import kmeans_scores
 
-        if case == "tf_bare":
+        if case in ("tf_bare", "tf_bare_transpose_b"):
             block = _block_rows(n, budget)
+            transpose_b = case == "tf_bare_transpose_b"
             gallery = tf.constant(x)
+            if not transpose_b:
+                gallery = tf.transpose(gallery)
 
             @tf.function
             def product(rows):
-                return tf.linalg.matmul(rows, gallery, transpose_b=True)[0, 0]
+                return tf.linalg.matmul(rows, gallery, transpose_b=transpose_b)[0, 0]
 
-            product(gallery[:block])  # trace outside the timing
+            queries = tf.constant(x)
+            product(queries[:block])  # trace outside the timing
             start_wall, start_cpu = time.perf_counter(), time.process_time()
             for start in range(0, n, block):
-                rows = gallery[start:start + block]
+                rows = queries[start:start + block]
                 if rows.shape[0] < block:
                     rows = tf.pad(rows, [[0, block - rows.shape[0]], [0, 0]])
                 product(rows).numpy()
@@ -154,7 +181,9 @@ def run_case(case, args):
         else:
             raise ValueError(f"Unknown case {case!r}; expected one of {CASES}.")
     wall, cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
-    return {"case": case, "seconds": wall, "cpu_seconds": cpu, "peak_rss_gib": _peak_rss_gib(),
+    peak = _peak_rss_gib()
+    return {"case": case, "seconds": wall, "cpu_seconds": cpu, "peak_rss_gib": peak,
+            "baseline_rss_gib": baseline, "own_peak_gib": peak - baseline,
             "process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "images": n, "metrics": metrics}
 
@@ -165,6 +194,8 @@ def main():
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of SOP's size")
     parser.add_argument("--max_memory_mib", type=float, default=256)
     parser.add_argument("--kmeans_max_iter", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="interleaved runs of every case; the best time is reported")
     parser.add_argument("--output", default=None, help="JSON file of the results")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # subprocess mode
     args = parser.parse_args()
@@ -173,28 +204,44 @@ def main():
         return
     print(f"machine: {os.cpu_count()} CPU cores visible; load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
+    runs = {}
+    for repeat in range(args.repeats):
+        for case in args.cases.split(","):
+            command = [sys.executable, __file__, f"--case={case}"] + [
+                a for a in sys.argv[1:] if not a.startswith(("--cases", "--output", "--repeats"))]
+            out = subprocess.run(command, capture_output=True, text=True,
+                                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+            if out.returncode:
+                print(f"{case}: failed\n{out.stderr[-2000:]}", flush=True)
+                continue
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            runs.setdefault(case, []).append(result)
+            shown = {m: (round(v, 4) if isinstance(v, float) else v)
+                     for m, v in result["metrics"].items()}
+            print(f"[{repeat + 1}/{args.repeats}] {case:19s} {result['images']:>7,} x "
+                  f"{result['images']:>7,}  wall {result['seconds']:7.1f} s  "
+                  f"cpu {result['cpu_seconds']:7.1f} s  peak RSS {result['peak_rss_gib']:.2f} GiB "
+                  f"(own {result['own_peak_gib']:.2f})  {json.dumps(shown)}  "
+                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
     results = []
-    for case in args.cases.split(","):
-        command = [sys.executable, __file__, f"--case={case}"] + [
-            a for a in sys.argv[1:] if not a.startswith(("--cases", "--output"))]
-        out = subprocess.run(command, capture_output=True, text=True,
-                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-        if out.returncode:
-            print(f"{case}: failed\n{out.stderr[-2000:]}", flush=True)
-            continue
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        results.append(result)
-        shown = {m: (round(v, 4) if isinstance(v, float) else v)
-                 for m, v in result["metrics"].items()}
-        print(f"{case:13s} {result['images']:>7,} x {result['images']:>7,}  "
-              f"wall {result['seconds']:7.1f} s  cpu {result['cpu_seconds']:7.1f} s  "
-              f"peak RSS {result['peak_rss_gib']:.2f} GiB  {json.dumps(shown)}  "
-              f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    for case, case_runs in runs.items():
+        best = dict(case_runs[0])
+        best.update(seconds=min(r["seconds"] for r in case_runs),
+                    cpu_seconds=min(r["cpu_seconds"] for r in case_runs),
+                    peak_rss_gib=max(r["peak_rss_gib"] for r in case_runs),
+                    own_peak_gib=max(r["own_peak_gib"] for r in case_runs),
+                    repeats=len(case_runs), runs=case_runs)
+        results.append(best)
+    print(f"best of {args.repeats} (wall and CPU each), peak RSS the highest:")
+    for r in results:
+        print(f"  {r['case']:19s} wall {r['seconds']:7.1f} s  cpu {r['cpu_seconds']:7.1f} s  "
+              f"peak RSS {r['peak_rss_gib']:.2f} GiB = {r['peak_rss_gib'] * 2**30 / 1e9:.2f} GB "
+              f"(own {r['own_peak_gib']:.2f} GiB)")
     by_case = {r["case"]: r for r in results}
     if "tf_bare" in by_case:
         base = by_case["tf_bare"]
         for r in results:
-            print(f"  {r['case']:13s} / tf_bare: wall {r['seconds'] / base['seconds']:.2f}x, "
+            print(f"  {r['case']:19s} / tf_bare: wall {r['seconds'] / base['seconds']:.2f}x, "
                   f"cpu {r['cpu_seconds'] / base['cpu_seconds']:.2f}x")
     if "kdml_ranking" in by_case and "kdml_nmi" in by_case:
         ranking, nmi = by_case["kdml_ranking"], by_case["kdml_nmi"]

@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="Markdown file whose results block is rewritten (repeatable).")
     worker = commands.add_parser("_run", help=argparse.SUPPRESS)
     worker.add_argument("request")
+    reranker = commands.add_parser("_rerank", help=argparse.SUPPRESS)
+    reranker.add_argument("request")
     return parser
 
 
@@ -101,6 +103,10 @@ def main(argv=None) -> int:
             from kdml.benchmark.runs import run_request_file
 
             run_request_file(args.request)
+        elif args.command == "_rerank":
+            from kdml.benchmark.runs import rerank_request_file
+
+            rerank_request_file(args.request)
         elif args.command == "report":
             from kdml.benchmark.report import write_report
 
@@ -113,7 +119,7 @@ def main(argv=None) -> int:
         else:
             _run(args, parser)
     except (ValueError, FileNotFoundError) as error:
-        if args.command == "_run":
+        if args.command in ("_run", "_rerank"):
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -11,10 +11,12 @@ task), 1 validation alphabet drawn from the split seed, 5 train alphabets.
 | so_proxy | proxy_anchor | the soft-orthogonality penalty |
 | crt | multi_similarity (pooling head, same backbone) | the CRT head + multi-size consistency |
 | pddm | pddm_cosine, proxy_anchor | mining with the PDDM unit vs plain cosine |
+| pddm_rerank | pddm | the PDDM unit re-ranking the embedding's top-k (k chosen on validation) |
+| pddm_unit_lr (+ _rerank) | pddm, pddm_cosine, proxy_anchor | a unit that learns (lr x 10-100) |
 | so_proxy_d64 | proxy_anchor_d64 | SO when d = 64 < C (proxies cannot be orthogonal) |
 
-The rows run in blocks, a method with its base (`default_blocks`); the d = 64 pair is
-opt-in. Method presets are TrainConfig fields, so a new method or flag is one entry here.
+The rows run in blocks, a method with its base (`default_blocks`); the d = 64 pair and
+`pddm_unit_lr` are opt-in. Method presets are TrainConfig fields, so a new method or flag is one entry here.
 """
 
 from __future__ import annotations
@@ -58,7 +60,18 @@ OMNIGLOT_METHODS = {
         {"method": "pddm"},
         {"pddm_alpha": (0.5, 1.0), "pddm_beta": (0.5, 1.0), "pddm_lambda": (0.5, 1.0)},
         bases=("pddm_cosine", "proxy_anchor"),
-        description="PDDM: quadruplets mined with the learned unit (Huang et al. 2016)"),
+        description="PDDM: quadruplets mined with the learned unit (Huang et al. 2016)",
+        rerank_depths=(1, 2, 4, 8, 16, 32)),
+    # A second PDDM attempt: with the unit at the embedder's lr its scores stay near their
+    # initial ~0.02 range in ~200-400 steps, far below the margin alpha, so the unit barely
+    # learns. Here the unit (a new head) gets a larger lr, searched on validation; the
+    # losses keep `pddm`'s validated alpha / beta / lambda.
+    "pddm_unit_lr": MethodPreset(
+        {"method": "pddm", "pddm_alpha": 1.0, "pddm_beta": 0.5, "pddm_lambda": 0.5},
+        {"pddm_lr_multiplier": (10.0, 30.0, 100.0)},
+        bases=("pddm", "pddm_cosine", "proxy_anchor"),
+        description="PDDM with the unit's lr x 10-100 (searched), pddm's chosen margins",
+        rerank_depths=(1, 2, 4, 8, 16, 32)),
     "proxy_anchor_d64": MethodPreset(
         {"method": "proxy_anchor", "embedding_dim": 64},
         {"alpha": (16.0, 32.0, 64.0), "margin": (0.1, 0.2)},

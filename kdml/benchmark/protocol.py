@@ -15,6 +15,10 @@ In the spirit of Musgrave et al., "A Metric Learning Reality Check" (ECCV 2020):
 so_proxy), each block steps 1-3, so that a comparison completes before the next block
 starts; a later block's selection still reads validation results only. Every run is
 cached (`kdml.benchmark.runs`), so rerunning resumes.
+
+A row with `rerank_depths` (PDDM) is also reported re-ranked: its chosen trial and its
+final runs get `"rerank_recall@1": {"<depth>": R@1}` added to their cached JSON, and the
+depth is chosen on the chosen trial's validation scores (`select_depth`), before test.
 """
 
 from __future__ import annotations
@@ -42,12 +46,16 @@ class MethodPreset:
         search: `{TrainConfig field: candidate values}` searched on validation.
         bases: rows this one is compared with (paired, same seeds).
         description: one line for the report.
+        rerank_depths: top-k depths at which the run's saved pair scorer (`pddm.keras`)
+            re-ranks the embedding's neighbours; () = no re-ranking row. Depth 1 is the
+            embedding's own Recall@1, so validation may choose not to re-rank.
     """
 
     config: Mapping
     search: Mapping[str, Sequence]
     bases: Tuple[str, ...] = ()
     description: str = ""
+    rerank_depths: Tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +79,10 @@ class BenchmarkSpec:
 
 
 Execute = Callable[[RunSpec, str, str], Dict]  # (spec, train_dir, eval_dir) -> result
+# (spec, its result, eval_dir, depths) -> {"rerank_recall@1": {"<depth>": R@1}, ...}, or None
+# when the run's saved models are missing (`runs.rerank_in_subprocess` with its scratch dir).
+Rerank = Callable[[RunSpec, Mapping, str, Sequence[int]], Optional[Dict]]
+RERANK_FIELD = "rerank_recall@1"
 
 
 def trial_specs(spec: BenchmarkSpec, split: ClassSplit, method: str) -> List[Tuple[Dict, RunSpec]]:
@@ -94,9 +106,20 @@ def select(trials: Sequence[Dict]) -> int:
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
 
 
+def select_depth(scores: Mapping) -> int:
+    """The re-ranking depth with the highest (validation) Recall@1; ties: the smallest depth."""
+    by_depth = {int(d): float(r) for d, r in scores.items()}
+    return max(sorted(by_depth), key=lambda d: (by_depth[d], -d))
+
+
+def retrained_copy(run_spec: RunSpec) -> RunSpec:
+    """The same run (same key) under stage `<stage>_retrained`: its own scratch folder."""
+    return dataclasses.replace(run_spec, stage=f"{run_spec.stage}_retrained")
+
+
 def run_benchmark(spec: BenchmarkSpec, split: ClassSplit, load_split: Callable[[str], str],
                   execute: Execute, results_dir: str, methods: Optional[Sequence[str]] = None,
-                  progress: Callable[[str], None] = print) -> Dict:
+                  progress: Callable[[str], None] = print, rerank: Optional[Rerank] = None) -> Dict:
     """Runs (or resumes) the protocol; returns `{"selection": ..., "finals": ...}`.
 
     Args:
@@ -110,6 +133,12 @@ def run_benchmark(spec: BenchmarkSpec, split: ClassSplit, load_split: Callable[[
         results_dir: where run JSON files and `selection.json` are written.
         methods: the rows to run, in order (default: all of `spec.methods`).
         progress: receives one line per run.
+        rerank: re-ranks an executed run (`Rerank`), for rows with `rerank_depths`: the
+            chosen trial (its scores choose the depth, stored in `selection.json`) and
+            every final run. Scores are added to the run's cached JSON (same key). A run
+            whose saved models are gone is executed again once (`retrained_copy`); its
+            cached metrics stay, the JSON records `rerank_from_retrained_run` and the
+            copy's own Recall@1. None: no re-ranking.
     """
     methods = list(methods or spec.methods)
     unknown = [m for m in methods if m not in spec.methods]
@@ -136,11 +165,47 @@ def run_benchmark(spec: BenchmarkSpec, split: ClassSplit, load_split: Callable[[
         progress(f"[{counter['done']}/{total}] {label}: {metrics} ({status}; {elapsed / 60:.1f} min)")
         return result
 
+    def with_rerank(run_spec: RunSpec, result: Dict, train_dir: str, eval_dir: str,
+                    label: str) -> Dict:
+        """`result` with its re-ranking scores (computed and cached once)."""
+        depths = spec.methods[run_spec.method].rerank_depths
+        if not depths or RERANK_FIELD in result:
+            return result
+        if rerank is None:
+            progress(f"{label}: re-ranking skipped (no re-ranking evaluator).")
+            return result
+        extra = {}
+        try:
+            scores = rerank(run_spec, result, eval_dir, depths)
+            if scores is None:
+                progress(f"{label}: its scratch folder lacks the saved embedder + pair scorer "
+                         "(e.g. run before pddm.keras was saved); retraining a copy of it for "
+                         "the re-ranking scores only (the cached metrics are kept)")
+                copy_spec = retrained_copy(run_spec)
+                copy = execute(copy_spec, train_dir, eval_dir)
+                scores = rerank(copy_spec, {**copy_spec.to_json(), **copy}, eval_dir, depths)
+                if scores is None:
+                    raise RuntimeError("the retrained copy saved no embedder + pair scorer")
+                extra = {"rerank_from_retrained_run": True,
+                         "rerank_retrained_recall@1": copy["metrics"][SELECTION_METRIC],
+                         "rerank_retrained_wall_s": copy.get("wall_s")}
+                progress(f"{label}: retrained copy recall@1={copy['metrics'][SELECTION_METRIC]:.4f} "
+                         f"(cached run {result['metrics'][SELECTION_METRIC]:.4f})")
+        except RuntimeError as error:  # reported, not cached: a rerun tries again
+            progress(f"{label} re-ranking: FAILED, {error}")
+            return result
+        result = {**result, **scores, **extra}
+        write_json_atomic(run_spec.result_path(results_dir), result)
+        shown = ", ".join(f"{d}: {r:.4f}" for d, r in result[RERANK_FIELD].items())
+        progress(f"{label} re-ranked Recall@1 by top_k {{{shown}}}"
+                 f"{' (retrained copy)' if extra else ''}")
+        return result
+
     train_dir, validation_dir = load_split("train"), load_split("validation")
     selection = {}
     for method in methods:
-        trials = []
-        for params, run_spec in trial_specs(spec, split, method):
+        trials, specs = [], trial_specs(spec, split, method)
+        for params, run_spec in specs:
             shown = " ".join(f"{k}={v}" for k, v in params.items())
             trials.append(run(run_spec, train_dir, validation_dir,
                               f"{method} trial {run_spec.index + 1}/{spec.trials} {shown}"))
@@ -152,6 +217,22 @@ def run_benchmark(spec: BenchmarkSpec, split: ClassSplit, load_split: Callable[[
                              "trial": best, "validation": trials[best]["metrics"],
                              "trials": [{"params": sample_params(t, spec, method),
                                          "validation": t["metrics"], "key": t["key"]} for t in trials]}
+        depths = spec.methods[method].rerank_depths
+        if depths:  # chosen on validation, before anything reads test
+            chosen = with_rerank(specs[best][1], trials[best], train_dir, validation_dir,
+                                 f"{method} trial {best + 1}/{spec.trials} (chosen)")
+            selection[method]["rerank_depths"] = list(depths)
+            if RERANK_FIELD in chosen:
+                scores = chosen[RERANK_FIELD]
+                top_k = select_depth(scores)
+                selection[method]["rerank"] = {"top_k": top_k, "validation": scores}
+                if chosen.get("rerank_from_retrained_run"):
+                    selection[method]["rerank"].update({
+                        "from_retrained_run": True,
+                        "retrained_recall@1": chosen["rerank_retrained_recall@1"]})
+                progress(f"{method}: re-ranking top_k={top_k} chosen on validation "
+                         f"(Recall@1 {scores[str(top_k)]:.4f}; without re-ranking "
+                         f"{scores.get('1', float('nan')):.4f})")
         selection[method]["finals"] = {
             str(seed): final_spec(spec, split, method, selection[method]["params"], seed).key
             for seed in spec.seeds}
@@ -162,9 +243,10 @@ def run_benchmark(spec: BenchmarkSpec, split: ClassSplit, load_split: Callable[[
     for k, seed in enumerate(spec.seeds):
         for method in selection:
             run_spec = final_spec(spec, split, method, selection[method]["params"], seed)
-            result = run(run_spec, trainval_dir, test_dir,
-                         f"{method} seed {seed} ({k + 1}/{len(spec.seeds)})")
+            label = f"{method} seed {seed} ({k + 1}/{len(spec.seeds)})"
+            result = run(run_spec, trainval_dir, test_dir, label)
             if result is not None:
+                result = with_rerank(run_spec, result, trainval_dir, test_dir, label)
                 finals[method].append(result)
     return {"selection": selection, "finals": finals}
 
@@ -224,12 +306,12 @@ def run_on_folders(spec: BenchmarkSpec, roots: Sequence[str], results_dir: str, 
                    num_validation_groups: int = 1, split_seed: int = 0,
                    methods: Optional[Sequence[str]] = None,
                    progress: Callable[[str], None] = print,
-                   execute: Optional[Execute] = None) -> Dict:
+                   execute: Optional[Execute] = None, rerank: Optional[Rerank] = None) -> Dict:
     """`run_benchmark` on folder datasets `<root>/<group>/<class>/<image>`, each run in its
     own process (`execute_in_subprocess`); methods this kdml cannot run are skipped and
     reported. Split folders, checkpoints and logs go to `scratch_dir`, run JSON to
-    `results_dir`; `execute` replaces the subprocess runner (tests)."""
-    from kdml.benchmark.runs import execute_in_subprocess
+    `results_dir`; `execute` and `rerank` replace the subprocess runner and re-ranker (tests)."""
+    from kdml.benchmark.runs import execute_in_subprocess, rerank_in_subprocess
     from kdml.benchmark.splits import SplitFolders, class_folders, group_split
 
     folders = class_folders(roots)
@@ -249,16 +331,18 @@ def run_on_folders(spec: BenchmarkSpec, roots: Sequence[str], results_dir: str, 
     split_root = os.path.join(scratch_dir, "splits", split.fingerprint("train+validation")
                               + "-" + split.fingerprint("test"))
     splits = SplitFolders(folders, split, split_root)
+    run_dir = os.path.join(scratch_dir, "runs")
     if execute is None:
-        run_dir = os.path.join(scratch_dir, "runs")
-
         def execute(run_spec, train_dir, eval_dir):
             return execute_in_subprocess(run_spec, train_dir, eval_dir, run_dir)
+    if rerank is None:
+        def rerank(run_spec, result, eval_dir, depths):
+            return rerank_in_subprocess(run_spec, result, eval_dir, depths, run_dir)
     results = {"selection": {}, "finals": {}}
     for block in blocks:
         if block:
             done = run_benchmark(spec, split, splits.load_split, execute, results_dir,
-                                 methods=block, progress=progress)
+                                 methods=block, progress=progress, rerank=rerank)
             for part in results:
                 results[part].update(done[part])
     return results

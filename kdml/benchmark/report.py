@@ -4,7 +4,9 @@
 (`runs/<method>/final-<seed>-<key>.json`), and writes `results.json` (every final run,
 mean and 95 % t interval per metric, paired differences to each base), `results.md`
 (the tables) and `results.png` (the metrics and the differences with their intervals).
-Missing runs are listed, never filled in. `update_readme` puts `results.md` between
+Missing runs are listed, never filled in. A row whose selection chose a re-ranking depth
+(PDDM) gets a derived row `<method>_rerank`: Recall@1 of each final run re-ranked at that
+depth (`rerank_recall@1` of its JSON), compared with the row itself. `update_readme` puts `results.md` between
 `<!-- results:start -->` and `<!-- results:end -->` of a markdown file.
 """
 
@@ -21,6 +23,8 @@ from kdml.benchmark.stats import mean_interval, paired_difference
 METRICS = (("recall@1", "Recall@1"), ("map@r", "MAP@R"), ("r_precision", "R-Precision"),
            ("one_shot", "20-way 1-shot"))
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+RERANK_SUFFIX = "_rerank"
+RERANK_DESCRIPTION = "PDDM unit re-ranks the top-k cosine neighbours (top_k chosen on validation)"
 
 
 def collect(results_dir: str) -> Dict:
@@ -29,7 +33,7 @@ def collect(results_dir: str) -> Dict:
         selection = json.load(f)
     methods, missing, wall = {}, [], []
     for name, chosen in selection["methods"].items():
-        runs = {}
+        runs, reranked = {}, {}
         for seed, key in chosen["finals"].items():
             path = os.path.join(results_dir, "runs", name, f"final-{seed}-{key}.json")
             if os.path.exists(path):
@@ -37,10 +41,13 @@ def collect(results_dir: str) -> Dict:
                     run = json.load(f)
                 runs[int(seed)] = {"metrics": run["metrics"], "wall_s": run.get("wall_s"),
                                    "one_shot_ci95": run.get("one_shot_ci95")}
+                reranked[int(seed)] = {k: run[k] for k in _RERANK_KEYS if k in run}
             else:
                 missing.append(f"{name} seed {seed}")
         trial_walls = _trial_walls(results_dir, name, chosen)
         wall += [r["wall_s"] for r in runs.values() if r["wall_s"]] + trial_walls
+        wall += [r["rerank_retrained_wall_s"] for r in reranked.values()
+                 if r.get("rerank_retrained_wall_s")]
         summary = {k: mean_interval([r["metrics"][k] for r in runs.values()])
                    for k, _ in METRICS if runs and all(k in r["metrics"] for r in runs.values())}
         methods[name] = {"description": chosen.get("description", ""), "bases": chosen.get("bases", []),
@@ -49,6 +56,10 @@ def collect(results_dir: str) -> Dict:
                          "summary": summary,
                          "mean_wall_s": (sum(r["wall_s"] for r in runs.values()) / len(runs)
                                          if runs else None)}
+        if chosen.get("rerank"):
+            methods[name + RERANK_SUFFIX] = _rerank_row(name, chosen["rerank"], reranked, missing)
+        elif chosen.get("rerank_depths"):
+            missing.append(f"{name}{RERANK_SUFFIX} (no re-ranking depth chosen yet)")
     missing += [f"{name} (not yet selected)" for name in selection.get("planned", [])
                 if name not in methods]
     comparisons = []
@@ -73,13 +84,41 @@ def collect(results_dir: str) -> Dict:
             "missing_runs": missing, "runs_done": len(wall), "run_wall_s_total": sum(wall)}
 
 
+_RERANK_KEYS = ("rerank_recall@1", "rerank_from_retrained_run", "rerank_retrained_recall@1",
+                "rerank_retrained_wall_s")
+
+
+def _rerank_row(name: str, rerank: Dict, reranked: Dict, missing: List[str]) -> Dict:
+    """The derived `<name>_rerank` row: Recall@1 per seed at the chosen depth, vs `name`."""
+    depth = str(rerank["top_k"])
+    finals = {}
+    for seed, run in reranked.items():
+        scores = run.get("rerank_recall@1") or {}
+        if depth in scores:
+            finals[seed] = {"metrics": {"recall@1": scores[depth]}, "wall_s": None,
+                            "from_retrained_run": bool(run.get("rerank_from_retrained_run")),
+                            "retrained_recall@1": run.get("rerank_retrained_recall@1")}
+        else:
+            missing.append(f"{name}{RERANK_SUFFIX} seed {seed} (no re-ranking scores)")
+    return {"description": RERANK_DESCRIPTION, "bases": [name], "derived_from": name,
+            "params": {"top_k": rerank["top_k"]},
+            "validation": {"recall@1": rerank["validation"][depth]}, "rerank": rerank,
+            "trials": [], "seeds": sorted(finals), "finals": finals,
+            "summary": ({"recall@1": mean_interval([r["metrics"]["recall@1"]
+                                                    for r in finals.values()])} if finals else {}),
+            "mean_wall_s": None}
+
+
 def _trial_walls(results_dir: str, name: str, chosen: Dict) -> List[float]:
     walls = []
     for i, trial in enumerate(chosen["trials"]):
         path = os.path.join(results_dir, "runs", name, f"trial-{i}-{trial['key']}.json")
         if os.path.exists(path):
             with open(path) as f:
-                walls.append(json.load(f).get("wall_s") or 0.0)
+                run = json.load(f)
+            walls.append(run.get("wall_s") or 0.0)
+            if run.get("rerank_retrained_wall_s"):
+                walls.append(run["rerank_retrained_wall_s"])
     return walls
 
 
@@ -140,12 +179,38 @@ def format_markdown(summary: Dict) -> str:
             lines.append(f"- `{c['method']}` beats `{c['base']}` on {metrics} ({seeds}).")
         else:
             lines.append(f"- `{c['method']}` is not shown to beat `{c['base']}` on any metric ({seeds}).")
+    lines += _rerank_notes(summary)
     lines.append("")
     lines.append(f"{summary['runs_done']} runs, {summary['run_wall_s_total'] / 60:.0f} min of run wall "
                  "time in all (trials and seeds).")
     if summary["missing_runs"]:
         lines.append(f"Missing ({len(summary['missing_runs'])}): {'; '.join(summary['missing_runs'])}.")
     return "\n".join(lines) + "\n"
+
+
+def _rerank_notes(summary: Dict) -> List[str]:
+    lines = []
+    for name, m in summary["methods"].items():
+        if "derived_from" not in m:
+            continue
+        rerank, base = m["rerank"], m["derived_from"]
+        curve = ", ".join(f"{d}: {_pct(r, 1)}" for d, r in
+                          sorted(rerank["validation"].items(), key=lambda item: int(item[0])))
+        line = (f"- `{name}`: {m['description']}; Recall@1 only (re-ranking re-orders only each "
+                f"query's top_k; MAP@R, R-Precision and one-shot are not re-ranked). Validation Recall@1 "
+                f"(%) of `{base}`'s chosen trial by top_k: {curve}")
+        if int(rerank["top_k"]) == 1:
+            line += " (top_k = 1: validation chose not to re-rank, the row repeats the embedding's)"
+        if rerank.get("from_retrained_run"):
+            line += (f"; these come from a retrained copy of that trial (its saved models were "
+                     f"gone), whose own Recall@1 is {_pct(rerank['retrained_recall@1'], 1)} vs "
+                     f"{_pct(summary['methods'][base]['validation']['recall@1'], 1)} cached")
+        retrained = [s for s, r in m["finals"].items() if r["from_retrained_run"]]
+        if retrained:
+            line += (f"; seed(s) {', '.join(map(str, sorted(retrained)))} re-ranked from a "
+                     "retrained copy of the run")
+        lines.append(line + ".")
+    return lines
 
 
 def plot(summary: Dict, path: str) -> None:

@@ -8,6 +8,10 @@ executes in its own Python process (clean TensorFlow state) and its result is on
 JSON file, `<results_dir>/runs/<method>/<stage>-<index>-<key>.json`, where the key
 hashes everything that defines the run: every TrainConfig field, the classes of both
 splits and the evaluation settings. A rerun finds it and skips the training.
+
+A run that saved a pair scorer (PDDM's `pddm.keras` beside `embedder.keras`) can also be
+re-ranked (`rerank_in_subprocess`, `python -m kdml.benchmark _rerank`): reranked
+Recall@1 for several top-k depths from one scoring pass over its evaluation split.
 """
 
 from __future__ import annotations
@@ -91,6 +95,11 @@ def write_json_atomic(path: str, payload) -> None:
     os.replace(tmp, path)
 
 
+def run_folder(spec: RunSpec, scratch_dir: str) -> str:
+    """`<scratch_dir>/<method>/<stage>-<index>-<key>`: the run's request, log and `run/` output."""
+    return os.path.join(scratch_dir, spec.method, f"{spec.stage}-{spec.index}-{spec.key}")
+
+
 def execute_in_subprocess(spec: RunSpec, train_dir: str, eval_dir: str, scratch_dir: str) -> Dict:
     """Trains and evaluates `spec` in a fresh `python -m kdml.benchmark _run` process.
 
@@ -98,7 +107,7 @@ def execute_in_subprocess(spec: RunSpec, train_dir: str, eval_dir: str, scratch_
     <index>-<key>/`; returns the result dict (metrics and wall time). A failed run
     raises a RuntimeError that quotes the end of its log.
     """
-    work = os.path.join(scratch_dir, spec.method, f"{spec.stage}-{spec.index}-{spec.key}")
+    work = run_folder(spec, scratch_dir)
     os.makedirs(work, exist_ok=True)
     request = os.path.join(work, "request.json")
     write_json_atomic(request, {"spec": spec.to_json(), "train_dir": train_dir,
@@ -175,3 +184,87 @@ def run_request_file(request_path: str) -> None:
     spec = RunSpec(**spec_json)
     result = train_and_evaluate(spec, request["train_dir"], request["eval_dir"], request["output_dir"])
     write_json_atomic(os.path.join(os.path.dirname(request_path), "result.json"), result)
+
+
+RERANK_ARTIFACTS = ("embedder.keras", "pddm.keras")
+
+
+def rerank_in_subprocess(spec: RunSpec, result: Mapping, eval_dir: str, depths,
+                         scratch_dir: str) -> Optional[Dict]:
+    """Re-ranks run `spec` (already executed) in a fresh `python -m kdml.benchmark _rerank`.
+
+    Reads `<run_folder>/run/{embedder,pddm}.keras` and embeds `eval_dir` with the image
+    size and crop of `result["resolved_config"]`. Returns `{"rerank_recall@1": {"<depth>":
+    R@1}, "rerank_wall_s": s}`, or None when either model file is missing. A failed
+    evaluation raises a RuntimeError that quotes the end of its log.
+    """
+    work = run_folder(spec, scratch_dir)
+    run_dir = os.path.join(work, "run")
+    if not all(os.path.isfile(os.path.join(run_dir, name)) for name in RERANK_ARTIFACTS):
+        return None
+    resolved = result.get("resolved_config") or {}
+    image_size = resolved.get("image_size") or spec.config.get("image_size")
+    if not image_size:
+        raise RuntimeError(f"Re-ranking {work}: its result names no image_size (resolved_config).")
+    request = os.path.join(work, "rerank-request.json")
+    output = os.path.join(work, "rerank.json")
+    write_json_atomic(request, {"run_dir": run_dir, "eval_dir": eval_dir, "image_size": image_size,
+                                "crop_fraction": resolved.get("eval_crop_fraction", 0.875),
+                                "depths": [int(d) for d in depths], "output": output})
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    start = time.perf_counter()
+    log_path = os.path.join(work, "rerank-log.txt")
+    with open(log_path, "w") as log:
+        code = subprocess.run([sys.executable, "-m", "kdml.benchmark", "_rerank", request],
+                              stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    wall = time.perf_counter() - start
+    if code != 0:
+        with open(log_path) as f:
+            tail = f.read()[-2000:]
+        raise RuntimeError(f"Re-ranking {spec.method} {spec.stage} {spec.index} failed (exit {code}); "
+                           f"log {log_path} ends with:\n{tail}")
+    with open(output) as f:
+        return {**json.load(f), "rerank_wall_s": wall}
+
+
+def rerank_evaluation(run_dir: str, eval_dir: str, *, image_size: int, crop_fraction: float = 0.875,
+                      depths=(1, 2, 4, 8, 16, 32), batch_size: int = 256) -> Dict:
+    """Reranked Recall@1 of a saved run for each depth, in this process.
+
+    Loads `<run_dir>/embedder.keras` (images -> (N, d)) and `<run_dir>/pddm.keras`
+    (`[(n, d), (n, d)] -> (n,)` scores), embeds the folder dataset `eval_dir` as the run
+    evaluated it (`eval_dataset`, centre crop `crop_fraction`, `image_size` px), and re-ranks
+    each image's top-`depth` cosine neighbours, leave-one-out (`select_top_k`, one scoring
+    pass). Depth 1 is the embedding's own Recall@1; depths above N - 1 are dropped.
+
+    Returns:
+        `{"rerank_recall@1": {"<depth>": float}}`.
+    """
+    import keras
+
+    import kdml  # noqa: F401  registers the PDDM layers for loading
+    from kdml.data.pipeline import eval_dataset
+    from kdml.data.sources.folder import load_folder
+    from kdml.evaluation.rerank import pair_scorer, select_top_k
+    from kdml.training import embed
+
+    images = load_folder(eval_dir, verify_images=False)
+    embedder = keras.saving.load_model(os.path.join(run_dir, "embedder.keras"), compile=False)
+    scorer = keras.saving.load_model(os.path.join(run_dir, "pddm.keras"), compile=False)
+    embeddings = embed(embedder, eval_dataset(images, image_size=int(image_size),
+                                              batch_size=batch_size, crop_fraction=crop_fraction))
+    kept = sorted({int(d) for d in depths if 1 <= int(d) <= len(images.labels) - 1})
+    if not kept:
+        raise ValueError(f"No re-ranking depth in {tuple(depths)} fits {len(images.labels)} images.")
+    _, recalls = select_top_k(embeddings, images.labels, pair_scorer(scorer), candidates=kept, k=1)
+    return {"rerank_recall@1": {str(d): float(recalls[d]) for d in kept}}
+
+
+def rerank_request_file(request_path: str) -> None:
+    """Entry point of `python -m kdml.benchmark _rerank <request.json>`; writes its "output"."""
+    with open(request_path) as f:
+        request = json.load(f)
+    result = rerank_evaluation(request["run_dir"], request["eval_dir"],
+                               image_size=request["image_size"],
+                               crop_fraction=request["crop_fraction"], depths=request["depths"])
+    write_json_atomic(request["output"], result)
