@@ -2,7 +2,7 @@
 
     python -m kdml.benchmark run --preset=omniglot --omniglot_dir=<dir with the zips>
         [--methods=proxy_anchor,so_proxy] [--seeds=0,1,2,3,4] [--trials=3] [--epochs=10]
-        [--results_dir=docs/results/omniglot] [--scratch_dir=runs/benchmark]
+        [--results_dir=docs/results/omniglot] [--scratch_dir=runs/benchmark] [--trials_only]
     python -m kdml.benchmark run --preset=omniglot --data=<root>[,<root>...]
         [--test_groups=A,B | --num_test_groups=2] [--num_validation_groups=1] [--split_seed=0]
     python -m kdml.benchmark report <results_dir> [--readme=README.md --readme=docs/benchmarks.md]
@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", help="Comma-separated seeds of the final runs (default: the preset's).")
     run.add_argument("--trials", type=int, help="Trials per method (default: the preset's).")
     run.add_argument("--epochs", type=int, help="Epochs of every run (default: the preset's).")
+    run.add_argument("--trials_only", action="store_true", help="Stop after the trials and the "
+                     "selection on validation: no final runs, the test split is not read.")
     run.add_argument("--results_dir", default=os.path.join("docs", "results", "omniglot"),
                      help="Run JSON files, selection.json and the report.")
     run.add_argument("--scratch_dir", default=os.path.join("runs", "benchmark"),
@@ -89,7 +91,8 @@ def _run(args, parser) -> None:
     run_on_folders(spec, roots, args.results_dir, args.scratch_dir, test_groups=test_groups,
                    num_test_groups=args.num_test_groups,
                    num_validation_groups=args.num_validation_groups, split_seed=args.split_seed,
-                   methods=methods, progress=lambda line: print(line, flush=True))
+                   methods=methods, progress=lambda line: print(line, flush=True),
+                   final_runs=not args.trials_only)
     write_report(args.results_dir, readme=args.readme)
     with open(os.path.join(args.results_dir, "results.md")) as f:
         print(f.read())

@@ -119,7 +119,8 @@ def retrained_copy(run_spec: RunSpec) -> RunSpec:
 
 def run_benchmark(spec: BenchmarkSpec, split: ClassSplit, load_split: Callable[[str], str],
                   execute: Execute, results_dir: str, methods: Optional[Sequence[str]] = None,
-                  progress: Callable[[str], None] = print, rerank: Optional[Rerank] = None) -> Dict:
+                  progress: Callable[[str], None] = print, rerank: Optional[Rerank] = None,
+                  final_runs: bool = True) -> Dict:
     """Runs (or resumes) the protocol; returns `{"selection": ..., "finals": ...}`.
 
     Args:
@@ -139,6 +140,8 @@ def run_benchmark(spec: BenchmarkSpec, split: ClassSplit, load_split: Callable[[
             whose saved models are gone is executed again once (`retrained_copy`); its
             cached metrics stay, the JSON records `rerank_from_retrained_run` and the
             copy's own Recall@1. None: no re-ranking.
+        final_runs: False stops after the trials and the selection (`--trials_only`): the
+            test split is never loaded and the final runs stay listed as missing.
     """
     methods = list(methods or spec.methods)
     unknown = [m for m in methods if m not in spec.methods]
@@ -237,6 +240,9 @@ def run_benchmark(spec: BenchmarkSpec, split: ClassSplit, load_split: Callable[[
             str(seed): final_spec(spec, split, method, selection[method]["params"], seed).key
             for seed in spec.seeds}
     write_selection(results_dir, spec, split, selection)
+    if not final_runs:
+        progress("Trials and selection done; no final runs (--trials_only), test not read.")
+        return {"selection": selection, "finals": {}}
 
     trainval_dir, test_dir = load_split("train+validation"), load_split("test")
     finals: Dict[str, List[Dict]] = {m: [] for m in selection}
@@ -306,7 +312,8 @@ def run_on_folders(spec: BenchmarkSpec, roots: Sequence[str], results_dir: str, 
                    num_validation_groups: int = 1, split_seed: int = 0,
                    methods: Optional[Sequence[str]] = None,
                    progress: Callable[[str], None] = print,
-                   execute: Optional[Execute] = None, rerank: Optional[Rerank] = None) -> Dict:
+                   execute: Optional[Execute] = None, rerank: Optional[Rerank] = None,
+                   final_runs: bool = True) -> Dict:
     """`run_benchmark` on folder datasets `<root>/<group>/<class>/<image>`, each run in its
     own process (`execute_in_subprocess`); methods this kdml cannot run are skipped and
     reported. Split folders, checkpoints and logs go to `scratch_dir`, run JSON to
@@ -342,7 +349,8 @@ def run_on_folders(spec: BenchmarkSpec, roots: Sequence[str], results_dir: str, 
     for block in blocks:
         if block:
             done = run_benchmark(spec, split, splits.load_split, execute, results_dir,
-                                 methods=block, progress=progress, rerank=rerank)
+                                 methods=block, progress=progress, rerank=rerank,
+                                 final_runs=final_runs)
             for part in results:
                 results[part].update(done[part])
     return results

@@ -1,5 +1,6 @@
 """kdml.benchmark.protocol: selection on validation only, test read after it, resumable."""
 
+import json
 import os
 
 import pytest
@@ -140,3 +141,25 @@ def test_a_failed_run_is_reported_not_cached_and_the_rest_goes_on(dataset, tmp_p
     assert "base: no selection and no final runs, 1 trial(s) failed." in lines
     assert list(results["finals"]) == ["seed_method"] and len(results["finals"]["seed_method"]) == 3
     assert len(os.listdir(tmp_path / "r" / "runs" / "base")) == 2  # the failure is not cached
+
+
+def test_trials_only_selects_without_reading_test(dataset, tmp_path):
+    folders, split, splits = dataset
+    loaded, stages = [], []
+
+    def spy_load_split(name):
+        loaded.append(name)
+        return splits.load_split(name)
+
+    def execute(spec, train_dir, eval_dir):
+        stages.append(spec.stage)
+        return {"metrics": {"recall@1": _score(spec), "map@r": 0.1, "r_precision": 0.2},
+                "wall_s": 1.0}
+
+    results = run_benchmark(SPEC, split, spy_load_split, execute, str(tmp_path / "results"),
+                            progress=lambda line: None, final_runs=False)
+    assert "test" not in loaded and "train+validation" not in loaded
+    assert stages == ["trial"] * 6 and results["finals"] == {}
+    assert results["selection"]["base"]["params"] == {"alpha": 32.0}
+    with open(tmp_path / "results" / "selection.json") as f:
+        assert len(json.load(f)["methods"]["base"]["finals"]) == 3  # planned, listed as missing
