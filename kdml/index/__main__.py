@@ -1,7 +1,7 @@
 """`python -m kdml.index build|query|evaluate`: a gallery index of a saved embedder.
 
     python -m kdml.index build --model=runs/default/embedder.keras \\
-        --source=folder:gallery/ --output=gallery.index [--backend=faiss]
+        --source=folder:gallery/ --output=gallery.index [--backend=faiss [--faiss_index=hnsw]]
     python -m kdml.index build ... --output=gallery.index --add      # append new images
     python -m kdml.index query --index=gallery.index --model=runs/default/embedder.keras \\
         --k=5 q1.jpg q2.png            # or --source=folder:queries/ ; --plot=grid.png
@@ -24,7 +24,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 def _backend_options(args) -> dict:
     options = {}
-    for name in ("nlist", "nprobe", "target_recall"):
+    for name in ("faiss_index", "nlist", "nprobe", "hnsw_m", "ef_construction", "ef_search",
+                 "target_recall"):
         value = getattr(args, name, None)
         if value is not None:
             options[name] = value
@@ -33,16 +34,25 @@ def _backend_options(args) -> dict:
 
 def _parser() -> argparse.ArgumentParser:
     from kdml.distribute import STRATEGIES
-    from kdml.index.backends import BACKENDS
+    from kdml.index.backends import BACKENDS, FAISS_INDEXES
 
     parser = argparse.ArgumentParser(prog="python -m kdml.index", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     def ann_flags(p):
-        p.add_argument("--nlist", type=int, help="faiss: IVF cells (default ~4 sqrt(N))")
-        p.add_argument("--nprobe", type=int, help="faiss: cells per query (default: calibrated)")
+        p.add_argument("--faiss_index", choices=FAISS_INDEXES, default=None,
+                       help="faiss: ivf (IndexIVFFlat, default) or hnsw (IndexHNSWFlat)")
+        p.add_argument("--nlist", type=int, help="faiss ivf: cells (default ~4 sqrt(N))")
+        p.add_argument("--nprobe", type=int,
+                       help="faiss ivf: cells per query (default: calibrated)")
+        p.add_argument("--hnsw_m", type=int, help="faiss hnsw: links per node (32)")
+        p.add_argument("--ef_construction", type=int,
+                       help="faiss hnsw: candidates per insertion (40)")
+        p.add_argument("--ef_search", type=int,
+                       help="faiss hnsw: candidates per query (default: calibrated)")
         p.add_argument("--target_recall", type=float,
-                       help="faiss: recall@10 vs exact the nprobe calibration aims for (0.97)")
+                       help="faiss: recall@10 vs exact the nprobe / ef_search calibration aims "
+                            "for (0.97)")
 
     build = sub.add_parser("build", help="embed a labelled image source into an index directory")
     build.add_argument("--model", required=True, help=".keras, SavedModel directory or .tflite")

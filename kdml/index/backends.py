@@ -2,12 +2,20 @@
 
 - `"exact"`: `kdml.evaluation.exact_knn` (blocked matmul + top-k, on the GPU when one is
   visible, across a strategy's replicas when given one). No state beyond the vectors.
-- `"faiss"`: faiss `IndexIVFFlat` with inner product on the L2-normalised vectors
-  (= cosine). `nlist` cells from a k-means of the gallery; `nprobe` (cells visited per
-  query) is calibrated at build time: the smallest power of 2 whose recall@k against
-  the exact search, on a seeded sample of gallery vectors, reaches `target_recall`.
-  Galleries too small for IVF (fewer than 39 training points per cell, faiss' rule)
-  use `IndexFlatIP` (exact).
+- `"faiss"`: inner product on the L2-normalised vectors (= cosine), one of two faiss
+  indexes (`faiss_index`):
+  - `"ivf"` (default): `IndexIVFFlat`. `nlist` cells from a k-means of the gallery;
+    `nprobe` (cells visited per query) is calibrated at build time: the smallest power
+    of 2 whose recall@k against the exact search, on a seeded sample of gallery
+    vectors, reaches `target_recall`. Galleries too small for IVF (fewer than 39
+    training points per cell, faiss' rule) use `IndexFlatIP` (exact).
+  - `"hnsw"`: `IndexHNSWFlat` (a graph of `hnsw_m` links per node, built with
+    `ef_construction` candidates); `ef_search` calibrated like `nprobe` (the smallest
+    power of 2 from 16 reaching `target_recall`). Supports `add` (new nodes are linked
+    into the graph). Deterministic when built with one thread (`threads=1`): faiss
+    draws node levels from a fixed-seed generator, but its multi-threaded insertion
+    order varies, so a multi-threaded build can differ between runs (searches of a
+    given graph are deterministic).
 - `"scann"`: Google's ScaNN (`scann.scann_ops_pybind`), used only when `import scann`
   works. The PyPI wheel 1.4.2 loads a TensorFlow op library at import and fails beside
   TensorFlow 2.21, so faiss is the tested backend.
@@ -18,6 +26,7 @@ Every backend maps `(Q, d)` float32 queries to `(indices (Q, k) int64, similarit
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from typing import Optional, Tuple
@@ -25,7 +34,9 @@ from typing import Optional, Tuple
 import numpy as np
 
 BACKENDS = ("exact", "faiss", "scann")
+FAISS_INDEXES = ("ivf", "hnsw")
 _MIN_POINTS_PER_CELL = 39  # faiss warns below this many k-means training points per centroid
+_MAX_EF_SEARCH = 4096  # the HNSW calibration stops here
 
 
 def faiss_available() -> bool:
@@ -108,11 +119,16 @@ def sample_recall(approximate, exact, k: int) -> float:
 
 
 class FaissBackend:
-    """faiss IVF-Flat (inner product on unit vectors), `nprobe` calibrated at build.
+    """faiss IVF-Flat or HNSW-Flat (inner product on unit vectors), `nprobe` or
+    `ef_search` calibrated at build.
 
     Args:
+        faiss_index: `"ivf"` (`IndexIVFFlat`) or `"hnsw"` (`IndexHNSWFlat`).
         nlist: IVF cells (default `default_nlist(N)`; 1 means an exact `IndexFlatIP`).
         nprobe: cells visited per query (default: calibrated to `target_recall`).
+        hnsw_m: HNSW links per node (`M`).
+        ef_construction: HNSW candidates per insertion (`efConstruction`).
+        ef_search: HNSW candidates per query (`efSearch`; default: calibrated).
         target_recall: recall@`calibration_k` against exact the calibration aims for.
         calibration_queries: gallery vectors (seeded sample) used to calibrate.
         train_size: k-means training points at most (seeded sample of the gallery);
@@ -126,8 +142,21 @@ class FaissBackend:
     def __init__(self, nlist: Optional[int] = None, nprobe: Optional[int] = None,
                  target_recall: float = 0.97, calibration_k: int = 10,
                  calibration_queries: int = 500, train_size: int = 131_072,
-                 kmeans_iterations: int = 10, threads: Optional[int] = None):
+                 kmeans_iterations: int = 10, threads: Optional[int] = None,
+                 faiss_index: str = "ivf", hnsw_m: int = 32, ef_construction: int = 40,
+                 ef_search: Optional[int] = None):
         _require("faiss")
+        if faiss_index not in FAISS_INDEXES:
+            raise ValueError(f"Unknown faiss index {faiss_index!r}. Valid: "
+                             f"{', '.join(FAISS_INDEXES)} (--faiss_index).")
+        for name, value in (("hnsw_m", hnsw_m), ("ef_construction", ef_construction),
+                            ("ef_search", ef_search)):
+            if value is not None and (isinstance(value, bool) or int(value) < 1):
+                raise ValueError(f"Expected `{name}` to be a positive integer. Received: "
+                                 f"{name}={value!r}")
+        self.faiss_index = faiss_index
+        self.hnsw_m, self.ef_construction = int(hnsw_m), int(ef_construction)
+        self.ef_search = None if ef_search is None else int(ef_search)
         self.kmeans_iterations = int(kmeans_iterations)
         self.nlist, self.nprobe = nlist, nprobe
         self.target_recall = float(target_recall)
@@ -146,6 +175,9 @@ class FaissBackend:
         return faiss
 
     def build(self, vectors: np.ndarray, seed: int = 0) -> None:
+        if self.faiss_index == "hnsw":
+            self._build_hnsw(vectors, seed)
+            return
         faiss = self._faiss()
         n, d = vectors.shape
         nlist = self.nlist or default_nlist(min(n, self.train_size))
@@ -169,26 +201,41 @@ class FaissBackend:
             self.nprobe = self._calibrate(vectors, rng)
         index.nprobe = int(self.nprobe)
 
+    def _build_hnsw(self, vectors: np.ndarray, seed: int) -> None:
+        faiss = self._faiss()
+        index = faiss.IndexHNSWFlat(vectors.shape[1], self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = self.ef_construction
+        index.add(np.ascontiguousarray(vectors, np.float32))
+        self._index = index
+        if self.ef_search is None:
+            self.ef_search = self._calibrate(vectors, np.random.default_rng(seed))
+        index.hnsw.efSearch = int(self.ef_search)
+
     def _calibrate(self, vectors: np.ndarray, rng) -> int:
-        """Smallest power-of-2 `nprobe` with recall@k >= target on gallery-vector queries
-        (each query's own row excluded from both result lists)."""
+        """Smallest power-of-2 `nprobe` (IVF, from 1 to nlist) or `ef_search` (HNSW, from
+        16 to 4096) with recall@k >= target on gallery-vector queries (each query's own
+        row excluded from both result lists)."""
         from kdml.evaluation import exact_knn
 
         n = len(vectors)
         k = min(self.calibration_k, n - 1)
         rows = np.sort(rng.choice(n, min(self.calibration_queries, n), replace=False))
-        queries = vectors[rows]
+        queries = np.ascontiguousarray(vectors[rows])
         exact, _ = exact_knn(queries, vectors, k=k + 1, similarity="inner_product")
         exact = drop_query_rows(exact, rows, k)
-        nprobe = 1
+        hnsw = self.faiss_index == "hnsw"
+        value, last = (16, _MAX_EF_SEARCH) if hnsw else (1, self.nlist)
         while True:
-            self._index.nprobe = nprobe
+            if hnsw:
+                self._index.hnsw.efSearch = value
+            else:
+                self._index.nprobe = value
             _, found = self._index.search(queries, k + 1)
             recall = sample_recall(drop_query_rows(found, rows, k), exact, k)
-            if recall >= self.target_recall or nprobe >= self.nlist:
+            if recall >= self.target_recall or value >= last:
                 self.calibrated_recall = recall
-                return nprobe
-            nprobe = min(2 * nprobe, self.nlist)
+                return value
+            value = min(2 * value, last)
 
     def add(self, vectors: np.ndarray, all_vectors: np.ndarray) -> None:
         self._index.add(vectors)
@@ -199,8 +246,13 @@ class FaissBackend:
         return indices.astype(np.int64), similarities.astype(np.float32)
 
     def config(self) -> dict:
-        return {"nlist": self.nlist, "nprobe": self.nprobe, "target_recall": self.target_recall,
-                "calibrated_recall": self.calibrated_recall}
+        if self.faiss_index == "hnsw":
+            return {"faiss_index": "hnsw", "hnsw_m": self.hnsw_m,
+                    "ef_construction": self.ef_construction, "ef_search": self.ef_search,
+                    "target_recall": self.target_recall,
+                    "calibrated_recall": self.calibrated_recall}
+        return {"faiss_index": "ivf", "nlist": self.nlist, "nprobe": self.nprobe,
+                "target_recall": self.target_recall, "calibrated_recall": self.calibrated_recall}
 
     def save(self, directory: str) -> str:
         path = os.path.join(directory, "faiss.index")
@@ -210,10 +262,16 @@ class FaissBackend:
     def load(self, directory: str, vectors: np.ndarray, config: dict) -> None:
         faiss = self._faiss()
         self._index = faiss.read_index(os.path.join(directory, "faiss.index"))
+        self.faiss_index = config.get("faiss_index", "ivf")  # indexes saved before HNSW: ivf
         self.nlist, self.nprobe = config.get("nlist"), config.get("nprobe")
+        self.hnsw_m = config.get("hnsw_m", self.hnsw_m)
+        self.ef_construction = config.get("ef_construction", self.ef_construction)
+        self.ef_search = config.get("ef_search")
         self.calibrated_recall = config.get("calibrated_recall")
         if self.nprobe and hasattr(self._index, "nprobe"):
             self._index.nprobe = int(self.nprobe)
+        if self.ef_search and hasattr(self._index, "hnsw"):
+            self._index.hnsw.efSearch = int(self.ef_search)
         if self._index.ntotal != len(vectors):
             raise ValueError(f"{directory}: faiss.index holds {self._index.ntotal} vectors but the "
                              f"index {len(vectors)}; rebuild it with backend='faiss'.")
@@ -273,7 +331,14 @@ def make_backend(name: str, **options):
     if name not in BACKENDS:
         raise ValueError(f"Unknown index backend {name!r}. Valid backends: {', '.join(BACKENDS)}.")
     _require(name)
-    return {"exact": ExactBackend, "faiss": FaissBackend, "scann": ScannBackend}[name](**options)
+    cls = {"exact": ExactBackend, "faiss": FaissBackend, "scann": ScannBackend}[name]
+    accepted = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"backend={name!r} does not take {', '.join(unknown)} (options of "
+                         f"another backend): drop them, or choose the backend they belong to "
+                         f"(e.g. --backend=faiss for --faiss_index).")
+    return cls(**options)
 
 
 def drop_query_rows(neighbours: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:

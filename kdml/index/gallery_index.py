@@ -3,7 +3,7 @@
     index = GalleryIndex(embeddings, labels, paths, model=model_fingerprint(embedder))
     result = index.query(query_embeddings, k=5)   # result.labels[q], result.paths[q] ...
     index.add(more_embeddings, more_labels, more_paths)
-    index.save("gallery.index");  GalleryIndex.load("gallery.index", backend="faiss")
+    index.save("gallery.index");  GalleryIndex.load("gallery.index", backend="exact")
 
 Built from a model and images by `kdml.index.build_index`. Rows are stored
 L2-normalised; the similarity is their cosine (inner product of unit rows).
@@ -83,7 +83,8 @@ class GalleryIndex:
         model: the embedder's entry (`kdml.index.model_fingerprint`), or None for vectors
             of unknown origin (then queries are not checked against a model).
         backend: "exact" (default), "faiss" or "scann" (`kdml.index.backends`).
-        backend_options: keyword arguments of the backend (e.g. `nprobe`, `strategy`).
+        backend_options: keyword arguments of the backend (e.g. `faiss_index="hnsw"`,
+            `nprobe`, `strategy`).
         seed: seed of the approximate backend's training (k-means) and calibration.
     """
 
@@ -170,7 +171,8 @@ class GalleryIndex:
             model: Optional[dict] = None, allow_model_mismatch: bool = False) -> "GalleryIndex":
         """Appends items (from the model that built the index); returns self.
 
-        The approximate backend adds them to its existing cells (no re-training).
+        faiss adds them to its existing IVF cells (no re-training) or links them into its
+        HNSW graph.
         """
         self.check_model(model, allow_model_mismatch)
         labels = [str(label) for label in labels]

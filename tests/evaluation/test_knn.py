@@ -269,3 +269,36 @@ def test_strategy_shards_queries_with_identical_results(mirrored, rng):
     got = exact_knn(x, k=7, max_memory_bytes=16 * (53 + 7) * 5, strategy=mirrored)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
+
+
+# --- group-maxima selection inside each tile ------------------------------------------
+
+
+@pytest.mark.parametrize("k, chunk, exclude_self", [(1, 512, False), (3, 512, True),
+                                                    (10, 2048, False), (10, 300, True)])
+def test_group_selection_equals_stable_sort_with_ties(k, chunk, exclude_self):
+    # 2,003 items (not a multiple of any group size: a group mixes gallery and padded
+    # columns), 3-valued vectors: exact products and ties everywhere, chunks of 16-32
+    # column groups.
+    rng = np.random.default_rng(k * 1000 + chunk)
+    x = rng.integers(-1, 2, size=(2003, 5)).astype(np.float32)
+    assert knn_module._group_size(chunk, k) > 1
+    queries = x if exclude_self else x[:300]
+    indices, sims = exact_knn(queries, None if exclude_self else x, k=k,
+                              similarity="inner_product", gallery_chunk=chunk)
+    want_indices, want_sims = _brute_force(queries, x, k, exclude_self, cosine=False)
+    np.testing.assert_array_equal(indices, want_indices)
+    np.testing.assert_array_equal(sims, want_sims.astype(np.float32))
+
+
+def test_group_selection_with_a_zero_similarity_padding_group():
+    # All similarities negative: a padded column (zero vector, score 0) would beat every
+    # item if its group were not masked.
+    rng = np.random.default_rng(7)
+    gallery = -np.abs(rng.normal(size=(1001, 4))).astype(np.float32)
+    queries = np.abs(rng.normal(size=(20, 4))).astype(np.float32)
+    indices, sims = exact_knn(queries, gallery, k=5, gallery_chunk=512)
+    want_indices, want_sims = _brute_force(queries, gallery, 5, exclude_self=False)
+    np.testing.assert_array_equal(indices, want_indices)
+    np.testing.assert_allclose(sims, want_sims, atol=1e-5)
+    assert (sims < 0).all()
