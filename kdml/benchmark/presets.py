@@ -62,10 +62,9 @@ OMNIGLOT_METHODS = {
         bases=("pddm_cosine", "proxy_anchor"),
         description="PDDM: quadruplets mined with the learned unit (Huang et al. 2016)",
         rerank_depths=(1, 2, 4, 8, 16, 32)),
-    # A second PDDM attempt: with the unit at the embedder's lr its scores stay near their
-    # initial ~0.02 range in ~200-400 steps, far below the margin alpha, so the unit barely
-    # learns. Here the unit (a new head) gets a larger lr, searched on validation; the
-    # losses keep `pddm`'s validated alpha / beta / lambda.
+    # A second PDDM attempt: `pddm`'s unit ends near a constant score. Here the unit (a
+    # new head) gets a larger lr, searched on validation, with `pddm`'s validated alpha /
+    # beta / lambda. (Its first trial collapsed further: see docs/methods.md, PDDM.)
     "pddm_unit_lr": MethodPreset(
         {"method": "pddm", "pddm_alpha": 1.0, "pddm_beta": 0.5, "pddm_lambda": 0.5},
         {"pddm_lr_multiplier": (10.0, 30.0, 100.0)},

@@ -77,6 +77,7 @@ def collect(results_dir: str) -> Dict:
                             [m["finals"][s]["metrics"][k] for s in seeds],
                             [methods[base]["finals"][s]["metrics"][k] for s in seeds])
             entry["beats_base_on"] = [k for k, d in entry["metrics"].items() if d["above_zero"]]
+            entry["below_base_on"] = [k for k, d in entry["metrics"].items() if d["high"] < 0]
             comparisons.append(entry)
     return {"split": selection["split"], "budget": selection["budget"], "trials": selection["trials"],
             "seeds": selection["seeds"], "selection_metric": selection["selection_metric"],
@@ -177,6 +178,10 @@ def format_markdown(summary: Dict) -> str:
         elif c["beats_base_on"]:
             metrics = ", ".join(t for k, t in METRICS if k in c["beats_base_on"])
             lines.append(f"- `{c['method']}` beats `{c['base']}` on {metrics} ({seeds}).")
+        elif c.get("below_base_on"):
+            metrics = ", ".join(t for k, t in METRICS if k in c["below_base_on"])
+            lines.append(f"- `{c['method']}` does not beat `{c['base']}`: it is below it on {metrics} "
+                         f"(interval below zero; {seeds}).")
         else:
             lines.append(f"- `{c['method']}` is not shown to beat `{c['base']}` on any metric ({seeds}).")
     lines += _rerank_notes(summary)

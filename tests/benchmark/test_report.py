@@ -94,3 +94,22 @@ def test_planned_rows_without_a_selection_are_listed(results_dir):
     selection["planned"].append("later")
     json.dump(selection, open(path, "w"))
     assert write_report(results_dir)["missing_runs"] == ["later (not yet selected)"]
+
+
+def test_a_method_below_its_base_is_reported_as_below(tmp_path):
+    def worse(spec, train_dir, eval_dir):
+        result = _execute(spec, train_dir, eval_dir)
+        if spec.method == "new":  # recall@1 of "new" = base - gain: every seed below
+            r1 = BASE[spec.config["seed"]] - GAIN[spec.config["seed"]]
+            result["metrics"].update({"recall@1": r1, "map@r": r1 / 2, "r_precision": r1 / 1.5})
+        return result
+
+    names = [f"g{g}/c{c}" for g in range(5) for c in range(2)]
+    run_benchmark(SPEC, group_split(names, seed=0), lambda name: str(tmp_path / name), worse,
+                  str(tmp_path / "r"), progress=lambda line: None)
+    (comparison,) = write_report(str(tmp_path / "r"))["comparisons"]
+    assert comparison["beats_base_on"] == []
+    assert comparison["below_base_on"] == ["recall@1", "map@r", "r_precision"]
+    markdown = open(tmp_path / "r" / "results.md").read()
+    assert ("- `new` does not beat `base`: it is below it on Recall@1, MAP@R, R-Precision "
+            "(interval below zero; 4 paired seed(s)).") in markdown
