@@ -129,15 +129,12 @@ def execute_in_subprocess(spec: RunSpec, train_dir: str, eval_dir: str, scratch_
 
 def train_and_evaluate(spec: RunSpec, train_dir: str, eval_dir: str, output_dir: str) -> Dict:
     """Runs `spec` in this process: `kdml.training.train`, then the evaluation metrics."""
-    import keras
     import numpy as np
 
     from kdml.config import TrainConfig
-    from kdml.data.sources.folder import load_folder
-    from kdml.data.pipeline import eval_dataset
     from kdml.evaluation import few_shot_accuracy
     from kdml.evaluation.protocols import top_level_groups
-    from kdml.training import embed, train
+    from kdml.training import train
 
     epochs = spec.config.get("epochs", TrainConfig.epochs)
     config = TrainConfig(**{**spec.config, "dataset": f"folder:{train_dir}",
@@ -149,10 +146,8 @@ def train_and_evaluate(spec: RunSpec, train_dir: str, eval_dir: str, output_dir:
     result = {"metrics": {k: float(final[k]) for k in ("recall@1", "map@r", "r_precision")}}
     if spec.one_shot:
         resolved = history["config"]
-        test = load_folder(eval_dir, verify_images=False)
-        embedder = keras.saving.load_model(os.path.join(output_dir, "embedder.keras"))
-        embeddings = embed(embedder, eval_dataset(test, image_size=resolved["image_size"],
-                                                  crop_fraction=resolved["eval_crop_fraction"]))
+        test, embeddings = embed_folder(output_dir, eval_dir, image_size=resolved["image_size"],
+                                        crop_fraction=resolved["eval_crop_fraction"])
         groups = top_level_groups(test.class_names, test.labels)
         n_way = int(spec.one_shot["n_way"])
         classes_per_group = {g: len(set(test.labels[groups == g])) for g in set(groups.tolist())}
@@ -227,6 +222,23 @@ def rerank_in_subprocess(spec: RunSpec, result: Mapping, eval_dir: str, depths,
         return {**json.load(f), "rerank_wall_s": wall}
 
 
+def embed_folder(run_dir: str, folder: str, *, image_size: int, crop_fraction: float,
+                 batch_size: Optional[int] = None):
+    """`(dataset, (N, d) embeddings)` of the folder dataset `folder` by
+    `<run_dir>/embedder.keras`, centre-cropped and resized as the run evaluated it."""
+    import keras
+
+    from kdml.data.pipeline import eval_dataset
+    from kdml.data.sources.folder import load_folder
+    from kdml.training import embed
+
+    images = load_folder(folder, verify_images=False)
+    embedder = keras.saving.load_model(os.path.join(run_dir, "embedder.keras"), compile=False)
+    options = {} if batch_size is None else {"batch_size": batch_size}
+    return images, embed(embedder, eval_dataset(images, image_size=image_size,
+                                                 crop_fraction=crop_fraction, **options))
+
+
 def rerank_evaluation(run_dir: str, eval_dir: str, *, image_size: int, crop_fraction: float = 0.875,
                       depths=(1, 2, 4, 8, 16, 32), batch_size: int = 256) -> Dict:
     """Reranked Recall@1 of a saved run for each depth, in this process.
@@ -243,16 +255,11 @@ def rerank_evaluation(run_dir: str, eval_dir: str, *, image_size: int, crop_frac
     import keras
 
     import kdml  # noqa: F401  registers the PDDM layers for loading
-    from kdml.data.pipeline import eval_dataset
-    from kdml.data.sources.folder import load_folder
     from kdml.evaluation.rerank import pair_scorer, select_top_k
-    from kdml.training import embed
 
-    images = load_folder(eval_dir, verify_images=False)
-    embedder = keras.saving.load_model(os.path.join(run_dir, "embedder.keras"), compile=False)
+    images, embeddings = embed_folder(run_dir, eval_dir, image_size=int(image_size),
+                                      crop_fraction=crop_fraction, batch_size=batch_size)
     scorer = keras.saving.load_model(os.path.join(run_dir, "pddm.keras"), compile=False)
-    embeddings = embed(embedder, eval_dataset(images, image_size=int(image_size),
-                                              batch_size=batch_size, crop_fraction=crop_fraction))
     kept = sorted({int(d) for d in depths if 1 <= int(d) <= len(images.labels) - 1})
     if not kept:
         raise ValueError(f"No re-ranking depth in {tuple(depths)} fits {len(images.labels)} images.")

@@ -221,14 +221,10 @@ def _knn(queries, gallery=None, *, k, max_memory_bytes=256 * 2**20, exclude_self
         if similarity == "cosine":
             query_tensor = tf.math.l2_normalize(query_tensor, axis=1)
         num_gallery_tensor = tf.constant(num_gallery, dtype=tf.int32)
-        for super_start in range(0, num_queries, block * replicas):
+        for blocks in _replica_rounds(num_queries, block, replicas):
             outputs = []
-            for replica, device in enumerate(devices):
-                start = super_start + replica * block
-                if start >= num_queries:
-                    break
-                stop = min(start + block, num_queries)
-                with tf.device(device):
+            for replica, start, stop in blocks:
+                with tf.device(devices[replica]):
                     query_block = query_tensor[start:stop]
                     if stop - start < block:  # keep the traced shape: zero-pad the last block
                         query_block = tf.pad(query_block, [[0, block - (stop - start)], [0, 0]])
@@ -244,6 +240,16 @@ def _knn(queries, gallery=None, *, k, max_memory_bytes=256 * 2**20, exclude_self
                 if return_similarities:
                     similarities[start:stop] = values.numpy()[: stop - start]
     return indices, similarities
+
+
+def _replica_rounds(num_queries, block, num_replicas):
+    """Query blocks dealt to the replicas, round by round: yields `[(replica, start, stop),
+    ...]`, one block of at most `block` rows per replica, in query order, so that a round
+    is dispatched to every replica before its results are read back."""
+    for round_start in range(0, num_queries, block * num_replicas):
+        starts = range(round_start, min(round_start + block * num_replicas, num_queries), block)
+        yield [(replica, start, min(start + block, num_queries))
+               for replica, start in enumerate(starts)]
 
 
 def _replica_devices(strategy):

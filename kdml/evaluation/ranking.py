@@ -51,7 +51,9 @@ import tensorflow as tf
 from kdml.evaluation.knn import (
     _as_float32_matrix,
     _full_float32_matmul,
+    _group_size as _tile_group_size,
     _replica_devices,
+    _replica_rounds,
 )
 
 RetrievalRanking = collections.namedtuple("RetrievalRanking", ["first_positive_rank", "top_k"])
@@ -185,13 +187,10 @@ def retrieval_ranking(queries, query_labels, gallery=None, gallery_labels=None, 
                 # leave-one-out: the query blocks are read from the gallery's columns
                 query_tensor = None if leave_one_out else _normalised(queries, similarity)
                 per_device.append((query_tensor, gallery_t, tf.constant(column_bias)))
-        for super_start in range(0, num_queries, block * len(devices)):
+        for blocks in _replica_rounds(num_queries, block, len(devices)):
             outputs = []
-            for replica, device in enumerate(devices):
-                start = super_start + replica * block
-                if start >= num_queries:
-                    break
-                stop = min(start + block, num_queries)
+            for replica, start, stop in blocks:
+                device = devices[replica]
                 query_tensor, gallery_t, bias = per_device[replica]
                 classes_here = np.full(block, _NO_CLASS, np.int32)
                 classes_here[: stop - start] = query_class[start:stop]
@@ -325,9 +324,7 @@ def _normalised_transposed(matrix, similarity, width):
 def _group_size(top_k, width):
     """Columns per group: a power of two near sqrt(M / k), which balances the `M / G`
     group maxima and the `k G` candidates that `top_k` sees."""
-    if top_k == 0:
-        return 1
-    return 2 ** int(round(math.log2(max(1.0, math.sqrt(width / top_k)))))
+    return 1 if top_k == 0 else _tile_group_size(width, top_k)
 
 
 def _round_up(value, multiple):
