@@ -160,6 +160,11 @@ class TrainConfig:
     pddm_mining_score: str = setting(
         "unit", "pddm: mine quadruplets by the unit's score (the paper) or by cosine (ablation).",
         choices=("unit", "cosine"))
+    pddm_unit_loss: str = setting(
+        "all_pairs", "pddm: train the unit on the double-header hinge over all (positive, "
+                     "negative) pairs, or on the mined hardest quadruplet only (the paper; "
+                     "it collapses the unit to a constant score).",
+        choices=("all_pairs", "hardest"))
     pddm_normalization: str = setting(
         "before_fc", "pddm: L2-normalise u, v before the unit's FC layers (the paper's Eq. 1) "
                      "or after.",

@@ -183,7 +183,8 @@ def _pddm(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objec
     outputs = PDDMScoreMatrix(unit, name="pddm_scores")(embedder(images))
     loss = PDDMLoss(alpha=config.pddm_alpha, beta=config.pddm_beta,
                     lambda_=config.pddm_lambda, mining=config.pddm_mining,
-                    mining_score=config.pddm_mining_score)
+                    mining_score=config.pddm_mining_score,
+                    unit_loss=config.pddm_unit_loss)
     dim = embedder.output_shape[-1]
     extra_metrics = None
     if config.rerank_top_k > 0:

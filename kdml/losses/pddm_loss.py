@@ -10,6 +10,7 @@ from kdml.losses._cross_replica import BatchLoss
 
 MINING_MODES = ("per_anchor", "single")
 MINING_SCORES = ("unit", "cosine")
+UNIT_LOSSES = ("all_pairs", "hardest")
 _FAR = 3.0e38  # stands in for +-inf in masked argmin/argmax (no gradient flows there)
 
 
@@ -30,6 +31,44 @@ def _squared_distances(embeddings, rows, cols):
     """(Q,) squared L2 distances ||f_rows - f_cols||^2 of the given row pairs."""
     diff = ops.take(embeddings, rows, axis=0) - ops.take(embeddings, cols, axis=0)
     return ops.sum(ops.square(diff), axis=-1)
+
+
+def all_pairs_score_hinge(labels, scores, alpha):
+    """Double-header hinge on every (positive, negative) pair of each anchor.
+
+    For anchor i with positives P(i) (same label, j != i) and negatives N(i):
+
+        E_m(i) = 2 / (|P(i)| |N(i)|) sum_{j in P(i)} sum_{k in N(i)} [alpha - S_ij + S_ik]_+
+
+    The factor 2 keeps the scale of the mined double-header hinge (two hinges per
+    positive pair): over the batch every positive pair is an anchor from both ends, so
+    both heads are covered. Unlike the hinge on the mined hardest quadruplet, a constant
+    S is not a minimum of this loss (its value alpha per hinge can be lowered by any
+    score that ranks positives above negatives on average).
+
+    Args:
+        labels: (B,) int labels.
+        scores: (B, B) float32 scores S.
+        alpha: Score margin.
+
+    Returns:
+        (per_anchor, valid): (B,) float32 E_m(i) (0 where invalid) and a (B,) bool mask
+        of anchors with at least one positive and one negative. Memory: one (B, B, B)
+        float32 tensor (8 MiB at B = 128, 64 MiB at B = 256).
+    """
+    scores = ops.cast(scores, "float32")
+    size = ops.shape(scores)[0]
+    index = ops.arange(size, dtype="int32")
+    same = ops.equal(labels[:, None], labels[None, :])
+    positive = ops.cast(ops.logical_and(same, ops.not_equal(index[:, None], index[None, :])),
+                        "float32")
+    negative = ops.cast(ops.logical_not(same), "float32")
+    # hinge[i, j, k] = [alpha - S_ij + S_ik]_+, weighted by positive[i, j] negative[i, k].
+    hinge = ops.relu(alpha - scores[:, :, None] + scores[:, None, :])
+    weight = positive[:, :, None] * negative[:, None, :]
+    pairs = ops.sum(weight, axis=(1, 2))
+    per_anchor = 2.0 * ops.divide_no_nan(ops.sum(hinge * weight, axis=(1, 2)), pairs)
+    return per_anchor, pairs > 0
 
 
 def mine_quadruplets(labels, scores, mode="per_anchor"):
@@ -88,10 +127,21 @@ class PDDMLoss(BatchLoss):
 
         E_m = [alpha - S_ij + S_ik]_+ + [alpha - S_ij + S_jl]_+      (double-header hinge)
         E_e = [beta + D_ij - D_ik]_+ + [beta + D_ij - D_jl]_+        (D = squared L2)
-        L   = mean over valid quadruplets of (E_m + lambda E_e)
+        L   = mean over valid quadruplets of (E_m + lambda E_e)        (unit_loss="hardest")
+        L   = mean over anchors of E_m^all + lambda mean over quadruplets of E_e
+                                                                    (unit_loss="all_pairs")
 
     E_e is computed on the SAME quadruplets, so the unit's hard-quadruplet mining
-    drives the embedding loss (the paper's Sec. 3.2). `mining_score="cosine"` is the
+    drives the embedding loss (the paper's Sec. 3.2).
+
+    `unit_loss` says which pairs train the unit. `"hardest"` is the paper's E_m above,
+    on the mined quadruplet. It has a constant score as a minimum: with the quadruplet
+    mined by S itself, each hinge is `[alpha - min_positive S + max_negative S]_+`, at
+    least alpha unless S separates the batch perfectly, and exactly alpha for a
+    constant S; kdml's units trained that way collapse to a constant (docs/methods.md).
+    `"all_pairs"` (the default) averages the double-header hinge over every
+    (positive, negative) pair of each anchor (`all_pairs_score_hinge`), which a
+    constant S does not minimise; the mined quadruplets still drive E_e. `mining_score="cosine"` is the
     ablation: the quadruplets are mined with the cosine similarity of the embeddings
     instead of S, everything else (E_m on S, E_e, the weights) unchanged.
 
@@ -117,6 +167,8 @@ class PDDMLoss(BatchLoss):
         lambda_: Weight of the embedding loss (paper lambda, default 0.5).
         mining: "per_anchor" (default) or "single".
         mining_score: "unit" (default, the paper: mine by S) or "cosine" (the ablation).
+        unit_loss: "all_pairs" (default) or "hardest" (the paper's E_m on the mined
+            quadruplet, which collapses the unit), see above.
         gather_across_replicas: Must be True (the score layer always gathers).
         name, **kwargs: As `keras.losses.Loss`.
 
@@ -130,10 +182,15 @@ class PDDMLoss(BatchLoss):
     >>> scores = keras.ops.matmul(emb, keras.ops.transpose(emb))  # stand-in for S
     >>> y_pred = keras.ops.concatenate([emb, scores], axis=1)
     >>> # (i, j, k, l) = (0, 1, 2, 2): E_m = 0.7 + 0.86, E_e = 1.4 + 1.72
+    >>> round(float(PDDMLoss(mining="single", unit_loss="hardest")([0, 0, 1], y_pred)), 4)
+    3.12
+    >>> # All pairs: anchors 0 and 1 each have one (positive, negative) pair,
+    >>> # E_m^all = (2 * 0.7 + 2 * 0.86) / 2, the same here; E_e as above.
     >>> round(float(PDDMLoss(mining="single")([0, 0, 1], y_pred)), 4)
     3.12
     >>> # The ablation mines by cosine; here S is the cosine, so the same quadruplet.
-    >>> round(float(PDDMLoss(mining="single", mining_score="cosine")([0, 0, 1], y_pred)), 4)
+    >>> round(float(PDDMLoss(mining="single", mining_score="cosine",
+    ...                      unit_loss="hardest")([0, 0, 1], y_pred)), 4)
     3.12
     """
 
@@ -144,6 +201,7 @@ class PDDMLoss(BatchLoss):
         lambda_=0.5,
         mining="per_anchor",
         mining_score="unit",
+        unit_loss="all_pairs",
         gather_across_replicas=True,
         name="pddm_loss",
         **kwargs,
@@ -167,7 +225,13 @@ class PDDMLoss(BatchLoss):
                 f"Expected `mining_score` in {MINING_SCORES} (\"unit\" mines with the PDDM "
                 f"score, as the paper). Received: mining_score={mining_score!r}"
             )
+        if unit_loss not in UNIT_LOSSES:
+            raise ValueError(
+                f"Expected `unit_loss` in {UNIT_LOSSES} (\"hardest\" is the paper's hinge on "
+                f"the mined quadruplet). Received: unit_loss={unit_loss!r}"
+            )
         self.mining_score = mining_score
+        self.unit_loss = unit_loss
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.lambda_ = float(lambda_)
@@ -199,22 +263,37 @@ class PDDMLoss(BatchLoss):
         d_ij = _squared_distances(embeddings, i, j)
         d_ik = _squared_distances(embeddings, i, k)
         d_jl = _squared_distances(embeddings, j, l)
-        score_hinge = ops.relu(self.alpha - s_ij + s_ik) + ops.relu(self.alpha - s_ij + s_jl)
         embedding_hinge = ops.relu(self.beta + d_ij - d_ik) + ops.relu(self.beta + d_ij - d_jl)
-        per_quadruplet = ops.where(valid, score_hinge + self.lambda_ * embedding_hinge, 0.0)
+        if self.unit_loss == "hardest":
+            score_hinge = (ops.relu(self.alpha - s_ij + s_ik)
+                           + ops.relu(self.alpha - s_ij + s_jl))
+        else:
+            # Per anchor; in "single" mode E_m still averages over every valid anchor
+            # (sum over rows / Q with Q = 1 would weigh it B times), see below.
+            score_hinge, anchor_valid = all_pairs_score_hinge(labels, scores, self.alpha)
         count = ops.sum(ops.cast(valid, "float32"))
+        per_quadruplet = ops.where(valid, self.lambda_ * embedding_hinge, 0.0)
+        if self.unit_loss == "hardest":
+            per_quadruplet = per_quadruplet + ops.where(valid, score_hinge, 0.0)
+            loss = ops.divide_no_nan(ops.sum(per_quadruplet), count)
+        else:
+            unit_term = ops.divide_no_nan(
+                ops.sum(ops.where(anchor_valid, score_hinge, 0.0)),
+                ops.sum(ops.cast(anchor_valid, "float32")))
+            loss = ops.divide_no_nan(ops.sum(per_quadruplet), count) + unit_term
 
         none_valid = ops.logical_not(ops.any(valid))
         self.invalid_batches.assign_add(ops.cast(none_valid, "int64"))
         if tf.executing_eagerly() and bool(none_valid):
             warnings.warn(_INVALID_BATCH_MESSAGE, RuntimeWarning, stacklevel=2)
-        return ops.divide_no_nan(ops.sum(per_quadruplet), count)
+        return loss
 
     def get_config(self):
         config = super().get_config()
         config.update(
             {"alpha": self.alpha, "beta": self.beta, "lambda_": self.lambda_,
-             "mining": self.mining, "mining_score": self.mining_score}
+             "mining": self.mining, "mining_score": self.mining_score,
+             "unit_loss": self.unit_loss}
         )
         return config
 
