@@ -84,7 +84,7 @@ OMNIGLOT_METHODS = {
         description="soft-orthogonal proxies, d = 64"),
 }
 
-# The default rows fit about 90 min of 2 idle CPU cores (48 runs); the d = 64 pair
+# The default rows (48 runs) took 80 min on 2 idle CPU cores; the d = 64 pair
 # (16 more runs) and pddm_after_fc (8) are opt-in: --methods=proxy_anchor_d64,so_proxy_d64.
 OMNIGLOT = BenchmarkSpec(budget=OMNIGLOT_BUDGET, methods=OMNIGLOT_METHODS, trials=3,
                          seeds=(0, 1, 2, 3, 4), n_way=20, episodes=1000,
