@@ -41,6 +41,7 @@ OMNIGLOT_METHODS = {
         description="Proxy Anchor (Kim et al. 2020)"),
     "so_proxy": MethodPreset(
         {"method": "so_proxy"}, {"so_strength": (1e-4, 1e-3, 1e-2)}, bases=("proxy_anchor",),
+        extends="proxy_anchor",
         description="Proxy Anchor + soft-orthogonal proxies, lambda in the paper's units"),
     "multi_similarity": MethodPreset(
         {"method": "multi_similarity", "backbone": _STRIDE4},
@@ -50,7 +51,7 @@ OMNIGLOT_METHODS = {
         {"method": "crt", "base_loss": "ms", "backbone": _STRIDE4},
         {"crt_prototypes": (32, 64), "crt_temperature": (0.05, 0.1),
          "consistency_weight": (0.5, 1.0)},
-        bases=("multi_similarity",),
+        bases=("multi_similarity",), extends="multi_similarity",
         description="Multi-Similarity + multi-size CRT head on conv4_stride4 (7 x 7)"),
     "pddm_cosine": MethodPreset(
         {"method": "pddm", "pddm_mining_score": "cosine", "pddm_unit_loss": "all_pairs"},
@@ -59,19 +60,18 @@ OMNIGLOT_METHODS = {
     # pddm_unit_loss is named (it is the default) so that these rows' cache keys differ
     # from the runs made with the paper's mined unit hinge, which collapsed the unit
     # (docs/benchmarks.md, attempts; their JSON is in docs/results/omniglot/attempts/).
+    # Same losses and weights as its ablation (inherited): only the mining score differs.
     "pddm": MethodPreset(
-        {"method": "pddm", "pddm_unit_loss": "all_pairs"},
-        {"pddm_alpha": (0.5, 1.0), "pddm_beta": (0.5, 1.0), "pddm_lambda": (0.5, 1.0)},
-        bases=("pddm_cosine", "proxy_anchor"),
+        {"method": "pddm", "pddm_unit_loss": "all_pairs"}, {},
+        bases=("pddm_cosine", "proxy_anchor"), extends="pddm_cosine",
         description="PDDM: quadruplets mined with the learned unit (Huang et al. 2016)",
         rerank_depths=(1, 2, 4, 8, 16, 32)),
     # The unit of Eq. (1) sees only the directions of |f_i - f_j| and (f_i + f_j) / 2,
     # not how far apart the pair is; normalising after the FCs lets that through. A
     # validation trial of this setting ranked pairs like cosine (docs/methods.md, PDDM).
     "pddm_after_fc": MethodPreset(
-        {"method": "pddm", "pddm_unit_loss": "all_pairs", "pddm_normalization": "after_fc"},
-        {"pddm_alpha": (0.5, 1.0), "pddm_beta": (0.5, 1.0), "pddm_lambda": (0.5, 1.0)},
-        bases=("pddm", "proxy_anchor"),
+        {"method": "pddm", "pddm_unit_loss": "all_pairs", "pddm_normalization": "after_fc"}, {},
+        bases=("pddm", "proxy_anchor"), extends="pddm",
         description="PDDM with u, v normalised after the unit's FC layers",
         rerank_depths=(1, 2, 4, 8, 16, 32)),
     "proxy_anchor_d64": MethodPreset(
@@ -80,14 +80,14 @@ OMNIGLOT_METHODS = {
         description="Proxy Anchor, d = 64 (fewer dimensions than classes)"),
     "so_proxy_d64": MethodPreset(
         {"method": "so_proxy", "embedding_dim": 64}, {"so_strength": (1e-4, 1e-3, 1e-2)},
-        bases=("proxy_anchor_d64",),
+        bases=("proxy_anchor_d64",), extends="proxy_anchor_d64",
         description="soft-orthogonal proxies, d = 64"),
 }
 
-# The default rows (48 runs) took 80 min on 2 idle CPU cores; the d = 64 pair
-# (16 more runs) and pddm_after_fc (8) are opt-in: --methods=proxy_anchor_d64,so_proxy_d64.
+# Three trials per row (its whole grid when smaller), eight paired seeds. The d = 64 pair
+# and pddm_after_fc are opt-in: --methods=proxy_anchor_d64,so_proxy_d64.
 OMNIGLOT = BenchmarkSpec(budget=OMNIGLOT_BUDGET, methods=OMNIGLOT_METHODS, trials=3,
-                         seeds=(0, 1, 2, 3, 4), n_way=20, episodes=1000,
+                         seeds=tuple(range(8)), n_way=20, episodes=1000,
                          default_blocks=(("proxy_anchor", "so_proxy"), ("multi_similarity", "crt"),
                                          ("pddm_cosine", "pddm")))
 OMNIGLOT_ZIPS = ("images_background_small1", "images_background_small2")

@@ -2,10 +2,15 @@
 
 In the spirit of Musgrave et al., "A Metric Learning Reality Check" (ECCV 2020):
 
-1. every method gets the same number of trials (`sample_trials` of its own search
-   space), the same epochs and the same backbone (`BenchmarkSpec.budget`), trained on
-   the train split and scored on the validation split (one fixed trial seed);
-2. each method's trial with the best validation Recall@1 is selected (ties: the first);
+1. every method gets the same trial budget (`BenchmarkSpec.trials` seeded-random points
+   of its own search grid, or the whole grid when it is smaller), the same epochs and
+   the same backbone (`BenchmarkSpec.budget`), trained on the train split and scored on
+   the validation split (one fixed trial seed). A row that extends a base
+   (`MethodPreset.extends`: so_proxy over proxy_anchor) inherits the base's chosen value
+   of every shared hyperparameter and searches only its own, so that the pair differs in
+   one thing; `check_pairs` refuses a comparison whose two sides differ elsewhere;
+2. each method's trial with the best validation Recall@1 (the primary metric, declared
+   here before any run) is selected (ties: the first);
 3. only then is the test split loaded (`load_split("test")`): every selected
    configuration is retrained on train + validation with each seed and evaluated on
    test once. Final runs go seed by seed across methods, so an interrupted benchmark
@@ -29,11 +34,16 @@ import os
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from kdml.benchmark.runs import RunSpec, cached_result, write_json_atomic
-from kdml.benchmark.search import sample_trials
+from kdml.benchmark.runs import (RunSpec, cached_result, code_fingerprint, resolved_config,
+                                 write_json_atomic)
+from kdml.benchmark.search import grid_size, sample_trials
 from kdml.benchmark.splits import ClassSplit
 
-SELECTION_METRIC = "recall@1"
+# The primary metric: selection on validation and the "beats its base" verdict on test.
+SELECTION_METRIC = PRIMARY_METRIC = "recall@1"
+# Both sides of every comparison must agree on these (the budget a method is judged at).
+PAIR_FIELDS = ("backbone", "image_size", "embedding_dim", "epochs", "classes_per_batch",
+               "images_per_class", "weights", "data_kind")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +55,9 @@ class MethodPreset:
             `{"method": "so_proxy"}`).
         search: `{TrainConfig field: candidate values}` searched on validation.
         bases: rows this one is compared with (paired, same seeds).
+        extends: the base this row adds one thing to (a row of `bases`): it inherits that
+            base's chosen value of every hyperparameter the base searched, and searches
+            only its own `search`; the pair may differ only in `config` and `search`.
         description: one line for the report.
         rerank_depths: top-k depths at which the run's saved pair scorer (`pddm.keras`)
             re-ranks the embedding's neighbours; () = no re-ranking row. Depth 1 is the
@@ -54,8 +67,13 @@ class MethodPreset:
     config: Mapping
     search: Mapping[str, Sequence]
     bases: Tuple[str, ...] = ()
+    extends: Optional[str] = None
     description: str = ""
     rerank_depths: Tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.extends is not None and self.extends not in self.bases:
+            raise ValueError(f"`extends={self.extends!r}` must be one of `bases` {self.bases}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +95,42 @@ class BenchmarkSpec:
     def run_config(self, method: str, params: Mapping, seed: int) -> Dict:
         return {**self.budget, **self.methods[method].config, **params, "seed": seed}
 
+    def num_trials(self, method: str) -> int:
+        """Trials of `method`: the shared budget, or its whole grid when that is smaller."""
+        return min(self.trials, grid_size(self.methods[method].search))
+
+    def search_description(self, method: str) -> str:
+        size, n = grid_size(self.methods[method].search), self.num_trials(method)
+        if n == size:
+            return f"full grid ({size} point{'s' if size != 1 else ''})"
+        return f"{n} of {size} grid points (seeded random, the shared budget)"
+
+
+def check_pairs(spec: BenchmarkSpec, methods: Sequence[str]) -> None:
+    """Refuses (ValueError, one line) a comparison whose sides differ in more than the
+    method: any pair must agree on `PAIR_FIELDS`; an `extends` pair on every resolved
+    TrainConfig field except those its two rows set in `config` and the row's own search."""
+    for method in methods:
+        preset = spec.methods[method]
+        for base in preset.bases:
+            if base not in spec.methods:
+                raise ValueError(f"Row {method!r} names an unknown base {base!r}.")
+            mine = resolved_config(spec.run_config(method, {}, 0))
+            theirs = resolved_config(spec.run_config(base, {}, 0))
+            allowed = set()
+            if base == preset.extends:
+                allowed = (set(preset.config) | set(spec.methods[base].config)
+                           | set(preset.search) | set(spec.methods[base].search)) - set(PAIR_FIELDS)
+                fields = sorted(set(mine) | set(theirs))
+            else:
+                fields = list(PAIR_FIELDS)
+            for field in fields:
+                if field not in allowed and mine.get(field) != theirs.get(field):
+                    raise ValueError(
+                        f"Comparison {method} vs {base} is not like for like: {field} is "
+                        f"{mine.get(field)!r} vs {theirs.get(field)!r}. Give both rows the same "
+                        f"{field} (or compare {method} with a base that has it).")
+
 
 Execute = Callable[[RunSpec, str, str], Dict]  # (spec, train_dir, eval_dir) -> result
 # (spec, its result, eval_dir, depths) -> {"rerank_recall@1": {"<depth>": R@1}, ...}, or None
@@ -85,12 +139,16 @@ Rerank = Callable[[RunSpec, Mapping, str, Sequence[int]], Optional[Dict]]
 RERANK_FIELD = "rerank_recall@1"
 
 
-def trial_specs(spec: BenchmarkSpec, split: ClassSplit, method: str) -> List[Tuple[Dict, RunSpec]]:
+def trial_specs(spec: BenchmarkSpec, split: ClassSplit, method: str,
+                inherited: Optional[Mapping] = None) -> List[Tuple[Dict, RunSpec]]:
+    """`(own params, RunSpec)` of each trial of `method`; `inherited`: its base's chosen values."""
     preset = spec.methods[method]
-    return [(params, RunSpec(method, "trial", i, spec.run_config(method, params, spec.trial_seed),
+    own = sample_trials(preset.search, spec.num_trials(method), spec.search_seed)
+    return [(params, RunSpec(method, "trial", i,
+                             spec.run_config(method, {**(inherited or {}), **params}, spec.trial_seed),
                              "train", "validation", split.fingerprint("train"),
                              split.fingerprint("validation")))
-            for i, params in enumerate(sample_trials(preset.search, spec.trials, spec.search_seed))]
+            for i, params in enumerate(own)]
 
 
 def final_spec(spec: BenchmarkSpec, split: ClassSplit, method: str, params: Mapping,
@@ -115,6 +173,24 @@ def select_depth(scores: Mapping) -> int:
 def retrained_copy(run_spec: RunSpec) -> RunSpec:
     """The same run (same key) under stage `<stage>_retrained`: its own scratch folder."""
     return dataclasses.replace(run_spec, stage=f"{run_spec.stage}_retrained")
+
+
+def check_selected_pairs(spec: BenchmarkSpec, selection: Mapping) -> None:
+    """After selection: each selected `extends` pair's final configs differ only in what the
+    row sets in `config` and its own search (ValueError, one line, otherwise)."""
+    for method, chosen in selection.items():
+        base = spec.methods[method].extends
+        if base is None or base not in selection:
+            continue
+        preset = spec.methods[method]
+        mine = resolved_config(spec.run_config(method, chosen["params"], 0))
+        theirs = resolved_config(spec.run_config(base, selection[base]["params"], 0))
+        allowed = set(preset.config) | set(spec.methods[base].config) | set(preset.search)
+        for field in sorted(set(mine) | set(theirs)):
+            if field not in allowed and mine.get(field) != theirs.get(field):
+                raise ValueError(
+                    f"Comparison {method} vs {base} is not like for like after selection: "
+                    f"{field} is {mine.get(field)!r} vs {theirs.get(field)!r}.")
 
 
 def run_benchmark(spec: BenchmarkSpec, split: ClassSplit, load_split: Callable[[str], str],
@@ -147,7 +223,8 @@ def run_benchmark(spec: BenchmarkSpec, split: ClassSplit, load_split: Callable[[
     unknown = [m for m in methods if m not in spec.methods]
     if unknown:
         raise ValueError(f"Unknown methods {unknown}. Valid methods: {', '.join(spec.methods)}.")
-    total = len(methods) * (spec.trials + len(spec.seeds))
+    check_pairs(spec, methods)
+    total = sum(spec.num_trials(m) + len(spec.seeds) for m in methods)
     counter = {"done": 0, "start": time.perf_counter()}
 
     def run(run_spec: RunSpec, train_dir: str, eval_dir: str, label: str) -> Optional[Dict]:
@@ -207,23 +284,31 @@ def run_benchmark(spec: BenchmarkSpec, split: ClassSplit, load_split: Callable[[
     train_dir, validation_dir = load_split("train"), load_split("validation")
     selection = {}
     for method in methods:
-        trials, specs = [], trial_specs(spec, split, method)
+        inherited = _inherited_params(spec, split, method, selection, results_dir)
+        if inherited is None:
+            progress(f"{method}: no selection and no final runs: its base "
+                     f"{spec.methods[method].extends} has no selection.")
+            continue
+        trials, specs = [], trial_specs(spec, split, method, inherited)
         for params, run_spec in specs:
-            shown = " ".join(f"{k}={v}" for k, v in params.items())
+            shown = " ".join(f"{k}={v}" for k, v in params.items()) or "(nothing of its own)"
             trials.append(run(run_spec, train_dir, validation_dir,
-                              f"{method} trial {run_spec.index + 1}/{spec.trials} {shown}"))
+                              f"{method} trial {run_spec.index + 1}/{len(specs)} {shown}"))
         if None in trials:
             progress(f"{method}: no selection and no final runs, {trials.count(None)} trial(s) failed.")
             continue
         best = select(trials)
-        selection[method] = {"params": sample_params(trials[best], spec, method),
+        selection[method] = {"params": sample_params(trials[best], spec, method, inherited),
+                             "inherited": dict(inherited),
+                             "extends": spec.methods[method].extends,
+                             "search": spec.search_description(method),
                              "trial": best, "validation": trials[best]["metrics"],
                              "trials": [{"params": sample_params(t, spec, method),
                                          "validation": t["metrics"], "key": t["key"]} for t in trials]}
         depths = spec.methods[method].rerank_depths
         if depths:  # chosen on validation, before anything reads test
             chosen = with_rerank(specs[best][1], trials[best], train_dir, validation_dir,
-                                 f"{method} trial {best + 1}/{spec.trials} (chosen)")
+                                 f"{method} trial {best + 1}/{len(specs)} (chosen)")
             selection[method]["rerank_depths"] = list(depths)
             if RERANK_FIELD in chosen:
                 scores = chosen[RERANK_FIELD]
@@ -239,6 +324,7 @@ def run_benchmark(spec: BenchmarkSpec, split: ClassSplit, load_split: Callable[[
         selection[method]["finals"] = {
             str(seed): final_spec(spec, split, method, selection[method]["params"], seed).key
             for seed in spec.seeds}
+    check_selected_pairs(spec, selection)
     write_selection(results_dir, spec, split, selection)
     if not final_runs:
         progress("Trials and selection done; no final runs (--trials_only), test not read.")
@@ -272,6 +358,7 @@ def write_selection(results_dir: str, spec: BenchmarkSpec, split: ClassSplit,
     write_json_atomic(path, {
         "split": split.to_json(), "budget": _plain(spec.budget), "trials": spec.trials,
         "seeds": list(spec.seeds), "selection_metric": f"validation {SELECTION_METRIC}",
+        "primary_metric": PRIMARY_METRIC, "code": code_fingerprint(),
         "one_shot": {"n_way": spec.n_way, "episodes": spec.episodes},
         "planned": [m for block in spec.default_blocks for m in block] or list(spec.methods),
         "methods": {m: {**v, "description": spec.methods[m].description if m in spec.methods else "",
@@ -302,9 +389,30 @@ def _plain(mapping: Mapping) -> Dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in mapping.items()}
 
 
-def sample_params(result: Mapping, spec: BenchmarkSpec, method: str) -> Dict:
-    """The searched hyperparameters of a run result (its config restricted to the search space)."""
-    return {k: result["config"][k] for k in spec.methods[method].search}
+def sample_params(result: Mapping, spec: BenchmarkSpec, method: str,
+                  inherited: Optional[Mapping] = None) -> Dict:
+    """The hyperparameters of a run result: `inherited` ones, then its own search space's."""
+    return {k: result["config"][k] for k in [*(inherited or {}), *spec.methods[method].search]}
+
+
+def _inherited_params(spec: BenchmarkSpec, split: ClassSplit, method: str, selection: Mapping,
+                      results_dir: str) -> Optional[Dict]:
+    """The chosen params of `method`'s `extends` base ({} when it extends nothing): from this
+    block's selection, else from `selection.json` of the same split and budget; None if the
+    base has no selection yet."""
+    base = spec.methods[method].extends
+    if base is None:
+        return {}
+    if base in selection:
+        return dict(selection[base]["params"])
+    path = os.path.join(results_dir, "selection.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f)
+        if (stored.get("split") == split.to_json() and stored.get("budget") == _plain(spec.budget)
+                and base in stored.get("methods", {})):
+            return dict(stored["methods"][base]["params"])
+    return None
 
 
 def run_on_folders(spec: BenchmarkSpec, roots: Sequence[str], results_dir: str, scratch_dir: str, *,
@@ -335,9 +443,7 @@ def run_on_folders(spec: BenchmarkSpec, roots: Sequence[str], results_dir: str, 
             if reason:
                 progress(f"Skipping {method}: {reason}.")
                 block.remove(method)
-    split_root = os.path.join(scratch_dir, "splits", split.fingerprint("train+validation")
-                              + "-" + split.fingerprint("test"))
-    splits = SplitFolders(folders, split, split_root)
+    splits = SplitFolders(folders, split, os.path.join(scratch_dir, "splits"))
     run_dir = os.path.join(scratch_dir, "runs")
     if execute is None:
         def execute(run_spec, train_dir, eval_dir):

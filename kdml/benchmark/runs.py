@@ -5,9 +5,19 @@ Recall@1, MAP@R and R-Precision (`kdml.evaluation.retrieval_metrics`, leave-one-
 the evaluation split) and, on test, the 20-way within-group one-shot accuracy of Lake
 et al. (`kdml.evaluation.few_shot_accuracy`, groups = the top-level folder). Each run
 executes in its own Python process (clean TensorFlow state) and its result is one small
-JSON file, `<results_dir>/runs/<method>/<stage>-<index>-<key>.json`, where the key
-hashes everything that defines the run: every TrainConfig field, the classes of both
-splits and the evaluation settings. A rerun finds it and skips the training.
+JSON file, `<results_dir>/runs/<method>/<stage>-<index>-<key>.json`.
+
+The key hashes everything that defines the run, so that nothing can go stale:
+- the full resolved configuration (`resolved_config`: every TrainConfig field after
+  `TrainConfig.resolved`, so a changed default changes the key);
+- the classes of both splits and the evaluation settings;
+- the code (`code_fingerprint`: every kdml source file outside `kdml/benchmark/`, plus the
+  source of the functions here that train, evaluate and re-rank a run), so a changed code
+  path re-runs.
+A cached file is trusted only if the configuration the run itself resolved (stored as
+`resolved_config`) equals the one predicted here; otherwise `cached_result` raises a
+`StaleRunError` naming the field. The run process recomputes the fingerprint and refuses
+to start if the sources changed after the benchmark computed its keys.
 
 A run that saved a pair scorer (PDDM's `pddm.keras` beside `embedder.keras`) can also be
 re-ranked (`rerank_in_subprocess`, `python -m kdml.benchmark _rerank`): reranked
@@ -17,7 +27,10 @@ Recall@1 for several top-k depths from one scoring pass over its evaluation spli
 from __future__ import annotations
 
 import dataclasses
+import functools
+import glob
 import hashlib
+import inspect
 import json
 import os
 import subprocess
@@ -28,7 +41,56 @@ from typing import Dict, Mapping, Optional
 # The fields that locate a run rather than define it; never part of the key.
 _NOT_IN_KEY = ("dataset", "eval_dataset", "output_dir", "verbose", "resume", "verify_images",
                "eval_every", "checkpoint_every_steps", "keep_checkpoints", "data_dir", "download")
-KEY_VERSION = 1
+KEY_VERSION = 2
+
+
+class StaleRunError(ValueError):
+    """A cached run that no longer matches what the protocol would run now."""
+
+
+def resolved_config(config: Mapping) -> Dict:
+    """Every TrainConfig field of `config` after `TrainConfig.resolved` (its data kind's
+    and method's defaults filled in), location fields (`_NOT_IN_KEY`) left out.
+
+    The data kind is `config["data_kind"]`, else "photo" (what a folder dataset is).
+    """
+    from kdml.config import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(k for k in config if k not in fields)
+    if unknown:
+        raise ValueError(f"Run config fields {unknown} are not TrainConfig fields.")
+    train_config = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                                  for k, v in config.items()})
+    resolved = train_config.resolved(config.get("data_kind") or "photo")
+    return {k: _plain(v) for k, v in sorted(dataclasses.asdict(resolved).items())
+            if k not in _NOT_IN_KEY}
+
+
+_RUN_FUNCTIONS = ("train_and_evaluate", "embed_folder", "rerank_evaluation")
+
+
+@functools.lru_cache(maxsize=None)
+def code_fingerprint(package_dir: Optional[str] = None) -> str:
+    """sha1 (12 hex digits) of the code a run executes.
+
+    Hashes the path and bytes of every `*.py` under the kdml package except
+    `kdml/benchmark/` (the protocol's choices reach a run only through its key's other
+    parts), plus the source of this module's `train_and_evaluate`, `embed_folder` and
+    `rerank_evaluation`.
+    """
+    package_dir = package_dir or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha1()
+    for path in sorted(glob.glob(os.path.join(package_dir, "**", "*.py"), recursive=True)):
+        relative = os.path.relpath(path, package_dir).replace(os.sep, "/")
+        if relative.startswith("benchmark/"):
+            continue
+        with open(path, "rb") as f:
+            digest.update(relative.encode() + b"\0" + f.read() + b"\0")
+    module = sys.modules[__name__]
+    for name in _RUN_FUNCTIONS:
+        digest.update(inspect.getsource(getattr(module, name)).encode())
+    return digest.hexdigest()[:12]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +105,7 @@ class RunSpec:
         train_split, eval_split, train_fingerprint, eval_fingerprint: split names and
             hashes of their classes (`ClassSplit.fingerprint`).
         one_shot: `{"n_way", "episodes"}` of the one-shot evaluation, or None.
+        code: `code_fingerprint()` of the sources that run it ("" = this checkout's).
     """
 
     method: str
@@ -54,12 +117,21 @@ class RunSpec:
     train_fingerprint: str
     eval_fingerprint: str
     one_shot: Optional[Mapping] = None
+    code: str = ""
+
+    def __post_init__(self):
+        if not self.code:
+            object.__setattr__(self, "code", code_fingerprint())
+
+    @property
+    def resolved(self) -> Dict:
+        """`resolved_config(self.config)`: the full configuration the run will train with."""
+        return resolved_config(self.config)
 
     @property
     def key(self) -> str:
         """sha1 of everything that defines the run (12 hex digits)."""
-        payload = {"version": KEY_VERSION,
-                   "config": {k: _plain(v) for k, v in sorted(self.config.items()) if k not in _NOT_IN_KEY},
+        payload = {"version": KEY_VERSION, "code": self.code, "config": self.resolved,
                    "train": [self.train_split, self.train_fingerprint],
                    "eval": [self.eval_split, self.eval_fingerprint],
                    "one_shot": dict(self.one_shot) if self.one_shot else None}
@@ -79,11 +151,38 @@ def _plain(value):
 
 
 def cached_result(spec: RunSpec, results_dir: str) -> Optional[Dict]:
+    """The stored result of `spec`, None if it has not run.
+
+    Raises:
+        StaleRunError: the stored run resolved another configuration than `spec.resolved`
+            (it names the first differing field), or ran other code.
+    """
     path = spec.result_path(results_dir)
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return json.load(f)
+        result = json.load(f)
+    check_result_matches(spec, result, path)
+    return result
+
+
+def check_result_matches(spec: RunSpec, result: Mapping, path: str) -> None:
+    """Raises `StaleRunError` when `result` (stored at `path`) is not a run of `spec`."""
+    if result.get("code") != spec.code:
+        raise StaleRunError(
+            f"{path}: ran kdml code {result.get('code')!r}, not this checkout's {spec.code!r}. "
+            "Delete the file to re-run it.")
+    if "resolved_config" not in result:  # only stand-in runners (tests) store none
+        return
+    stored, expected = result["resolved_config"], spec.resolved
+    for field in sorted(set(stored) | set(expected)):
+        if field in _NOT_IN_KEY:
+            continue
+        if stored.get(field, "<missing>") != expected.get(field, "<missing>"):
+            raise StaleRunError(
+                f"{path}: resolved_config field {field!r} is {stored.get(field, '<missing>')!r} "
+                f"in the cached run, {expected.get(field, '<missing>')!r} in what the protocol "
+                "runs now. Delete the file to re-run it.")
 
 
 def write_json_atomic(path: str, payload) -> None:
@@ -177,6 +276,11 @@ def run_request_file(request_path: str) -> None:
     fields = {f.name for f in dataclasses.fields(RunSpec)}
     spec_json = {k: v for k, v in request["spec"].items() if k in fields}
     spec = RunSpec(**spec_json)
+    if spec.code != code_fingerprint():
+        raise StaleRunError(
+            f"The kdml sources changed after the benchmark keyed this run (fingerprint "
+            f"{code_fingerprint()}, keyed {spec.code}). Re-run the benchmark so that every run "
+            "of a comparison uses one version of the code.")
     result = train_and_evaluate(spec, request["train_dir"], request["eval_dir"], request["output_dir"])
     write_json_atomic(os.path.join(os.path.dirname(request_path), "result.json"), result)
 

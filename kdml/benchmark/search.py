@@ -8,6 +8,11 @@ from typing import Dict, List, Mapping, Sequence
 import numpy as np
 
 
+def grid_size(space: Mapping[str, Sequence]) -> int:
+    """Points of the grid `space` (1 for an empty space: the row's fixed configuration)."""
+    return int(np.prod([len(v) for v in space.values()], dtype=np.int64)) if space else 1
+
+
 def sample_trials(space: Mapping[str, Sequence], num_trials: int, seed: int = 0) -> List[Dict]:
     """`num_trials` distinct points of the grid `space`, drawn without replacement.
 

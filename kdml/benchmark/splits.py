@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -117,11 +118,14 @@ def class_folders(roots: Sequence[str]) -> Dict[str, str]:
 
 
 class SplitFolders:
-    """Materialises splits as folders of symlinks, `<root>/<split>/<group>/<class>`.
+    """Materialises splits as folders of symlinks, `<root>/<split>-<fingerprint>/<group>/<class>`.
 
     `load_split(name)` is the only way a run gets a split's images: the benchmark
     calls it for "test" only after every method's hyperparameters are chosen (the
-    tests spy on it).
+    tests spy on it). Each folder is named by the hash of its own class list
+    (`ClassSplit.fingerprint`), built complete in a temporary folder and renamed into
+    place, so a folder never holds classes of another split (e.g. after `split_seed`
+    changes) and an interrupted build leaves nothing that looks finished.
     """
 
     def __init__(self, folders: Dict[str, str], split: ClassSplit, root: str):
@@ -131,10 +135,33 @@ class SplitFolders:
         """The folder of split `name` (one of SPLIT_NAMES), as a `folder:` dataset root."""
         if name not in SPLIT_NAMES:
             raise ValueError(f"Unknown split {name!r}. Valid splits: {', '.join(SPLIT_NAMES)}.")
-        target = os.path.join(self.root, name.replace("+", "_"))
-        for class_name in self.split.classes[name]:
-            link = os.path.join(target, *class_name.split("/"))
-            if not os.path.islink(link):
+        classes = self.split.classes[name]
+        target = os.path.join(self.root, f"{name.replace('+', '_')}-{self.split.fingerprint(name)}")
+        if not os.path.isdir(target):
+            tmp = f"{target}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            for class_name in classes:
+                link = os.path.join(tmp, *class_name.split("/"))
                 os.makedirs(os.path.dirname(link), exist_ok=True)
                 os.symlink(os.path.abspath(self.folders[class_name]), link)
+            try:
+                os.rename(tmp, target)
+            except OSError:  # another process finished the same folder first
+                shutil.rmtree(tmp, ignore_errors=True)
+        found = sorted(_leaf_classes(target))
+        if found != sorted(classes):
+            extra = sorted(set(found) - set(classes))[:3]
+            raise ValueError(
+                f"Split folder {target} holds other classes than split {name!r} "
+                f"(e.g. {extra or sorted(set(classes) - set(found))[:3]}). Delete it; it is "
+                "rebuilt from the split.")
         return target
+
+
+def _leaf_classes(root: str):
+    """Names (`"<group>/<class>"`, "/"-joined) of the symlinked class folders under `root`."""
+    for directory, subdirs, files in os.walk(root):
+        for name in subdirs + files:
+            path = os.path.join(directory, name)
+            if os.path.islink(path):
+                yield os.path.relpath(path, root).replace(os.sep, "/")
