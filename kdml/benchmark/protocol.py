@@ -41,9 +41,13 @@ from kdml.benchmark.splits import ClassSplit
 
 # The primary metric: selection on validation and the "beats its base" verdict on test.
 SELECTION_METRIC = PRIMARY_METRIC = "recall@1"
-# Both sides of every comparison must agree on these (the budget a method is judged at).
-PAIR_FIELDS = ("backbone", "image_size", "embedding_dim", "epochs", "classes_per_batch",
-               "images_per_class", "weights", "data_kind")
+# The training set-up: both sides of every comparison must agree on each of these (the
+# budget a method is judged at); only the method and its own hyperparameters may differ.
+SETUP_FIELDS = ("data_kind", "backbone", "weights", "embedding_dim", "image_size",
+                "freeze_batchnorm", "augmentation", "eval_crop_fraction", "classes_per_batch",
+                "images_per_class", "epochs", "lr", "weight_decay", "proxy_lr_multiplier",
+                "warmup_epochs", "strategy", "mixed_precision", "jit_compile", "eval_batch_size",
+                "recall_ks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +95,12 @@ class BenchmarkSpec:
     # Rows run when none are named, in blocks: each block's trials and selection come
     # before its final runs, so a comparison (a method and its bases) completes early.
     default_blocks: Tuple[Tuple[str, ...], ...] = ()
+    # One paragraph for the report on what the split was used for before (e.g. an earlier,
+    # withdrawn comparison that read the same test classes), and where that is recorded.
+    history: str = ""
+    # A results.json of an earlier protocol, relative to the results folder, whose paired
+    # differences the report quotes next to the new ones ("" = none).
+    previous_results: str = ""
 
     def run_config(self, method: str, params: Mapping, seed: int) -> Dict:
         return {**self.budget, **self.methods[method].config, **params, "seed": seed}
@@ -108,8 +118,9 @@ class BenchmarkSpec:
 
 def check_pairs(spec: BenchmarkSpec, methods: Sequence[str]) -> None:
     """Refuses (ValueError, one line) a comparison whose sides differ in more than the
-    method: any pair must agree on `PAIR_FIELDS`; an `extends` pair on every resolved
-    TrainConfig field except those its two rows set in `config` and the row's own search."""
+    method: every pair must agree on the training set-up (`SETUP_FIELDS`, resolved); an
+    `extends` row may differ from its base only in `method` and the method-specific fields
+    its two rows set in `config`, and searches nothing its base searched."""
     for method in methods:
         preset = spec.methods[method]
         for base in preset.bases:
@@ -117,26 +128,22 @@ def check_pairs(spec: BenchmarkSpec, methods: Sequence[str]) -> None:
                 raise ValueError(f"Row {method!r} names an unknown base {base!r}.")
             mine = resolved_config(spec.run_config(method, {}, 0))
             theirs = resolved_config(spec.run_config(base, {}, 0))
-            allowed = set()
+            fields, allowed = list(SETUP_FIELDS), set()
             if base == preset.extends:
-                allowed = (set(preset.config) | set(spec.methods[base].config)
-                           | set(preset.search) | set(spec.methods[base].search)) - set(PAIR_FIELDS)
+                both = set(spec.methods[base].search) & set(preset.search)
+                if both:
+                    raise ValueError(
+                        f"Row {method} extends {base} but searches {', '.join(sorted(both))} "
+                        f"again: it inherits {base}'s chosen values. Drop them from its search.")
                 fields = sorted(set(mine) | set(theirs))
-            else:
-                fields = list(PAIR_FIELDS)
+                allowed = (set(preset.config) | set(spec.methods[base].config) | set(preset.search)
+                           | set(spec.methods[base].search)) - set(SETUP_FIELDS)
             for field in fields:
                 if field not in allowed and mine.get(field) != theirs.get(field):
                     raise ValueError(
                         f"Comparison {method} vs {base} is not like for like: {field} is "
                         f"{mine.get(field)!r} vs {theirs.get(field)!r}. Give both rows the same "
-                        f"{field} (or compare {method} with a base that has it).")
-
-
-Execute = Callable[[RunSpec, str, str], Dict]  # (spec, train_dir, eval_dir) -> result
-# (spec, its result, eval_dir, depths) -> {"rerank_recall@1": {"<depth>": R@1}, ...}, or None
-# when the run's saved models are missing (`runs.rerank_in_subprocess` with its scratch dir).
-Rerank = Callable[[RunSpec, Mapping, str, Sequence[int]], Optional[Dict]]
-RERANK_FIELD = "rerank_recall@1"
+                        f"{field}, or compare {method} with a base that has it.")
 
 
 def trial_specs(spec: BenchmarkSpec, split: ClassSplit, method: str,
@@ -185,7 +192,8 @@ def check_selected_pairs(spec: BenchmarkSpec, selection: Mapping) -> None:
         preset = spec.methods[method]
         mine = resolved_config(spec.run_config(method, chosen["params"], 0))
         theirs = resolved_config(spec.run_config(base, selection[base]["params"], 0))
-        allowed = set(preset.config) | set(spec.methods[base].config) | set(preset.search)
+        allowed = (set(preset.config) | set(spec.methods[base].config)
+                   | set(preset.search)) - set(SETUP_FIELDS)
         for field in sorted(set(mine) | set(theirs)):
             if field not in allowed and mine.get(field) != theirs.get(field):
                 raise ValueError(
@@ -359,6 +367,8 @@ def write_selection(results_dir: str, spec: BenchmarkSpec, split: ClassSplit,
         "split": split.to_json(), "budget": _plain(spec.budget), "trials": spec.trials,
         "seeds": list(spec.seeds), "selection_metric": f"validation {SELECTION_METRIC}",
         "primary_metric": PRIMARY_METRIC, "code": code_fingerprint(),
+        "history": spec.history, "previous_results": spec.previous_results,
+        "search": {m: spec.search_description(m) for m in spec.methods},
         "one_shot": {"n_way": spec.n_way, "episodes": spec.episodes},
         "planned": [m for block in spec.default_blocks for m in block] or list(spec.methods),
         "methods": {m: {**v, "description": spec.methods[m].description if m in spec.methods else "",

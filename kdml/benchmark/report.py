@@ -2,11 +2,19 @@
 
 `write_report(results_dir)` reads `selection.json` and the final runs it names
 (`runs/<method>/final-<seed>-<key>.json`), and writes `results.json` (every final run,
-mean and 95 % t interval per metric, paired differences to each base), `results.md`
-(the tables) and `results.png` (the metrics and the differences with their intervals).
-Missing runs are listed, never filled in. A row whose selection chose a re-ranking depth
-(PDDM) gets a derived row `<method>_rerank`: Recall@1 of each final run re-ranked at that
-depth (`rerank_recall@1` of its JSON), compared with the row itself. `update_readme` puts `results.md` between
+mean and 95 % t interval per metric, paired differences to each base, Holm-adjusted
+p-values), `results.md` (the tables and the verdicts) and `results.png` (the metrics and
+the differences with their intervals). Missing runs are listed, never filled in.
+
+The verdict rests on one primary metric, Recall@1, declared before any run
+(`protocol.PRIMARY_METRIC`): a row beats its base when the paired difference on it is
+positive and its two-sided paired t-test p-value, Holm-adjusted over every comparison of
+the table, is below 0.05. The other metrics are descriptive. Every sentence about who
+wins is generated here from the same numbers as the tables.
+
+A row whose selection chose a re-ranking depth (PDDM) gets a derived row `<method>_rerank`:
+Recall@1 of each final run re-ranked at that depth (`rerank_recall@1` of its JSON),
+compared with the row itself. `update_readme` puts the report between
 `<!-- results:start -->` and `<!-- results:end -->` of a markdown file.
 """
 
@@ -15,25 +23,30 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 from kdml.benchmark.runs import write_json_atomic
-from kdml.benchmark.stats import mean_interval, paired_difference
+from kdml.benchmark.stats import holm, mean_interval, paired_difference
 
 METRICS = (("recall@1", "Recall@1"), ("map@r", "MAP@R"), ("r_precision", "R-Precision"),
            ("one_shot", "20-way 1-shot"))
+PRIMARY = "recall@1"
+ALPHA = 0.05
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 RERANK_SUFFIX = "_rerank"
 RERANK_DESCRIPTION = "PDDM unit re-ranks the top-k cosine neighbours (top_k chosen on validation)"
+# What must agree for two rows to be compared at all (besides the method).
+_LIKE_FOR_LIKE = ("backbone", "embedding_dim", "image_size", "epochs")
 
 
 def collect(results_dir: str) -> Dict:
     """The summary dict of `results.json` (see the module docstring)."""
     with open(os.path.join(results_dir, "selection.json")) as f:
         selection = json.load(f)
+    budget = selection["budget"]
     methods, missing, wall = {}, [], []
     for name, chosen in selection["methods"].items():
-        runs, reranked = {}, {}
+        runs, reranked, setup = {}, {}, {}
         for seed, key in chosen["finals"].items():
             path = os.path.join(results_dir, "runs", name, f"final-{seed}-{key}.json")
             if os.path.exists(path):
@@ -42,6 +55,8 @@ def collect(results_dir: str) -> Dict:
                 runs[int(seed)] = {"metrics": run["metrics"], "wall_s": run.get("wall_s"),
                                    "one_shot_ci95": run.get("one_shot_ci95")}
                 reranked[int(seed)] = {k: run[k] for k in _RERANK_KEYS if k in run}
+                config = {**budget, **run.get("config", {}), **(run.get("resolved_config") or {})}
+                setup = {k: config.get(k) for k in _LIKE_FOR_LIKE}
             else:
                 missing.append(f"{name} seed {seed}")
         trial_walls = _trial_walls(results_dir, name, chosen)
@@ -51,22 +66,31 @@ def collect(results_dir: str) -> Dict:
         summary = {k: mean_interval([r["metrics"][k] for r in runs.values()])
                    for k, _ in METRICS if runs and all(k in r["metrics"] for r in runs.values())}
         methods[name] = {"description": chosen.get("description", ""), "bases": chosen.get("bases", []),
+                         "extends": chosen.get("extends"), "inherited": chosen.get("inherited", {}),
+                         "search": chosen.get("search", ""), "setup": setup,
                          "params": chosen["params"], "validation": chosen["validation"],
                          "trials": chosen["trials"], "seeds": sorted(runs), "finals": runs,
                          "summary": summary,
                          "mean_wall_s": (sum(r["wall_s"] for r in runs.values()) / len(runs)
-                                         if runs else None)}
+                                         if runs and all(r["wall_s"] for r in runs.values())
+                                         else None)}
         if chosen.get("rerank"):
-            methods[name + RERANK_SUFFIX] = _rerank_row(name, chosen["rerank"], reranked, missing)
+            methods[name + RERANK_SUFFIX] = _rerank_row(name, chosen["rerank"], reranked, missing,
+                                                        setup)
         elif chosen.get("rerank_depths"):
             missing.append(f"{name}{RERANK_SUFFIX} (no re-ranking depth chosen yet)")
     missing += [f"{name} (not yet selected)" for name in selection.get("planned", [])
                 if name not in methods]
-    comparisons = []
+    comparisons, not_drawn = [], []
     for name, m in methods.items():
         for base in m["bases"]:
             if base not in methods:
                 missing.append(f"{base} (base of {name}) not run")
+                continue
+            differ = [k for k in _LIKE_FOR_LIKE if m["setup"] and methods[base]["setup"]
+                      and m["setup"].get(k) != methods[base]["setup"].get(k)]
+            if differ:
+                not_drawn.append(f"{name} vs {base} (different {', '.join(differ)})")
                 continue
             seeds = sorted(set(m["finals"]) & set(methods[base]["finals"]))
             entry = {"method": name, "base": base, "seeds": seeds, "metrics": {}}
@@ -76,20 +100,57 @@ def collect(results_dir: str) -> Dict:
                         entry["metrics"][k] = paired_difference(
                             [m["finals"][s]["metrics"][k] for s in seeds],
                             [methods[base]["finals"][s]["metrics"][k] for s in seeds])
-            entry["beats_base_on"] = [k for k, d in entry["metrics"].items() if d["above_zero"]]
-            entry["below_base_on"] = [k for k, d in entry["metrics"].items() if d["high"] < 0]
             comparisons.append(entry)
-    return {"split": selection["split"], "budget": selection["budget"], "trials": selection["trials"],
-            "seeds": selection["seeds"], "selection_metric": selection["selection_metric"],
-            "one_shot": selection["one_shot"], "methods": methods, "comparisons": comparisons,
-            "missing_runs": missing, "runs_done": len(wall), "run_wall_s_total": sum(wall)}
+    _holm_verdicts(comparisons)
+    summary = {"split": selection["split"], "budget": budget, "trials": selection["trials"],
+               "seeds": selection["seeds"], "selection_metric": selection["selection_metric"],
+               "primary_metric": PRIMARY, "alpha": ALPHA, "code": selection.get("code"),
+               "history": selection.get("history", ""),
+               "one_shot": selection["one_shot"], "methods": methods, "comparisons": comparisons,
+               "not_drawn": not_drawn, "missing_runs": missing, "runs_done": len(wall),
+               "run_wall_s_total": sum(wall)}
+    summary["previous"] = _previous(results_dir, selection.get("previous_results"), comparisons)
+    return summary
+
+
+def _holm_verdicts(comparisons: List[Dict]) -> None:
+    """Adds `p_holm` and `verdict` ("beats" | "below" | "no difference shown" | "not measured")
+    to each comparison: Holm's correction over every comparison with a primary difference."""
+    tested = [c for c in comparisons if PRIMARY in c["metrics"]]
+    adjusted = holm([c["metrics"][PRIMARY]["t_p"] for c in tested])
+    for c in comparisons:
+        c["p_holm"], c["verdict"] = None, "not measured"
+    for c, p in zip(tested, adjusted):
+        d = c["metrics"][PRIMARY]
+        c["p_holm"] = p
+        if p < ALPHA and d["mean"] > 0:
+            c["verdict"] = "beats"
+        elif p < ALPHA and d["mean"] < 0:
+            c["verdict"] = "below"
+        else:
+            c["verdict"] = "no difference shown"
+
+
+def _previous(results_dir: str, relative: Optional[str], comparisons: List[Dict]) -> Dict:
+    """`{"path", "comparisons": {"<method> - <base>": primary difference}}` of an earlier
+    protocol's results.json, for the pairs this table also has; {} when there is none."""
+    if not relative or not os.path.exists(os.path.join(results_dir, relative)):
+        return {}
+    with open(os.path.join(results_dir, relative)) as f:
+        previous = json.load(f)
+    now = {(c["method"], c["base"]) for c in comparisons}
+    return {"path": relative, "comparisons": {
+        f"{c['method']} - {c['base']}": {**c["metrics"][PRIMARY], "seeds": len(c["seeds"]),
+                                         "params": previous["methods"][c["method"]]["params"]}
+        for c in previous["comparisons"]
+        if (c["method"], c["base"]) in now and PRIMARY in c.get("metrics", {})}}
 
 
 _RERANK_KEYS = ("rerank_recall@1", "rerank_from_retrained_run", "rerank_retrained_recall@1",
                 "rerank_retrained_wall_s")
 
 
-def _rerank_row(name: str, rerank: Dict, reranked: Dict, missing: List[str]) -> Dict:
+def _rerank_row(name: str, rerank: Dict, reranked: Dict, missing: List[str], setup: Dict) -> Dict:
     """The derived `<name>_rerank` row: Recall@1 per seed at the chosen depth, vs `name`."""
     depth = str(rerank["top_k"])
     finals = {}
@@ -102,6 +163,7 @@ def _rerank_row(name: str, rerank: Dict, reranked: Dict, missing: List[str]) -> 
         else:
             missing.append(f"{name}{RERANK_SUFFIX} seed {seed} (no re-ranking scores)")
     return {"description": RERANK_DESCRIPTION, "bases": [name], "derived_from": name,
+            "extends": name, "inherited": {}, "search": "top_k on validation", "setup": setup,
             "params": {"top_k": rerank["top_k"]},
             "validation": {"recall@1": rerank["validation"][depth]}, "rerank": rerank,
             "trials": [], "seeds": sorted(finals), "finals": finals,
@@ -131,66 +193,125 @@ def _signed(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{100 * value:+.2f}"
 
 
+def _p(value: float) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{value:.3f}" if value >= 0.001 else "<0.001"
+
+
+def _text(value) -> str:
+    return "" if value is None else str(value)
+
+
+def _difference(d: Dict) -> str:
+    return f"{_signed(d['mean'])} [{_signed(d['low'])}, {_signed(d['high'])}]"
+
+
+def _chosen(m: Dict) -> str:
+    own = {k: v for k, v in m["params"].items() if k not in m.get("inherited", {})}
+    text = ", ".join(f"{k}={v}" for k, v in own.items()) or "nothing of its own"
+    if m.get("inherited"):
+        text += f"; inherits {', '.join(f'{k}={v}' for k, v in m['inherited'].items())}"
+    return text
+
+
 def format_markdown(summary: Dict) -> str:
-    """Two tables: per-method means with 95 % intervals; paired differences to each base."""
+    """The caption, the per-row table, the paired comparisons and the generated verdicts."""
     split, budget = summary["split"], summary["budget"]
+    primary = dict(METRICS)[summary["primary_metric"]]
+    seeds = ", ".join(map(str, summary["seeds"]))
     lines = [
         f"Train alphabets {', '.join(split['train_groups'])}; validation "
         f"{', '.join(split['validation_groups'])}; test {', '.join(split['test_groups'])} "
-        f"({split['classes']['test']} characters, never seen before selection). "
-        f"{budget.get('backbone')} at {budget.get('image_size')} px unless the row says otherwise, "
-        f"d = {budget.get('embedding_dim')}, P x K = {budget.get('classes_per_batch')} x "
-        f"{budget.get('images_per_class')}, {budget.get('epochs')} epochs per run; "
-        f"{summary['trials']} trials per method chosen on {summary['selection_metric']}, then "
-        f"retrained on train + validation with seeds {', '.join(map(str, summary['seeds']))} "
-        f"and evaluated on test once. Mean ± 95 % t-interval half width over seeds (%).",
+        f"({split['classes']['test']} characters). P x K = {_text(budget.get('classes_per_batch'))} x "
+        f"{_text(budget.get('images_per_class'))}, {budget.get('epochs')} epochs per run, backbone "
+        f"and d as in each row. Up to {summary['trials']} trials per row (its whole grid when "
+        f"smaller; the 'search' column says which), chosen on {summary['selection_metric']}; "
+        f"a row that extends a base inherits the base's chosen values. The chosen setting is "
+        f"retrained on train + validation with seeds {seeds} and evaluated on test once. "
+        f"Mean ± 95 % t-interval half width over seeds (%). Runs made by kdml code "
+        f"`{summary.get('code')}` (`kdml.benchmark.runs.code_fingerprint`).",
+    ]
+    if summary.get("history"):
+        lines += ["", summary["history"]]
+    lines += [
         "",
-        "| method | chosen (val R@1 %) | seeds | " + " | ".join(t for _, t in METRICS) + " | s / run |",
-        "|---|---|---:|" + "---:|" * len(METRICS) + "---:|",
+        "| method | backbone | d | search | chosen (val R@1 %) | seeds | "
+        + " | ".join(t for _, t in METRICS) + " | s / run |",
+        "|---|---|---:|---|---|---:|" + "---:|" * len(METRICS) + "---:|",
     ]
     for name, m in summary["methods"].items():
-        chosen = ", ".join(f"{k}={v}" for k, v in m["params"].items())
         cells = []
         for k, _ in METRICS:
             s = m["summary"].get(k)
             cells.append("" if s is None else f"{_pct(s['mean'])} ± {_pct(s['half_width'])}")
         wall = "" if m["mean_wall_s"] is None else f"{m['mean_wall_s']:.0f}"
-        lines.append(f"| `{name}` | {chosen} ({_pct(m['validation']['recall@1'], 1)}) | "
+        setup = m.get("setup") or {}
+        lines.append(f"| `{name}` | {_text(setup.get('backbone'))} | {_text(setup.get('embedding_dim'))} | "
+                     f"{m.get('search', '')} | {_chosen(m)} ({_pct(m['validation']['recall@1'], 1)}) | "
                      f"{len(m['seeds'])} | " + " | ".join(cells) + f" | {wall} |")
-    lines += ["", "Paired differences, method − base on the same seeds (points, 95 % t-interval, "
-              "paired t-test p). 'Beats' = interval above zero.", "",
-              "| method − base | seeds | " + " | ".join(t for _, t in METRICS) + " | beats base on |",
-              "|---|---:|" + "---|" * len(METRICS) + "---|"]
+    n = sum(1 for c in summary["comparisons"] if c["p_holm"] is not None)
+    lines += ["", f"Paired differences, method − base on the same seeds (points, 95 % t-interval). "
+              f"Primary metric {primary}: two-sided paired t-test p, and p Holm-adjusted over the "
+              f"{n} comparisons of this table; 'beats' = difference above zero at adjusted "
+              f"p < {ALPHA}. The other metrics are descriptive (uncorrected intervals).", "",
+              f"| method − base | seeds | {primary} | p | p (Holm) | verdict | "
+              + " | ".join(t for k, t in METRICS if k != summary["primary_metric"]) + " |",
+              "|---|---:|---|---:|---:|---|" + "---|" * (len(METRICS) - 1)]
     for c in summary["comparisons"]:
-        cells = []
-        for k, _ in METRICS:
-            d = c["metrics"].get(k)
-            cells.append("" if d is None else
-                         f"{_signed(d['mean'])} [{_signed(d['low'])}, {_signed(d['high'])}] p={d['t_p']:.2f}")
-        verdict = ", ".join(t for k, t in METRICS if k in c["beats_base_on"]) or "nothing"
+        d = c["metrics"].get(summary["primary_metric"])
+        others = [("" if c["metrics"].get(k) is None else _difference(c["metrics"][k]))
+                  for k, _ in METRICS if k != summary["primary_metric"]]
         lines.append(f"| `{c['method']}` − `{c['base']}` | {len(c['seeds'])} | "
-                     + " | ".join(cells) + f" | {verdict} |")
+                     f"{'' if d is None else _difference(d)} | {'' if d is None else _p(d['t_p'])} | "
+                     f"{_p(c['p_holm'])} | {c['verdict']} | " + " | ".join(others) + " |")
     lines.append("")
-    for c in summary["comparisons"]:
-        seeds = f"{len(c['seeds'])} paired seed(s)"
-        if not c["seeds"]:
-            lines.append(f"- `{c['method']}` vs `{c['base']}`: not measured yet (no seed has run).")
-        elif c["beats_base_on"]:
-            metrics = ", ".join(t for k, t in METRICS if k in c["beats_base_on"])
-            lines.append(f"- `{c['method']}` beats `{c['base']}` on {metrics} ({seeds}).")
-        elif c.get("below_base_on"):
-            metrics = ", ".join(t for k, t in METRICS if k in c["below_base_on"])
-            lines.append(f"- `{c['method']}` does not beat `{c['base']}`: it is below it on {metrics} "
-                         f"(interval below zero; {seeds}).")
-        else:
-            lines.append(f"- `{c['method']}` is not shown to beat `{c['base']}` on any metric ({seeds}).")
+    lines += verdict_sentences(summary)
     lines += _rerank_notes(summary)
+    if summary.get("not_drawn"):
+        lines.append(f"- Not compared (rows differ in more than the method): "
+                     f"{'; '.join(summary['not_drawn'])}.")
+    previous = summary.get("previous") or {}
+    if previous.get("comparisons"):
+        lines += ["", f"The same pairs under the previous protocol ({previous['path']}: a row did "
+                  f"not inherit its base's chosen values, so e.g. so_proxy ran with Proxy Anchor's "
+                  f"defaults against a tuned base; no multiplicity correction), {primary}, points:", "",
+                  "| method − base | before (seeds) | now (seeds) |", "|---|---|---|"]
+        for c in summary["comparisons"]:
+            label = f"{c['method']} - {c['base']}"
+            before = previous["comparisons"].get(label)
+            d = c["metrics"].get(summary["primary_metric"])
+            if before is not None:
+                lines.append(f"| `{c['method']}` − `{c['base']}` | {_difference(before)} "
+                             f"({before['seeds']}) | {'' if d is None else _difference(d)} "
+                             f"({len(c['seeds'])}) |")
     lines.append("")
     lines.append(f"{summary['runs_done']} runs, {summary['run_wall_s_total'] / 60:.0f} min of run wall "
-                 "time in all (trials and seeds).")
+                 "time in all (trials and seeds, whatever run they were cached from).")
     if summary["missing_runs"]:
         lines.append(f"Missing ({len(summary['missing_runs'])}): {'; '.join(summary['missing_runs'])}.")
     return "\n".join(lines) + "\n"
+
+
+def verdict_sentences(summary: Dict) -> List[str]:
+    """One generated sentence per comparison: the only place the report says who wins."""
+    primary = dict(METRICS)[summary["primary_metric"]]
+    lines = []
+    for c in summary["comparisons"]:
+        d = c["metrics"].get(summary["primary_metric"])
+        pair = f"`{c['method']}` vs `{c['base']}`"
+        if d is None:
+            lines.append(f"- {pair}: not measured yet ({len(c['seeds'])} paired seed(s)).")
+            continue
+        figures = (f"{primary} {_difference(d)} points, Holm-adjusted p = {_p(c['p_holm'])}, "
+                   f"{len(c['seeds'])} paired seeds, interval half width {100 * d['half_width']:.2f}")
+        if c["verdict"] == "beats":
+            lines.append(f"- `{c['method']}` beats `{c['base']}`: {figures}.")
+        elif c["verdict"] == "below":
+            lines.append(f"- `{c['method']}` is below `{c['base']}`: {figures}.")
+        else:
+            lines.append(f"- `{c['method']}` is not shown to beat `{c['base']}`: {figures}.")
+    return lines
 
 
 def _rerank_notes(summary: Dict) -> List[str]:
@@ -219,7 +340,11 @@ def _rerank_notes(summary: Dict) -> List[str]:
 
 
 def plot(summary: Dict, path: str) -> None:
-    """Means with 95 % intervals per metric (top), paired differences to the base (bottom)."""
+    """Means with 95 % intervals per metric (top), paired differences to the base (bottom).
+
+    Every panel of a row of panels uses the same y positions (one per method, or per
+    comparison), so a metric a row lacks leaves its slot empty instead of moving the rest up.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,39 +352,62 @@ def plot(summary: Dict, path: str) -> None:
 
     names = [n for n, m in summary["methods"].items() if m["summary"]]
     pairs = [c for c in summary["comparisons"] if c["metrics"]]
+    labels = [f"{c['method']} − {c['base']}" for c in pairs]
     fig, axes = plt.subplots(2, len(METRICS), figsize=(4 * len(METRICS), 7), squeeze=False)
     for j, (k, title) in enumerate(METRICS):
         ax = axes[0, j]
-        rows = [(n, summary["methods"][n]["summary"][k]) for n in names
+        rows = [(y, summary["methods"][n]["summary"][k]) for y, n in enumerate(names)
                 if k in summary["methods"][n]["summary"]]
-        ys = range(len(rows))
-        ax.errorbar([100 * s["mean"] for _, s in rows], ys,
+        ax.errorbar([100 * s["mean"] for _, s in rows], [y for y, _ in rows],
                     xerr=[0 if math.isnan(s["half_width"]) else 100 * s["half_width"] for _, s in rows],
                     fmt="o", capsize=3)
-        ax.set_yticks(list(ys), [n for n, _ in rows] if j == 0 else [""] * len(rows))
+        ax.set_yticks(list(range(len(names))), names if j == 0 else [""] * len(names))
         ax.set_title(f"{title} (%)")
-        ax.set_ylim(max(len(rows), 1) - 0.5, -0.5)
+        ax.set_ylim(max(len(names), 1) - 0.5, -0.5)
         ax = axes[1, j]
-        rows = [(f"{c['method']} − {c['base']}", c["metrics"][k]) for c in pairs if k in c["metrics"]]
-        ys = range(len(rows))
-        ax.errorbar([100 * d["mean"] for _, d in rows], ys,
-                    xerr=[100 * d["half_width"] for _, d in rows], fmt="o", color="C1", capsize=3)
+        rows = [(y, c["metrics"][k]) for y, c in enumerate(pairs) if k in c["metrics"]]
+        color = "C3" if k == summary.get("primary_metric", PRIMARY) else "C1"
+        ax.errorbar([100 * d["mean"] for _, d in rows], [y for y, _ in rows],
+                    xerr=[0 if math.isnan(d["half_width"]) else 100 * d["half_width"] for _, d in rows],
+                    fmt="o", color=color, capsize=3)
         ax.axvline(0, color="gray", lw=1)
-        ax.set_yticks(list(ys), [n for n, _ in rows] if j == 0 else [""] * len(rows))
-        ax.set_title(f"Δ {title} vs base (points)")
-        ax.set_ylim(max(len(rows), 1) - 0.5, -0.5)
+        ax.set_yticks(list(range(len(pairs))), labels if j == 0 else [""] * len(pairs))
+        primary = " (primary)" if k == summary.get("primary_metric", PRIMARY) else ""
+        ax.set_title(f"Δ {title} vs base{primary}")
+        ax.set_ylim(max(len(pairs), 1) - 0.5, -0.5)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def readme_block(results_dir: str, readme: str, summary: Optional[Dict] = None) -> str:
+    """The text `write_report` puts between the results markers of markdown file `readme`."""
+    markdown = format_markdown(summary if summary is not None else collect(results_dir))
+    image = os.path.relpath(os.path.join(results_dir, "results.png"),
+                            os.path.dirname(os.path.abspath(readme))).replace(os.sep, "/")
+    return f"{markdown}\n![Benchmark metrics and paired differences]({image})\n"
+
+
+def current_block(readme: str) -> str:
+    """The text between the results markers of `readme`."""
+    with open(readme) as f:
+        text = f.read()
+    _check_markers(readme, text)
+    block = text.split(START)[1].split(END)[0]
+    return block[1:] if block.startswith("\n") else block
+
+
+def _check_markers(readme: str, text: str) -> None:
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise ValueError(f"{readme}: expected one {START} line followed by one {END} line; "
+                         "add them where the generated results belong.")
 
 
 def update_readme(readme: str, block: str) -> None:
     """Replaces the text between the results markers of `readme` with `block`."""
     with open(readme) as f:
         text = f.read()
-    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
-        raise ValueError(f"{readme}: expected one {START} line followed by one {END} line; "
-                         "add them where the generated results belong.")
+    _check_markers(readme, text)
     head, rest = text.split(START)
     _, tail = rest.split(END)
     with open(readme, "w") as f:
@@ -276,7 +424,5 @@ def write_report(results_dir: str, readme: Union[None, str, Sequence[str]] = Non
         f.write(markdown)
     plot(summary, os.path.join(results_dir, "results.png"))
     for path in [readme] if isinstance(readme, str) else readme or []:
-        image = os.path.relpath(os.path.join(results_dir, "results.png"),
-                                os.path.dirname(os.path.abspath(path)))
-        update_readme(path, f"{markdown}\n![Benchmark metrics and paired differences]({image})\n")
+        update_readme(path, readme_block(results_dir, path, summary))
     return summary

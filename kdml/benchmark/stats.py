@@ -1,10 +1,10 @@
-"""Seed statistics: mean with a Student-t 95 % interval, and paired differences to a base.
+"""Seed statistics: mean with a Student-t 95 % interval, paired differences, Holm's correction.
 
 With n seeds, `mean_interval` is mean +- t_{0.975, n-1} s / sqrt(n) (s the sample
 standard deviation, ddof = 1). `paired_difference` applies it to the per-seed
-differences method - base on the same seeds, with the paired t-test
-(`scipy.stats.ttest_rel`) and, as a distribution-free check, the exact Wilcoxon
-signed-rank test (`scipy.stats.wilcoxon`).
+differences method - base on the same seeds, with the two-sided paired t-test
+(`scipy.stats.ttest_rel`). `holm` adjusts the p-values of a family of comparisons
+(Holm, "A simple sequentially rejective multiple test procedure", 1979).
 """
 
 from __future__ import annotations
@@ -40,15 +40,15 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Dict:
 
 def paired_difference(method: Sequence[float], base: Sequence[float],
                       confidence: float = 0.95) -> Dict:
-    """Method minus base on the same seeds: mean, t interval, paired t-test, Wilcoxon test.
+    """Method minus base on the same seeds: mean, t interval and paired t-test.
 
     Args:
         method, base: per-seed values, `method[i]` and `base[i]` from the same seed.
 
     Returns:
-        `mean_interval` of the differences plus `"t_p"` (two-sided paired t-test p-value),
-        `"wilcoxon_p"` (two-sided; 1.0 when every difference is zero), `"wins"` (seeds
-        where the method is higher) and `"above_zero"` (the interval's low end > 0).
+        `mean_interval` of the differences plus `"t_p"` (two-sided paired t-test p-value;
+        NaN when every difference is zero), `"wins"` (seeds where the method is higher)
+        and `"above_zero"` (the interval's low end > 0, uncorrected).
     """
     a, b = np.asarray(method, dtype=np.float64), np.asarray(base, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
@@ -61,7 +61,23 @@ def paired_difference(method: Sequence[float], base: Sequence[float],
         result["t_p"] = float(stats.ttest_rel(a, b).pvalue)
     else:  # constant differences: no spread, the t statistic is undefined
         result["t_p"] = math.nan if np.all(diff == 0) or len(diff) < 2 else 0.0
-    result["wilcoxon_p"] = (float(stats.wilcoxon(a, b).pvalue) if np.any(diff != 0) else 1.0)
     result["wins"] = int(np.sum(diff > 0))
     result["above_zero"] = bool(result["low"] > 0)
     return result
+
+
+def holm(p_values: Sequence[float]) -> list:
+    """Holm-Bonferroni adjusted p-values, in the input order.
+
+    With m p-values sorted ascending, p_(i) becomes max_{j <= i} min(1, (m - j + 1) p_(j));
+    rejecting where the adjusted value is below alpha controls the family-wise error rate
+    at alpha. A NaN p-value (no spread: every difference equal) counts as 1.
+    """
+    p = np.array([1.0 if math.isnan(v) else float(v) for v in p_values])
+    m = len(p)
+    adjusted = np.empty(m)
+    running = 0.0
+    for rank, i in enumerate(np.argsort(p, kind="stable")):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted.tolist()

@@ -47,9 +47,22 @@ def test_omniglot_zips_are_unpacked_once(tmp_path):
 def test_the_omniglot_preset_gives_every_method_the_same_trials_and_budget():
     from kdml.benchmark.search import sample_trials
 
+    from kdml.benchmark.protocol import check_pairs
+    from kdml.benchmark.search import grid_size
+
     for name, preset in OMNIGLOT.methods.items():
-        assert len(sample_trials(preset.search, OMNIGLOT.trials)) == OMNIGLOT.trials, name
+        expected = min(OMNIGLOT.trials, grid_size(preset.search))
+        assert len(sample_trials(preset.search, OMNIGLOT.num_trials(name))) == expected, name
         assert not set(preset.config) & {"epochs", "classes_per_batch", "images_per_class", "seed"}
         assert all(base in OMNIGLOT.methods for base in preset.bases)
+        # a row that extends a base searches nothing the base searched (it inherits those)
+        if preset.extends:
+            assert not set(preset.search) & set(OMNIGLOT.methods[preset.extends].search), name
+    check_pairs(OMNIGLOT, list(OMNIGLOT.methods))  # every preset pair is like for like
     blocks = [m for block in OMNIGLOT.default_blocks for m in block]
-    assert len(blocks) == len(set(blocks)) and len(OMNIGLOT.seeds) == 5 and OMNIGLOT.trials >= 3
+    assert len(blocks) == len(set(blocks)) and len(OMNIGLOT.seeds) >= 8 and OMNIGLOT.trials >= 3
+    # each extending row runs in the block of (and after) the base it inherits from
+    for block in OMNIGLOT.default_blocks:
+        for i, name in enumerate(block):
+            base = OMNIGLOT.methods[name].extends
+            assert base is None or base in block[:i], name

@@ -1,5 +1,6 @@
 """kdml.benchmark.protocol: selection on validation only, test read after it, resumable."""
 
+import dataclasses
 import json
 import os
 
@@ -121,7 +122,7 @@ def test_blocks_read_test_only_after_their_own_selection_and_skip_what_kdml_lack
     assert {m for s, m in stages[:first_block_finals]} == {"base", "seed_method"}
     assert {m for s, m in stages[first_block_finals:first_block_finals + 6]} == {"base", "seed_method"}
     assert stages[first_block_finals + 6:] == [("trial", "third")] * 3 + [("final", "third")] * 3
-    assert all((eval_dir == "test") == (stage == "final") for stage, _, eval_dir in events)
+    assert all(eval_dir.startswith("test-") == (stage == "final") for stage, _, eval_dir in events)
     assert "Skipping future: TrainConfig has no field no_such_field." in lines
     assert set(results["selection"]) == {"base", "seed_method", "third"}
 
@@ -163,3 +164,96 @@ def test_trials_only_selects_without_reading_test(dataset, tmp_path):
     assert results["selection"]["base"]["params"] == {"alpha": 32.0}
     with open(tmp_path / "results" / "selection.json") as f:
         assert len(json.load(f)["methods"]["base"]["finals"]) == 3  # planned, listed as missing
+
+
+def _pair_spec(base_config, row_config, row_search=None, extends=True):
+    return BenchmarkSpec(budget={"backbone": "conv4", "epochs": 2, "data_kind": "glyph"}, methods={
+        "base": MethodPreset(base_config, {"alpha": (16.0, 32.0, 64.0)}),
+        "row": MethodPreset(row_config, row_search or {"so_strength": (0.1, 1.0)}, bases=("base",),
+                            extends="base" if extends else None)})
+
+
+def test_a_pair_that_differs_in_more_than_the_method_is_refused():
+    from kdml.benchmark.protocol import check_pairs
+
+    pa = {"method": "proxy_anchor"}
+    check_pairs(_pair_spec(pa, {"method": "so_proxy"}), ["base", "row"])  # like for like
+    with pytest.raises(ValueError, match=r"^Comparison row vs base is not like for like: backbone "
+                                         r"is 'conv4_stride4' vs 'conv4'\."):
+        check_pairs(_pair_spec(pa, {"method": "so_proxy", "backbone": "conv4_stride4"}), ["row"])
+    with pytest.raises(ValueError, match="not like for like: lr is 0.01 vs 0.001"):
+        check_pairs(_pair_spec(pa, {"method": "so_proxy", "lr": 0.01}), ["row"])
+    # a plain comparison (no `extends`) must share the whole set-up too
+    with pytest.raises(ValueError, match="not like for like: embedding_dim is 64 vs 512"):
+        check_pairs(_pair_spec(pa, {"method": "so_proxy", "embedding_dim": 64}, extends=False),
+                    ["row"])
+    with pytest.raises(ValueError, match="extends base but searches alpha again"):
+        check_pairs(_pair_spec(pa, {"method": "so_proxy"}, {"alpha": (16.0, 64.0)}), ["row"])
+    # a method-specific field set by the extending row is its change, and allowed
+    check_pairs(_pair_spec(pa, {"method": "so_proxy", "so_mode": "rows"}), ["row"])
+
+
+def test_an_extending_row_inherits_its_base_choice_and_searches_only_its_own(dataset, tmp_path):
+    _, split, splits = dataset
+    spec = dataclasses.replace(_pair_spec({"method": "proxy_anchor"}, {"method": "so_proxy"}),
+                               trials=3, seeds=(0, 1))
+    runs = []
+
+    def execute(run_spec, train_dir, eval_dir):
+        runs.append(run_spec)
+        return {"metrics": {"recall@1": _score(run_spec), "map@r": 0.1, "r_precision": 0.2}}
+
+    result = run_benchmark(spec, split, splits.load_split, execute, str(tmp_path / "r"),
+                           progress=lambda line: None)
+    chosen = result["selection"]
+    assert chosen["base"]["params"] == {"alpha": 32.0}  # the made-up score peaks at 32
+    assert chosen["row"]["params"] == {"alpha": 32.0, "so_strength": 1.0}
+    assert chosen["row"]["inherited"] == {"alpha": 32.0} and chosen["row"]["extends"] == "base"
+    row_runs = [r for r in runs if r.method == "row"]
+    assert len([r for r in row_runs if r.stage == "trial"]) == 2  # its whole 2-point grid
+    assert all(r.config["alpha"] == 32.0 for r in row_runs)
+    assert chosen["row"]["search"] == "full grid (2 points)"
+    assert chosen["base"]["search"] == "full grid (3 points)"
+    assert spec.search_description("base") == "full grid (3 points)"
+    assert dataclasses.replace(spec, trials=2).search_description("base") == \
+        "2 of 3 grid points (seeded random, the shared budget)"
+
+
+def test_switching_the_split_seed_never_leaves_a_held_out_class_in_train(tmp_path):
+    root = write_glyph_folder(tmp_path / "data", num_classes=12, images_per_class=2,
+                              class_dir=lambda c: f"alphabet{c // 2}/char{c % 2}")
+    folders = class_folders([root])
+    scratch = str(tmp_path / "splits")
+    seen_validation = set()
+    for seed in range(4):  # the same named test groups, a new validation group each time
+        split = group_split(sorted(folders), num_validation_groups=1,
+                            test_groups=["alphabet0", "alphabet1"], seed=seed)
+        seen_validation.add(split.validation_groups)
+        splits = SplitFolders(folders, split, scratch)
+        for name in ("train", "validation", "test", "train+validation"):
+            found = {p.split(os.sep)[-2] + "/" + p.split(os.sep)[-1]
+                     for p in _class_dirs(splits.load_split(name))}
+            assert found == set(split.classes[name]), (seed, name)
+        train = {p for p in _class_dirs(splits.load_split("train"))}
+        assert not {c.split("/")[0] for c in train} & set(split.validation_groups + split.test_groups)
+    assert len(seen_validation) > 1  # the seeds did move the validation group
+
+
+def _class_dirs(root):
+    return {os.path.relpath(os.path.join(d, n), root).replace(os.sep, "/")
+            for d, subdirs, _ in os.walk(root) for n in subdirs
+            if os.path.islink(os.path.join(d, n))}
+
+
+def test_a_tampered_split_folder_is_refused_and_a_half_built_one_ignored(dataset, tmp_path):
+    folders, split, splits = dataset
+    train = splits.load_split("train")
+    leftover = f"{splits.load_split('validation')}.tmp-99999"  # a killed build's folder
+    os.makedirs(os.path.join(leftover, "junk"))
+    assert splits.load_split("validation").endswith(split.fingerprint("validation"))
+    stray = split.classes["test"][0]  # a test class slipped into train/
+    link = os.path.join(train, *stray.split("/"))
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    os.symlink(os.path.abspath(folders[stray]), link)
+    with pytest.raises(ValueError, match="holds other classes than split 'train'.*Delete it"):
+        splits.load_split("train")

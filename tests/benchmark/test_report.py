@@ -49,16 +49,20 @@ def test_report_numbers_match_an_independent_computation(results_dir):
     (comparison,) = summary["comparisons"]
     d = comparison["metrics"]["recall@1"]
     assert d["mean"] == pytest.approx(0.02125)
-    assert d["t_p"] == pytest.approx(stats.ttest_rel(new, base).pvalue)
-    assert comparison["beats_base_on"] == ["recall@1", "map@r", "r_precision"]  # not one-shot (+-1)
+    p = stats.ttest_rel(new, base).pvalue
+    assert d["t_p"] == pytest.approx(p)
+    assert comparison["p_holm"] == pytest.approx(p)  # one comparison: Holm changes nothing
+    assert comparison["verdict"] == "beats"  # on the primary metric only
     assert summary["missing_runs"] == [] and summary["runs_done"] == 2 * (2 + 4)
 
     markdown = open(os.path.join(results_dir, "results.md")).read()
     mean, half = 100 * new.mean(), 100 * (high - new.mean())
-    assert "| `new` | so_strength=" in markdown and f"{mean:.2f} ± {half:.2f}" in markdown
-    assert f"| `new` − `base` | 4 | {100 * d['mean']:+.2f} [{100 * d['low']:+.2f}, " in markdown
-    assert "| Recall@1, MAP@R, R-Precision |" in markdown
-    assert "- `new` beats `base` on Recall@1, MAP@R, R-Precision (4 paired seed(s))." in markdown
+    assert "| `new` | conv4 |  | full grid (2 points) | so_strength=" in markdown
+    assert f"{mean:.2f} ± {half:.2f}" in markdown
+    assert (f"| `new` − `base` | 4 | {100 * d['mean']:+.2f} [{100 * d['low']:+.2f}, "
+            f"{100 * d['high']:+.2f}] | {p:.3f} | {p:.3f} | beats |") in markdown
+    assert (f"- `new` beats `base`: Recall@1 {100 * d['mean']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}] "
+            f"points, Holm-adjusted p = {p:.3f}, 4 paired seeds") in markdown
     assert os.path.getsize(os.path.join(results_dir, "results.png")) > 10_000
     assert json.load(open(os.path.join(results_dir, "results.json")))["trials"] == 2
 
@@ -71,7 +75,7 @@ def test_missing_runs_are_listed_not_filled_in(results_dir):
     assert summary["missing_runs"] == ["new seed 3"]
     assert summary["comparisons"][0]["seeds"] == [0, 1, 2]
     markdown = open(os.path.join(results_dir, "results.md")).read()
-    assert "Missing (1): new seed 3." in markdown and "(3 paired seed(s))" in markdown
+    assert "Missing (1): new seed 3." in markdown and "3 paired seeds" in markdown
 
 
 def test_readme_block_is_replaced_between_the_markers(tmp_path, results_dir):
@@ -108,8 +112,67 @@ def test_a_method_below_its_base_is_reported_as_below(tmp_path):
     run_benchmark(SPEC, group_split(names, seed=0), lambda name: str(tmp_path / name), worse,
                   str(tmp_path / "r"), progress=lambda line: None)
     (comparison,) = write_report(str(tmp_path / "r"))["comparisons"]
-    assert comparison["beats_base_on"] == []
-    assert comparison["below_base_on"] == ["recall@1", "map@r", "r_precision"]
+    assert comparison["verdict"] == "below"
     markdown = open(tmp_path / "r" / "results.md").read()
-    assert ("- `new` does not beat `base`: it is below it on Recall@1, MAP@R, R-Precision "
-            "(interval below zero; 4 paired seed(s)).") in markdown
+    assert f"- `new` is below `base`: Recall@1 {100 * comparison['metrics']['recall@1']['mean']:+.2f} [" in markdown
+
+
+def test_the_verdict_is_holm_corrected_over_every_comparison_of_the_table(tmp_path):
+    """Three rows over one base; the weakest real gain is significant alone, not after Holm."""
+    gains = {"a": [0.030, 0.032, 0.031, 0.029], "b": [0.020, 0.030, 0.005, 0.025],
+             "c": [0.0, 0.001, -0.001, 0.0005]}
+    methods = {"base": MethodPreset({"method": "proxy_anchor"}, {"alpha": (16.0,)})}
+    methods.update({m: MethodPreset({"method": "so_proxy"}, {"so_strength": (1.0,)},
+                                    bases=("base",)) for m in gains})
+    spec = BenchmarkSpec(budget={"backbone": "conv4", "epochs": 2}, methods=methods, trials=1,
+                         seeds=(0, 1, 2, 3))
+
+    def execute(run_spec, train_dir, eval_dir):
+        seed = run_spec.config["seed"]
+        r1 = BASE[seed] + (gains[run_spec.method][seed] if run_spec.method in gains else 0.0)
+        return {"metrics": {"recall@1": r1, "map@r": r1 / 2, "r_precision": r1 / 1.5}}
+
+    names = [f"g{g}/c{c}" for g in range(5) for c in range(2)]
+    run_benchmark(spec, group_split(names, seed=0), lambda name: str(tmp_path / name), execute,
+                  str(tmp_path / "r"), progress=lambda line: None)
+    summary = write_report(str(tmp_path / "r"))
+    by_row = {c["method"]: c for c in summary["comparisons"]}
+    base = np.array([BASE[s] for s in range(4)])
+    raw = {m: stats.ttest_rel(base + np.array(g), base).pvalue for m, g in gains.items()}
+    order = sorted(raw, key=raw.get)  # Holm by hand: (3 - rank) x p, running maximum
+    expected, running = {}, 0.0
+    for rank, m in enumerate(order):
+        running = max(running, min(1.0, (3 - rank) * raw[m]))
+        expected[m] = running
+    for m in gains:
+        assert by_row[m]["p_holm"] == pytest.approx(expected[m])
+    assert raw["b"] < 0.05 < expected["b"]  # the point of the correction
+    assert [by_row[m]["verdict"] for m in ("a", "b", "c")] == [
+        "beats", "no difference shown", "no difference shown"]
+
+
+def test_rows_of_different_backbones_are_not_compared(tmp_path):
+    methods = {"base": MethodPreset({"method": "proxy_anchor"}, {"alpha": (16.0,)}),
+               "other": MethodPreset({"method": "so_proxy", "backbone": "conv4_stride4"},
+                                     {"so_strength": (1.0,)}, bases=("base",))}
+    spec = BenchmarkSpec(budget={"backbone": "conv4", "epochs": 2}, methods=methods, trials=1,
+                         seeds=(0, 1))
+    names = [f"g{g}/c{c}" for g in range(5) for c in range(2)]
+    with pytest.raises(ValueError, match="not like for like: backbone"):
+        run_benchmark(spec, group_split(names, seed=0), lambda name: str(tmp_path / name),
+                      _execute, str(tmp_path / "r"), progress=lambda line: None)
+
+
+def test_the_readme_block_is_the_regeneration_of_the_committed_runs():
+    """README.md and docs/benchmarks.md hold exactly what the committed run JSON generates."""
+    from kdml.benchmark.report import current_block, readme_block
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    results = os.path.join(repo, "docs", "results", "omniglot")
+    for readme in ("README.md", os.path.join("docs", "benchmarks.md")):
+        path = os.path.join(repo, readme)
+        assert current_block(path) == readme_block(results, path), (
+            f"{readme}: its results block is not what `python -m kdml.benchmark report "
+            "docs/results/omniglot --readme=README.md --readme=docs/benchmarks.md` writes")
+    with open(os.path.join(results, "results.md")) as f:
+        assert current_block(os.path.join(repo, "README.md")).startswith(f.read())

@@ -16,7 +16,12 @@ def _spec(**config):
                    "aaa", "bbb")
 
 
-def _other(value):
+def _other(value, field=None):
+    choices = field.metadata.get("choices") if field is not None else None
+    if choices:
+        return next(c for c in choices if c != value)
+    if field is not None and field.name == "backbone":  # must name a real backbone
+        return "conv4" if value != "conv4" else "resnet50"
     if isinstance(value, bool):
         return not value
     if isinstance(value, (int, float)):
@@ -32,7 +37,9 @@ def test_the_key_changes_with_every_training_setting():
     checked = 0
     for field in dataclasses.fields(TrainConfig):
         value = getattr(defaults, field.name)
-        changed = _spec(**{field.name: _other(value if value is not None else 1)})
+        if value is None:  # resolved from the data kind: set it to something else than that
+            value = getattr(TrainConfig(method="proxy_anchor").resolved("photo"), field.name)
+        changed = _spec(**{field.name: _other(value, field)})
         if field.name in _NOT_IN_KEY:  # where the run lives, not what it is
             assert changed.key == base.key, field.name
         else:
@@ -83,3 +90,51 @@ def test_a_tiny_run_reports_the_metrics_of_its_saved_embedder(tmp_path):
     shot = few_shot_accuracy(embeddings, test.labels, n_way=3, num_episodes=20, groups=groups, seed=0)
     assert result["metrics"]["one_shot"] == pytest.approx(shot["accuracy"])
     assert result["one_shot_groups"] == ["b0", "b1"]
+
+
+def test_the_key_follows_the_code_and_the_resolved_defaults(tmp_path, monkeypatch):
+    import shutil
+
+    import kdml
+    from kdml import config as config_module
+    from kdml.benchmark import runs
+
+    package = tmp_path / "kdml"
+    shutil.copytree(os.path.dirname(kdml.__file__), package,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    before = runs.code_fingerprint(str(package))
+    assert before == runs.code_fingerprint(os.path.dirname(kdml.__file__))
+    (package / "benchmark" / "report.py").write_text("# the report does not train\n")
+    assert runs.code_fingerprint(str(package)) == before
+    loss = package / "losses" / "proxy_anchor.py"
+    loss.write_text(loss.read_text() + "\n# a changed code path\n")
+    runs.code_fingerprint.cache_clear()
+    after = runs.code_fingerprint(str(package))
+    assert after != before
+    spec = _spec(data_kind="glyph")
+    assert dataclasses.replace(spec, code=after).key != spec.key
+    # a changed default changes the resolved configuration, hence the key
+    key = spec.key
+    monkeypatch.setitem(config_module.KIND_DEFAULTS, "glyph",
+                        {**config_module.KIND_DEFAULTS["glyph"], "lr": 5e-4})
+    assert spec.resolved["lr"] == 5e-4 and spec.key != key
+
+
+def test_a_cached_run_of_another_configuration_or_code_is_refused(tmp_path):
+    import json
+
+    from kdml.benchmark.runs import StaleRunError, cached_result, write_json_atomic
+
+    spec = _spec(data_kind="glyph", alpha=32.0)
+    path = spec.result_path(str(tmp_path))
+    stored = {**spec.to_json(), "metrics": {"recall@1": 0.5}, "resolved_config": spec.resolved}
+    write_json_atomic(path, stored)
+    assert cached_result(spec, str(tmp_path))["metrics"] == {"recall@1": 0.5}
+    write_json_atomic(path, {**stored, "resolved_config": {**spec.resolved, "margin": 0.2}})
+    with pytest.raises(StaleRunError, match="resolved_config field 'margin' is 0.2 in the cached "
+                                            "run, 0.1 in what the protocol runs now"):
+        cached_result(spec, str(tmp_path))
+    write_json_atomic(path, {**stored, "code": "0123456789ab"})
+    with pytest.raises(StaleRunError, match="ran kdml code '0123456789ab'"):
+        cached_result(spec, str(tmp_path))
+    assert json.load(open(path))["code"] == "0123456789ab"  # refused, never overwritten
