@@ -4,12 +4,31 @@ The CPU is split into two logical devices before TensorFlow initialises, so that
 `tf.distribute.MirroredStrategy` tests run without GPUs (docs/design.md section 5).
 """
 
+import importlib.util
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
+
+def _stderr_captured():
+    """`kdml.quiet_startup.stderr_captured`, loaded without importing kdml (whose
+    `__init__` imports TensorFlow)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kdml",
+                        "quiet_startup.py")
+    spec = importlib.util.spec_from_file_location("_kdml_quiet_startup", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.stderr_captured()
+
+
+# TensorFlow's C++ start-up lines (cudart_stub, cuInit, oneDNN) ignore TF_CPP_MIN_LOG_LEVEL.
+# pytest holds what a conftest writes while it loads and prints it when the session
+# ends, after the summary line; they are captured here instead (replayed on an error).
+with _stderr_captured():
+    import tensorflow as tf  # noqa: E402
+
+    tf.config.list_physical_devices("GPU")  # CUDA probing logs here, once
 
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
