@@ -65,6 +65,7 @@ def define_flag(name: str, default=None, note: str = "", *, required: bool = Fal
     """Defines shared flag `--<name>` for an absl command (`kdml.evaluate`, `kdml.export`)."""
     from absl import flags
 
+    flags.disclaim_key_flags()  # the flag belongs to the command calling this (its --help)
     define = {str: flags.DEFINE_string, int: flags.DEFINE_integer}[SHARED_FLAGS[name].type]
     define(name, default, shared_help(name, note), required=required,
            flag_values=flags.FLAGS if flag_values is None else flag_values)
