@@ -54,7 +54,6 @@ _MARKED_HERE = {
         "tests/models/test_crt_embedder.py::test_crt_fit_under_mirrored_strategy_equals_one_device_step",
         "tests/regularizers/test_so_proxy_method.py::test_end_to_end_so_term_is_in_the_logged_loss_and_diagnostics_reach_metrics",
         "tests/regularizers/test_so_proxy_method.py::test_two_replicas_take_the_same_pa_plus_so_step_as_one_device",
-        "tests/test_cli.py::test_train_then_evaluate_the_default_dataset_from_the_command_line",
         "tests/test_evaluate.py::test_command_line_end_to_end_with_plots",
         "tests/test_readme.py::test_readme_keras_example_trains_evaluates_and_saves",
         "tests/training/test_mixed_precision.py::test_a_step_under_the_policy_has_finite_loss_and_gradients",
