@@ -11,8 +11,9 @@ imported. On a CPU-only machine all of it is noise.
 a `python -m kdml.<command>` process only; a library user's process is left alone):
 it sets `TF_CPP_MIN_LOG_LEVEL=2` (TensorFlow's C++ errors only) unless the user set
 it, and imports TensorFlow (probing the GPUs) and nmslib with the stderr file
-descriptor sent to a temporary file, replayed if the import fails, and hides Python
-warnings (UMAP's, Keras', TensorFlow's) unless `-W` / PYTHONWARNINGS asks for them.
+descriptor sent to a temporary file, replayed if the import fails, and hides the Python
+warnings of other libraries (UMAP's, Keras', TensorFlow's) unless `-W` /
+PYTHONWARNINGS asks for them; kdml's own warnings stay, as plain `warning: ...` lines.
 Later, `quiet_logs()` (at the start of each command's `main`) keeps absl and
 TensorFlow's Python loggers to warnings and errors, and `native_output_hidden()`
 captures the C++ lines of a call (the TFLite converter's "fully_quantize: ...", LiteRT's
@@ -78,7 +79,7 @@ def quiet_startup(argv: Optional[Sequence[str]] = None) -> bool:
         return False
     _quiet = True
     if not sys.warnoptions:  # no -W / PYTHONWARNINGS of the user's
-        warnings.simplefilter("ignore")
+        quiet_warnings()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with stderr_captured():
         import tensorflow as tf
@@ -89,6 +90,18 @@ def quiet_startup(argv: Optional[Sequence[str]] = None) -> bool:
         except ImportError:
             pass
     return True
+
+
+def quiet_warnings() -> None:
+    """Hides Python warnings of other libraries; kdml's own (e.g. "1 of 7 queries have
+    no other image of their class") stay, as one plain `warning: <message>` line."""
+    warnings.simplefilter("ignore")
+    warnings.filterwarnings("default", module=r"kdml(\.|$)")  # the only ones shown
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+    warnings.showwarning = showwarning
 
 
 def is_quiet() -> bool:

@@ -339,3 +339,19 @@ def test_native_output_is_captured_only_in_a_quiet_command(monkeypatch, capfd):
     with quiet_startup.native_output_hidden():
         os.write(2, b"fully_quantize: 0\n")
     assert capfd.readouterr().err == "shown\n"
+
+
+def test_quiet_warnings_hide_other_libraries_and_keep_kdmls_as_one_plain_line(capsys):
+    import warnings
+
+    from kdml import quiet_startup
+
+    with warnings.catch_warnings():
+        quiet_startup.quiet_warnings()
+        warnings.warn_explicit("n_jobs value 1 overridden", UserWarning, "umap_.py", 1952,
+                               module="umap.umap_")
+        warnings.warn_explicit("1 of 7 queries have no other image of their class",
+                               UserWarning, "protocols.py", 202, module="kdml.evaluation.protocols")
+    err = capsys.readouterr().err
+    assert err == "warning: 1 of 7 queries have no other image of their class\n"
+    assert noise_lines(err) == []
