@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence, Tuple
 
+from kdml.command_line import shared_help
+
 # Defaults that depend on the kind of data: glyphs train a small CNN from scratch,
 # photographs fine-tune an ImageNet backbone (the Proxy Anchor recipe).
 KIND_DEFAULTS = {
@@ -63,8 +65,7 @@ class TrainConfig:
     # Method and data.
     method: str = setting(
         "proxy_anchor", "Training method: proxy_anchor | multi_similarity | so_proxy | pddm | crt.")
-    dataset: str = setting(
-        "synthetic", "synthetic (embedded glyphs) | folder:<dir> | tfds:<cub200|cars196|sop|omniglot>.")
+    dataset: str = setting("synthetic", shared_help("dataset"))
     eval_dataset: Optional[str] = setting(
         None, "folder:<dir> to evaluate on; then every class of --dataset trains.")
     data_dir: Optional[str] = setting(None, "tensorflow-datasets data directory.")
@@ -72,7 +73,8 @@ class TrainConfig:
     verify_images: bool = setting(
         True, "Decode every image of a folder dataset once before training and skip "
               "unreadable files (--noverify_images skips the check).")
-    output_dir: str = setting("runs/default", "Checkpoints, logs, metrics.json, embedder.keras.")
+    output_dir: str = setting("runs/default", shared_help(
+        "output_dir", "Checkpoints, logs, metrics.json and embedder.keras go there."))
     data_kind: Optional[str] = setting(
         None, "Picks the defaults of backbone, weights, image size, lr, warm-up and augmentation. "
               "Default: the dataset's kind (glyph for synthetic and tfds:omniglot, photo otherwise).",
@@ -185,7 +187,8 @@ class TrainConfig:
         False, "mixed_float16 on GPU, mixed_bfloat16 on CPU; losses stay float32.")
     jit_compile: str = setting(
         "auto", "XLA-compile the train step.", choices=("auto", "true", "false"))
-    seed: int = setting(0, "Seed of data order, augmentation and initialisation.")
+    seed: int = setting(0, shared_help(
+        "seed", "It seeds the data order, augmentation and initialisation."))
     resume: bool = setting(False, "Continue from the newest checkpoint in --output_dir.")
     eval_every: int = setting(1, "Evaluate retrieval every N epochs (and at the end).")
     eval_batch_size: int = 256

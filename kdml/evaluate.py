@@ -30,15 +30,19 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from absl import app, flags, logging  # noqa: E402
 
+from kdml import command_line  # noqa: E402
 from kdml.evaluation.clustering import DEFAULT_MAX_ITER  # noqa: E402
+from kdml.quiet_startup import quiet_logs  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Embedder: a .keras file, a SavedModel directory or a "
-                    ".tflite file.", required=True)
+PROG = "python -m kdml.evaluate"
+# Shared with the other commands (kdml.command_line): --model, --dataset, --seed, --output_dir.
+command_line.define_flag("model", note="A .keras file, a SavedModel directory or a .tflite file.",
+                         required=True)
 flags.DEFINE_enum("protocol", "auto", ["auto", "retrieval", "query_gallery", "episodes",
                                        "omniglot"],
                   "auto: query_gallery when --query is given, else retrieval.")
-flags.DEFINE_string("dataset", "synthetic", "synthetic | folder:<dir> | tfds:<name>.")
+command_line.define_flag("dataset", "synthetic")
 flags.DEFINE_string("eval_dataset", None, "folder:<dir>: evaluate on this folder's classes.")
 flags.DEFINE_enum("split", None, ["test", "train", "all"],
                   "Which classes of --dataset: test (default; the unseen half), train, or "
@@ -79,9 +83,11 @@ flags.DEFINE_enum("plot_map", "auto", ["auto", "umap", "tsne"],
 flags.DEFINE_integer("plot_points", 2000, "Images in the 2-D map at most.")
 flags.DEFINE_float("crop_fraction", 0.875, "Centre-crop fraction of the shorter side.")
 flags.DEFINE_integer("batch_size", 256, "Images per inference batch.")
-flags.DEFINE_integer("seed", 0, "Seed of k-means, episodes, plots and the synthetic dataset.")
-flags.DEFINE_string("output", None, "JSON file for the results (default: next to the model, "
-                    "eval_<split>.json, or eval_<protocol>_<split>.json for other protocols).")
+command_line.define_flag("seed", 0, "It seeds k-means, episodes, plots and the synthetic dataset.")
+command_line.define_flag("output_dir", None, "It gets the results, eval_<split>.json (or "
+                         "eval_<protocol>_<split>.json for other protocols), and the figures of "
+                         "--plots in eval_<split>_plots/. Default: the model's directory.")
+
 
 def main(argv):
     import json
@@ -90,13 +96,20 @@ def main(argv):
     from kdml.evaluation.protocols import default_output, evaluate_model, parse_bytes
 
     del argv
+    quiet_logs()
+    protocol = FLAGS.protocol if FLAGS.protocol != "auto" else (
+        "query_gallery" if FLAGS.query else "retrieval")
+    data = (f"{FLAGS.query} against {FLAGS.gallery}" if protocol == "query_gallery"
+            else FLAGS.eval_dataset or FLAGS.dataset)
+    print(f"Evaluating {FLAGS.model} on {data} ({protocol})")
     try:
         ks = tuple(int(k) for k in FLAGS.recall_ks)
         precision_ks = (None if FLAGS.precision_ks is None
                         else tuple(int(k) for k in FLAGS.precision_ks))
         plots_dir = None
         if FLAGS.plots:
-            base = FLAGS.output or default_output(FLAGS.model, "retrieval", FLAGS.split or "test")
+            base = default_output(FLAGS.model, "retrieval", FLAGS.split or "test",
+                                  FLAGS.output_dir)
             plots_dir = os.path.splitext(base)[0] + "_plots"
         report = evaluate_model(
             FLAGS.model, FLAGS.dataset, FLAGS.split, FLAGS.eval_dataset, FLAGS.data_dir, ks,
@@ -113,7 +126,8 @@ def main(argv):
         logging.debug("Traceback of the error below:", exc_info=True)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    output = FLAGS.output or default_output(FLAGS.model, report["protocol"], report["split"])
+    output = default_output(FLAGS.model, report["protocol"], report["split"], FLAGS.output_dir)
+    os.makedirs(os.path.dirname(output), exist_ok=True)
     with open(output, "w") as f:
         json.dump({"model": FLAGS.model, "dataset": FLAGS.dataset, "query": FLAGS.query,
                    "gallery": FLAGS.gallery, **report}, f, indent=2)
@@ -125,4 +139,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=command_line.absl_flags_parser(PROG))

@@ -11,8 +11,14 @@ imported. On a CPU-only machine all of it is noise.
 a `python -m kdml.<command>` process only; a library user's process is left alone):
 it sets `TF_CPP_MIN_LOG_LEVEL=2` (TensorFlow's C++ errors only) unless the user set
 it, and imports TensorFlow (probing the GPUs) and nmslib with the stderr file
-descriptor sent to a temporary file, replayed if the import fails. Passing absl's
-`-v` / `--verbosity` (any level) on the command line skips all of this.
+descriptor sent to a temporary file, replayed if the import fails, and hides the Python
+warnings of other libraries (UMAP's, Keras', TensorFlow's) unless `-W` /
+PYTHONWARNINGS asks for them; kdml's own warnings stay, as plain `warning: ...` lines.
+Later, `quiet_logs()` (at the start of each command's `main`) keeps absl and
+TensorFlow's Python loggers to warnings and errors, and `native_output_hidden()`
+captures the C++ lines of a call (the TFLite converter's "fully_quantize: ...", LiteRT's
+"Created TensorFlow Lite XNNPACK delegate"). Passing absl's `-v` / `--verbosity` (any
+level) on the command line skips all of this: every log line comes back.
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ import contextlib
 import os
 import sys
 import tempfile
+import warnings
 from typing import Iterator, Optional, Sequence
 
 _VERBOSITY_FLAGS = ("-v", "--verbosity", "-verbosity")
+_quiet = False  # set by quiet_startup(): this process is a quiet `python -m kdml.<command>`
 
 
 def is_kdml_command_line(argv: Optional[Sequence[str]] = None) -> bool:
@@ -66,8 +74,12 @@ def stderr_captured() -> Iterator[None]:
 def quiet_startup(argv: Optional[Sequence[str]] = None) -> bool:
     """Imports TensorFlow and nmslib without their start-up lines; returns whether it
     did (False when `argv`, default `sys.argv`, asks for `--verbosity`)."""
+    global _quiet
     if asks_for_verbosity(sys.argv[1:] if argv is None else argv):
         return False
+    _quiet = True
+    if not sys.warnoptions:  # no -W / PYTHONWARNINGS of the user's
+        quiet_warnings()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with stderr_captured():
         import tensorflow as tf
@@ -78,3 +90,39 @@ def quiet_startup(argv: Optional[Sequence[str]] = None) -> bool:
         except ImportError:
             pass
     return True
+
+
+def quiet_warnings() -> None:
+    """Hides Python warnings of other libraries; kdml's own (e.g. "1 of 7 queries have
+    no other image of their class") stay, as one plain `warning: <message>` line."""
+    warnings.simplefilter("ignore")
+    warnings.filterwarnings("default", module=r"kdml(\.|$)")  # the only ones shown
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+    warnings.showwarning = showwarning
+
+
+def is_quiet() -> bool:
+    """Whether this process is a `python -m kdml.<command>` run without `--verbosity`."""
+    return _quiet
+
+
+def quiet_logs() -> None:
+    """In a quiet command: absl logs warnings and errors only, TensorFlow's Python
+    logger errors only. Elsewhere (a library user, `--verbosity`): nothing changes."""
+    if not _quiet:
+        return
+    import logging as python_logging
+
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    python_logging.getLogger("tensorflow").setLevel(python_logging.ERROR)
+
+
+def native_output_hidden():
+    """A context that captures file descriptor 2 (`stderr_captured`) in a quiet command,
+    for calls whose C++ code writes log lines; elsewhere a no-op."""
+    return stderr_captured() if _quiet else contextlib.nullcontext()

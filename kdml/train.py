@@ -16,6 +16,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from absl import app, flags, logging  # noqa: E402
 
+from kdml import command_line  # noqa: E402
 from kdml.config import TrainConfig, is_flag  # noqa: E402
 
 # (The docstring above is the --help text.) Every flag is generated from a field of
@@ -118,4 +119,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=command_line.absl_flags_parser("python -m kdml.train"))

@@ -4,12 +4,31 @@ The CPU is split into two logical devices before TensorFlow initialises, so that
 `tf.distribute.MirroredStrategy` tests run without GPUs (docs/design.md section 5).
 """
 
+import importlib.util
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
+
+def _stderr_captured():
+    """`kdml.quiet_startup.stderr_captured`, loaded without importing kdml (whose
+    `__init__` imports TensorFlow)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kdml",
+                        "quiet_startup.py")
+    spec = importlib.util.spec_from_file_location("_kdml_quiet_startup", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.stderr_captured()
+
+
+# TensorFlow's C++ start-up lines (cudart_stub, cuInit, oneDNN) ignore TF_CPP_MIN_LOG_LEVEL.
+# pytest holds what a conftest writes while it loads and prints it when the session
+# ends, after the summary line; they are captured here instead (replayed on an error).
+with _stderr_captured():
+    import tensorflow as tf  # noqa: E402
+
+    tf.config.list_physical_devices("GPU")  # CUDA probing logs here, once
 
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
@@ -35,7 +54,6 @@ _MARKED_HERE = {
         "tests/models/test_crt_embedder.py::test_crt_fit_under_mirrored_strategy_equals_one_device_step",
         "tests/regularizers/test_so_proxy_method.py::test_end_to_end_so_term_is_in_the_logged_loss_and_diagnostics_reach_metrics",
         "tests/regularizers/test_so_proxy_method.py::test_two_replicas_take_the_same_pa_plus_so_step_as_one_device",
-        "tests/test_cli.py::test_train_then_evaluate_the_default_dataset_from_the_command_line",
         "tests/test_evaluate.py::test_command_line_end_to_end_with_plots",
         "tests/test_readme.py::test_readme_keras_example_trains_evaluates_and_saves",
         "tests/training/test_mixed_precision.py::test_a_step_under_the_policy_has_finite_loss_and_gradients",

@@ -1,6 +1,7 @@
 """Assertions shared by layer, loss and model tests."""
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -103,3 +104,33 @@ def run_local_workers(argv, num_workers=2, *, timeout_s, cwd=None):
     for i, worker in enumerate(workers):
         assert worker.returncode == 0, f"worker {i}: {logs[i][-3000:] if i < len(logs) else 'timed out'}"
     return logs
+
+
+# What a quiet `python -m kdml.<command>` must not print (tests/test_command_line.py):
+NOISE_PATTERNS = {
+    # absl / glog log format: I1204 12:00:00.123456 140 file.py:12] ... (also I0000 00:00:1796...)
+    "absl/glog log line": r"^[IWEF]\d{4} [\d:.]+\s+\d+\s+\S+:\d+\]",
+    # Python logging's default format: INFO:tensorflow:Assets written to ...
+    "Python log record": r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL):[\w.]+:",
+    # TFLite / LiteRT C++: "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+    "TFLite C++ log": r"^(INFO|WARNING|ERROR): ",
+    # the converter's C++ printf
+    "TFLite converter": r"^fully_quantize:",
+    # TensorFlow's C++ start-up, CUDA probing, CPU notes, NMSLIB's banner
+    "TensorFlow C++ start-up": r"cudart_stub|cuInit|cuda_dnn|cuda_blas|cuda_fft|oneDNN|"
+                               r"cpu_feature_guard|absl::InitializeLog|rebuild TensorFlow|NMSLIB",
+    # Python warnings: "<file>.py:1952: UserWarning: ..."
+    "Python warning": r"^\s*\S+\.py:\d+: \w*Warning: ",
+    "traceback": r"^Traceback \(most recent call last\)",
+}
+
+
+def noise_lines(text: str) -> list:
+    """The lines of `text` that match a `NOISE_PATTERNS` entry, as (kind, line)."""
+    found = []
+    for line in text.splitlines():
+        for kind, pattern in NOISE_PATTERNS.items():
+            if re.search(pattern, line):
+                found.append((kind, line))
+                break
+    return found

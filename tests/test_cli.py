@@ -1,4 +1,5 @@
-"""The command lines: `python -m kdml.train` and `python -m kdml.evaluate`."""
+"""The command line `python -m kdml.train` (every command, end to end and quiet:
+tests/test_command_line.py)."""
 
 import dataclasses
 import json
@@ -6,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from absl import flags
 
@@ -55,44 +55,11 @@ def test_helpfull_lists_every_training_flag():
         assert f"--{name}" in out or f"--[no]{name}" in out, name  # absl shows bools as --[no]x
 
 
-def test_train_then_evaluate_the_default_dataset_from_the_command_line(tmp_path):
-    """The README's main job, one short epoch: train, then `kdml.evaluate` its embedder."""
-    out = tmp_path / "run"
-    run = subprocess.run([sys.executable, "-m", "kdml.train", "--epochs=1", "--embedding_dim=32",
-                          "--classes_per_batch=16", "--images_per_class=4", "--jit_compile=false",
-                          "--verbose=0", f"--output_dir={out}"], check=True, cwd=ROOT, timeout=600,
-                         capture_output=True, text=True)
-    # Quiet and informative: no TensorFlow C++ / CUDA / NMSLIB start-up lines, the first
-    # lines say what will run, the last ones where the files are.
-    for noise in ("cudart_stub", "absl::InitializeLog", "cpu_feature_guard", "cuInit", "NMSLIB"):
-        assert noise not in run.stderr + run.stdout, noise
-    lines = run.stdout.splitlines()
-    assert [line.split(":")[0] for line in lines[:6]] == [
-        "data", "model", "method", "strategy", "schedule", "output"]
-    assert lines[0].startswith("data:     synthetic (glyph): train 2000 images of 100 classes")
-    assert lines[1].startswith("model:    conv4 (weights none, 28 px") and "32-d embedding" in lines[1]
-    assert "1 epoch x 32 steps of 16 classes x 4 images" in lines[4] and str(out) in lines[5]
-    assert lines[-3:] == [f"embedder: {out / 'embedder.keras'}", f"metrics:  {out / 'metrics.json'}",
-                          f"logs:     {out / 'logs'} (tensorboard --logdir {out / 'logs'})"]
-    assert lines[-4].startswith("| final |") and lines[-5].startswith("| initial |")
-    metrics = json.load(open(out / "metrics.json"))
-    assert metrics["config"]["dataset"] == "synthetic" and metrics["config"]["backbone"] == "conv4"
-    # Training's evaluations use the library's k-means default (kdml.evaluation.clustering).
-    from kdml.evaluation.clustering import DEFAULT_MAX_ITER
-
-    result = subprocess.run([sys.executable, "-m", "kdml.evaluate", f"--model={out / 'embedder.keras'}",
-                             "--dataset=synthetic", f"--kmeans_max_iter={DEFAULT_MAX_ITER}"],
-                            check=True, cwd=ROOT, timeout=600, capture_output=True, text=True)
-    assert "| embedder.keras |" in result.stdout
-    evaluated = json.load(open(out / "eval_test.json"))["metrics"]
-    for key in ("recall@1", "recall@8", "map@r", "r_precision", "nmi"):
-        np.testing.assert_allclose(evaluated[key], metrics["final"][key], atol=1e-6)
-
-
 # The flags as `kdml/train.py` declared them one by one, before they were generated from
 # `TrainConfig` (name -> parser, default, help text, enum choices), captured from absl.
 # New settings need no entry; a deliberate change of a default or a help text updates
-# its entry in the same commit (so far: --so_strength, 10 -> 1e-3 in the paper's units, chosen on validation).
+# its entry in the same commit (so far: --so_strength, 10 -> 1e-3 in the paper's units, chosen on validation;
+# --dataset, --output_dir, --seed: the shared wording of kdml.command_line).
 _FLAGS_SNAPSHOT = os.path.join(ROOT, "tests", "training", "train_flags.json")
 
 

@@ -187,12 +187,12 @@ def test_parse_bytes():
 
 
 def test_command_line_end_to_end_with_plots(models, alphabets, tmp_path):
-    output = tmp_path / "eval.json"
+    output = tmp_path / "eval_all.json"  # eval_<split>.json in --output_dir
     result = subprocess.run(
         [sys.executable, "-m", "kdml.evaluate", f"--model={models['saved_model']}",
          f"--dataset=folder:{alphabets / 'omniglot'}", "--split=all", "--recall_ks=1,2",
          "--max_memory=1MiB", "--plots", "--plot_map=tsne", "--grid_k=3", "--grid_sampled=2",
-         "--grid_worst=3", f"--output={output}"],
+         "--grid_worst=3", f"--output_dir={tmp_path}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| saved_model | " in result.stdout

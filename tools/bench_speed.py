@@ -12,12 +12,20 @@ FLOPs per image (analytic, a multiply-add = 2 FLOPs) for conv4 at 28 px, resnet5
 the train-step images/s of `--method=crt` (main + auxiliary branch, Multi-Similarity,
 consistency) vs `--method=multi_similarity` (pooling head) on conv4.
 
-    python tools/bench_speed.py [--steps=60] [--backbone=conv4] [--image_size=28] [--crt_only]
+    python tools/bench_speed.py [--steps=60] [--repeats=3] [--backbone=conv4] [--image_size=28]
+        [--crt_only]
+
+Every rate is the best of `--repeats` timed runs (the least disturbed one), and the
+output starts and ends with when, how and on what it was measured, with the machine's
+load average (`os.getloadavg`) before and after: a figure taken beside other work is
+visibly so. Measure on an idle machine.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+import platform
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -25,6 +33,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 from absl import app, flags  # noqa: E402
 
 flags.DEFINE_integer("steps", 60, "Timed steps per measurement (after warm-up).")
+flags.DEFINE_integer("repeats", 3, "Timed runs per measurement; the best (fastest) is reported.")
 flags.DEFINE_string("backbone", "conv4", "Backbone.")
 flags.DEFINE_integer("image_size", 28, "Image size.")
 flags.DEFINE_integer("classes_per_batch", 32, "P.")
@@ -106,21 +115,53 @@ def _print_crt_cost(k=64, d=512):
               f"| {f_crt / 1e6:.2f} M | {f_crt / f_pool:.0f} | {100 * f_crt / f_backbone:.1f} % |")
 
 
-def _step_rate(model, data, steps, batch):
+def best_rate(run, items: int, repeats: int) -> float:
+    """Items per second of the fastest of `repeats` calls of `run()` (each does `items`)."""
+    seconds = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return items / min(seconds)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measurement_conditions(repeats: int, steps: int, when=None) -> str:
+    """One line: when (UTC), how (best of `repeats` x `steps` steps), the CPU, and the
+    load average over 1 / 5 / 15 minutes."""
+    when = when or datetime.datetime.now(datetime.timezone.utc)
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"{when:%Y-%m-%d %H:%M} UTC; best of {repeats} timed runs of {steps} steps after 5 "
+            f"warm-up steps; {_cpu_name()}, {os.cpu_count()} logical CPUs; load average "
+            f"(1, 5, 15 min) {load}")
+
+
+def _step_rate(model, data, steps, batch, repeats):
     cached = data.take(1).cache().repeat()  # a fixed batch: the step alone
     model.fit(cached, steps_per_epoch=5, epochs=1, verbose=0)
-    start = time.perf_counter()
-    model.fit(cached, steps_per_epoch=steps, epochs=1, verbose=0)
-    return steps * batch / (time.perf_counter() - start)
+    return best_rate(lambda: model.fit(cached, steps_per_epoch=steps, epochs=1, verbose=0),
+                     steps * batch, repeats)
 
 
-def _rate(iterator, steps, batch, warmup=5):
+def _rate(iterator, steps, batch, repeats, warmup=5):
     for _ in range(warmup):
         next(iterator)
-    start = time.perf_counter()
-    for _ in range(steps):
-        next(iterator)
-    return steps * batch / (time.perf_counter() - start)
+
+    def run():
+        for _ in range(steps):
+            next(iterator)
+
+    return best_rate(run, steps * batch, repeats)
 
 
 def main(argv):
@@ -133,8 +174,10 @@ def main(argv):
     from kdml.models import build_embedder
     from kdml.optimizers import GroupedAdamW
 
-    p, k, steps = FLAGS.classes_per_batch, FLAGS.images_per_class, FLAGS.steps
+    p, k, steps, repeats = (FLAGS.classes_per_batch, FLAGS.images_per_class, FLAGS.steps,
+                            FLAGS.repeats)
     batch = p * k
+    print(f"Measured: {measurement_conditions(repeats, steps)}")
     _print_crt_cost()
     splits = load_dataset("synthetic")
     data = train_dataset(splits.train, image_size=FLAGS.image_size, classes_per_batch=p,
@@ -151,7 +194,8 @@ def main(argv):
         objective = method.build(embedder, splits.train.num_classes, config)
         objective.model.compile(GroupedAdamW(objective.learning_rate_multipliers,
                                              learning_rate=1e-3), objective.loss, jit_compile=False)
-        crt_rows.append((method_name, head, _step_rate(objective.model, data, steps, batch)))
+        crt_rows.append((method_name, head, _step_rate(objective.model, data, steps, batch,
+                                                       repeats)))
     print(f"\n{FLAGS.backbone} at {FLAGS.image_size} px, P x K = {p} x {k}, jit_compile=False, "
           "train step on a fixed batch\n")
     print("| method (embedder head) | images/s |")
@@ -160,8 +204,9 @@ def main(argv):
         print(f"| `{method_name}` ({head}) | {rate:,.0f} |")
     print(f"| crt / multi_similarity | {crt_rows[1][2] / crt_rows[0][2]:.2f}x |")
     if FLAGS.crt_only:
+        print(f"\nEnded: {measurement_conditions(repeats, steps)}")
         return
-    pipeline = _rate(iter(data), steps * 3, batch)
+    pipeline = _rate(iter(data), steps * 3, batch, repeats)
 
     rows = []
     for jit in (False, True):
@@ -172,14 +217,9 @@ def main(argv):
         model = objective.model
         model.compile(GroupedAdamW(objective.learning_rate_multipliers, learning_rate=1e-3),
                       objective.loss, jit_compile=jit)
-        cached = data.take(1).cache().repeat()  # a fixed batch: the step alone
-        model.fit(cached, steps_per_epoch=5, epochs=1, verbose=0)
-        start = time.perf_counter()
-        model.fit(cached, steps_per_epoch=steps, epochs=1, verbose=0)
-        step_only = steps * batch / (time.perf_counter() - start)
-        start = time.perf_counter()
-        model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
-        end_to_end = steps * batch / (time.perf_counter() - start)
+        step_only = _step_rate(model, data, steps, batch, repeats)
+        end_to_end = best_rate(lambda: model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0),
+                               steps * batch, repeats)
         rows.append((jit, step_only, end_to_end))
 
     print(f"\n{FLAGS.backbone} at {FLAGS.image_size} px, P x K = {p} x {k}, proxy_anchor, "
@@ -192,6 +232,7 @@ def main(argv):
         print(f"| fit with the pipeline, jit_compile={jit} | {end_to_end:,.0f} |")
     best = max(r[1] for r in rows)
     print(f"| **pipeline / fastest train step** | **{pipeline / best:.1f}x** |")
+    print(f"\nEnded: {measurement_conditions(repeats, steps)}")
 
 
 if __name__ == "__main__":

@@ -17,13 +17,24 @@ import sys
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+PROG = "python -m kdml.benchmark"
+# A benchmark writes to two places: --results_dir (the committed report) and
+# --scratch_dir (checkpoints, models, logs); the other commands' single --output_dir
+# and --seed get a hint naming them (kdml.command_line.check_flag_spellings).
+_WHERE = "--results_dir (run files and the report) or --scratch_dir (checkpoints, models, logs)"
+_RENAMED = {"output_dir": _WHERE, "output": _WHERE,
+            "seed": "--seeds (of the final runs) or --split_seed (of the class split)",
+            "dataset": "--data (dataset roots) or --omniglot_dir"}
+
 
 def _list(text):
     return [t for t in text.split(",") if t] if text else []
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m kdml.benchmark", description=__doc__.split("\n")[0])
+    from kdml.command_line import add_argument
+
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="Run or resume a benchmark (cached per run).")
     run.add_argument("--preset", default="omniglot", help="Named benchmark (kdml.benchmark.PRESETS).")
@@ -54,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("results_dir")
     report.add_argument("--readme", action="append",
                         help="Markdown file whose results block is rewritten (repeatable).")
+    for command in (run, report):
+        add_argument(command, "verbosity")
     worker = commands.add_parser("_run", help=argparse.SUPPRESS)
     worker.add_argument("request")
     reranker = commands.add_parser("_rerank", help=argparse.SUPPRESS)
@@ -99,8 +112,14 @@ def _run(args, parser) -> None:
 
 
 def main(argv=None) -> int:
+    from kdml.command_line import argparse_flag_names, check_flag_spellings, set_verbosity
+
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    check_flag_spellings(argv, argparse_flag_names(parser, argv), PROG, _RENAMED)
     args = parser.parse_args(argv)
+    if args.command in ("run", "report"):
+        set_verbosity(args.verbosity)
     try:
         if args.command == "_run":
             from kdml.benchmark.runs import run_request_file

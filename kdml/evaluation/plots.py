@@ -1,7 +1,7 @@
 """PNG figures of an evaluation: retrieval grid, Recall@K curve, similarity histograms, 2-D map.
 
 The retrieval grid is the one to look at first: one row per query, its thumbnail then
-its top-k results framed green (same class) or red (another), for a seeded sample of
+its top-k results framed green (same class) or orange (another), for a seeded sample of
 queries and for the worst ones (`select_grid_rows`). `python -m kdml.evaluate --plots`
 and `python -m kdml.index query --plot` draw it.
 
@@ -181,9 +181,12 @@ def write_plots(embeddings, labels, recall_at_k: dict, directory: str, *, map_me
 
 # --- Retrieval grid -------------------------------------------------------------------
 
+# Okabe-Ito colours (told apart with red-green colour blindness); the header's legend
+# names them: GRID_LEGEND.
 MATCH_COLOUR = (0, 158, 115)      # green: the result is of the query's class
-MISMATCH_COLOUR = (213, 94, 0)    # red: another class
+MISMATCH_COLOUR = (213, 94, 0)    # orange (vermillion): another class
 QUERY_COLOUR = (90, 90, 90)       # the query's own frame
+GRID_LEGEND = "green: same class, orange: other"
 _BORDER, _PAD, _HEADER, _LABEL_WIDTH, _DPI = 4, 2, 22, 112, 100
 
 
@@ -244,7 +247,7 @@ def plot_retrieval_grid(query_images, neighbour_images, matches, path: str, *,
         query_images: Q images, each `(H, W, 3)` RGB (uint8, or float in [0, 255]).
         neighbour_images: Q sequences of k images.
         matches: `(Q, k)` bool, True where the result shares the query's class: framed
-            green (`MATCH_COLOUR`), else red (`MISMATCH_COLOUR`); queries are framed grey.
+            green (`MATCH_COLOUR`), else orange (`MISMATCH_COLOUR`); queries are framed grey.
         row_labels: Q short strings written left of each row (e.g. "worst, rank 7").
         thumb: thumbnail side in pixels.
 
@@ -281,7 +284,7 @@ def plot_retrieval_grid(query_images, neighbour_images, matches, path: str, *,
     ax.axis("off")
     font = dict(fontsize=8, va="center")
     ax.text(_LABEL_WIDTH + cell / 2, _HEADER / 2, "query", ha="center", **font)
-    ax.text(_LABEL_WIDTH + 1.5 * cell, _HEADER / 2, f"top {k} (green: same class, red: other)",
+    ax.text(_LABEL_WIDTH + 1.5 * cell, _HEADER / 2, f"top {k} ({GRID_LEGEND})",
             ha="left", **font)
     if title:
         ax.text(4, _HEADER / 2, title, ha="left", **font)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Optional
 
 import numpy as np
 
@@ -325,8 +326,10 @@ def _rerank(model_path, reranker, embeddings, labels, top_k, ks, max_memory_byte
                           max_memory_bytes=max_memory_bytes)
 
 
-def default_output(model_path: str, protocol: str, split: str) -> str:
-    """`eval_<split>.json` (retrieval) or `eval_<protocol>_<split>.json` beside the model."""
-    directory = os.path.dirname(os.path.abspath(os.path.normpath(model_path)))
+def default_output(model_path: str, protocol: str, split: str,
+                   output_dir: Optional[str] = None) -> str:
+    """`eval_<split>.json` (retrieval) or `eval_<protocol>_<split>.json` in `output_dir`
+    (default: beside the model)."""
+    directory = output_dir or os.path.dirname(os.path.abspath(os.path.normpath(model_path)))
     name = f"eval_{split}.json" if protocol == "retrieval" else f"eval_{protocol}_{split}.json"
     return os.path.join(directory, name)

@@ -20,15 +20,19 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 from absl import app, flags, logging  # noqa: E402
 
+from kdml import command_line  # noqa: E402
+from kdml.quiet_startup import quiet_logs  # noqa: E402
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "The embedder to export (.keras).", required=True)
-flags.DEFINE_string("output_dir", None, "Where to write (default: <model dir>/export).")
+PROG = "python -m kdml.export"
+# Shared with the other commands (kdml.command_line): --model, --output_dir, --dataset, --seed.
+command_line.define_flag("model", note="A .keras file.", required=True)
+command_line.define_flag("output_dir", note="Default: <model dir>/export.")
 flags.DEFINE_list("formats", ["saved_model", "tflite"], "saved_model, tflite.")
 flags.DEFINE_list("quantization", ["float32", "float16", "dynamic", "int8"],
                   "TFLite variants: float32, float16, dynamic, int8.")
-flags.DEFINE_string("dataset", None,
-                    "synthetic | folder:<dir> | tfds:<name>; default: the run's metrics.json "
-                    "config next to --model, else synthetic.")
+command_line.define_flag("dataset", note="Default: the dataset of the run's metrics.json next "
+                         "to --model, else synthetic.")
 flags.DEFINE_string("eval_dataset", None, "folder:<dir> held-out classes (as in training).")
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
 flags.DEFINE_integer("calibration_images", 300, "Training images that calibrate int8.")
@@ -38,7 +42,8 @@ flags.DEFINE_integer("latency_runs", 50, "Images timed per .tflite file (0: skip
 flags.DEFINE_float("max_recall_drop", 1.0,
                    "Fail when int8 Recall@1 is more than this many points below Keras'.")
 flags.DEFINE_boolean("parity", True, "Compute the parity report.")
-flags.DEFINE_integer("seed", 0, "Seed of the image draws (and of the synthetic dataset).")
+command_line.define_flag("seed", 0, "It draws the calibration and parity images (and the "
+                         "synthetic dataset).")
 
 
 def main(argv):
@@ -46,6 +51,7 @@ def main(argv):
     from kdml.export.workflow import run_export
 
     del argv
+    quiet_logs()
     try:
         run_export(FLAGS.model, FLAGS.output_dir, tuple(FLAGS.formats), tuple(FLAGS.quantization),
                    FLAGS.dataset, FLAGS.eval_dataset, FLAGS.data_dir, FLAGS.calibration_images,
@@ -61,4 +67,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=command_line.absl_flags_parser(PROG))

@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from kdml.export.metadata import read_sidecar, read_tflite_metadata
+from kdml.quiet_startup import native_output_hidden
 
 FORMATS = ("keras", "saved_model", "tflite")
 SERVING_SIGNATURE = "serving_default"
@@ -162,7 +163,9 @@ def load_tflite(path: str, num_threads: Optional[int] = None) -> LoadedEmbedder:
 
     with open(path, "rb") as f:
         content = f.read()
-    interpreter = Interpreter(model_content=content, num_threads=num_threads)
+    with native_output_hidden():  # LiteRT's "Created TensorFlow Lite XNNPACK delegate"
+        interpreter = Interpreter(model_content=content, num_threads=num_threads)
+        interpreter.allocate_tensors()
     (inp,) = interpreter.get_input_details()
     (out,) = interpreter.get_output_details()
     if len(inp["shape"]) != 4 or inp["shape"][-1] != 3:

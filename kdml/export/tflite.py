@@ -25,6 +25,8 @@ from typing import Callable, Iterable, List, Optional
 import numpy as np
 import tensorflow as tf
 
+from kdml.quiet_startup import native_output_hidden
+
 QUANTIZATIONS = ("float32", "float16", "dynamic", "int8")
 
 
@@ -61,7 +63,8 @@ def convert_saved_model(saved_model_dir: str, quantization: str = "float32",
         # at the input (float fallback only where no int8 kernel exists).
         ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
     converter.target_spec.supported_ops = ops
-    return converter.convert()
+    with native_output_hidden():  # the converter's C++ "fully_quantize: ..." lines
+        return converter.convert()
 
 
 def tflite_ops(model: bytes) -> List[dict]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-from absl import logging
-
 
 def _run_config(model_path: str) -> dict:
     path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "metrics.json")
@@ -50,12 +48,20 @@ def run_export(model_path: str, output_dir=None, formats=("saved_model", "tflite
     calibration = None
     if "tflite" in formats and "int8" in quantizations:
         calibration = calibration_images(splits.train, image_size, calibration_count, seed, crop)
+    variants = ", ".join(f for f in formats if f != "tflite")
+    if "tflite" in formats:
+        variants = ", ".join(filter(None, [variants, f"tflite {'/'.join(quantizations)}"]))
+    print(f"Exporting {model_path} ({variants}) to {output_dir}")
     paths = export_embedder(embedder, output_dir, formats=formats, quantizations=quantizations,
                             calibration_images=calibration, backbone=config.get("backbone"),
                             source=os.path.abspath(model_path))
-    for key, path in paths.items():
-        logging.info("Wrote %s: %s", key, path)
+
+    def print_paths():
+        for key, path in paths.items():
+            print(f"Wrote {key}: {path}")
+
     if not parity:
+        print_paths()
         return paths, None
     images, labels = heldout_images(splits.test, image_size, parity_images, seed, crop)
     output = os.path.join(output_dir, "parity.json")
@@ -66,5 +72,7 @@ def run_export(model_path: str, output_dir=None, formats=("saved_model", "tflite
         if os.path.isfile(output):
             with open(output) as f:
                 print(format_parity_table(json.load(f)))
+        print_paths()
+        if os.path.isfile(output):
             print(f"Wrote {output}")
     return paths, report

@@ -1,8 +1,8 @@
 """`python -m kdml.index build|query|evaluate`: a gallery index of a saved embedder.
 
     python -m kdml.index build --model=runs/default/embedder.keras \\
-        --source=folder:gallery/ --output=gallery.index [--backend=faiss [--faiss_index=hnsw]]
-    python -m kdml.index build ... --output=gallery.index --add      # append new images
+        --source=folder:gallery/ --output_dir=gallery.index [--backend=faiss [--faiss_index=hnsw]]
+    python -m kdml.index build ... --output_dir=gallery.index --add      # append new images
     python -m kdml.index query --index=gallery.index --model=runs/default/embedder.keras \\
         --k=5 q1.jpg q2.png            # or --source=folder:queries/ ; --plot=grid.png
     python -m kdml.index evaluate --index=gallery.index --k=10     # recall@10 vs exact, q/s
@@ -21,6 +21,10 @@ import sys
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+PROG = "python -m kdml.index"
+# The file each subcommand writes into its --output_dir (build: the index directory itself).
+QUERY_FILE, EVALUATE_FILE = "query.json", "evaluate.json"
+
 
 def _backend_options(args) -> dict:
     options = {}
@@ -33,10 +37,11 @@ def _backend_options(args) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from kdml.command_line import add_argument
     from kdml.distribute import STRATEGIES
     from kdml.index.backends import BACKENDS, FAISS_INDEXES
 
-    parser = argparse.ArgumentParser(prog="python -m kdml.index", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     def ann_flags(p):
@@ -55,10 +60,11 @@ def _parser() -> argparse.ArgumentParser:
                             "for (0.97)")
 
     build = sub.add_parser("build", help="embed a labelled image source into an index directory")
-    build.add_argument("--model", required=True, help=".keras, SavedModel directory or .tflite")
+    model_note = "A .keras file, a SavedModel directory or a .tflite file."
+    add_argument(build, "model", note=model_note, required=True)
     build.add_argument("--source", required=True,
                        help="folder:<dir> (<class>/<image>), synthetic or tfds:<name>")
-    build.add_argument("--output", required=True, help="index directory to write")
+    add_argument(build, "output_dir", note="The index directory.", required=True)
     build.add_argument("--backend", choices=BACKENDS, default="exact")
     build.add_argument("--strategy", choices=STRATEGIES, default="auto")
     build.add_argument("--split", choices=("test", "train", "all"), default="all",
@@ -71,14 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--wait_timeout_s", type=float, default=3600.0,
                        help="how long the chief waits for the other workers' shards")
     build.add_argument("--add", action="store_true",
-                       help="append the source to the existing index at --output")
+                       help="append the source to the existing index at --output_dir")
     build.add_argument("--allow_model_mismatch", action="store_true")
-    build.add_argument("--seed", type=int, default=0)
+    add_argument(build, "seed", 0, "It draws the split of a dataset source.")
     ann_flags(build)
 
     query = sub.add_parser("query", help="top-k gallery items of query images")
     query.add_argument("--index", required=True)
-    query.add_argument("--model", required=True, help="the embedder of the queries")
+    add_argument(query, "model", note=model_note + " It embeds the queries.", required=True)
     query.add_argument("--source", default=None, help="labelled queries: folder:<dir>")
     query.add_argument("images", nargs="*", help="query image files (label: parent folder); a "
                        "gallery file used as a query is not returned for itself")
@@ -88,11 +94,12 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--plot", default=None, help="PNG retrieval grid to write")
     query.add_argument("--plot_sampled", type=int, default=6, help="seeded sample rows")
     query.add_argument("--plot_worst", type=int, default=6, help="worst-query rows")
-    query.add_argument("--output", default=None, help="JSON results file (default: stdout)")
+    add_argument(query, "output_dir", note=f"It gets the results, {QUERY_FILE} (default: the "
+                 "JSON goes to stdout).")
     query.add_argument("--allow_model_mismatch", action="store_true")
     query.add_argument("--batch_size", type=int, default=256)
     query.add_argument("--crop_fraction", type=float, default=0.875)
-    query.add_argument("--seed", type=int, default=0)
+    add_argument(query, "seed", 0, "It draws the sampled rows of --plot.")
 
     evaluate = sub.add_parser("evaluate", help="recall@k of the approximate search vs exact, "
                               "and queries/s of both")
@@ -102,29 +109,32 @@ def _parser() -> argparse.ArgumentParser:
                           help="approximate backend (default: the index's, else faiss)")
     evaluate.add_argument("--num_queries", type=int, default=1000,
                           help="gallery rows used as queries (their own row excluded)")
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--output", default=None, help="JSON report file")
+    add_argument(evaluate, "seed", 0, "It draws the query rows.")
+    add_argument(evaluate, "output_dir", note=f"It gets the report, {EVALUATE_FILE} (default: "
+                 "printed only).")
     ann_flags(evaluate)
+    for command in (build, query, evaluate):
+        add_argument(command, "verbosity")
     return parser
 
 
 def _build(args):
     from kdml.index import GalleryIndex, build_index
 
-    add_to = GalleryIndex.load(args.output) if args.add else None
-    index = build_index(args.model, args.source, args.output, backend=args.backend,
+    add_to = GalleryIndex.load(args.output_dir) if args.add else None
+    index = build_index(args.model, args.source, args.output_dir, backend=args.backend,
                         backend_options=_backend_options(args), strategy=args.strategy,
                         split=args.split, data_dir=args.data_dir, batch_size=args.batch_size,
                         crop_fraction=args.crop_fraction, shard_size=args.shard_size,
                         seed=args.seed, wait_timeout_s=args.wait_timeout_s, add_to=add_to,
                         allow_model_mismatch=args.allow_model_mismatch)
     if index is None:
-        print(f"Wrote this worker's shards of {args.output}; the chief merges them.")
+        print(f"Wrote this worker's shards of {args.output_dir}; the chief merges them.")
         return
     config = index.backend.config()
     print(f"Indexed {len(index)} images of {len(set(index.labels.tolist()))} classes "
           f"(d = {index.dim}, backend {index.backend.name}"
-          + (f" {json.dumps(config)}" if config else "") + f"): {args.output}")
+          + (f" {json.dumps(config)}" if config else "") + f"): {args.output_dir}")
 
 
 def _query(args):
@@ -132,7 +142,7 @@ def _query(args):
     from kdml.evaluation.protocols import embed_image_set
     from kdml.export import load_embedder
     from kdml.index import GalleryIndex, model_fingerprint
-    from kdml.index.build import load_source
+    from kdml.index.build import _item_paths, load_source
 
     if bool(args.source) == bool(args.images):
         raise ValueError("Give query images either as files (positional) or as --source="
@@ -153,10 +163,11 @@ def _query(args):
     embeddings = embed_image_set(embedder, queries, batch_size=args.batch_size,
                                  crop_fraction=args.crop_fraction)
     result = index.query(embeddings, k=args.k + 1)
-    result = _without_self(result, queries.paths, args.k)
+    query_paths = _item_paths(queries)  # "<source>#<row>" for images without files
+    result = _without_self(result, query_paths, args.k)
     query_names = [queries.class_names[label] for label in queries.labels]
     records = [{"query": str(path), "label": str(label), "neighbours": hits}
-               for path, label, hits in zip(queries.paths, query_names, result.as_records())]
+               for path, label, hits in zip(query_paths, query_names, result.as_records())]
     if args.plot:
         import numpy as np
 
@@ -173,12 +184,18 @@ def _query(args):
             title=os.path.basename(os.path.normpath(args.index)))
         print(f"Wrote the retrieval grid: {grid['path']}", file=sys.stderr)
     text = json.dumps(records, indent=1)
-    if args.output:
-        with open(args.output, "w") as f:
+    if args.output_dir:
+        output = _output_file(args.output_dir, QUERY_FILE)
+        with open(output, "w") as f:
             f.write(text)
-        print(f"Wrote {args.output}")
+        print(f"Wrote {output}")
     else:
         print(text)
+
+
+def _output_file(output_dir: str, name: str) -> str:
+    os.makedirs(output_dir, exist_ok=True)
+    return os.path.join(output_dir, name)
 
 
 def _without_self(result, query_paths, k):
@@ -213,17 +230,22 @@ def _evaluate(args):
           f"{report['approximate_qps']:,.0f} |")
     print(f"{report['gallery']:,} gallery items, {report['queries']:,} queries (gallery rows, "
           f"own row excluded); approximate / exact: {report['speedup']:.1f}x")
-    if args.output:
-        with open(args.output, "w") as f:
+    if args.output_dir:
+        output = _output_file(args.output_dir, EVALUATE_FILE)
+        with open(output, "w") as f:
             json.dump(report, f, indent=2)
-        print(f"Wrote {args.output}")
+        print(f"Wrote {output}")
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    from absl import logging
+    from kdml.command_line import argparse_flag_names, check_flag_spellings, set_verbosity
 
-    logging.set_verbosity(logging.WARNING)
+    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    check_flag_spellings(argv, argparse_flag_names(parser, argv), PROG,
+                         {"dataset": "source", "gallery": "source"})
+    args = parser.parse_args(argv)
+    set_verbosity(args.verbosity)
     from kdml.index.storage import IndexFormatError
 
     try:

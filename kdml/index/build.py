@@ -235,7 +235,7 @@ def build_index(model: str, source, output: Optional[str] = None, *, backend: st
         paths = _item_paths(image_set)
         names = np.asarray(image_set.class_names, dtype=str)[image_set.labels]
         if output is None and role.count > 1:
-            raise ValueError("A multi-worker build needs --output (its shards are written "
+            raise ValueError("A multi-worker build needs --output_dir (its shards are written "
                              "beside it, on storage every worker shares).")
         if output is None:
             from kdml.evaluation.protocols import embed_image_set

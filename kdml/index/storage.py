@@ -121,7 +121,7 @@ def read_index_files(path: str, verify: bool = True, mmap: bool = False) -> dict
             raise IndexFormatError(f"{path} is a file, not a kdml index directory; build one with "
                                    "`python -m kdml.index build`.")
         raise FileNotFoundError(f"No index at {path}. Build one with `python -m kdml.index build "
-                                f"--model=<embedder> --source=folder:<gallery> --output={path}`.")
+                                f"--model=<embedder> --source=folder:<gallery> --output_dir={path}`.")
     meta_path = os.path.join(path, METADATA_FILE)
     rebuild = "rebuild it with `python -m kdml.index build`"
     if not os.path.isfile(meta_path):

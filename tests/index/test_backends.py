@@ -166,7 +166,7 @@ def test_cli_passes_the_hnsw_flags():
     from kdml.index.__main__ import _backend_options, _parser
 
     args = _parser().parse_args(["build", "--model=m.keras", "--source=synthetic",
-                                 "--output=o", "--backend=faiss", "--faiss_index=hnsw",
+                                 "--output_dir=o", "--backend=faiss", "--faiss_index=hnsw",
                                  "--hnsw_m=8", "--ef_construction=20", "--ef_search=48"])
     assert _backend_options(args) == {"faiss_index": "hnsw", "hnsw_m": 8,
                                       "ef_construction": 20, "ef_search": 48}

@@ -12,7 +12,7 @@ from kdml.index.__main__ import main
 def test_build_query_evaluate(index_assets, tmp_path, capsys):
     output = str(tmp_path / "g.index")
     assert main(["build", f"--model={index_assets['model']}", f"--source={index_assets['source']}",
-                 f"--output={output}", "--backend=faiss", "--shard_size=30"]) == 0
+                 f"--output_dir={output}", "--backend=faiss", "--shard_size=30"]) == 0
     assert "Indexed 72 images of 12 classes (d = 16, backend faiss" in capsys.readouterr().out
     index = GalleryIndex.load(output)
     assert index.backend.name == "faiss" and len(index) == 72
@@ -21,11 +21,10 @@ def test_build_query_evaluate(index_assets, tmp_path, capsys):
     rows = [0, 7, 30]
     files = index.paths[rows].tolist()
     plot = str(tmp_path / "grid.png")
-    results = str(tmp_path / "hits.json")
     assert main(["query", f"--index={output}", f"--model={index_assets['model']}", "--k=3",
-                 f"--plot={plot}", "--plot_sampled=1", "--plot_worst=1", f"--output={results}",
-                 *files]) == 0
-    hits = json.load(open(results))
+                 f"--plot={plot}", "--plot_sampled=1", "--plot_worst=1",
+                 f"--output_dir={tmp_path / 'hits'}", *files]) == 0
+    hits = json.load(open(tmp_path / "hits" / "query.json"))
     scores = index.embeddings[rows] @ index.embeddings.T
     scores[np.arange(3), rows] = -np.inf
     want = np.argsort(-scores, axis=1, kind="stable")[:, :3]
@@ -38,23 +37,22 @@ def test_build_query_evaluate(index_assets, tmp_path, capsys):
     assert open(plot, "rb").read(4) == b"\x89PNG"
 
     # evaluate: the faiss index (nlist 1 at this size: exact) against exact search
-    report = str(tmp_path / "eval.json")
     assert main(["evaluate", f"--index={output}", "--k=5", "--num_queries=40",
-                 f"--output={report}"]) == 0
-    figures = json.load(open(report))
+                 f"--output_dir={tmp_path / 'eval'}"]) == 0
+    figures = json.load(open(tmp_path / "eval" / "evaluate.json"))
     assert figures["recall_at_k"] == 1.0 and figures["queries"] == 40 and figures["k"] == 5
     assert figures["exact_qps"] > 0 and figures["approximate_qps"] > 0
 
     # incremental add of the same folder doubles the index
     assert main(["build", f"--model={index_assets['model']}", f"--source={index_assets['source']}",
-                 f"--output={output}", "--add"]) == 0
+                 f"--output_dir={output}", "--add"]) == 0
     assert len(GalleryIndex.load(output)) == 144
 
 
 def test_errors_are_one_line_with_exit_code_2(index_assets, tmp_path, capsys):
     output = str(tmp_path / "g.index")
     assert main(["build", f"--model={index_assets['model']}", f"--source={index_assets['source']}",
-                 f"--output={output}"]) == 0
+                 f"--output_dir={output}"]) == 0
     capsys.readouterr()
     image = GalleryIndex.load(output).paths[0]
     for args, expected in (

@@ -16,7 +16,7 @@ TIMEOUT_S = 240  # two TensorFlow start-ups; ~20 s on an idle 2-core machine
 def test_two_workers_build_the_one_process_index(index_assets, tmp_path):
     output = str(tmp_path / "mw.index")
     command = ["-m", "kdml.index", "build", f"--model={index_assets['model']}",
-               f"--source={index_assets['source']}", f"--output={output}",
+               f"--source={index_assets['source']}", f"--output_dir={output}",
                "--strategy=multi_worker", "--shard_size=16", "--wait_timeout_s=120"]
     logs = run_local_workers(lambda i: command, timeout_s=TIMEOUT_S, cwd=ROOT)
     assert "Indexed 72 images of 12 classes" in logs[0]

@@ -72,3 +72,48 @@ def test_grid_rejects_mismatched_rows(tmp_path):
     with pytest.raises(ValueError, match="Expected 2 query images"):
         plot_retrieval_grid([np.zeros((4, 4, 3))], [[np.zeros((4, 4, 3))]] * 2,
                             np.ones((2, 1), bool), str(tmp_path / "x.png"))
+
+
+def _colour_word(rgb) -> str:
+    """The everyday name of an RGB colour, from its hue (HSV): red below 15 degrees (or
+    from 345), orange 15-45, yellow 45-75, green 75-175, blue 175-260, purple beyond."""
+    import colorsys
+
+    hue = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] * 360
+    for word, upper in (("red", 15), ("orange", 45), ("yellow", 75), ("green", 175),
+                        ("blue", 260), ("purple", 345), ("red", 361)):
+        if hue < upper:
+            return word
+
+
+def test_legend_names_the_colours_the_frames_are_drawn_in(tmp_path, monkeypatch):
+    """The header's words ("green: same class, orange: other") against the frames' pixels."""
+    import re
+
+    import matplotlib.figure
+    from PIL import Image
+
+    from kdml.evaluation.plots import plot_retrieval_grid
+
+    texts = []
+    save = matplotlib.figure.Figure.savefig
+
+    def savefig(figure, *args, **kwargs):
+        texts.extend(t.get_text() for ax in figure.axes for t in ax.texts)
+        return save(figure, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    thumb, images = 16, np.full((2, 8, 8, 3), 128, np.uint8)
+    path = plot_retrieval_grid([images[0]], [[images[0], images[1]]], np.array([[True, False]]),
+                               str(tmp_path / "grid.png"), thumb=thumb)
+    (legend,) = [t for t in texts if "same class" in t]
+    words = dict(reversed(pair) for pair in re.findall(r"(\w+): (same class|other)", legend))
+    with Image.open(path) as png:
+        pixels = np.asarray(png.convert("RGB"))
+    cell = thumb + 2 * (_BORDER + _PAD)
+    drawn = {}
+    for j, meaning in ((0, "same class"), (1, "other")):
+        left = _LABEL_WIDTH + (j + 1) * cell + cell // 2 + _PAD
+        drawn[meaning] = _colour_word(pixels[_HEADER + _PAD + 1, left + 1])
+    assert words == drawn == {"same class": "green", "other": "orange"}, (legend, drawn)
+    assert _colour_word((255, 0, 0)) == "red" and _colour_word((255, 165, 0)) == "orange"
