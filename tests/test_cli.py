@@ -92,7 +92,8 @@ def test_train_then_evaluate_the_default_dataset_from_the_command_line(tmp_path)
 # The flags as `kdml/train.py` declared them one by one, before they were generated from
 # `TrainConfig` (name -> parser, default, help text, enum choices), captured from absl.
 # New settings need no entry; a deliberate change of a default or a help text updates
-# its entry in the same commit (so far: --so_strength, 10 -> 1e-3 in the paper's units, chosen on validation).
+# its entry in the same commit (so far: --so_strength, 10 -> 1e-3 in the paper's units, chosen on validation;
+# --method's help, listing the classification-based methods).
 _FLAGS_SNAPSHOT = os.path.join(ROOT, "tests", "training", "train_flags.json")
 
 
