@@ -122,13 +122,16 @@ def _classification(name: str):
         from kdml.training.diagnostics import ProxyDiagnostics
 
         images = keras.Input(embedder.input_shape[1:], name="images")
-        proxies = Proxies(num_classes * centers(config), name="proxies")
+        k = centers(config)
+        proxies = Proxies(num_classes * k, name="proxies")
         return Objective(
             model=keras.Model(images, proxies(embedder(images)), name=name),
             loss=make_loss(config),
             learning_rate_multipliers={"^proxies/": config.proxy_lr_multiplier,
                                        BACKBONE_GROUP: 1.0},
-            callbacks=[ProxyDiagnostics(proxies.proxies)],
+            # Coherence of one weight per class; with k per class it would compare
+            # centres of one class too, and cost (C k)^2 d per epoch (SOP, k = 10: 6e12).
+            callbacks=[ProxyDiagnostics(proxies.proxies)] if k == 1 else [],
         )
 
     return build

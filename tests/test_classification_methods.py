@@ -46,6 +46,7 @@ def test_the_method_builds_its_loss_and_class_weights_from_the_config(name):
     proxies = objective.model.get_layer("proxies").proxies
     assert tuple(proxies.shape) == (7 * centers, 8)
     assert objective.learning_rate_multipliers == {"^proxies/": 50.0, BACKBONE_GROUP: 1.0}
+    assert len(objective.callbacks) == (1 if centers == 1 else 0)  # proxy diagnostics
     images = np.random.default_rng(0).uniform(0, 255, (4, 16, 16, 3)).astype("float32")
     value = objective.loss(np.array([0, 6, 3, 3]), objective.model(images))
     assert np.isfinite(float(value)) and float(value) > 0
