@@ -96,37 +96,38 @@ def _multi_similarity(embedder: keras.Model, num_classes: int, config: TrainConf
 # each row is pulled only by the few samples of its class in a batch, and one multiplier
 # for every proxy-based method keeps their comparison fair (docs/methods.md).
 
+# method -> (loss class, {loss argument: TrainConfig field}, field of the weights per class)
 _CLASSIFICATION_LOSSES = {
-    "normalized_softmax": (lambda c: NormalizedSoftmaxLoss(temperature=c.ns_temperature),
-                           lambda c: 1),
-    "cosface": (lambda c: CosFaceLoss(margin=c.cosface_margin, scale=c.cosface_scale),
-                lambda c: 1),
-    "arcface": (lambda c: ArcFaceLoss(margin=c.arcface_margin, scale=c.arcface_scale),
-                lambda c: 1),
-    "subcenter_arcface": (lambda c: SubCenterArcFaceLoss(
-        margin=c.arcface_margin, scale=c.arcface_scale, sub_centers=c.sub_centers),
-        lambda c: c.sub_centers),
-    "proxy_nca": (lambda c: ProxyNCALoss(softmax_scale=c.proxy_nca_scale), lambda c: 1),
-    "soft_triple": (lambda c: SoftTripleLoss(
-        centers_per_class=c.soft_triple_centers, la=c.soft_triple_la,
-        gamma=c.soft_triple_gamma, margin=c.soft_triple_margin),
-        lambda c: c.soft_triple_centers),
+    "normalized_softmax": (NormalizedSoftmaxLoss, {"temperature": "ns_temperature"}, None),
+    "cosface": (CosFaceLoss, {"margin": "cosface_margin", "scale": "cosface_scale"}, None),
+    "arcface": (ArcFaceLoss, {"margin": "arcface_margin", "scale": "arcface_scale"}, None),
+    "subcenter_arcface": (SubCenterArcFaceLoss, {"margin": "arcface_margin", "scale": "arcface_scale",
+                                                 "sub_centers": "sub_centers"}, "sub_centers"),
+    "proxy_nca": (ProxyNCALoss, {"softmax_scale": "proxy_nca_scale"}, None),
+    "soft_triple": (SoftTripleLoss, {"centers_per_class": "soft_triple_centers",
+                                     "la": "soft_triple_la", "gamma": "soft_triple_gamma",
+                                     "margin": "soft_triple_margin"}, "soft_triple_centers"),
 }
 
 
 def _classification(name: str):
     """The builder of `--method=<name>`: embedder -> Proxies(C * k) -> the loss."""
-    make_loss, centers = _CLASSIFICATION_LOSSES[name]
+    loss_cls, arguments, centers_field = _CLASSIFICATION_LOSSES[name]
 
     def build(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objective:
         from kdml.training.diagnostics import ProxyDiagnostics
 
+        try:
+            loss = loss_cls(**{arg: getattr(config, field) for arg, field in arguments.items()})
+        except ValueError as error:  # name the flag, not the loss argument
+            flags = [f"--{field}" for arg, field in arguments.items() if f"`{arg}`" in str(error)]
+            raise ValueError(f"{', '.join(flags) or '--method=' + name}: {error}") from None
         images = keras.Input(embedder.input_shape[1:], name="images")
-        k = centers(config)
+        k = getattr(config, centers_field) if centers_field else 1
         proxies = Proxies(num_classes * k, name="proxies")
         return Objective(
             model=keras.Model(images, proxies(embedder(images)), name=name),
-            loss=make_loss(config),
+            loss=loss,
             learning_rate_multipliers={"^proxies/": config.proxy_lr_multiplier,
                                        BACKBONE_GROUP: 1.0},
             # Coherence of one weight per class; with k per class it would compare

@@ -66,6 +66,18 @@ def test_the_defaults_are_pytorch_metric_learnings_but_proxy_nca_uses_proxynca_p
             == dict(centers_per_class=10, la=20.0, gamma=0.1, margin=0.01))
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--method=arcface", "--arcface_margin=200"], "error: --arcface_margin: Expected `margin` in degrees"),
+    (["--method=subcenter_arcface", "--sub_centers=0"], "error: --sub_centers: Expected `sub_centers`"),
+    (["--method=normalized_softmax", "--ns_temperature=0"], "error: --ns_temperature: Expected"),
+])
+def test_a_bad_hyperparameter_is_a_one_line_error_naming_the_flag(argv, message, capsys, tmp_path):
+    code = _run_main(train_cli, argv + [f"--output_dir={tmp_path}", "--verbose=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(message), err[-1]
+    assert not any(line.startswith("Traceback") for line in err)
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_one_command_line_epoch_beats_the_untrained_embedder(name, tmp_path):
     """`python -m kdml.train --method=<name>` (in-process), 1 epoch of 16 steps on the
