@@ -8,7 +8,8 @@ CI have neither), e.g. a virtual environment of its own:
     python3 -m venv /tmp/pml && /tmp/pml/bin/pip install torch pytorch-metric-learning numpy
     /tmp/pml/bin/python tools/make_pml_fixtures_classification.py
 
-The committed fixture was made with pytorch-metric-learning 2.9.0 and torch 2.13.0 (CPU): for each loss that kdml and pytorch-metric-learning (PML) share
+The committed fixture was made with pytorch-metric-learning 2.9.0 and torch 2.13.0
+(CPU). For each loss that kdml and pytorch-metric-learning (PML) share
 (NormalizedSoftmaxLoss, CosFaceLoss, ArcFaceLoss, SubCenterArcFaceLoss, ProxyNCALoss,
 SoftTripleLoss), with PML's default settings and one other setting, on several seeded
 batches (a class with one image, absent classes, one class only, B = 1), it writes the

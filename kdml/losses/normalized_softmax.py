@@ -10,7 +10,7 @@ class NormalizedSoftmaxLoss(ClassificationLoss):
     """Softmax cross-entropy on cosines to L2-normalised class weights, over a temperature.
 
     Zhai & Wu, "Classification is a Strong Baseline for Deep Metric Learning", BMVC 2019
-    (arXiv:1811.12649), its normalised-softmax equation (Eq. 2); docs/design.md 3.6.1:
+    (arXiv:1811.12649), its normalised softmax loss with temperature; docs/design.md 3.6.1:
 
         L = -1/B sum_i log( exp(s(f_i, w_{y_i}) / T) / sum_c exp(s(f_i, w_c) / T) )
 

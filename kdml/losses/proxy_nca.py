@@ -13,8 +13,9 @@ class ProxyNCALoss(ClassificationLoss):
     Movshovitz-Attias et al., "No Fuss Distance Metric Learning using Proxies", ICCV 2017
     (arXiv:1703.07464), with ProxyNCA++'s changes (Teh, DeVries, Taylor, "ProxyNCA++:
     Revisiting and Revitalizing Proxy Neighborhood Component Analysis", ECCV 2020,
-    arXiv:2004.01113, Eq. 5): the positive proxy is in the denominator and the squared
-    distances of normalised vectors are divided by a temperature T; docs/design.md 3.6.5:
+    arXiv:2004.01113, its loss with temperature scaling): the positive proxy is in the
+    denominator and the squared distances of normalised vectors are divided by a
+    temperature T; docs/design.md 3.6.5:
 
         L = -1/B sum_i log( exp(-|f^_i - p^_{y_i}|^2 / T) / sum_c exp(-|f^_i - p^_c|^2 / T) )
 

@@ -12,8 +12,8 @@ class SoftTripleLoss(ClassificationLoss):
     """Softmax cross-entropy on a soft maximum over K centres per class, with a margin.
 
     Qian et al., "SoftTriple Loss: Deep Metric Learning Without Triplet Sampling",
-    ICCV 2019 (arXiv:1909.05235), Eqs. 7-8 (the relaxed similarity S'_{i,c}) and 9
-    (the loss); docs/design.md 3.6.6:
+    ICCV 2019 (arXiv:1909.05235): the relaxed similarity S'_{i,c} over a class's centres
+    and the SoftTriple loss on it; docs/design.md 3.6.6:
 
         S_{i,c} = sum_k softmax_k(s(f_i, w_c^k) / gamma) s(f_i, w_c^k)
         L = -1/B sum_i log( e^{lambda (S_{i,y_i} - delta)}
@@ -22,8 +22,8 @@ class SoftTripleLoss(ClassificationLoss):
     Same defaults as pytorch-metric-learning's `SoftTripleLoss`: K = 10 centres per
     class, lambda (`la`) = 20, gamma = 0.1, delta (`margin`) = 0.01, and its weight
     layout: column c * K + k of y_pred is centre k of class c. As in PML the paper's
-    centre regulariser (its tau term, Eq. 11) is not part of the loss. Computed in
-    float32 whatever the dtype of y_pred.
+    centre regulariser (its tau term, which merges similar centres) is not part of the
+    loss. Computed in float32 whatever the dtype of y_pred.
 
     Args:
         centers_per_class: K (default 10).

@@ -18,7 +18,7 @@ class SubCenterArcFaceLoss(ClassificationLoss):
     """ArcFace on the closest of k sub-centres per class.
 
     Deng et al., "Sub-center ArcFace: Boosting Face Recognition by Large-Scale Noisy Web
-    Faces", ECCV 2020, Sec. 3.1 (Eq. 1); docs/design.md 3.6.4. Each class c has k
+    Faces", ECCV 2020, the sub-center ArcFace loss; docs/design.md 3.6.4. Each class c has k
     weight vectors w_c1..w_ck; its cosine is the largest, cos theta_c = max_j s(f_i, w_cj),
     and the loss is `ArcFaceLoss` on these C cosines. Noisy images then gather at
     non-dominant sub-centres; `dominant_center_cleanup` drops them afterwards.
@@ -89,8 +89,8 @@ class Cleanup(NamedTuple):
 def dominant_center_cleanup(embeddings, labels, centers, sub_centers, threshold=75.0):
     """Sub-center ArcFace's clean-up: keep each class's dominant sub-centre, drop outliers.
 
-    Deng et al., ECCV 2020, Sec. 3.2 (docs/design.md 3.6.4). For class c, each of its
-    samples votes for its closest sub-centre; the sub-centre with most votes (the lowest
+    Deng et al., ECCV 2020, its noisy-sample clean-up (docs/design.md 3.6.4). For class
+    c, each of its samples votes for its closest sub-centre; the sub-centre with most votes (the lowest
     index on a tie) is the dominant one, and a sample of class c whose angle to it
     exceeds `threshold` degrees is an outlier. Train on `kept` afterwards with one
     weight per class initialised from `dominant_centers` (e.g. `kdml.layers.Proxies(C,
