@@ -64,7 +64,9 @@ class TrainConfig:
 
     # Method and data.
     method: str = setting(
-        "proxy_anchor", "Training method: proxy_anchor | multi_similarity | so_proxy | pddm | crt.")
+        "proxy_anchor", "Training method: proxy_anchor | multi_similarity | so_proxy | pddm | crt | "
+                        "normalized_softmax | cosface | arcface | subcenter_arcface | proxy_nca | "
+                        "soft_triple.")
     dataset: str = setting("synthetic", shared_help("dataset"))
     eval_dataset: Optional[str] = setting(
         None, "folder:<dir> to evaluate on; then every class of --dataset trains.")
@@ -177,6 +179,25 @@ class TrainConfig:
     rerank_top_k: int = setting(
         0, "pddm: also report reranked_recall@K, each query's top-k cosine neighbours "
            "re-ordered by the PDDM unit (0: off).")
+
+    # Classification-based losses (issue 21; docs/design.md 3.6): the class weights are
+    # kdml.layers.Proxies (k per class), trained at --proxy_lr_multiplier x lr. Defaults:
+    # pytorch-metric-learning's, except proxy_nca_scale (ProxyNCA++'s T = 1/9; PML: 1).
+    ns_temperature: float = setting(
+        0.05, "normalized_softmax: temperature T of the softmax over cosines / T.")
+    cosface_margin: float = setting(0.35, "cosface: cosine margin m.")
+    cosface_scale: float = setting(64.0, "cosface: logit scale s.")
+    arcface_margin: float = setting(
+        28.6, "arcface, subcenter_arcface: angular margin m in DEGREES (28.6 = 0.5 rad).")
+    arcface_scale: float = setting(64.0, "arcface, subcenter_arcface: logit scale s.")
+    sub_centers: int = setting(3, "subcenter_arcface: sub-centres k per class.")
+    proxy_nca_scale: float = setting(
+        9.0, "proxy_nca: softmax scale 1 / T on squared distances (ProxyNCA++: T = 1/9).")
+    soft_triple_centers: int = setting(10, "soft_triple: centres K per class.")
+    soft_triple_la: float = setting(20.0, "soft_triple: logit scale lambda.")
+    soft_triple_gamma: float = setting(
+        0.1, "soft_triple: temperature gamma of the softmax over a class's centres.")
+    soft_triple_margin: float = setting(0.01, "soft_triple: margin delta on the target class.")
 
     # Execution.
     strategy: str = setting(

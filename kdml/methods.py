@@ -14,7 +14,8 @@ import numpy as np
 
 from kdml.config import TrainConfig
 from kdml.layers.proxies import Proxies
-from kdml.losses import MultiSimilarityLoss, ProxyAnchorLoss
+from kdml.losses import (ArcFaceLoss, CosFaceLoss, MultiSimilarityLoss, NormalizedSoftmaxLoss,
+                         ProxyAnchorLoss, ProxyNCALoss, SoftTripleLoss, SubCenterArcFaceLoss)
 from kdml.regularizers import SoftOrthogonal
 
 BACKBONE_GROUP = "^backbone/"
@@ -86,6 +87,55 @@ def _multi_similarity(embedder: keras.Model, num_classes: int, config: TrainConf
                                  base=config.ms_base, epsilon=config.ms_epsilon),
         learning_rate_multipliers={BACKBONE_GROUP: 1.0},
     )
+
+
+# --- Classification-based losses (issue 21; docs/design.md 3.6) --------------------------
+# Each trains k class weights per class (kdml.layers.Proxies(C * k), named "proxies") with
+# a loss on the cosines to them. The weights take --proxy_lr_multiplier x the backbone's
+# learning rate (100, as Proxy Anchor): like proxies they start at random directions and
+# each row is pulled only by the few samples of its class in a batch, and one multiplier
+# for every proxy-based method keeps their comparison fair (docs/methods.md).
+
+# method -> (loss class, {loss argument: TrainConfig field}, field of the weights per class)
+_CLASSIFICATION_LOSSES = {
+    "normalized_softmax": (NormalizedSoftmaxLoss, {"temperature": "ns_temperature"}, None),
+    "cosface": (CosFaceLoss, {"margin": "cosface_margin", "scale": "cosface_scale"}, None),
+    "arcface": (ArcFaceLoss, {"margin": "arcface_margin", "scale": "arcface_scale"}, None),
+    "subcenter_arcface": (SubCenterArcFaceLoss, {"margin": "arcface_margin", "scale": "arcface_scale",
+                                                 "sub_centers": "sub_centers"}, "sub_centers"),
+    "proxy_nca": (ProxyNCALoss, {"softmax_scale": "proxy_nca_scale"}, None),
+    "soft_triple": (SoftTripleLoss, {"centers_per_class": "soft_triple_centers",
+                                     "la": "soft_triple_la", "gamma": "soft_triple_gamma",
+                                     "margin": "soft_triple_margin"}, "soft_triple_centers"),
+}
+
+
+def _classification(name: str):
+    """The builder of `--method=<name>`: embedder -> Proxies(C * k) -> the loss."""
+    loss_cls, arguments, centers_field = _CLASSIFICATION_LOSSES[name]
+
+    def build(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objective:
+        from kdml.training.diagnostics import ProxyDiagnostics
+
+        try:
+            loss = loss_cls(**{arg: getattr(config, field) for arg, field in arguments.items()})
+        except ValueError as error:  # name the flag, not the loss argument
+            flags = [f"--{field}" for arg, field in arguments.items() if f"`{arg}`" in str(error)]
+            raise ValueError(f"{', '.join(flags) or '--method=' + name}: {error}") from None
+        images = keras.Input(embedder.input_shape[1:], name="images")
+        k = getattr(config, centers_field) if centers_field else 1
+        proxies = Proxies(num_classes * k, name="proxies")
+        return Objective(
+            model=keras.Model(images, proxies(embedder(images)), name=name),
+            loss=loss,
+            learning_rate_multipliers={"^proxies/": config.proxy_lr_multiplier,
+                                       BACKBONE_GROUP: 1.0},
+            # Coherence of one weight per class; with k per class it would compare
+            # centres of one class too, and cost (C k)^2 d per epoch (SOP, k = 10: 6e12).
+            callbacks=[ProxyDiagnostics(proxies.proxies)] if k == 1 else [],
+        )
+
+    return build
 
 
 # --- Coded Residual Transform (issue 5; docs/design.md 3.3) -----------------------------
@@ -220,6 +270,24 @@ METHODS: Dict[str, Method] = {
     "so_proxy": Method(
         "so_proxy", "Proxy Anchor + soft-orthogonal proxies (Soft Orthogonal Proxies, docs/design.md 3.2)",
         _so_proxy),
+    "normalized_softmax": Method(
+        "normalized_softmax", "Normalised softmax with a temperature (Zhai & Wu, BMVC 2019)",
+        _classification("normalized_softmax")),
+    "cosface": Method(
+        "cosface", "CosFace, additive cosine margin (Wang et al., CVPR 2018)",
+        _classification("cosface")),
+    "arcface": Method(
+        "arcface", "ArcFace, additive angular margin (Deng et al., CVPR 2019)",
+        _classification("arcface")),
+    "subcenter_arcface": Method(
+        "subcenter_arcface", "Sub-center ArcFace, k sub-centres per class (Deng et al., ECCV 2020)",
+        _classification("subcenter_arcface")),
+    "proxy_nca": Method(
+        "proxy_nca", "ProxyNCA with ProxyNCA++'s temperature (Teh et al., ECCV 2020)",
+        _classification("proxy_nca")),
+    "soft_triple": Method(
+        "soft_triple", "SoftTriple, K centres per class (Qian et al., ICCV 2019)",
+        _classification("soft_triple")),
 }
 
 

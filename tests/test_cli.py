@@ -59,7 +59,8 @@ def test_helpfull_lists_every_training_flag():
 # `TrainConfig` (name -> parser, default, help text, enum choices), captured from absl.
 # New settings need no entry; a deliberate change of a default or a help text updates
 # its entry in the same commit (so far: --so_strength, 10 -> 1e-3 in the paper's units, chosen on validation;
-# --dataset, --output_dir, --seed: the shared wording of kdml.command_line).
+# --dataset, --output_dir, --seed: the shared wording of kdml.command_line; --method's help,
+# listing the classification-based methods).
 _FLAGS_SNAPSHOT = os.path.join(ROOT, "tests", "training", "train_flags.json")
 
 

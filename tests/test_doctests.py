@@ -61,6 +61,32 @@ def test_docstring_examples(name):
     assert failures == 0, f"{failures} of {attempted} examples in {name} failed:\n{report}"
 
 
+# Markdown pages whose ```python blocks hold `>>>` examples; the blocks of a page run in
+# order in one namespace (`np`, `keras`, `tf`, `kdml` available), like one doctest file.
+_DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+DOC_PAGES = ["methods.md"]
+
+
+def _doc_examples(page):
+    import re
+
+    text = open(os.path.join(_DOCS, page), encoding="utf-8").read()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if ">>>" in b]
+    return "\n".join(blocks)
+
+
+@pytest.mark.parametrize("page", DOC_PAGES)
+def test_docs_examples(page):
+    source = _doc_examples(page)
+    globs = {"np": np, "keras": keras, "tf": tf, "kdml": kdml}
+    test = doctest.DocTestParser().get_doctest(source, globs, f"docs/{page}", page, 0)
+    runner = doctest.DocTestRunner(optionflags=_FLAGS)
+    report = io.StringIO()
+    runner.run(test, out=report.write)
+    assert runner.tries > 0
+    assert runner.failures == 0, f"{runner.failures} of {runner.tries} examples in docs/{page} failed:\n{report.getvalue()}"
+
+
 PUBLIC = [getattr(package, name) for package in (kdml.layers, kdml.losses, kdml.regularizers)
           for name in package.__all__]
 

@@ -9,8 +9,9 @@ import pytest
 import kdml
 from kdml.layers import (PDDM, CodedResidualTransform, L2Normalization, PDDMScoreMatrix,
                          PixelNormalization, PoolingHead, Proxies)
-from kdml.losses import (MultiBranchLoss, MultiSimilarityLoss, PDDMLoss, ProxyAnchorLoss,
-                         SimilarityConsistency)
+from kdml.losses import (ArcFaceLoss, CosFaceLoss, MultiBranchLoss, MultiSimilarityLoss,
+                         NormalizedSoftmaxLoss, PDDMLoss, ProxyAnchorLoss, ProxyNCALoss,
+                         SimilarityConsistency, SoftTripleLoss, SubCenterArcFaceLoss)
 from kdml.regularizers import SoftOrthogonal
 from tests.layer_test_case import run_layer_test, run_loss_test, run_regularizer_test
 
@@ -63,9 +64,11 @@ def _embedder(width, normalize=True):
     return build
 
 
-def _proxy_model():
-    inputs = keras.Input((4,), batch_size=6)
-    return keras.Model(inputs, Proxies(5, name="proxies")(keras.layers.Dense(3)(inputs)))
+def _proxy_model(num_weights=5):
+    def build():
+        inputs = keras.Input((4,), batch_size=6)
+        return keras.Model(inputs, Proxies(num_weights, name="proxies")(keras.layers.Dense(3)(inputs)))
+    return build
 
 
 def _two_branch_model():
@@ -86,7 +89,7 @@ _LABELS = np.array([0, 0, 1, 1, 2, 2])
 LOSS_CASES = {
     "ProxyAnchorLoss": (ProxyAnchorLoss, dict(alpha=16.0, margin=0.2, gather_across_replicas=False,
                                              name="pa"), np.array([0, 1, 2, 3, 4, 0]),
-                        _proxy_model),
+                        _proxy_model()),
     "MultiSimilarityLoss": (MultiSimilarityLoss, dict(alpha=3.0, beta=10.0, base=0.3, epsilon=0.2,
                                                      gather_across_replicas=False, name="ms"),
                             _LABELS, _embedder(4)),
@@ -97,6 +100,19 @@ LOSS_CASES = {
         input_dims=[3, 3], embedding_dims=[3, 3], consistency_weight=0.5),
         _LABELS, _two_branch_model),
     "PDDMLoss": (PDDMLoss, dict(alpha=0.5, beta=1.0, lambda_=0.5), _LABELS, _pddm_model),
+    # classification-based losses (docs/design.md 3.6): 5 classes, k weights per class
+    "NormalizedSoftmaxLoss": (NormalizedSoftmaxLoss, dict(temperature=0.1, name="ns"),
+                              np.array([0, 1, 2, 3, 4, 0]), _proxy_model()),
+    "CosFaceLoss": (CosFaceLoss, dict(margin=0.2, scale=16.0, gather_across_replicas=False),
+                    np.array([0, 1, 2, 3, 4, 0]), _proxy_model()),
+    "ArcFaceLoss": (ArcFaceLoss, dict(margin=20.0, scale=16.0), np.array([4, 1, 2, 3, 4, 0]),
+                    _proxy_model()),
+    "SubCenterArcFaceLoss": (SubCenterArcFaceLoss, dict(margin=20.0, scale=16.0, sub_centers=2),
+                             np.array([0, 1, 2, 3, 4, 0]), _proxy_model(10)),
+    "ProxyNCALoss": (ProxyNCALoss, dict(softmax_scale=9.0), np.array([0, 1, 2, 3, 4, 4]),
+                     _proxy_model()),
+    "SoftTripleLoss": (SoftTripleLoss, dict(centers_per_class=3, la=10.0, gamma=0.2, margin=0.05),
+                       np.array([0, 1, 2, 3, 4, 0]), _proxy_model(15)),
 }
 
 

@@ -1,9 +1,9 @@
 """Proxy Anchor loss (Kim et al., CVPR 2020; docs/design.md 3.1)."""
 
 import keras
-import tensorflow as tf
 from keras import ops
 
+from kdml.losses._classification import checked_class_labels
 from kdml.losses._cross_replica import BatchLoss
 from kdml.losses._cross_replica import masked_log1p_sum_exp
 
@@ -113,32 +113,6 @@ class ProxyAnchorLoss(BatchLoss):
         return config
 
 
-_LABEL_FIX = ("Fix: map the labels to 0..C-1 (as kdml.data does) and give Proxies one proxy "
-              "per training class.")
-
-
 def _checked_labels(labels, num_classes):
-    """(labels, valid): raises on a label outside [0, C) eagerly and in a tf.function.
-
-    Eagerly a `ValueError`; in a graph a `tf.debugging.Assert` (InvalidArgumentError)
-    that the returned labels depend on. XLA compiles the assert to nothing, so `valid`
-    (a bool scalar) is returned for the caller to turn the loss into NaN.
-    """
-    in_range = ops.logical_and(ops.greater_equal(labels, 0), ops.less(labels, num_classes))
-    valid = ops.all(in_range)
-    if tf.executing_eagerly():
-        if not bool(valid):
-            bad = ops.convert_to_numpy(labels)[~ops.convert_to_numpy(in_range)][0]
-            raise ValueError(
-                f"ProxyAnchorLoss: labels must be class indices in [0, C) = [0, {int(num_classes)})"
-                f" (C = y_pred.shape[-1], the number of proxies); received a label of {bad}. "
-                + _LABEL_FIX)
-        return labels, valid
-    lowest, highest = ops.min(labels), ops.max(labels)
-    bad = ops.where(ops.less(lowest, 0), lowest, highest)  # an offending label
-    check = tf.debugging.Assert(valid, [
-        "ProxyAnchorLoss: labels must be class indices in [0, C) with C = y_pred.shape[-1], "
-        "the number of proxies, =", num_classes, "; received a label of", bad,
-        ". " + _LABEL_FIX])
-    with tf.control_dependencies([check]):
-        return tf.identity(labels), valid
+    """(labels, valid): see `kdml.losses._classification.checked_class_labels`."""
+    return checked_class_labels(labels, num_classes, "ProxyAnchorLoss")
