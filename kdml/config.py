@@ -208,6 +208,9 @@ class TrainConfig:
         False, "mixed_float16 on GPU, mixed_bfloat16 on CPU; losses stay float32.")
     jit_compile: str = setting(
         "auto", "XLA-compile the train step.", choices=("auto", "true", "false"))
+    deterministic: bool = setting(
+        False, "Bit-for-bit reproducible runs on CPU: one inter-op thread (graph branches run "
+               "one at a time) and TensorFlow's op determinism.")
     seed: int = setting(0, shared_help(
         "seed", "It seeds the data order, augmentation and initialisation."))
     resume: bool = setting(False, "Continue from the newest checkpoint in --output_dir.")

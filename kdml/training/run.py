@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from kdml.config import TrainConfig
+from kdml.training.determinism import make_deterministic
 from kdml.data.augmentation import AUGMENTATIONS
 from kdml.data.pipeline import eval_dataset, steps_per_epoch, train_dataset
 from kdml.data.sampler import check_batch_geometry, class_balanced_batches
@@ -117,6 +118,8 @@ def _comparable(value):
 def train(config: TrainConfig) -> Dict:
     """Runs one training job; returns the contents of `metrics.json`."""
     method = get_method(config.method)
+    if config.deterministic:  # before any TensorFlow op (kdml.training.determinism)
+        make_deterministic()
     # First: MultiWorkerMirroredStrategy configures collectives at program start-up,
     # before any other TensorFlow op (the folder source decodes images).
     strategy = create_strategy(config.strategy)
