@@ -209,8 +209,8 @@ class TrainConfig:
     jit_compile: str = setting(
         "auto", "XLA-compile the train step.", choices=("auto", "true", "false"))
     deterministic: bool = setting(
-        False, "Bit-for-bit reproducible runs on CPU: one inter-op thread (graph branches run "
-               "one at a time) and TensorFlow's op determinism.")
+        False, "Bit-for-bit reproducible runs on CPU: one thread per TensorFlow pool and its "
+               "op determinism (about 2x slower on 2 cores).")
     seed: int = setting(0, shared_help(
         "seed", "It seeds the data order, augmentation and initialisation."))
     resume: bool = setting(False, "Continue from the newest checkpoint in --output_dir.")

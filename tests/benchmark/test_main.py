@@ -66,3 +66,17 @@ def test_the_omniglot_preset_gives_every_method_the_same_trials_and_budget():
         for i, name in enumerate(block):
             base = OMNIGLOT.methods[name].extends
             assert base is None or base in block[:i], name
+
+
+def test_the_docs_state_the_search_grids_the_preset_runs():
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    grid = sorted(OMNIGLOT.methods["so_proxy"].search["so_strength"])
+    methods = open(os.path.join(root, "docs", "methods.md")).read()
+    (stated,) = re.findall(r"search space is therefore lambda in \{([^}]*)\}", methods)
+    assert sorted(float(v) for v in stated.split(",")) == grid
+    benchmarks = open(os.path.join(root, "docs", "benchmarks.md")).read()
+    (row,) = [line for line in benchmarks.splitlines()
+              if line.startswith("| `so_proxy` |") and "so_strength {" in line]
+    assert sorted(float(v) for v in re.search(r"so_strength \{([^}]*)\}", row)[1].split(",")) == grid

@@ -176,3 +176,37 @@ def test_the_readme_block_is_the_regeneration_of_the_committed_runs():
             "docs/results/omniglot --readme=README.md --readme=docs/benchmarks.md` writes")
     with open(os.path.join(results, "results.md")) as f:
         assert current_block(os.path.join(repo, "README.md")).startswith(f.read())
+
+
+def test_the_plot_keeps_each_row_at_one_height_in_every_panel(results_dir, tmp_path):
+    """A row lacking a metric leaves its slot empty: later rows do not move up a row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from kdml.benchmark.report import collect, plot
+
+    summary = collect(results_dir)
+    summary["methods"]["new"]["summary"].pop("map@r")  # like the re-ranking rows
+    drawn = {}
+    import matplotlib.pyplot as plt
+
+    original = plt.Axes.errorbar
+
+    def spy(ax, x, y, *args, **kwargs):
+        drawn.setdefault(ax, []).append((list(x), list(y)))
+        return original(ax, x, y, *args, **kwargs)
+
+    plt.Axes.errorbar = spy
+    try:
+        plot(summary, str(tmp_path / "p.png"))
+    finally:
+        plt.Axes.errorbar = original
+    drawn = {ax.get_title(): points for ax, points in drawn.items()}
+    names = list(summary["methods"])
+    means = {(n, k): 100 * summary["methods"][n]["summary"][k]["mean"]
+             for n in names for k in summary["methods"][n]["summary"]}
+    for title, key in (("Recall@1 (%)", "recall@1"), ("MAP@R (%)", "map@r")):
+        ((xs, ys),) = drawn[title]
+        for x, y in zip(xs, ys):
+            assert x == pytest.approx(means[(names[int(y)], key)])  # drawn on its own row
+    assert drawn["MAP@R (%)"][0][1] == [names.index("base")]
