@@ -1,9 +1,16 @@
 """kdml losses: batch-level deep-metric-learning objectives (docs/design.md 3)."""
 
+from kdml.losses.circle import CircleLoss
+from kdml.losses.contrastive import ContrastiveLoss
 from kdml.losses.multi_branch import MultiBranchLoss
 from kdml.losses.multi_similarity import MultiSimilarityLoss
+from kdml.losses.ntxent import NTXentLoss
 from kdml.losses.pddm_loss import PDDMLoss
 from kdml.losses.proxy_anchor import ProxyAnchorLoss
 from kdml.losses.similarity_consistency import SimilarityConsistency
+from kdml.losses.supcon import SupConLoss
+from kdml.losses.triplet_margin import TripletMarginLoss
 
-__all__ = ["MultiBranchLoss", "MultiSimilarityLoss", "PDDMLoss", "ProxyAnchorLoss", "SimilarityConsistency"]
+__all__ = ["CircleLoss", "ContrastiveLoss", "MultiBranchLoss", "MultiSimilarityLoss",
+           "NTXentLoss", "PDDMLoss", "ProxyAnchorLoss", "SimilarityConsistency", "SupConLoss",
+           "TripletMarginLoss"]
