@@ -9,8 +9,9 @@ import pytest
 import kdml
 from kdml.layers import (PDDM, CodedResidualTransform, L2Normalization, PDDMScoreMatrix,
                          PixelNormalization, PoolingHead, Proxies)
-from kdml.losses import (MultiBranchLoss, MultiSimilarityLoss, PDDMLoss, ProxyAnchorLoss,
-                         SimilarityConsistency)
+from kdml.losses import (CircleLoss, ContrastiveLoss, MultiBranchLoss, MultiSimilarityLoss,
+                         NTXentLoss, PDDMLoss, ProxyAnchorLoss, SimilarityConsistency, SupConLoss,
+                         TripletMarginLoss)
 from kdml.regularizers import SoftOrthogonal
 from tests.layer_test_case import run_layer_test, run_loss_test, run_regularizer_test
 
@@ -97,6 +98,17 @@ LOSS_CASES = {
         input_dims=[3, 3], embedding_dims=[3, 3], consistency_weight=0.5),
         _LABELS, _two_branch_model),
     "PDDMLoss": (PDDMLoss, dict(alpha=0.5, beta=1.0, lambda_=0.5), _LABELS, _pddm_model),
+    "TripletMarginLoss": (TripletMarginLoss, dict(margin=1.0, mining="semihard",
+                                                  distance="squared_euclidean",
+                                                  gather_across_replicas=False, name="tml"),
+                          _LABELS, _embedder(4, False)),
+    "ContrastiveLoss": (ContrastiveLoss, dict(pos_margin=0.1, neg_margin=1.5, distance="cosine"),
+                        _LABELS, _embedder(4, False)),
+    "CircleLoss": (CircleLoss, dict(m=0.3, gamma=16.0, normalize_embeddings=False),
+                   _LABELS, _embedder(4)),
+    "SupConLoss": (SupConLoss, dict(temperature=0.2), _LABELS, _embedder(4, False)),
+    "NTXentLoss": (NTXentLoss, dict(temperature=0.5), np.array([0, 1, 2, 0, 1, 2]),
+                   _embedder(4, False)),
 }
 
 

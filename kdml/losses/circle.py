@@ -45,12 +45,12 @@ class CircleLoss(PairLoss):
 
     Example: three orthogonal unit vectors, labels [0, 0, 1]; anchors 0 and 1 each have
     s_p = s_n = 0, so with m = 0.25, gamma = 1: L_i = softplus(0.25 * -0.25 - 1.25 * -0.75)
-    = softplus(0.875):
+    = softplus(0.875) = log(1 + e^0.875):
 
     >>> emb = np.eye(3, dtype="float32")
     >>> loss = CircleLoss(m=0.25, gamma=1.0)
     >>> round(float(loss(np.array([0, 0, 1]), emb)), 5)
-    1.2267
+    1.22344
     """
 
     def __init__(self, m=0.4, gamma=80.0, normalize_embeddings=True,
