@@ -8,6 +8,8 @@ For every (loss setting, batch) case it writes the batch (labels, float64 embedd
 not normalised), PML's loss and its gradient with respect to the embeddings, computed
 in float64, to one `.npz` file; its `meta` entry (JSON) names the library versions and,
 per case, the kdml class and arguments that must reproduce it and the PML objects used.
+Then, for a few settings wrapped in PML's `CrossBatchMemory`, a sequence of batches that
+wraps the memory around, with the loss and gradient of each step (`xbm_cases`).
 `tests/losses/test_pml_agreement.py` compares kdml with these values (no torch needed).
 """
 
@@ -93,6 +95,33 @@ def _pml_loss_and_grad(setting, labels, embeddings):
     return float(loss.detach()), grad
 
 
+# Cross-batch memory: (setting index in SETTINGS) wrapped in PML's CrossBatchMemory with
+# memory_size XBM_MEMORY, fed XBM_STEPS batches of XBM_BATCH rows (it wraps around).
+XBM_SETTINGS = [1, 9, 13, 15, 17]
+XBM_MEMORY, XBM_BATCH, XBM_STEPS, XBM_DIM = 10, 4, 4, 5
+
+
+def _pml_xbm_sequence(setting, batches):
+    """(loss, grad) of each batch through one PML CrossBatchMemory, in order."""
+    import torch
+    from pytorch_metric_learning import losses
+
+    _, _, loss_name, loss_kwargs, _, _, distance = setting
+    inner = getattr(losses, loss_name)(distance=_distance(distance), **loss_kwargs)
+    xbm = losses.CrossBatchMemory(inner, embedding_size=XBM_DIM, memory_size=XBM_MEMORY)
+    results = []
+    for labels, embeddings in batches:
+        emb = torch.tensor(embeddings, dtype=torch.float64, requires_grad=True)
+        loss = xbm(emb, torch.tensor(labels, dtype=torch.int64))
+        if loss.requires_grad:
+            loss.backward()
+            grad = emb.grad.numpy().copy() if emb.grad is not None else np.zeros_like(embeddings)
+        else:
+            grad = np.zeros_like(embeddings)
+        results.append((float(loss.detach()), grad))
+    return results
+
+
 def _describe(setting):
     _, _, loss_name, loss_kwargs, miner_name, miner_kwargs, distance = setting
     dist = {"cos": "CosineSimilarity()", "lp1": "LpDistance(power=1)",
@@ -125,15 +154,33 @@ def main():
             arrays[f"{key}_grad"] = grad
             cases.append({"key": key, "batch": batch_name, "kdml_class": setting[0],
                           "kdml_kwargs": setting[1], "pml": _describe(setting)})
+    xbm_cases = []
+    for index in XBM_SETTINGS:
+        setting = SETTINGS[index]
+        batches = [(rng.integers(0, 3, size=XBM_BATCH), rng.normal(size=(XBM_BATCH, XBM_DIM)))
+                   for _ in range(XBM_STEPS)]
+        key = f"xbm{len(xbm_cases):02d}"
+        for step, ((labels, embeddings), (loss, grad)) in enumerate(
+                zip(batches, _pml_xbm_sequence(setting, batches))):
+            arrays[f"{key}_step{step}_labels"] = labels.astype(np.int64)
+            arrays[f"{key}_step{step}_embeddings"] = embeddings
+            arrays[f"{key}_step{step}_loss"] = np.array(loss)
+            arrays[f"{key}_step{step}_grad"] = grad
+        xbm_cases.append({"key": key, "kdml_class": setting[0], "kdml_kwargs": setting[1],
+                          "memory_size": XBM_MEMORY, "embedding_size": XBM_DIM,
+                          "steps": XBM_STEPS,
+                          "pml": f"losses.CrossBatchMemory({_describe(setting)}, "
+                                 f"embedding_size={XBM_DIM}, memory_size={XBM_MEMORY})"})
     meta = {
         "library": f"pytorch-metric-learning {pytorch_metric_learning.__version__}",
         "torch": torch.__version__,
         "dtype": "float64",
         "tool": "tools/make_pml_fixtures_pairs.py",
         "cases": cases,
+        "xbm_cases": xbm_cases,
     }
     np.savez_compressed(args.output, meta=np.array(json.dumps(meta)), **arrays)
-    print(f"{len(cases)} cases, {meta['library']}, torch {meta['torch']} -> {args.output}")
+    print(f"{len(cases)} cases, {len(xbm_cases)} cross-batch memory sequences, {meta['library']}, torch {meta['torch']} -> {args.output}")
 
 
 if __name__ == "__main__":

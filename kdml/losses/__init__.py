@@ -2,6 +2,7 @@
 
 from kdml.losses.circle import CircleLoss
 from kdml.losses.contrastive import ContrastiveLoss
+from kdml.losses.cross_batch_memory import CrossBatchMemory
 from kdml.losses.multi_branch import MultiBranchLoss
 from kdml.losses.multi_similarity import MultiSimilarityLoss
 from kdml.losses.ntxent import NTXentLoss
@@ -11,6 +12,6 @@ from kdml.losses.similarity_consistency import SimilarityConsistency
 from kdml.losses.supcon import SupConLoss
 from kdml.losses.triplet_margin import TripletMarginLoss
 
-__all__ = ["CircleLoss", "ContrastiveLoss", "MultiBranchLoss", "MultiSimilarityLoss",
+__all__ = ["CircleLoss", "ContrastiveLoss", "CrossBatchMemory", "MultiBranchLoss", "MultiSimilarityLoss",
            "NTXentLoss", "PDDMLoss", "ProxyAnchorLoss", "SimilarityConsistency", "SupConLoss",
            "TripletMarginLoss"]

@@ -64,3 +64,28 @@ def test_loss_and_gradient_equal_pytorch_metric_learning(case):
     reference = pair_references.REFERENCES[case["kdml_class"]](
         labels, _DATA[key + "_embeddings"], **case["kdml_kwargs"])
     np.testing.assert_allclose(reference, expected, rtol=1e-9, atol=1e-12)
+
+
+_XBM_CASES = _META["xbm_cases"]
+
+
+@pytest.mark.parametrize("case", _XBM_CASES, ids=lambda c: f"{c['key']}-{c['kdml_class']}")
+def test_cross_batch_memory_equals_pytorch_metric_learning_step_by_step(case):
+    """Each step's loss and gradient through one memory that wraps around (10 rows, 4 steps
+    of 4), equal to PML's CrossBatchMemory around the same loss."""
+    xbm = kdml.losses.CrossBatchMemory(
+        getattr(kdml.losses, case["kdml_class"])(**case["kdml_kwargs"]),
+        embedding_size=case["embedding_size"], memory_size=case["memory_size"])
+    assert case["steps"] * 4 > case["memory_size"]  # the sequence wraps around
+    for step in range(case["steps"]):
+        key = f"{case['key']}_step{step}"
+        embeddings = tf.constant(_DATA[key + "_embeddings"], tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(embeddings)
+            value = xbm(_DATA[key + "_labels"], embeddings)
+        grad = tape.gradient(value, embeddings).numpy()
+        expected, expected_grad = float(_DATA[key + "_loss"]), _DATA[key + "_grad"]
+        np.testing.assert_allclose(float(value), expected, rtol=1e-5, atol=1e-7, err_msg=key)
+        scale = np.abs(expected_grad).max()
+        np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-5 * scale + 1e-9,
+                                   err_msg=key)
