@@ -9,9 +9,9 @@ import pytest
 import kdml
 from kdml.layers import (PDDM, CodedResidualTransform, L2Normalization, PDDMScoreMatrix,
                          PixelNormalization, PoolingHead, Proxies)
-from kdml.losses import (CircleLoss, ContrastiveLoss, MultiBranchLoss, MultiSimilarityLoss,
-                         NTXentLoss, PDDMLoss, ProxyAnchorLoss, SimilarityConsistency, SupConLoss,
-                         TripletMarginLoss)
+from kdml.losses import (CircleLoss, ContrastiveLoss, CrossBatchMemory, MultiBranchLoss,
+                         MultiSimilarityLoss, NTXentLoss, PDDMLoss, ProxyAnchorLoss,
+                         SimilarityConsistency, SupConLoss, TripletMarginLoss)
 from kdml.regularizers import SoftOrthogonal
 from tests.layer_test_case import run_layer_test, run_loss_test, run_regularizer_test
 
@@ -107,6 +107,11 @@ LOSS_CASES = {
     "CircleLoss": (CircleLoss, dict(m=0.3, gamma=16.0, normalize_embeddings=False),
                    _LABELS, _embedder(4)),
     "SupConLoss": (SupConLoss, dict(temperature=0.2), _LABELS, _embedder(4, False)),
+    # memory_size = the batch: every call sees the same memory, as the contract's
+    # repeated evaluations of one batch need.
+    "CrossBatchMemory": (CrossBatchMemory, dict(loss=MultiSimilarityLoss(beta=10.0),
+                                                embedding_size=3, memory_size=6),
+                         _LABELS, _embedder(3)),
     "NTXentLoss": (NTXentLoss, dict(temperature=0.5), np.array([0, 1, 2, 0, 1, 2]),
                    _embedder(4, False)),
 }

@@ -52,6 +52,7 @@ class MemoryQueue(keras.layers.Layer):
         self.count = self.add_weight(
             shape=(), initializer="zeros", dtype="int64", trainable=False,
             aggregation="only_first_replica", name="count")
+        self.built = True  # the weights exist from the start (saved even before a call)
 
     def call(self, inputs):
         return inputs
@@ -88,6 +89,14 @@ class MemoryQueue(keras.layers.Layer):
         filled = ops.cast(ops.minimum(new_count, self.memory_size), "int32")
         return new_labels[:filled], new_embeddings[:filled], positions
 
+    def load_own_variables(self, store):
+        """As Layer's, but an empty entry is allowed: a `.keras` file saves the queue once,
+        under the model's layer, and the compiled `CrossBatchMemory` that refers to the same
+        layer gets an empty entry (its loaded copy then starts with an empty queue)."""
+        if len(store.keys()) == 0:
+            return
+        super().load_own_variables(store)
+
     def get_config(self):
         config = super().get_config()
         config.update({"memory_size": self.memory_size, "embedding_size": self.embedding_size})
@@ -112,7 +121,11 @@ class CrossBatchMemory(BatchLoss):
 
     The queue is the `memory` layer (`MemoryQueue`), whose weights are non-trainable
     state: build the training model as `keras.Model(x, xbm.memory(embedder(x)))` so that
-    checkpoints and `.keras` files include it. Under MirroredStrategy the batch is
+    checkpoints and `.keras` files include it (kdml.train does). A resumed run restores
+    the checkpoint into the same objects and continues with the same queue. After
+    `keras.saving.load_model` the model's `xbm_memory` layer holds the saved queue but
+    the reloaded loss has a fresh one: compile the loaded model with a new
+    `CrossBatchMemory` and copy the weights if training must go on from a `.keras` file. Under MirroredStrategy the batch is
     all-gathered first (as the wrapped losses do), every replica writes the same rows and
     holds the same queue, and a distributed step equals the one-device step.
 
