@@ -12,6 +12,7 @@ import importlib.util
 import io
 import os
 import pkgutil
+import re
 
 import keras
 import numpy as np
@@ -71,3 +72,28 @@ def test_every_public_layer_loss_and_regularizer_has_an_example(cls):
     finder = doctest.DocTestFinder(recurse=False)
     examples = sum(len(test.examples) for test in finder.find(cls, cls.__name__, module=module))
     assert examples > 0, f"{cls.__module__}.{cls.__name__}'s docstring has no >>> example"
+
+
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+DOC_PAGES = sorted(name for name in os.listdir(DOCS) if name.endswith(".md") and re.search(
+    r"^>>> ", open(os.path.join(DOCS, name), encoding="utf-8").read(), re.MULTILINE))
+
+
+def test_doc_pages_with_examples_are_found():
+    assert "methods.md" in DOC_PAGES
+
+
+@pytest.mark.parametrize("page", DOC_PAGES)
+def test_doc_page_examples(page):
+    """The `>>>` examples of a page of docs/ run in order, sharing one namespace."""
+    report = io.StringIO()
+    parser = doctest.DocTestParser()
+    path = os.path.join(DOCS, page)
+    text = open(path, encoding="utf-8").read()
+    test = parser.get_doctest(text, {"np": np, "keras": keras, "tf": tf, "kdml": kdml},
+                              page, path, 0)
+    runner = doctest.DocTestRunner(optionflags=_FLAGS)
+    runner.run(test, out=report.write)
+    assert runner.tries > 0
+    assert runner.failures == 0, f"{runner.failures} of {runner.tries} examples in docs/{page} " \
+                                 f"failed:\n{report.getvalue()}"
