@@ -180,7 +180,8 @@ def main():
         "xbm_cases": xbm_cases,
     }
     np.savez_compressed(args.output, meta=np.array(json.dumps(meta)), **arrays)
-    print(f"{len(cases)} cases, {len(xbm_cases)} cross-batch memory sequences, {meta['library']}, torch {meta['torch']} -> {args.output}")
+    print(f"{len(cases)} cases, {len(xbm_cases)} cross-batch memory sequences, "
+          f"{meta['library']}, torch {meta['torch']} -> {args.output}")
 
 
 if __name__ == "__main__":

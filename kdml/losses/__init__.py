@@ -12,6 +12,6 @@ from kdml.losses.similarity_consistency import SimilarityConsistency
 from kdml.losses.supcon import SupConLoss
 from kdml.losses.triplet_margin import TripletMarginLoss
 
-__all__ = ["CircleLoss", "ContrastiveLoss", "CrossBatchMemory", "MultiBranchLoss", "MultiSimilarityLoss",
-           "NTXentLoss", "PDDMLoss", "ProxyAnchorLoss", "SimilarityConsistency", "SupConLoss",
-           "TripletMarginLoss"]
+__all__ = ["CircleLoss", "ContrastiveLoss", "CrossBatchMemory", "MultiBranchLoss",
+           "MultiSimilarityLoss", "NTXentLoss", "PDDMLoss", "ProxyAnchorLoss",
+           "SimilarityConsistency", "SupConLoss", "TripletMarginLoss"]

@@ -125,9 +125,10 @@ class CrossBatchMemory(BatchLoss):
     the checkpoint into the same objects and continues with the same queue. After
     `keras.saving.load_model` the model's `xbm_memory` layer holds the saved queue but
     the reloaded loss has a fresh one: compile the loaded model with a new
-    `CrossBatchMemory` and copy the weights if training must go on from a `.keras` file. Under MirroredStrategy the batch is
-    all-gathered first (as the wrapped losses do), every replica writes the same rows and
-    holds the same queue, and a distributed step equals the one-device step.
+    `CrossBatchMemory` and copy the weights if training must go on from a `.keras` file.
+    Under MirroredStrategy the batch is all-gathered first (as the wrapped losses do),
+    every replica writes the same rows and holds the same queue, and a distributed step
+    equals the one-device step.
 
     Args:
         loss: A kdml pair-based loss: TripletMarginLoss, ContrastiveLoss, CircleLoss,

@@ -63,7 +63,8 @@ def triplet(labels, emb, margin=0.05, mining="all", distance="euclidean",
 
 def contrastive(labels, emb, pos_margin=0.0, neg_margin=1.0, distance="euclidean",
                 normalize_embeddings=True):
-    """Hadsell et al. Eq. 4 with a positive margin, over ordered pairs; each part's mean of terms > 0."""
+    """Hadsell et al. Eq. 4 with a positive margin, over ordered pairs; each part's mean
+    of the terms > 0."""
     e = _unit(emb) if normalize_embeddings else np.asarray(emb, np.float64)
     pos_terms, neg_terms = [], []
     for i in range(len(labels)):

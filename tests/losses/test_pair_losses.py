@@ -192,8 +192,8 @@ def test_low_precision_input_gives_the_float32_loss_of_the_rounded_input(dtype):
     for cls, kwargs in SETTINGS:
         got = cls(**kwargs)(labels, low)
         assert got.dtype == tf.float32
-        np.testing.assert_allclose(float(got), float(cls(**kwargs)(labels, tf.cast(low, "float32"))),
-                                   rtol=1e-6)
+        rounded = tf.cast(low, "float32")
+        np.testing.assert_allclose(float(got), float(cls(**kwargs)(labels, rounded)), rtol=1e-6)
 
 
 def test_label_shapes_and_dtypes():
