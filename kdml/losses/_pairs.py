@@ -3,7 +3,7 @@
 `PairLoss` is the base of every loss computed on the pairs of a batch of embeddings
 against a reference set: the batch itself (plain call, the global batch across replicas)
 or a cross-batch memory (`kdml.losses.CrossBatchMemory`). Subclasses implement
-`pair_loss(labels, embeddings, ref_labels, ref_embeddings, is_self)`, in float32.
+`pair_loss(labels, embeddings, ref_labels, ref_embeddings, excluded)`, in float32.
 
 The reductions follow pytorch-metric-learning's reducers exactly: `mean_of_positive` is
 its `AvgNonZeroReducer` (the mean of the terms > 0, 0 when there is none), and a plain
@@ -51,10 +51,12 @@ def distance_matrix(a, b, distance):
     return ops.where(positive, ops.sqrt(ops.where(positive, squared, 1.0)), 0.0)
 
 
-def pair_masks(labels, ref_labels, is_self):
-    """(positive, negative) (m, n) bool masks: same label and not the same sample / other label."""
+def pair_masks(labels, ref_labels, excluded):
+    """(positive, negative) (m, n) bool masks: same label / another label, each outside
+    `excluded` (m, n) (a query's own entry; empty memory rows)."""
     same = ops.equal(labels[:, None], ref_labels[None, :])
-    return ops.logical_and(same, ops.logical_not(is_self)), ops.logical_not(same)
+    kept = ops.logical_not(excluded)
+    return ops.logical_and(same, kept), ops.logical_and(ops.logical_not(same), kept)
 
 
 def mean_of_positive(losses, mask):
@@ -114,9 +116,10 @@ class PairLoss(BatchLoss):
         is_self = ops.equal(index[:, None], index[None, :])
         return self.pair_loss(labels, embeddings, labels, embeddings, is_self)
 
-    def pair_loss(self, labels, embeddings, ref_labels, ref_embeddings, is_self):
+    def pair_loss(self, labels, embeddings, ref_labels, ref_embeddings, excluded):
         """Scalar float32 loss of queries (m,), (m, d) against references (n,), (n, d);
-        `is_self` (m, n) marks a query's own entry among the references."""
+        `excluded` (m, n) marks the pairs that are neither positive nor negative (a
+        query's own entry among the references, empty memory rows)."""
         raise NotImplementedError
 
     def get_config(self):

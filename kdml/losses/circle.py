@@ -60,9 +60,9 @@ class CircleLoss(PairLoss):
         self.m = as_float(m, "m")
         self.gamma = as_float(gamma, "gamma", positive=True)
 
-    def pair_loss(self, labels, embeddings, ref_labels, ref_embeddings, is_self):
+    def pair_loss(self, labels, embeddings, ref_labels, ref_embeddings, excluded):
         sims = distance_matrix(embeddings, ref_embeddings, "cosine")  # (m, n)
-        positive, negative = pair_masks(labels, ref_labels, is_self)
+        positive, negative = pair_masks(labels, ref_labels, excluded)
         fixed = ops.stop_gradient(sims)
         logit_p = -self.gamma * ops.relu(1.0 + self.m - fixed) * (sims - (1.0 - self.m))
         logit_n = self.gamma * ops.relu(fixed + self.m) * (sims - self.m)

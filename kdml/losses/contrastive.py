@@ -61,9 +61,9 @@ class ContrastiveLoss(PairLoss):
         self.neg_margin = as_float(neg_margin, "neg_margin")
         self.distance = check_distance(distance)
 
-    def pair_loss(self, labels, embeddings, ref_labels, ref_embeddings, is_self):
+    def pair_loss(self, labels, embeddings, ref_labels, ref_embeddings, excluded):
         dist = distance_matrix(embeddings, ref_embeddings, self.distance)  # (m, n)
-        positive, negative = pair_masks(labels, ref_labels, is_self)
+        positive, negative = pair_masks(labels, ref_labels, excluded)
         if self.distance == "cosine":
             pos_terms, neg_terms = self.pos_margin - dist, dist - self.neg_margin
         else:

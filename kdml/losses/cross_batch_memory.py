@@ -63,8 +63,9 @@ class MemoryQueue(keras.layers.Layer):
     def enqueue(self, labels, embeddings):
         """Writes (B,) labels and (B, d) embeddings (B <= M) after the newest rows.
 
-        Returns (labels (n,), embeddings (n, d), positions (B,)): the filled part of the
-        queue after the write (n = min(count, M) rows) and the rows the batch went to.
+        Returns (labels (M,), embeddings (M, d), filled (M,) bool, positions (B,)): the
+        queue after the write, which of its rows hold data (the first min(count, M)), and
+        the rows the batch went to. Shapes are static (XLA compiles it).
         """
         labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
         embeddings = ops.stop_gradient(ops.cast(embeddings, "float32"))
@@ -86,8 +87,9 @@ class MemoryQueue(keras.layers.Layer):
         self.embeddings.assign(new_embeddings)
         self.labels.assign(new_labels)
         self.count.assign(new_count)
-        filled = ops.cast(ops.minimum(new_count, self.memory_size), "int32")
-        return new_labels[:filled], new_embeddings[:filled], positions
+        filled = ops.less(ops.arange(self.memory_size, dtype="int64"),
+                          ops.minimum(new_count, self.memory_size))
+        return new_labels, new_embeddings, filled, positions
 
     def load_own_variables(self, store):
         """As Layer's, but an empty entry is allowed: a `.keras` file saves the queue once,
@@ -179,10 +181,11 @@ class CrossBatchMemory(BatchLoss):
     def call(self, y_true, y_pred):
         labels, embeddings = self._maybe_gather(y_true, y_pred)  # (B,), (B, d)
         embeddings = self.loss.prepare(embeddings)
-        ref_labels, ref_embeddings, positions = self.memory.enqueue(labels, embeddings)
-        slots = ops.arange(ops.shape(ref_labels)[0], dtype="int32")
-        is_self = ops.equal(positions[:, None], slots[None, :])  # (B, n)
-        return self.loss.pair_loss(labels, embeddings, ref_labels, ref_embeddings, is_self)
+        ref_labels, ref_embeddings, filled, positions = self.memory.enqueue(labels, embeddings)
+        slots = ops.arange(self.memory_size, dtype="int32")
+        excluded = ops.logical_or(ops.equal(positions[:, None], slots[None, :]),  # (B, M)
+                                  ops.logical_not(filled)[None, :])
+        return self.loss.pair_loss(labels, embeddings, ref_labels, ref_embeddings, excluded)
 
     def get_config(self):
         config = super().get_config()

@@ -95,15 +95,17 @@ class MultiSimilarityLoss(BatchLoss):
         is_self = ops.equal(index[:, None], index[None, :])
         return self.pair_loss(labels, embeddings, labels, embeddings, is_self)
 
-    def pair_loss(self, labels, embeddings, ref_labels, ref_embeddings, is_self):
+    def pair_loss(self, labels, embeddings, ref_labels, ref_embeddings, excluded):
         """The loss of queries (m,), (m, d) against references (n,), (n, d) (the batch
-        itself, or a `CrossBatchMemory`); `is_self` (m, n) marks a query's own entry.
+        itself, or a `CrossBatchMemory`); `excluded` (m, n) marks the pairs that are
+        neither positive nor negative (a query's own entry, empty memory rows).
         Anchors are the m queries: L = 1/m sum_i L_i."""
         sims = ops.matmul(embeddings, ops.transpose(ref_embeddings))  # (m, n)
         batch_size = ops.shape(sims)[0]
         same_class = ops.equal(labels[:, None], ref_labels[None, :])
-        positive = ops.logical_and(same_class, ops.logical_not(is_self))
-        negative = ops.logical_not(same_class)
+        kept = ops.logical_not(excluded)
+        positive = ops.logical_and(same_class, kept)
+        negative = ops.logical_and(ops.logical_not(same_class), kept)
 
         # Mining (no gradient: the thresholds only enter comparisons).
         mining_sims = ops.stop_gradient(sims)

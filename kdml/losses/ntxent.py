@@ -56,9 +56,9 @@ class NTXentLoss(PairLoss):
                          gather_across_replicas=gather_across_replicas, name=name, **kwargs)
         self.temperature = as_float(temperature, "temperature", positive=True)
 
-    def pair_loss(self, labels, embeddings, ref_labels, ref_embeddings, is_self):
+    def pair_loss(self, labels, embeddings, ref_labels, ref_embeddings, excluded):
         logits = distance_matrix(embeddings, ref_embeddings, "cosine") / self.temperature
-        positive, negative = pair_masks(labels, ref_labels, is_self)
+        positive, negative = pair_masks(labels, ref_labels, excluded)
         negatives = masked_logsumexp(logits, negative, axis=1)[:, None]  # (m, 1)
         # -log(e^x / (e^x + e^N)) = log(e^x + e^N) - x, N = log sum_n e^{s_in / tau}
         per_pair = ops.logaddexp(logits, negatives) - logits  # (m, n)

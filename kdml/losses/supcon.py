@@ -54,9 +54,9 @@ class SupConLoss(PairLoss):
                          gather_across_replicas=gather_across_replicas, name=name, **kwargs)
         self.temperature = as_float(temperature, "temperature", positive=True)
 
-    def pair_loss(self, labels, embeddings, ref_labels, ref_embeddings, is_self):
+    def pair_loss(self, labels, embeddings, ref_labels, ref_embeddings, excluded):
         logits = distance_matrix(embeddings, ref_embeddings, "cosine") / self.temperature
-        positive, negative = pair_masks(labels, ref_labels, is_self)
+        positive, negative = pair_masks(labels, ref_labels, excluded)
         others = ops.logical_or(positive, negative)
         log_denominator = masked_logsumexp(logits, others, axis=1)[:, None]  # (m, 1)
         log_prob = ops.where(positive, logits - log_denominator, 0.0)

@@ -81,11 +81,11 @@ class TripletMarginLoss(PairLoss):
         self.mining = mining
         self.distance = check_distance(distance)
 
-    def pair_loss(self, labels, embeddings, ref_labels, ref_embeddings, is_self):
+    def pair_loss(self, labels, embeddings, ref_labels, ref_embeddings, excluded):
         dist = distance_matrix(embeddings, ref_embeddings, self.distance)  # (m, n)
         if self.distance == "cosine":
             dist = -dist  # larger is farther
-        positive, negative = pair_masks(labels, ref_labels, is_self)
+        positive, negative = pair_masks(labels, ref_labels, excluded)
         if self.mining in ("all", "semihard"):
             d_ap, d_an = dist[:, :, None], dist[:, None, :]
             valid = ops.logical_and(positive[:, :, None], negative[:, None, :])  # (m, n, n)

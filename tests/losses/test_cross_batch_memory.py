@@ -25,9 +25,10 @@ def test_queue_contents_after_wrap_around():
     for step in range(4):  # 4 batches of 2 into 5 rows: rows 0-1, 2-3, 4-0, 1-2
         labels = np.array([10 * step, 10 * step + 1])
         emb = np.full((2, 2), float(step), "float32") + np.array([[0.0], [0.5]], "float32")
-        got_labels, got_emb, positions = queue.enqueue(labels, emb)
+        got_labels, got_emb, filled, positions = queue.enqueue(labels, emb)
         written.append(positions.numpy().tolist())
-        assert len(got_labels) == min(2 * (step + 1), 5)  # the filled part only
+        assert filled.numpy().tolist() == [i < 2 * (step + 1) for i in range(5)]
+        np.testing.assert_array_equal(got_labels.numpy(), queue.labels.numpy())
     assert written == [[0, 1], [2, 3], [4, 0], [1, 2]]
     # Newest rows win: row 0 <- step 2's second row, rows 1-2 <- step 3, rows 3-4 older.
     np.testing.assert_array_equal(queue.labels.numpy(), [21, 30, 31, 11, 20])
@@ -152,6 +153,23 @@ def test_the_queue_is_saved_with_the_model_and_a_resumed_run_continues_with_it(t
     xbm_empty.memory.count.assign(0)
     _fit(empty, xbm_empty, 1, first=2)
     assert max(np.abs(a - b).max() for a, b in zip(whole, empty.get_weights())) > 1e-4
+
+
+def test_a_train_step_compiles_with_xla():
+    # The memory has static shapes (full buffers and a mask of the filled rows).
+    keras.utils.set_random_seed(0)
+    model, xbm = _model_and_loss()
+    reference, xbm_reference = _model_and_loss()
+    reference.set_weights(model.get_weights())
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1), loss=xbm, jit_compile=True)
+    reference.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1), loss=xbm_reference,
+                      jit_compile=False)
+    for step in range(3):
+        a = model.train_on_batch(_X[step], _Y[step])
+        b = reference.train_on_batch(_X[step], _Y[step])
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+    np.testing.assert_array_equal(xbm.memory.labels.numpy(), xbm_reference.memory.labels.numpy())
+    assert int(xbm.memory.count.numpy()) == 24
 
 
 def test_the_queue_survives_a_keras_file(tmp_path):

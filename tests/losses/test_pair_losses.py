@@ -260,3 +260,22 @@ def test_without_gathering_each_replica_sees_only_its_slice(mirrored):
     local = weights_after_one_step(mirrored, _build_model, initial,
                                    make(gather_across_replicas=False), _X, _Y)
     assert max(np.abs(ws - wl).max() for ws, wl in zip(single, local)) > 1e-3
+
+
+def test_xla_compiles_every_setting_to_the_same_value_and_gradient():
+    rng = np.random.default_rng(9)
+    labels = tf.constant([0, 0, 1, 1, 2, 2, 0, 3])
+    emb = tf.constant(rng.normal(size=(8, 4)), tf.float32)
+    for cls, kwargs in SETTINGS:
+        loss = cls(**kwargs)
+
+        def value_and_grad(e):
+            with tf.GradientTape() as tape:
+                tape.watch(e)
+                value = loss(labels, e)
+            return value, tape.gradient(value, e)
+
+        eager = value_and_grad(emb)
+        compiled = tf.function(value_and_grad, jit_compile=True)(emb)
+        np.testing.assert_allclose(compiled[0].numpy(), eager[0].numpy(), rtol=1e-5)
+        np.testing.assert_allclose(compiled[1].numpy(), eager[1].numpy(), rtol=1e-4, atol=1e-6)
