@@ -39,7 +39,10 @@ class TripletMarginLoss(PairLoss):
     The loss is the mean over the picked triplets with l > 0 (PML's AvgNonZeroReducer),
     0 when there is none (a batch with no valid triplet gives 0 and a zero gradient).
     Defaults are PML's `TripletMarginLoss` (margin 0.05, L2-normalised embeddings,
-    Euclidean distance); its `swap` and `smooth_loss` options are not offered. Computed
+    Euclidean distance); its `swap`, `smooth_loss` and sampled `triplets_per_anchor`
+    options are not offered. With `hard` / `easy_positive` and tied distances the
+    gradient is shared by the tied entries (TensorFlow's max/min), where PML's argmax
+    sends it to the first; values are equal. Computed
     in float32. `all` and `semihard` build an (m, n, n) tensor (m queries, n references).
 
     Distribution: the global batch across replicas, as `MultiSimilarityLoss`.
