@@ -18,9 +18,9 @@ from kdml.command_line import shared_help
 # photographs fine-tune an ImageNet backbone (the Proxy Anchor recipe).
 KIND_DEFAULTS = {
     "glyph": dict(backbone="conv4", image_size=28, weights="none", lr=1e-3,
-                  warmup_epochs=0, augmentation="glyph", eval_crop_fraction=0.875),
+                  warmup_epochs=0, augmentation="glyph", eval_crop_fraction=0.875, views=1),
     "photo": dict(backbone="resnet50", image_size=224, weights="imagenet", lr=1e-4,
-                  warmup_epochs=1, augmentation="photo", eval_crop_fraction=0.875),
+                  warmup_epochs=1, augmentation="photo", eval_crop_fraction=0.875, views=1),
 }
 
 
@@ -29,6 +29,9 @@ KIND_DEFAULTS = {
 METHOD_KIND_DEFAULTS = {
     # The SO paper's encoder: DeiT, class token -> linear -> L2 norm (the "cls" head).
     "so_proxy": {"photo": dict(backbone="deit_small")},
+    # Contrastive objectives of two augmented views of each image (SupCon, SimCLR).
+    "supcon": {"photo": dict(views=2), "glyph": dict(views=2)},
+    "ntxent": {"photo": dict(views=2), "glyph": dict(views=2)},
 }
 
 
@@ -66,7 +69,7 @@ class TrainConfig:
     method: str = setting(
         "proxy_anchor", "Training method: proxy_anchor | multi_similarity | so_proxy | pddm | crt | "
                         "normalized_softmax | cosface | arcface | subcenter_arcface | proxy_nca | "
-                        "soft_triple.")
+                        "soft_triple | triplet | contrastive | circle | supcon | ntxent.")
     dataset: str = setting("synthetic", shared_help("dataset"))
     eval_dataset: Optional[str] = setting(
         None, "folder:<dir> to evaluate on; then every class of --dataset trains.")
@@ -102,6 +105,9 @@ class TrainConfig:
 
     # Optimisation.
     classes_per_batch: int = setting(32, "P: classes per batch.")
+    views: Optional[int] = setting(
+        None, "Independently augmented views of each sampled image in a batch (1 or 2; the "
+              "views of an image are adjacent rows). Default: 2 for supcon and ntxent, else 1.")
     images_per_class: int = setting(4, "K: images per class in a batch.")
     epochs: int = setting(30, "Epochs of ceil(N_train / (P x K)) steps.")
     lr: Optional[float] = setting(
@@ -176,6 +182,33 @@ class TrainConfig:
     pddm_lr_multiplier: float = setting(
         1.0, "pddm: the unit's learning rate / the embedder's (a newly added head; its scores "
              "start near 0, far below the margin pddm_alpha).")
+    # Pair and triplet losses (issue 21; docs/design.md 3.5): defaults are those of the
+    # pytorch-metric-learning class of the same name. xbm_size > 0 wraps any pair-based
+    # method (these five and multi_similarity) in a cross-batch memory of that many rows.
+    triplet_margin: float = setting(0.05, "triplet: margin of the triplet loss.")
+    triplet_mining: str = setting(
+        "all", "triplet: all triplets, batch-hard, FaceNet's semi-hard, or easy positive with "
+               "hard negative.", choices=("all", "hard", "semihard", "easy_positive"))
+    triplet_distance: str = setting(
+        "euclidean", "triplet: distance between L2-normalised embeddings.",
+        choices=("euclidean", "squared_euclidean", "cosine"))
+    contrastive_pos_margin: float = setting(
+        0.0, "contrastive: positive pairs closer than this cost nothing.")
+    contrastive_neg_margin: float = setting(
+        1.0, "contrastive: negative pairs farther than this cost nothing.")
+    contrastive_distance: str = setting(
+        "euclidean", "contrastive: distance (cosine: a similarity, the hinges reversed).",
+        choices=("euclidean", "squared_euclidean", "cosine"))
+    circle_m: float = setting(0.4, "circle: relaxation margin m.")
+    circle_gamma: float = setting(80.0, "circle: scale gamma.")
+    supcon_temperature: float = setting(0.1, "supcon: temperature tau.")
+    ntxent_temperature: float = setting(0.07, "ntxent: temperature tau.")
+    ntxent_positives: str = setting(
+        "views", "ntxent: positives are the other view of the same image (SimCLR; needs "
+                 "--views=2) or every image of the same class.", choices=("views", "class"))
+    xbm_size: int = setting(
+        0, "Cross-batch memory: keep the last N embeddings of the global batch as extra "
+           "pairs for a pair-based method (0: off; N >= the global batch).")
     rerank_top_k: int = setting(
         0, "pddm: also report reranked_recall@K, each query's top-k cosine neighbours "
            "re-ordered by the PDDM unit (0: off).")
@@ -231,6 +264,11 @@ class TrainConfig:
                 raise ValueError(
                     f"--{field.name} must be one of {', '.join(choices)}. "
                     f"Received: {field.name}={value!r}")
+        if self.views not in (None, 1, 2):
+            raise ValueError(f"--views must be 1 or 2. Received: views={self.views!r}")
+        if self.xbm_size < 0:
+            raise ValueError(f"--xbm_size must be >= 0 (0: no memory). Received: "
+                             f"xbm_size={self.xbm_size}")
 
     @property
     def batch_size(self) -> int:

@@ -14,8 +14,10 @@ import numpy as np
 
 from kdml.config import TrainConfig
 from kdml.layers.proxies import Proxies
-from kdml.losses import (ArcFaceLoss, CosFaceLoss, MultiSimilarityLoss, NormalizedSoftmaxLoss,
-                         ProxyAnchorLoss, ProxyNCALoss, SoftTripleLoss, SubCenterArcFaceLoss)
+from kdml.losses import (ArcFaceLoss, CircleLoss, ContrastiveLoss, CosFaceLoss, CrossBatchMemory,
+                         MultiSimilarityLoss, NormalizedSoftmaxLoss, NTXentLoss, ProxyAnchorLoss,
+                         ProxyNCALoss, SoftTripleLoss, SubCenterArcFaceLoss, SupConLoss,
+                         TripletMarginLoss)
 from kdml.regularizers import SoftOrthogonal
 
 BACKBONE_GROUP = "^backbone/"
@@ -44,15 +46,25 @@ def _pooling_head(config: TrainConfig):
     return "pooling", {}
 
 
+def _class_labels(config: TrainConfig) -> bool:
+    return False
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     """`head(config) -> (head, head_options)` is the head of the method's embedder
-    (`kdml.models.build_embedder(..., head=..., head_options=...)`); default "pooling"."""
+    (`kdml.models.build_embedder(..., head=..., head_options=...)`); default "pooling".
+    `instance_labels(config)`: whether the training batches label each image's views
+    with the image's own id instead of its class (`kdml.data.train_dataset`).
+    `pair_based`: the loss is a pair-based loss on embeddings, which `--xbm_size` can
+    wrap in a cross-batch memory."""
 
     name: str
     description: str
     build: Callable[[keras.Model, int, TrainConfig], Objective]
     head: Callable[[TrainConfig], Tuple[str, Dict]] = _pooling_head
+    instance_labels: Callable[[TrainConfig], bool] = _class_labels
+    pair_based: bool = False
 
 
 def _proxy_anchor(embedder: keras.Model, num_classes: int, config: TrainConfig,
@@ -79,14 +91,69 @@ def _so_proxy(embedder: keras.Model, num_classes: int, config: TrainConfig) -> O
                                                           config.so_normalization))
 
 
-def _multi_similarity(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objective:
+def _pair_objective(embedder: keras.Model, loss: keras.losses.Loss, config: TrainConfig,
+                    name: str) -> Objective:
+    """The embedder trained by a pair-based `loss` on its embeddings; with --xbm_size the
+    loss is wrapped in a CrossBatchMemory whose queue layer sits after the embedder (so
+    the queue is in the model's weights and checkpoints)."""
     images = keras.Input(embedder.input_shape[1:], name="images")
-    return Objective(
-        model=keras.Model(images, embedder(images), name="multi_similarity"),
-        loss=MultiSimilarityLoss(alpha=config.ms_alpha, beta=config.ms_beta,
-                                 base=config.ms_base, epsilon=config.ms_epsilon),
-        learning_rate_multipliers={BACKBONE_GROUP: 1.0},
-    )
+    embeddings = embedder(images)
+    if config.xbm_size:
+        rows = config.batch_size * (config.views or 1)
+        if config.xbm_size < rows:
+            raise ValueError(
+                f"--xbm_size={config.xbm_size} is smaller than the global batch of {rows} "
+                "embeddings (P x K x views). Fix: --xbm_size >= that, or 0 for no memory.")
+        loss = CrossBatchMemory(loss, embedding_size=embedder.output_shape[-1],
+                                memory_size=config.xbm_size)
+        embeddings = loss.memory(embeddings)
+    return Objective(model=keras.Model(images, embeddings, name=name), loss=loss,
+                     learning_rate_multipliers={BACKBONE_GROUP: 1.0})
+
+
+def _multi_similarity(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objective:
+    return _pair_objective(embedder, MultiSimilarityLoss(
+        alpha=config.ms_alpha, beta=config.ms_beta, base=config.ms_base,
+        epsilon=config.ms_epsilon), config, "multi_similarity")
+
+
+# --- pair and triplet losses (issue 21; docs/design.md 3.5) -----------------------------
+
+
+def _triplet(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objective:
+    return _pair_objective(embedder, TripletMarginLoss(
+        margin=config.triplet_margin, mining=config.triplet_mining,
+        distance=config.triplet_distance), config, "triplet")
+
+
+def _contrastive(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objective:
+    return _pair_objective(embedder, ContrastiveLoss(
+        pos_margin=config.contrastive_pos_margin, neg_margin=config.contrastive_neg_margin,
+        distance=config.contrastive_distance), config, "contrastive")
+
+
+def _circle(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objective:
+    return _pair_objective(embedder, CircleLoss(m=config.circle_m, gamma=config.circle_gamma),
+                           config, "circle")
+
+
+def _supcon(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objective:
+    return _pair_objective(embedder, SupConLoss(temperature=config.supcon_temperature),
+                           config, "supcon")
+
+
+def _ntxent_instance_labels(config: TrainConfig) -> bool:
+    return config.ntxent_positives == "views"
+
+
+def _ntxent(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objective:
+    if config.ntxent_positives == "views" and config.views != 2:
+        raise ValueError(
+            "--method=ntxent with --ntxent_positives=views takes the other view of each image "
+            f"as its positive and needs --views=2. Received: --views={config.views}. Fix: "
+            "--views=2, or --ntxent_positives=class.")
+    return _pair_objective(embedder, NTXentLoss(temperature=config.ntxent_temperature),
+                           config, "ntxent")
 
 
 # --- Classification-based losses (issue 21; docs/design.md 3.6) --------------------------
@@ -263,7 +330,21 @@ METHODS: Dict[str, Method] = {
         "proxy_anchor", "Proxy Anchor loss (Kim et al., CVPR 2020), the baseline", _proxy_anchor),
     "multi_similarity": Method(
         "multi_similarity", "Multi-Similarity loss with pair mining (Wang et al., CVPR 2019)",
-        _multi_similarity),
+        _multi_similarity, pair_based=True),
+    "triplet": Method(
+        "triplet", "Triplet margin loss with batch mining (FaceNet, Schroff et al., CVPR 2015)",
+        _triplet, pair_based=True),
+    "contrastive": Method(
+        "contrastive", "Contrastive loss with positive and negative margins (Hadsell et al., "
+        "CVPR 2006)", _contrastive, pair_based=True),
+    "circle": Method(
+        "circle", "Circle loss (Sun et al., CVPR 2020)", _circle, pair_based=True),
+    "supcon": Method(
+        "supcon", "Supervised contrastive loss over two views (Khosla et al., NeurIPS 2020)",
+        _supcon, pair_based=True),
+    "ntxent": Method(
+        "ntxent", "NT-Xent over two views of each image (SimCLR, Chen et al., ICML 2020)",
+        _ntxent, instance_labels=_ntxent_instance_labels, pair_based=True),
     "pddm": Method(
         "pddm", "PDDM unit, hard-quadruplet mining, double-header hinge (Huang et al., "
         "NIPS 2016, docs/design.md 3.4)", _pddm),
@@ -296,3 +377,14 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"Unknown method {name!r}. Valid methods: {', '.join(sorted(METHODS))}.")
     return METHODS[name]
+
+
+def check_method_options(config: TrainConfig) -> None:
+    """Raises a ValueError naming the fix when --xbm_size is set for a method that has no
+    pair-based loss to wrap."""
+    method = get_method(config.method)
+    if config.xbm_size and not method.pair_based:
+        valid = ", ".join(sorted(m.name for m in METHODS.values() if m.pair_based))
+        raise ValueError(
+            f"--xbm_size wraps a pair-based method ({valid}); --method={config.method} has no "
+            "pairs to remember. Fix: --xbm_size=0, or one of those methods.")

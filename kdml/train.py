@@ -98,7 +98,7 @@ define_flags()
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    from kdml.methods import get_method
+    from kdml.methods import check_method_options, get_method
     from kdml.training import train
 
     # Without --verbosity, Python logs show warnings and errors only; the run itself
@@ -109,6 +109,7 @@ def main(argv):
     try:
         config = config_from_flags()
         get_method(config.method)  # fail fast, before any data is loaded
+        check_method_options(config)
         train(config)
     except (ValueError, FileNotFoundError, FloatingPointError) as error:
         logging.debug("Traceback of the error below:", exc_info=True)

@@ -37,6 +37,12 @@ def _run_main(module, argv):
     (["--dataset=folder:/no/such/dir"], "/no/such/dir"),
     (["--classes_per_batch=500"], "--classes_per_batch"),
     (["--recall_ks=1,two"], "--recall_ks must be comma-separated integers"),
+    (["--xbm_size=256"], "--xbm_size wraps a pair-based method (circle, contrastive, "
+                         "multi_similarity, ntxent, supcon, triplet); --method=proxy_anchor"),
+    (["--views=3"], "--views must be 1 or 2. Received: views=3"),
+    (["--method=ntxent", "--views=1"], "needs --views=2. Received: --views=1"),
+    (["--method=triplet", "--xbm_size=64"], "--xbm_size=64 is smaller than the global batch "
+                                            "of 128 embeddings"),
 ])
 def test_bad_input_is_a_one_line_error_with_exit_code_2(argv, message, capsys, tmp_path):
     code = _run_main(train_cli, argv + [f"--output_dir={tmp_path}"])
@@ -60,7 +66,7 @@ def test_helpfull_lists_every_training_flag():
 # New settings need no entry; a deliberate change of a default or a help text updates
 # its entry in the same commit (so far: --so_strength, 10 -> 1e-3 in the paper's units, chosen on validation;
 # --dataset, --output_dir, --seed: the shared wording of kdml.command_line; --method's help,
-# listing the classification-based methods).
+# listing the classification-based and the pair and triplet methods of issue 21).
 _FLAGS_SNAPSHOT = os.path.join(ROOT, "tests", "training", "train_flags.json")
 
 

@@ -12,6 +12,7 @@ import importlib.util
 import io
 import os
 import pkgutil
+import re
 
 import keras
 import numpy as np
@@ -61,32 +62,6 @@ def test_docstring_examples(name):
     assert failures == 0, f"{failures} of {attempted} examples in {name} failed:\n{report}"
 
 
-# Markdown pages whose ```python blocks hold `>>>` examples; the blocks of a page run in
-# order in one namespace (`np`, `keras`, `tf`, `kdml` available), like one doctest file.
-_DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
-DOC_PAGES = ["methods.md"]
-
-
-def _doc_examples(page):
-    import re
-
-    text = open(os.path.join(_DOCS, page), encoding="utf-8").read()
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if ">>>" in b]
-    return "\n".join(blocks)
-
-
-@pytest.mark.parametrize("page", DOC_PAGES)
-def test_docs_examples(page):
-    source = _doc_examples(page)
-    globs = {"np": np, "keras": keras, "tf": tf, "kdml": kdml}
-    test = doctest.DocTestParser().get_doctest(source, globs, f"docs/{page}", page, 0)
-    runner = doctest.DocTestRunner(optionflags=_FLAGS)
-    report = io.StringIO()
-    runner.run(test, out=report.write)
-    assert runner.tries > 0
-    assert runner.failures == 0, f"{runner.failures} of {runner.tries} examples in docs/{page} failed:\n{report.getvalue()}"
-
-
 PUBLIC = [getattr(package, name) for package in (kdml.layers, kdml.losses, kdml.regularizers)
           for name in package.__all__]
 
@@ -97,3 +72,28 @@ def test_every_public_layer_loss_and_regularizer_has_an_example(cls):
     finder = doctest.DocTestFinder(recurse=False)
     examples = sum(len(test.examples) for test in finder.find(cls, cls.__name__, module=module))
     assert examples > 0, f"{cls.__module__}.{cls.__name__}'s docstring has no >>> example"
+
+
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+DOC_PAGES = sorted(name for name in os.listdir(DOCS) if name.endswith(".md") and re.search(
+    r"^>>> ", open(os.path.join(DOCS, name), encoding="utf-8").read(), re.MULTILINE))
+
+
+def test_doc_pages_with_examples_are_found():
+    assert "methods.md" in DOC_PAGES
+
+
+@pytest.mark.parametrize("page", DOC_PAGES)
+def test_doc_page_examples(page):
+    """The `>>>` examples of a page of docs/ run in order, sharing one namespace."""
+    report = io.StringIO()
+    parser = doctest.DocTestParser()
+    path = os.path.join(DOCS, page)
+    text = open(path, encoding="utf-8").read()
+    test = parser.get_doctest(text, {"np": np, "keras": keras, "tf": tf, "kdml": kdml},
+                              page, path, 0)
+    runner = doctest.DocTestRunner(optionflags=_FLAGS)
+    runner.run(test, out=report.write)
+    assert runner.tries > 0
+    assert runner.failures == 0, f"{runner.failures} of {runner.tries} examples in docs/{page} " \
+                                 f"failed:\n{report.getvalue()}"

@@ -9,9 +9,10 @@ import pytest
 import kdml
 from kdml.layers import (PDDM, CodedResidualTransform, L2Normalization, PDDMScoreMatrix,
                          PixelNormalization, PoolingHead, Proxies)
-from kdml.losses import (ArcFaceLoss, CosFaceLoss, MultiBranchLoss, MultiSimilarityLoss,
-                         NormalizedSoftmaxLoss, PDDMLoss, ProxyAnchorLoss, ProxyNCALoss,
-                         SimilarityConsistency, SoftTripleLoss, SubCenterArcFaceLoss)
+from kdml.losses import (ArcFaceLoss, CircleLoss, ContrastiveLoss, CosFaceLoss, CrossBatchMemory,
+                         MultiBranchLoss, MultiSimilarityLoss, NormalizedSoftmaxLoss, NTXentLoss,
+                         PDDMLoss, ProxyAnchorLoss, ProxyNCALoss, SimilarityConsistency,
+                         SoftTripleLoss, SubCenterArcFaceLoss, SupConLoss, TripletMarginLoss)
 from kdml.regularizers import SoftOrthogonal
 from tests.layer_test_case import run_layer_test, run_loss_test, run_regularizer_test
 
@@ -113,6 +114,22 @@ LOSS_CASES = {
                      _proxy_model()),
     "SoftTripleLoss": (SoftTripleLoss, dict(centers_per_class=3, la=10.0, gamma=0.2, margin=0.05),
                        np.array([0, 1, 2, 3, 4, 0]), _proxy_model(15)),
+    "TripletMarginLoss": (TripletMarginLoss, dict(margin=1.0, mining="semihard",
+                                                  distance="squared_euclidean",
+                                                  gather_across_replicas=False, name="tml"),
+                          _LABELS, _embedder(4, False)),
+    "ContrastiveLoss": (ContrastiveLoss, dict(pos_margin=0.1, neg_margin=1.5, distance="cosine"),
+                        _LABELS, _embedder(4, False)),
+    "CircleLoss": (CircleLoss, dict(m=0.3, gamma=16.0, normalize_embeddings=False),
+                   _LABELS, _embedder(4)),
+    "SupConLoss": (SupConLoss, dict(temperature=0.2), _LABELS, _embedder(4, False)),
+    # memory_size = the batch: every call sees the same memory, as the contract's
+    # repeated evaluations of one batch need.
+    "CrossBatchMemory": (CrossBatchMemory, dict(loss=MultiSimilarityLoss(beta=10.0),
+                                                embedding_size=3, memory_size=6),
+                         _LABELS, _embedder(3)),
+    "NTXentLoss": (NTXentLoss, dict(temperature=0.5), np.array([0, 1, 2, 0, 1, 2]),
+                   _embedder(4, False)),
 }
 
 

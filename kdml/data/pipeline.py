@@ -52,7 +52,8 @@ def _load_batch(fetch, indices, uniforms, make_box, size: int):
 def train_dataset(image_set: ImageSet, *, image_size: int, classes_per_batch: int = 32,
                   images_per_class: int = 4, augmentation: aug.Augmentation = aug.AUGMENTATIONS["photo"],
                   seed: int = 0, start_step: int = 0, num_shards: int = 1,
-                  shard_index: int = 0) -> tf.data.Dataset:
+                  shard_index: int = 0, views: int = 1,
+                  instance_labels: bool = False) -> tf.data.Dataset:
     """Infinite class-balanced batches for `model.fit`, or one worker's rows of them.
 
     Args:
@@ -67,10 +68,17 @@ def train_dataset(image_set: ImageSet, *, image_size: int, classes_per_batch: in
             are loaded (B = P x K, a multiple of W), with the crops and flips those
             rows get in the whole batch, so the W shards concatenated are the
             single-process batch (whole classes when W divides P).
+        views: V independently augmented views of each sampled image (1 or 2), as
+            adjacent rows: image i of the batch is rows V i ... V i + V - 1. View 0 is the
+            single-view batch; view v > 0 draws its crops and flips from keys folded
+            with v. Used by SupCon and NT-Xent (docs/design.md 3.5).
+        instance_labels: label each image's views with the image's row in the global
+            batch (0 .. B - 1) instead of its class: the views of one image are then each
+            other's only positive (SimCLR's NT-Xent).
 
     Returns:
-        `tf.data.Dataset` of `(images float32 (B/W, S, S, 3) in [0, 255], labels int32 (B/W,))`;
-        batch s depends only on (image_set, seed, s, shard).
+        `tf.data.Dataset` of `(images float32 (V B/W, S, S, 3) in [0, 255], labels int32
+        (V B/W,))`; batch s depends only on (image_set, seed, s, shard).
     """
     fetch = _fetcher(image_set)
     labels = tf.constant(image_set.labels.astype(np.int32))
@@ -80,6 +88,8 @@ def train_dataset(image_set: ImageSet, *, image_size: int, classes_per_batch: in
             f"Cannot take shard {shard_index} of {num_shards} from batches of P x K = {batch}: "
             "the batch must be a multiple of the number of shards (workers). "
             "Change --classes_per_batch or --images_per_class.")
+    if views not in (1, 2):
+        raise ValueError(f"`views` must be 1 or 2. Received: views={views!r}. Fix: --views=1 or 2.")
     rows = batch // num_shards
     first = shard_index * rows
 
@@ -91,12 +101,24 @@ def train_dataset(image_set: ImageSet, *, image_size: int, classes_per_batch: in
         key = tf.stack([tf.constant(seed, tf.int64) + 1, step])
         crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
         indices = indices[first:first + rows]
-        uniforms = aug.crop_uniforms(crop_key, batch)[first:first + rows]
-        images = _load_batch(fetch, indices, uniforms, make_box, image_size)
-        if augmentation.flip:
-            images = aug.random_flip(flip_key, images, offset=first, batch_size=batch)
-        images.set_shape([rows, image_size, image_size, 3])
-        return images, tf.gather(labels, indices)
+        out = []
+        for view in range(views):
+            if view:
+                crop_key = tf.random.experimental.stateless_fold_in(crop_key, view)
+                flip_key = tf.random.experimental.stateless_fold_in(flip_key, view)
+            uniforms = aug.crop_uniforms(crop_key, batch)[first:first + rows]
+            images = _load_batch(fetch, indices, uniforms, make_box, image_size)
+            if augmentation.flip:
+                images = aug.random_flip(flip_key, images, offset=first, batch_size=batch)
+            out.append(images)
+        images = out[0] if views == 1 else tf.reshape(
+            tf.stack(out, axis=1), [views * rows, image_size, image_size, 3])
+        images.set_shape([views * rows, image_size, image_size, 3])
+        if instance_labels:
+            image_labels = first + tf.range(rows, dtype=tf.int32)
+        else:
+            image_labels = tf.gather(labels, indices)
+        return images, tf.repeat(image_labels, views) if views > 1 else image_labels
 
     indices = class_balanced_batches(image_set.labels, classes_per_batch, images_per_class,
                                      seed=seed, start_step=start_step)

@@ -85,15 +85,27 @@ class MultiSimilarityLoss(BatchLoss):
         self.base = float(base)
         self.epsilon = float(epsilon)
 
+    def prepare(self, embeddings):
+        """float32 embeddings (used as given: they are not re-normalised)."""
+        return ops.cast(embeddings, "float32")
+
     def call(self, y_true, y_pred):
         labels, embeddings = self._maybe_gather(y_true, y_pred)  # (B,), (B, d)
-        sims = ops.matmul(embeddings, ops.transpose(embeddings))  # (B, B)
+        index = ops.arange(ops.shape(labels)[0], dtype="int32")
+        is_self = ops.equal(index[:, None], index[None, :])
+        return self.pair_loss(labels, embeddings, labels, embeddings, is_self)
+
+    def pair_loss(self, labels, embeddings, ref_labels, ref_embeddings, excluded):
+        """The loss of queries (m,), (m, d) against references (n,), (n, d) (the batch
+        itself, or a `CrossBatchMemory`); `excluded` (m, n) marks the pairs that are
+        neither positive nor negative (a query's own entry, empty memory rows).
+        Anchors are the m queries: L = 1/m sum_i L_i."""
+        sims = ops.matmul(embeddings, ops.transpose(ref_embeddings))  # (m, n)
         batch_size = ops.shape(sims)[0]
-        index = ops.arange(batch_size, dtype="int32")
-        same_class = ops.equal(labels[:, None], labels[None, :])
-        not_self = ops.not_equal(index[:, None], index[None, :])
-        positive = ops.logical_and(same_class, not_self)
-        negative = ops.logical_not(same_class)
+        same_class = ops.equal(labels[:, None], ref_labels[None, :])
+        kept = ops.logical_not(excluded)
+        positive = ops.logical_and(same_class, kept)
+        negative = ops.logical_and(ops.logical_not(same_class), kept)
 
         # Mining (no gradient: the thresholds only enter comparisons).
         mining_sims = ops.stop_gradient(sims)
@@ -112,10 +124,10 @@ class MultiSimilarityLoss(BatchLoss):
 
         pos_terms = masked_log1p_sum_exp(
             -self.alpha * (sims - self.base), kept_pos, axis=1
-        ) / self.alpha  # (B,)
+        ) / self.alpha  # (m,)
         neg_terms = masked_log1p_sum_exp(
             self.beta * (sims - self.base), kept_neg, axis=1
-        ) / self.beta  # (B,)
+        ) / self.beta  # (m,)
         valid = ops.logical_and(ops.any(kept_pos, axis=1), ops.any(kept_neg, axis=1))
         per_anchor = ops.where(valid, pos_terms + neg_terms, 0.0)
         return ops.divide_no_nan(ops.sum(per_anchor), ops.cast(batch_size, "float32"))

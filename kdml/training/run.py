@@ -34,7 +34,7 @@ from kdml.data.sources import load_dataset
 from kdml.distribute import (check_replica_batch, create_strategy, describe_strategy,
                              distribute_batches, fix_multi_worker_build, worker_role)
 from kdml.evaluation import format_metrics_table, retrieval_metrics
-from kdml.methods import BACKBONE_GROUP, get_method
+from kdml.methods import BACKBONE_GROUP, check_method_options, get_method
 from kdml.models import build_embedder
 from kdml.optimizers import GroupedAdamW
 from kdml.training.callbacks import (BackboneWarmup, EpochLoss, NonFiniteLossGuard,
@@ -93,7 +93,8 @@ def _dtype_policy(mixed_precision: bool):
 # shapes, e.g. proxy_anchor -> so_proxy), so it is refused. Epochs, evaluation and
 # checkpoint frequency may change on resume.
 RUN_IDENTITY = ("method", "dataset", "eval_dataset", "backbone", "weights", "embedding_dim",
-                "image_size", "classes_per_batch", "images_per_class", "seed")
+                "image_size", "classes_per_batch", "images_per_class", "seed", "views",
+                "xbm_size")
 
 
 def check_same_run(config: TrainConfig, metrics_path: str) -> None:
@@ -120,6 +121,7 @@ def train(config: TrainConfig) -> Dict:
     method = get_method(config.method)
     if config.deterministic:  # before any TensorFlow op (kdml.training.determinism)
         make_deterministic()
+    check_method_options(config)
     # First: MultiWorkerMirroredStrategy configures collectives at program start-up,
     # before any other TensorFlow op (the folder source decodes images).
     strategy = create_strategy(config.strategy)
@@ -248,9 +250,10 @@ def _train(config, method, splits, strategy, role, out, write_dir, resume_from) 
                                  images_per_class=config.images_per_class,
                                  augmentation=augmentation, seed=config.seed,
                                  start_step=first_step, num_shards=num_shards,
-                                 shard_index=shard_index)
+                                 shard_index=shard_index, views=config.views,
+                                 instance_labels=method.instance_labels(config))
 
-        data = distribute_batches(strategy, worker_batches, config.batch_size)
+        data = distribute_batches(strategy, worker_batches, config.batch_size * config.views)
         checkpointer.step = guard.step = first_step
         model.fit(data, initial_epoch=initial_epoch, epochs=epochs, steps_per_epoch=steps, shuffle=False,
                   callbacks=callbacks, verbose=config.verbose)
@@ -298,7 +301,8 @@ def describe_run(config: TrainConfig, method, splits, strategy, role, steps: int
         f"method:   {method.name}: {method.description}",
         f"strategy: {describe_strategy(strategy, role)}; {precision}, XLA {config.jit_compile}",
         f"schedule: {config.epochs} epoch{'s' * (config.epochs != 1)} x {steps} steps of "
-        f"{config.classes_per_batch} classes x {config.images_per_class} images, "
+        f"{config.classes_per_batch} classes x {config.images_per_class} images"
+        f"{f' x {config.views} views' if config.views and config.views > 1 else ''}, "
         f"lr {config.lr:g}{warmup}",
         f"output:   {config.output_dir}" + (f" (resuming {resume_from})" if resume_from else ""),
     ]

@@ -72,3 +72,45 @@ def test_steps_per_epoch_rounds_up():
     assert steps_per_epoch(128, 128) == 1
     assert steps_per_epoch(129, 128) == 2
     assert steps_per_epoch(2000, 128) == 16
+
+
+def test_two_views_are_adjacent_independently_augmented_copies_of_each_image():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (12, 20, 20, 3)).astype(np.uint8)
+    data = ImageSet(labels=np.repeat(np.arange(3), 4), class_names="abc", pixels=pixels)
+    kw = dict(image_size=16, classes_per_batch=2, images_per_class=2,
+              augmentation=AUGMENTATIONS["photo"], seed=5)
+    single_images, single_labels = (t.numpy() for t in next(iter(train_dataset(data, **kw))))
+    images, labels = (t.numpy() for t in next(iter(train_dataset(data, views=2, **kw))))
+    assert images.shape == (8, 16, 16, 3)
+    np.testing.assert_array_equal(labels, np.repeat(single_labels, 2))
+    np.testing.assert_array_equal(images[0::2], single_images)  # view 0 = the one-view batch
+    for i in range(4):  # view 1 is another crop of the same image
+        assert np.abs(images[2 * i + 1] - images[2 * i]).mean() > 1.0
+    # Coded images without augmentation: both views show the same source image.
+    coded = _coded_set()
+    images, labels = (t.numpy() for t in next(iter(train_dataset(
+        coded, image_size=8, classes_per_batch=3, images_per_class=2,
+        augmentation=AUGMENTATIONS["none"], views=2))))
+    index = images[:, 0, 0, 0].astype(int)
+    np.testing.assert_array_equal(index[0::2], index[1::2])
+    np.testing.assert_array_equal(labels, coded.labels[index])
+
+
+def test_instance_labels_name_each_image_of_the_global_batch_and_shards_add_up():
+    coded = _coded_set()
+    kw = dict(image_size=8, classes_per_batch=3, images_per_class=2,
+              augmentation=AUGMENTATIONS["glyph"], seed=2, views=2, instance_labels=True)
+    images, labels = (t.numpy() for t in next(iter(train_dataset(coded, **kw))))
+    np.testing.assert_array_equal(labels, np.repeat(np.arange(6), 2))
+    shards = [next(iter(train_dataset(coded, num_shards=2, shard_index=w, **kw))) for w in (0, 1)]
+    np.testing.assert_array_equal(np.concatenate([s[0].numpy() for s in shards]), images)
+    np.testing.assert_array_equal(np.concatenate([s[1].numpy() for s in shards]), labels)
+
+
+def test_views_other_than_one_or_two_are_rejected():
+    import pytest
+
+    with pytest.raises(ValueError, match="views=3"):
+        train_dataset(_coded_set(), image_size=8, classes_per_batch=2, images_per_class=2,
+                      views=3)
