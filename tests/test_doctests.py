@@ -89,7 +89,9 @@ def test_doc_page_examples(page):
     report = io.StringIO()
     parser = doctest.DocTestParser()
     path = os.path.join(DOCS, page)
-    text = open(path, encoding="utf-8").read()
+    # the ```python blocks holding examples, in page order (the fences are not output)
+    blocks = re.findall(r"```python\n(.*?)```", open(path, encoding="utf-8").read(), re.S)
+    text = "\n".join(b for b in blocks if ">>>" in b)
     test = parser.get_doctest(text, {"np": np, "keras": keras, "tf": tf, "kdml": kdml},
                               page, path, 0)
     runner = doctest.DocTestRunner(optionflags=_FLAGS)
