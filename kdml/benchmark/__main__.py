@@ -135,9 +135,15 @@ def main(argv=None) -> int:
             if not os.path.exists(os.path.join(args.results_dir, "selection.json")):
                 parser.error(f"{args.results_dir} holds no selection.json: pass the --results_dir "
                              "of a benchmark run (python -m kdml.benchmark run ...).")
-            write_report(args.results_dir, readme=args.readme)
+            summary = write_report(args.results_dir, readme=args.readme)
             with open(os.path.join(args.results_dir, "results.md")) as f:
                 print(f.read())
+            from kdml.benchmark.runs import code_fingerprint
+
+            if summary.get("code") and summary["code"] != code_fingerprint():
+                print(f"note: these runs were made by kdml code {summary['code']}; this checkout "
+                      f"is {code_fingerprint()}, so `python -m kdml.benchmark run` would train "
+                      "every row again under it.")
         else:
             _run(args, parser)
     except (ValueError, FileNotFoundError) as error:

@@ -146,6 +146,13 @@ def check_pairs(spec: BenchmarkSpec, methods: Sequence[str]) -> None:
                         f"{field}, or compare {method} with a base that has it.")
 
 
+Execute = Callable[[RunSpec, str, str], Dict]  # (spec, train_dir, eval_dir) -> result
+# (spec, its result, eval_dir, depths) -> {"rerank_recall@1": {"<depth>": R@1}, ...}, or None
+# when the run's saved models are missing (`runs.rerank_in_subprocess` with its scratch dir).
+Rerank = Callable[[RunSpec, Mapping, str, Sequence[int]], Optional[Dict]]
+RERANK_FIELD = "rerank_recall@1"
+
+
 def trial_specs(spec: BenchmarkSpec, split: ClassSplit, method: str,
                 inherited: Optional[Mapping] = None) -> List[Tuple[Dict, RunSpec]]:
     """`(own params, RunSpec)` of each trial of `method`; `inherited`: its base's chosen values."""

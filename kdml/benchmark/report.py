@@ -303,7 +303,9 @@ def verdict_sentences(summary: Dict) -> List[str]:
         if d is None:
             lines.append(f"- {pair}: not measured yet ({len(c['seeds'])} paired seed(s)).")
             continue
-        figures = (f"{primary} {_difference(d)} points, Holm-adjusted p = {_p(c['p_holm'])}, "
+        p_holm = _p(c["p_holm"])
+        p_holm = p_holm if p_holm.startswith("<") else f"= {p_holm}"
+        figures = (f"{primary} {_difference(d)} points, Holm-adjusted p {p_holm}, "
                    f"{len(c['seeds'])} paired seeds, interval half width {100 * d['half_width']:.2f}")
         if c["verdict"] == "beats":
             lines.append(f"- `{c['method']}` beats `{c['base']}`: {figures}.")

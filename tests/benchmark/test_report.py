@@ -63,6 +63,7 @@ def test_report_numbers_match_an_independent_computation(results_dir):
             f"{100 * d['high']:+.2f}] | {p:.3f} | {p:.3f} | beats |") in markdown
     assert (f"- `new` beats `base`: Recall@1 {100 * d['mean']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}] "
             f"points, Holm-adjusted p = {p:.3f}, 4 paired seeds") in markdown
+    assert summary["comparisons"][0]["p_holm"] >= 0.001  # else the sentence says "p < 0.001"
     assert os.path.getsize(os.path.join(results_dir, "results.png")) > 10_000
     assert json.load(open(os.path.join(results_dir, "results.json")))["trials"] == 2
 
