@@ -4,7 +4,7 @@
         --source=folder:gallery/ --output=gallery.index [--backend=faiss [--faiss_index=hnsw]]
     python -m kdml.index build ... --output=gallery.index --add      # append new images
     python -m kdml.index query --index=gallery.index --model=runs/default/embedder.keras \\
-        --k=5 q1.jpg q2.png            # or --source=folder:queries/ ; --plot=grid.png
+        --k=5 q1.jpg q2.png      # or --query_source=folder:queries/ ; --plot=grid.png
     python -m kdml.index evaluate --index=gallery.index --k=10     # recall@10 vs exact, q/s
 
 `--strategy=multi_worker` (with TF_CONFIG on every worker) splits the build over the
@@ -79,9 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     query = sub.add_parser("query", help="top-k gallery items of query images")
     query.add_argument("--index", required=True)
     query.add_argument("--model", required=True, help="the embedder of the queries")
-    query.add_argument("--source", default=None, help="labelled queries: folder:<dir>")
-    query.add_argument("images", nargs="*", help="query image files (label: parent folder); a "
-                       "gallery file used as a query is not returned for itself")
+    query.add_argument("--query_source", "--source", dest="query_source", default=None,
+                       help="labelled queries: folder:<dir>, labelled as --source labels a "
+                            "gallery (leaf folder path relative to <dir>)")
+    query.add_argument("images", nargs="*", help="query image files, labelled in the gallery's "
+                       "terms (kdml.index.query_labels); a gallery file used as a query is not "
+                       "returned for itself")
     query.add_argument("--k", type=int, default=5)
     query.add_argument("--backend", choices=BACKENDS, default=None,
                        help="search with another backend than the saved one")
@@ -133,29 +136,31 @@ def _query(args):
     from kdml.export import load_embedder
     from kdml.index import GalleryIndex, model_fingerprint
     from kdml.index.build import load_source
+    from kdml.index.query_labels import label_query_files
 
-    if bool(args.source) == bool(args.images):
-        raise ValueError("Give query images either as files (positional) or as --source="
+    if bool(args.query_source) == bool(args.images):
+        raise ValueError("Give query images either as files (positional) or as --query_source="
                          "folder:<dir>, not both and not neither.")
     index = GalleryIndex.load(args.index, backend=args.backend)
     embedder = load_embedder(args.model)
     index.check_model(model_fingerprint(embedder), args.allow_model_mismatch)
-    if args.source:
-        queries = load_source(args.source)
+    if args.query_source:
+        queries = load_source(args.query_source)
     else:
         missing = [p for p in args.images if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"No query image at {missing[0]}.")
-        names = sorted({os.path.basename(os.path.dirname(os.path.abspath(p))) for p in args.images})
-        queries = ImageSet(labels=[names.index(os.path.basename(os.path.dirname(os.path.abspath(p))))
-                                   for p in args.images], class_names=names,
+        file_labels = label_query_files(args.images, index.labels, index.paths)
+        names = sorted(set(file_labels))
+        queries = ImageSet(labels=[names.index(name) for name in file_labels], class_names=names,
                            paths=list(args.images), name="query images")
     embeddings = embed_image_set(embedder, queries, batch_size=args.batch_size,
                                  crop_fraction=args.crop_fraction)
     result = index.query(embeddings, k=args.k + 1)
     result = _without_self(result, queries.paths, args.k)
     query_names = [queries.class_names[label] for label in queries.labels]
-    records = [{"query": str(path), "label": str(label), "neighbours": hits}
+    records = [{"query": str(path), "label": str(label),
+                "neighbours": [{**hit, "match": hit["label"] == str(label)} for hit in hits]}
                for path, label, hits in zip(queries.paths, query_names, result.as_records())]
     if args.plot:
         import numpy as np
