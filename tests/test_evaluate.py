@@ -18,7 +18,7 @@ from PIL import Image
 
 import kdml
 from kdml.evaluation import protocols as evaluate_cli
-from kdml.evaluation import few_shot_accuracy, retrieval_metrics
+from kdml.evaluation import few_shot_accuracy, retrieval_metrics, verification_metrics
 from kdml.evaluation.clustering import DEFAULT_MAX_ITER
 from kdml.evaluation.protocols import top_level_groups
 from kdml.export import load_embedder
@@ -84,6 +84,11 @@ def test_retrieval_report_equals_the_library_on_the_same_embeddings(models):
     want = retrieval_metrics(embeddings, test.labels, ks=(1, 4), precision_ks=(1, 4), ami=True,
                              nmi=True, kmeans_max_iter=DEFAULT_MAX_ITER, n_init=1)
     assert not math.isnan(want["nmi"])
+    # --verification=auto runs at this size: TAR@FAR, ROC AUC and EER over all pairs
+    verification = verification_metrics(embeddings, test.labels)
+    assert report["verification_pairs"] == {"positive": verification.pop("positive_pairs"),
+                                            "negative": verification.pop("negative_pairs")}
+    want.update(verification)
     assert set(report["metrics"]) == set(want)
     for name, value in want.items():
         assert report["metrics"][name] == pytest.approx(value, abs=1e-6), name
@@ -104,7 +109,7 @@ def test_three_formats_give_the_same_embeddings_and_metrics(models, alphabets):
         embeddings = _embed(models[fmt], image_set)
         np.testing.assert_allclose(embeddings, reference, atol=2e-4)
         report = evaluate_cli.evaluate_model(models[fmt], folder, split="all", ks=(1, 2),
-                                             nmi=False)
+                                             nmi=False, verification=False)
         assert report["format"] == fmt
         want = retrieval_metrics(reference, image_set.labels, ks=(1, 2), precision_ks=(1, 2),
                                  nmi=False)
@@ -200,7 +205,10 @@ def test_command_line_end_to_end_with_plots(models, alphabets, tmp_path):
     assert report["format"] == "saved_model" and report["protocol"] == "retrieval"
     for key in ("recall@1", "recall@2", "precision@2", "map@r", "r_precision", "nmi", "ami"):
         assert 0.0 <= report["metrics"][key] <= 1.0 or key == "ami"
-    for name in ("retrieval_grid", "recall_curve", "similarity_histograms", "embedding_map"):
+    for key in ("tar@far=0.01", "tar@far=0.001", "tar@far=0.0001", "roc_auc", "eer"):
+        assert 0.0 <= report["metrics"][key] <= 1.0, key
+    for name in ("retrieval_grid", "recall_curve", "similarity_histograms", "embedding_map",
+                 "tar_far"):
         path = report["plots"][name]
         assert os.path.getsize(path) > 1000 and open(path, "rb").read(4) == b"\x89PNG"
 

@@ -47,7 +47,7 @@ from kdml.evaluation.ranking import retrieval_ranking
 
 _KMEANS_N_INIT = 1
 _PERCENT_PREFIXES = ("recall", "map", "precision", "r_precision", "nmi", "ami", "accuracy",
-                     "ci95", "reranked")
+                     "ci95", "reranked", "tar@far", "roc_auc", "eer")
 # NMI runs by default ("auto") while k-means (`max_iter` passes of N x C products) costs
 # at most this many times the ranking pass (N x M products), or is small anyway.
 _AUTO_NMI_COST_RATIO = 2.0

@@ -74,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="append the source to the existing index at --output")
     build.add_argument("--allow_model_mismatch", action="store_true")
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--calibrate", default=None,
+                       help="labelled validation source (folder:<dir>, synthetic, tfds:<name>) "
+                            "whose leave-one-out top-1 decisions set the 'no match' threshold")
+    build.add_argument("--target_precision", type=float, default=None,
+                       help="--calibrate: top-1 precision of accepted queries (default 0.95)")
+    build.add_argument("--target_far", type=float, default=None,
+                       help="--calibrate: false accept rate over impostor pairs instead")
     ann_flags(build)
 
     query = sub.add_parser("query", help="top-k gallery items of query images")
@@ -120,7 +127,9 @@ def _build(args):
                         split=args.split, data_dir=args.data_dir, batch_size=args.batch_size,
                         crop_fraction=args.crop_fraction, shard_size=args.shard_size,
                         seed=args.seed, wait_timeout_s=args.wait_timeout_s, add_to=add_to,
-                        allow_model_mismatch=args.allow_model_mismatch)
+                        allow_model_mismatch=args.allow_model_mismatch,
+                        calibrate=args.calibrate, target_precision=args.target_precision,
+                        target_far=args.target_far)
     if index is None:
         print(f"Wrote this worker's shards of {args.output}; the chief merges them.")
         return
@@ -128,6 +137,11 @@ def _build(args):
     print(f"Indexed {len(index)} images of {len(set(index.labels.tolist()))} classes "
           f"(d = {index.dim}, backend {index.backend.name}"
           + (f" {json.dumps(config)}" if config else "") + f"): {args.output}")
+    if index.threshold:
+        t = index.threshold
+        target = ", ".join(f"{k} {v:g}" for k, v in t["target"].items())
+        print(f"Threshold cosine >= {t['value']:.4f} (target {target}, on {t['source']}: "
+              f"precision {t['precision']:.4f}, recall {t['recall']:.4f}, FAR {t['far']:.2e})")
 
 
 def _query(args):
@@ -162,6 +176,11 @@ def _query(args):
     records = [{"query": str(path), "label": str(label),
                 "neighbours": [{**hit, "match": hit["label"] == str(label)} for hit in hits]}
                for path, label, hits in zip(queries.paths, query_names, result.as_records())]
+    if index.threshold:  # "no match": the best similarity is below the calibrated threshold
+        accepted = index.matches(result.similarities[:, 0])
+        for record, found in zip(records, accepted):
+            record["no_match"] = not bool(found)
+            record["threshold"] = index.threshold["value"]
     if args.plot:
         import numpy as np
 

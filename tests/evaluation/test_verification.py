@@ -142,3 +142,19 @@ def test_threshold_errors():
         calibrate_threshold(x, labels)
     with pytest.raises(ValueError, match="No threshold reaches precision"):
         calibrate_threshold(x[:40], np.arange(40), target_precision=0.9)
+
+
+def test_evaluate_runs_verification_up_to_the_auto_size(monkeypatch):
+    from kdml.evaluation import protocols
+    from kdml.evaluation.metrics import RetrievalMetrics
+
+    x, labels = _smooth_set()
+    metrics, report = RetrievalMetrics(), {}
+    curve = protocols._verification(metrics, report, x, labels, "auto", (1e-2,), 2**20)
+    assert metrics["tar@far=0.01"] == verification_metrics(x, labels, fars=(1e-2,))["tar@far=0.01"]
+    assert curve["far"][0] == 0 and curve["tar"][-1] == 1
+    monkeypatch.setattr(protocols, "VERIFICATION_AUTO_MAX", len(labels) - 1)
+    metrics, report = RetrievalMetrics(), {}
+    assert protocols._verification(metrics, report, x, labels, "auto", (1e-2,), 2**20) is None
+    assert "tar@far=0.01" not in metrics and "--verification=true" in report["verification_skipped"]
+    assert protocols._verification(metrics, report, x, labels, True, (1e-2,), 2**20) is not None
