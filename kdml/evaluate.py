@@ -57,6 +57,9 @@ flags.DEFINE_enum("verification", "auto", ["auto", "true", "false"],
                   "Retrieval protocol: TAR at --fars, ROC AUC and EER over all positive and "
                   "negative pairs (exact, blocked). auto: up to 20,000 images.")
 flags.DEFINE_list("fars", ["1e-2", "1e-3", "1e-4"], "FAR levels of the TAR@FAR metrics.")
+flags.DEFINE_boolean("ranking_metrics", True, "Also MRR, mAP over the whole ranking and "
+                     "NDCG@K (--ndcg_ks), from the same ranking pass (float32 k-NN).")
+flags.DEFINE_list("ndcg_ks", ["10"], "K values of NDCG@K.")
 flags.DEFINE_integer("kmeans_n_init", 1, "k-means restarts for NMI / AMI.")
 flags.DEFINE_integer("kmeans_max_iter", DEFAULT_MAX_ITER, "k-means Lloyd iterations at most.")
 flags.DEFINE_string("max_memory", "256MiB", "Memory budget of the k-NN tiles, e.g. 512MiB, 2GB, "
@@ -114,7 +117,8 @@ def main(argv):
             plots_dir=plots_dir, plot_map=FLAGS.plot_map, plot_points=FLAGS.plot_points,
             grid_k=FLAGS.grid_k, grid_sampled=FLAGS.grid_sampled, grid_worst=FLAGS.grid_worst,
             verification={"auto": "auto", "true": True, "false": False}[FLAGS.verification],
-            fars=tuple(float(f) for f in FLAGS.fars))
+            fars=tuple(float(f) for f in FLAGS.fars), ranking_metrics=FLAGS.ranking_metrics,
+            ndcg_ks=tuple(int(k) for k in FLAGS.ndcg_ks))
     except (ValueError, FileNotFoundError) as error:
         logging.debug("Traceback of the error below:", exc_info=True)
         print(f"error: {error}", file=sys.stderr)

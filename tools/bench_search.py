@@ -24,7 +24,8 @@ exact index's top-1 of the same embedder's embeddings; Recall@1 (the top-1's cla
 the query's) of both.
 
 `open_set`: the threshold is calibrated on `--validation` (leave-one-out,
-`kdml.evaluation.calibrate_threshold`) and applied to `--test`, whose classes are split
+`kdml.evaluation.calibrate_threshold`) and applied to `--test` (default: a seeded half
+of `--validation`'s classes, the other half calibrating), whose classes are split
 in half: known classes (their first `--gallery_per_class` images in the gallery, the
 rest queries) and unknown classes (queries only, absent from the gallery). Printed:
 the precision and FAR achieved on the test queries against the targets, the recall of
@@ -141,12 +142,16 @@ def agreement(args) -> dict:
     names = np.asarray(image_set.class_names)
     results = {"gallery": int(len(gallery_rows)), "queries": int(len(query_rows))}
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = args.output_dir or tmp
+        os.makedirs(tmp, exist_ok=True)
         index = GalleryIndex(embed_image_set(embedder, gallery_set), names[gallery_set.labels],
                              gallery_set.paths, model=entry)
         index.save(os.path.join(tmp, "g.index"))
         index = load_search_gallery(os.path.join(tmp, "g.index"), entry)
         queries = load_uint8(_subset(image_set, query_rows), embedder.image_size[0])
         query_labels = names[image_set.labels[query_rows]]
+        if args.output_dir:  # for a re-run in the TF-free kit
+            np.save(os.path.join(tmp, "queries.npy"), queries)
         keras_top1 = index.query(embedder.embed(queries), k=1)
         results["recall@1 keras + exact index"] = float(
             (keras_top1.labels[:, 0] == query_labels).mean())
@@ -162,6 +167,8 @@ def agreement(args) -> dict:
             found = np.concatenate([runner(images=queries[i:i + 64])["indices"][:, 0]
                                     for i in range(0, len(queries), 64)])
             same = found == exact.indices[:, 0]
+            if args.output_dir:
+                np.save(os.path.join(tmp, f"{dtype}_top1.npy"), found)
             margin = exact.similarities[:, 0] - exact.similarities[:, 1]
             results[f"{dtype} top-1 = exact top-1"] = float(same.mean())
             results[f"{dtype} disagreements: median top-1/top-2 margin"] = (
@@ -186,14 +193,20 @@ def open_set(args) -> dict:
 
     embedder = load_embedder(args.model)
     validation = load_source(args.validation)
+    if args.test is None:  # one source: its classes split in half, seeded
+        order = np.random.default_rng(args.seed + 1).permutation(validation.num_classes)
+        halves = np.isin(validation.labels, order[: validation.num_classes // 2])
+        test = _subset(validation, np.flatnonzero(~halves))
+        validation = _subset(validation, np.flatnonzero(halves))
+    else:
+        test = load_source(args.test)
     calibration = calibrate_threshold(
         embed_image_set(embedder, validation), validation.labels,
         target_precision=args.target_precision, target_far=args.target_far)
     threshold = np.float32(calibration["threshold"])
-    test = load_source(args.test)
-    classes = np.random.default_rng(args.seed).permutation(test.num_classes)
-    known = np.zeros(test.num_classes, bool)
-    known[classes[: test.num_classes // 2]] = True
+    classes = np.random.default_rng(args.seed).permutation(np.unique(test.labels))
+    known = np.zeros(len(test.class_names), bool)
+    known[classes[: len(classes) // 2]] = True
     embeddings = embed_image_set(embedder, test)
     gallery_rows, query_rows = _split(test, args.gallery_per_class)
     gallery_rows = gallery_rows[known[test.labels[gallery_rows]]]
@@ -211,7 +224,9 @@ def open_set(args) -> dict:
         "validation": {k: calibration[k] for k in ("precision", "recall", "far", "queries")},
         "test_queries": int(len(query_rows)), "known_queries": int(query_known.sum()),
         "unknown_queries": int((~query_known).sum()),
-        "precision": float((accept & correct).sum() / max(accept.sum(), 1)),
+        "accepted queries": int(accept.sum()),
+        "precision": (float((accept & correct).sum() / accept.sum()) if accept.any()
+                      else "n/a (nothing accepted)"),
         "far (test impostor pairs)": float(at_or_above[0] / negatives),
         "recall (known queries)": float((accept & correct)[query_known].mean()),
         "unknown rejected": float((~accept)[~query_known].mean()),
@@ -240,12 +255,15 @@ def main(argv=None):
     p.add_argument("--source", required=True)
     p.add_argument("--gallery_per_class", type=int, default=5)
     p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--output_dir", default=None,
+                   help="keep the search models, queries.npy and each file's top-1 here")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("open_set")
     p.add_argument("--model", required=True)
     p.add_argument("--validation", required=True)
-    p.add_argument("--test", required=True)
+    p.add_argument("--test", default=None,
+                   help="default: the other half of --validation's classes (seeded)")
     p.add_argument("--target_precision", type=float, default=None)
     p.add_argument("--target_far", type=float, default=None)
     p.add_argument("--gallery_per_class", type=int, default=5)

@@ -157,7 +157,7 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
                    queries_per_class=1, episodes=1000, rerank_top_k=0, reranker=None,
                    plots_dir=None, plot_map="auto", plot_points=2000, grid_k=8,
                    grid_sampled=6, grid_worst=6, verification="auto",
-                   fars=(1e-2, 1e-3, 1e-4)) -> dict:
+                   fars=(1e-2, 1e-3, 1e-4), ranking_metrics=True, ndcg_ks=(10,)) -> dict:
     """Loads an embedder, embeds the protocol's images and returns the report dict.
 
     With `plots_dir`, the figures of `kdml.evaluation.plots.write_plots` plus
@@ -167,7 +167,9 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
     `verification` (retrieval protocol): TAR at each FAR of `fars`, ROC AUC and EER over
     all pairs (`kdml.evaluation.verification_metrics`); `"auto"`: when the set has at
     most `VERIFICATION_AUTO_MAX` items (a few seconds), else skipped with a note; with
-    plots, `tar_far.png`.
+    plots, `tar_far.png`. `ranking_metrics` (retrieval and query_gallery protocols, float32
+    k-NN): also MRR, mAP over the whole ranking and NDCG@K for each K of `ndcg_ks`, from
+    the same ranking pass.
 
     Returns:
         `{"protocol", "split", "format", "metrics": {name: float}, "plots": {...},
@@ -191,6 +193,8 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
         raise ValueError("--rerank_top_k works with --protocol=retrieval (leave-one-out).")
     embedder = _load(model_path)
     embed_options = dict(batch_size=batch_size, crop_fraction=crop_fraction)
+    full_ranking = ({"full_ranking": True, "ndcg_ks": tuple(ndcg_ks)}
+                    if ranking_metrics and knn_precision == "float32" else {})
     report = {"protocol": protocol, "split": split, "format": embedder.format}
 
     if protocol == "query_gallery":
@@ -210,7 +214,7 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
             gallery_labels=gallery_labels, exclude_self=same_source,
             precision_ks=ks if precision_ks is None else precision_ks, ami=nmi,
             n_init=kmeans_n_init, kmeans_max_iter=kmeans_max_iter,
-            knn_precision=knn_precision, strategy=_knn_strategy())
+            knn_precision=knn_precision, strategy=_knn_strategy(), **full_ranking)
         report.update(queries=int(len(query_labels)), gallery=int(len(gallery_labels)),
                       metrics=metrics)
         plot_embeddings, plot_labels = query_embeddings, query_labels
@@ -241,7 +245,7 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
                 embeddings, labels, ks=ks, nmi=nmi, seed=seed, max_memory_bytes=max_memory_bytes,
                 precision_ks=ks if precision_ks is None else precision_ks, ami=nmi,
                 n_init=kmeans_n_init, kmeans_max_iter=kmeans_max_iter,
-                knn_precision=knn_precision, strategy=_knn_strategy())
+                knn_precision=knn_precision, strategy=_knn_strategy(), **full_ranking)
             if rerank_top_k:
                 metrics.update(_rerank(model_path, reranker, embeddings, labels, rerank_top_k,
                                        ks, max_memory_bytes))
