@@ -4,7 +4,9 @@
 the embedder files:
 
 - `embedder_<quantization>_search.tflite`: the embedder `.tflite` of that quantization
-  (unchanged ops and weights) followed by builtin ops only: `FULLY_CONNECTED`
+  (unchanged ops and weights) followed by builtin ops only: `L2_NORMALIZATION` (in
+  float: an int8 embedder's output norm is 1 only within a few percent),
+  `FULLY_CONNECTED`
   (embeddings `(B, d)` x gallery `(N, d)` -> cosines `(B, N)`), `TOPK_V2` and, with a
   stored threshold, `GREATER_EQUAL`. Inputs `images` uint8 `(B, H, W, 3)`; outputs
   `indices` int32 `(B, k)` (gallery rows, best first), `similarities` float32 `(B, k)`,
@@ -177,6 +179,12 @@ def append_search(embedder_tflite: bytes, encoded: dict, k: int,
         quantization.quantizedDimension = 0
         weights = tensor("gallery_int8", (num_items, dim), types.INT8, encoded["values"],
                          quantization=quantization)
+    # int8 embedders' outputs have a norm of 1 only within a few percent (their int8
+    # L2_NORMALIZATION has a 1/128 step): renormalise in float, so cosines are cosines
+    unit = tensor("query_embeddings", (1, dim), types.FLOAT32, signature=(-1, dim))
+    operator(ops.L2_NORMALIZATION, [embeddings], [unit], schema.BuiltinOptions.L2NormOptions,
+             schema.L2NormOptionsT())
+    embeddings = unit
     scores = tensor("cosines", (1, num_items), types.FLOAT32, signature=(-1, num_items))
     fully_connected = schema.FullyConnectedOptionsT()
     fully_connected.asymmetricQuantizeInputs = True  # hybrid int8: per-query input range

@@ -184,3 +184,26 @@ def test_int8_rows_keep_their_own_scale():
     # one scale for the whole gallery would round row 7 to ~zero: an error of ~|g[7]|
     assert error[7] <= np.abs(g[7]).max() / 254 + 1e-9
     assert error[7] < 0.01 * np.abs(g).max() / 127
+
+
+def test_every_quantization_gets_its_search_file(gallery, tmp_path):
+    """The search part is appended to each embedder file as it is (same quantization):
+    each file's top-1 is the exact top-1 of that file's own embeddings."""
+    from kdml.export.tflite import tflite_ops
+
+    index = load_search_gallery(gallery["index"], gallery["entry"])
+    calibration = np.random.default_rng(0).integers(0, 255, (16, SIZE, SIZE, 3), np.uint8)
+    paths = export_embedder(gallery["model"], str(tmp_path), formats=("tflite",),
+                            quantizations=("dynamic", "int8"), calibration_images=calibration,
+                            search={"index": index, "gallery_dtype": "float16", "k": 1,
+                                    "model": gallery["entry"]})
+    for quantization in ("dynamic", "int8"):
+        embedder_ops = tflite_ops(open(paths[f"tflite_{quantization}"], "rb").read())
+        search_ops = tflite_ops(open(paths[f"search_{quantization}"], "rb").read())
+        assert search_ops[:len(embedder_ops)] == embedder_ops  # the embedder, unchanged
+        assert all(op["builtin"] for op in search_ops)
+        found = _run_search(paths[f"search_{quantization}"], gallery["images"])
+        exact = index.query(load_embedder(paths[f"tflite_{quantization}"]).embed(
+            gallery["images"]), k=1)
+        np.testing.assert_allclose(found["similarities"][:, 0], exact.similarities[:, 0],
+                                   atol=2e-3)
