@@ -116,10 +116,8 @@ def calibrate_threshold(embeddings, labels, *, target_precision=None, target_far
         target_far = float(target_far)
         if not 0 <= target_far < 1:
             raise ValueError(f"Expected target_far in [0, 1). Received: {target_far}")
-        total = int(((labels[:, None] != labels[None, :]).sum() // 2) if len(x) <= 4096
-                    else -1)
-        if total < 0:  # the exact count without the N^2 mask
-            total = (len(x) ** 2 - int((class_size.astype(np.int64) ** 2).sum())) // 2
+        # impostor pairs i < j: all pairs minus those inside a class
+        total = (len(x) ** 2 - int((class_size.astype(np.int64) ** 2).sum())) // 2
         allowed = int(np.floor(target_far * total + 1e-9))
         highest, _ = _highest_negatives(x, labels, allowed + 1, max_memory_bytes)
         if len(highest) <= allowed:  # every impostor pair may be accepted

@@ -14,7 +14,7 @@ P positives and M negatives, for an accept rule `score >= t`:
   draws it) where `FAR = 1 - TAR` (false reject rate).
 
 All exact, with no `N^2` memory: the positives (few: sum over classes of `n_c (n_c - 1)
-/ 2`) are computed class by class and sorted; the negatives are never stored: one pass
+/ 2`) are computed class by class (in strips) and sorted; the negatives are never stored: one pass
 of `(B, N)` strips `S = X_b X^T` (upper triangle) counts, per distinct positive score
 `u`, the negatives `> u` and `>= u` (`numpy.searchsorted` of each strip into the sorted
 positives). Those counts are the ROC's vertices, so every figure above is exact (ties
@@ -68,8 +68,10 @@ def upper_mask(start: int, stop: int, num_items: int) -> np.ndarray:
     return np.arange(num_items)[None, :] > np.arange(start, stop)[:, None]
 
 
-def positive_scores(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Sorted float32 scores of all positive pairs `i < j`, class by class."""
+def positive_scores(x: np.ndarray, labels: np.ndarray,
+                    max_memory_bytes: int = 256 * 2**20) -> np.ndarray:
+    """Sorted float32 scores of all positive pairs `i < j`, class by class (a large
+    class in strips of its rows)."""
     order = np.argsort(labels, kind="stable")
     bounds = np.flatnonzero(np.diff(labels[order]) != 0) + 1
     scores = []
@@ -77,8 +79,8 @@ def positive_scores(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
         if len(members) < 2:
             continue
         members = np.sort(members)
-        gram = x[members] @ x[members].T
-        scores.append(gram[np.triu_indices(len(members), k=1)])
+        for start, stop, strip in upper_strips(x[members], max_memory_bytes):
+            scores.append(strip[upper_mask(start, stop, len(members))])
     if not scores:
         return np.zeros(0, np.float32)
     return np.sort(np.concatenate(scores).astype(np.float32))
@@ -166,7 +168,7 @@ def verification_metrics(embeddings, labels, *, fars=DEFAULT_FARS,
     fars = tuple(float(f) for f in fars)
     if any(not 0 <= f <= 1 for f in fars):
         raise ValueError(f"Expected every FAR in [0, 1]. Received: fars={fars}")
-    positives = positive_scores(x, labels)
+    positives = positive_scores(x, labels, max_memory_bytes)
     unique = np.unique(positives)
     greater, greater_equal, num_negatives = count_negatives(
         x, labels, unique, max_memory_bytes=max_memory_bytes)

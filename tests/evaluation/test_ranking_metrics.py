@@ -34,7 +34,7 @@ def _reference(queries, query_labels, gallery, gallery_labels, exclude_self, ks)
     return np.array(ap), np.array(ndcg), np.array(rr)
 
 
-@pytest.mark.parametrize("budget", [1, 3 * 8 * 64, 2**30])
+@pytest.mark.parametrize("budget", [3 * 8 * 64, 2**30])  # 3 rows a block, all rows
 def test_leave_one_out_with_ties_equals_the_numpy_reference(budget):
     rng = np.random.default_rng(0)
     x = rng.integers(-2, 3, size=(61, 3)).astype(np.float32)  # exact products: many ties

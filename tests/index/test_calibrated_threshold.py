@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from kdml.evaluation.protocols import embed_image_set
 from kdml.evaluation.threshold import calibrate_threshold
@@ -12,6 +13,7 @@ from kdml.index.__main__ import main
 from kdml.index.build import load_source
 
 
+@pytest.mark.slow  # about 6 s: five builds and two queries through the command line
 def test_build_stores_the_calibrated_threshold_and_query_answers_no_match(
         index_assets, tmp_path, capsys):
     output = str(tmp_path / "t.index")
