@@ -10,7 +10,7 @@ without TensorFlow).
     index.save("gallery.index")                            # a kdml index directory
     index = CosineIndex.load("gallery.index")              # or one `python -m kdml.index build` wrote
     index.query(embedder.embed_files(["query.jpg"]), k=5)  # [[(label, path, cosine), ...]]
-    SearchModel("embedder_int8_search.tflite").search_files(["query.jpg"])  # gallery inside
+    SearchModel("embedder_int8_search.tflite").search_files(["q.jpg"])  # gallery inside
 
 Command line: `python kdml_litert.py index|query|search|embed --help`.
 

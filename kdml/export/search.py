@@ -56,7 +56,6 @@ def load_search_gallery(index_path: str, model_entry: Optional[dict], *,
         The `GalleryIndex`.
     """
     from kdml.index import GalleryIndex
-    from kdml.index.storage import model_summary
 
     index = GalleryIndex.load(index_path, backend="exact")  # empty / NaN / partial: refused
     if model_entry is not None and not allow_model_mismatch:

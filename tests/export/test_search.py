@@ -16,7 +16,7 @@ from kdml.export import load_embedder
 from kdml.export.exporter import export_embedder
 from kdml.export.images import load_uint8
 from kdml.export.search import decode_gallery, encode_gallery, load_search_gallery
-from kdml.index import GalleryIndex, build_index, model_fingerprint
+from kdml.index import build_index, model_fingerprint
 from kdml.index.build import load_source
 from kdml.index.storage import write_index_files
 from tests.helpers import write_glyph_folder

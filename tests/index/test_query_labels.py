@@ -54,7 +54,7 @@ def test_query_files_of_a_nested_gallery_match_and_the_grid_is_green(
                  *files]) == 0
     hits = json.load(open(results))
     for record, row in zip(hits, [0, 13, 35]):
-        assert record["label"] == index.labels[row]            # g0/c00, g0/c04, g1/c05 (sorted class order)
+        assert record["label"] == index.labels[row]  # g0/c00, g0/c04, g1/c05 (sorted order)
         for n in record["neighbours"]:
             assert n["match"] == (n["label"] == record["label"])
     # the (untrained) embedder finds some same-class neighbours: each must be marked a match
