@@ -155,10 +155,13 @@ class CosineIndex:
         labels: N labels (str); paths: N source paths (optional).
         model: the embedder's entry (`{"fingerprint", "format", "path", "image_size",
             "embedding_dim"}`), as kdml's gallery index stores it, or None.
+        threshold: the calibrated "no match" threshold an index stores (`{"value":
+            cosine, "target", "source", ...}`), or None.
     """
 
     def __init__(self, embeddings: np.ndarray, labels: Sequence[str],
-                 paths: Optional[Sequence[str]] = None, model: Optional[dict] = None):
+                 paths: Optional[Sequence[str]] = None, model: Optional[dict] = None,
+                 threshold: Optional[dict] = None):
         embeddings = np.asarray(embeddings, np.float32)
         if embeddings.ndim != 2 or len(embeddings) != len(labels):
             raise ValueError(f"Expected (N, d) embeddings and N labels. Received: "
@@ -177,6 +180,7 @@ class CosineIndex:
         self.labels = [str(label) for label in labels]
         self.paths = [str(p) for p in paths] if paths is not None else [""] * len(self.labels)
         self.model = model or None
+        self.threshold = threshold or None  # kdml.index build --calibrate: {"value", ...}
 
     def __len__(self):
         return len(self.labels)
@@ -246,6 +250,8 @@ class CosineIndex:
                 "embedding_dim": int(self.embeddings.shape[1]), "similarity": "cosine",
                 "model": self.model, "backend": {"name": "exact", "config": {}},
                 "files": files, "seed": 0, "kdml_version": None}
+        if self.threshold:
+            info["threshold"] = self.threshold
         with open(os.path.join(tmp, INDEX_METADATA), "w") as f:
             json.dump(info, f, indent=1, sort_keys=True)
             f.flush()
@@ -297,7 +303,8 @@ class CosineIndex:
         if embeddings.shape != (info["count"], info["embedding_dim"]) or \
                 labels.shape != (info["count"],) or paths.shape != (info["count"],):
             raise ValueError(f"{path}: arrays do not match {INDEX_METADATA}; {fix}.")
-        return cls(embeddings, labels.tolist(), paths.tolist(), info.get("model"))
+        return cls(embeddings, labels.tolist(), paths.tolist(), info.get("model"),
+                   info.get("threshold"))
 
 
 class SearchModel:
@@ -478,10 +485,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             index = CosineIndex.load(args.index)
             index.check_model(embedder, args.allow_model_mismatch)
             results = index.query(embedder.embed_files(args.images), k=args.k)
-            print(json.dumps([{"query": q, "neighbours": [
-                {"label": label, "path": path, "cosine": round(score, 6)}
-                for label, path, score in hits]} for q, hits in zip(args.images, results)],
-                indent=1))
+            threshold = (index.threshold or {}).get("value")
+            print(json.dumps([{"query": q, **({} if threshold is None else {
+                "no_match": bool(np.float32(hits[0][2]) < np.float32(threshold))}),
+                "neighbours": [{"label": label, "path": path, "cosine": round(score, 6)}
+                               for label, path, score in hits]}
+                for q, hits in zip(args.images, results)], indent=1))
         else:
             np.save(args.output, embedder.embed_files(args.images))
             print(f"Wrote {args.output}")

@@ -207,3 +207,42 @@ def test_every_quantization_gets_its_search_file(gallery, tmp_path):
             gallery["images"]), k=1)
         np.testing.assert_allclose(found["similarities"][:, 0], exact.similarities[:, 0],
                                    atol=2e-3)
+
+
+def test_the_kit_query_answers_no_match_below_the_index_threshold(gallery, tmp_path):
+    """`kdml_litert.py query` on an index that holds a threshold, TF-free."""
+    index = load_search_gallery(gallery["index"], gallery["entry"])
+    paths = export_embedder(gallery["model"], str(tmp_path), formats=("tflite",),
+                            quantizations=("float32",))
+    folder = write_glyph_folder(tmp_path / "queries", num_classes=6, images_per_class=2,
+                                seed=11)  # glyphs the gallery does not hold
+    queries = load_source(f"folder:{folder}")
+    files = queries.paths.tolist()
+    sys.path.insert(0, os.path.join(REPO, "export"))
+    import kdml_litert  # in this process too: the kit's own image reading and embedding
+
+    kit_embeddings = kdml_litert.Embedder(paths["tflite_float32"]).embed_files(files)
+    top1 = kdml_litert.CosineIndex(index.embeddings, index.labels.tolist()).query(
+        kit_embeddings, k=1)
+    top1 = np.array([row[0][2] for row in top1], np.float32)
+    index.set_threshold({"threshold": float(np.median(top1)), "target": {"far": 0.1}}, "test")
+    index.save(str(tmp_path / "t.index"))  # half the queries above the threshold, half below
+    script = textwrap.dedent(f"""
+        import sys
+        for name in ("tensorflow", "kdml", "keras", "tf_keras"):
+            sys.modules[name] = None
+        sys.path.insert(0, {os.path.join(REPO, 'export')!r})
+        import kdml_litert as kit
+        sys.exit(kit.main(["query", "--model", {paths['tflite_float32']!r}, "--index",
+                           {str(tmp_path / 't.index')!r}, "--k=2", "--allow_model_mismatch",
+                           *{files!r}]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    hits = json.loads(result.stdout)
+    assert len(hits) == len(files)
+    threshold = np.float32(np.median(top1))
+    flags = [record["no_match"] for record in hits]
+    np.testing.assert_array_equal(flags, top1 < threshold)
+    assert any(flags) and not all(flags)
