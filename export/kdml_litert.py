@@ -4,14 +4,15 @@ Needs only `ai-edge-litert` and NumPy (Pillow too, to read image files). It does
 import TensorFlow or kdml, so it runs wherever LiteRT runs (a Raspberry Pi, a server
 without TensorFlow).
 
-    from kdml_litert import Embedder, CosineIndex
+    from kdml_litert import Embedder, CosineIndex, SearchModel
     embedder = Embedder("embedder_int8.tflite")           # from `python -m kdml.export`
     index = CosineIndex.from_folder(embedder, "gallery/")  # gallery/<label>/<image files>
     index.save("gallery.index")                            # a kdml index directory
     index = CosineIndex.load("gallery.index")              # or one `python -m kdml.index build` wrote
     index.query(embedder.embed_files(["query.jpg"]), k=5)  # [[(label, path, cosine), ...]]
+    SearchModel("embedder_int8_search.tflite").search_files(["q.jpg"])  # gallery inside
 
-Command line: `python kdml_litert.py index|query|embed --help`.
+Command line: `python kdml_litert.py index|query|search|embed --help`.
 
 Models exported by kdml take uint8 RGB images `(N, H, W, 3)` in [0, 255] (normalisation
 is inside the model) and return float32 `(N, d)` L2-normalised embeddings.
@@ -154,10 +155,13 @@ class CosineIndex:
         labels: N labels (str); paths: N source paths (optional).
         model: the embedder's entry (`{"fingerprint", "format", "path", "image_size",
             "embedding_dim"}`), as kdml's gallery index stores it, or None.
+        threshold: the calibrated "no match" threshold an index stores (`{"value":
+            cosine, "target", "source", ...}`), or None.
     """
 
     def __init__(self, embeddings: np.ndarray, labels: Sequence[str],
-                 paths: Optional[Sequence[str]] = None, model: Optional[dict] = None):
+                 paths: Optional[Sequence[str]] = None, model: Optional[dict] = None,
+                 threshold: Optional[dict] = None):
         embeddings = np.asarray(embeddings, np.float32)
         if embeddings.ndim != 2 or len(embeddings) != len(labels):
             raise ValueError(f"Expected (N, d) embeddings and N labels. Received: "
@@ -176,6 +180,7 @@ class CosineIndex:
         self.labels = [str(label) for label in labels]
         self.paths = [str(p) for p in paths] if paths is not None else [""] * len(self.labels)
         self.model = model or None
+        self.threshold = threshold or None  # kdml.index build --calibrate: {"value", ...}
 
     def __len__(self):
         return len(self.labels)
@@ -245,6 +250,8 @@ class CosineIndex:
                 "embedding_dim": int(self.embeddings.shape[1]), "similarity": "cosine",
                 "model": self.model, "backend": {"name": "exact", "config": {}},
                 "files": files, "seed": 0, "kdml_version": None}
+        if self.threshold:
+            info["threshold"] = self.threshold
         with open(os.path.join(tmp, INDEX_METADATA), "w") as f:
             json.dump(info, f, indent=1, sort_keys=True)
             f.flush()
@@ -296,7 +303,65 @@ class CosineIndex:
         if embeddings.shape != (info["count"], info["embedding_dim"]) or \
                 labels.shape != (info["count"],) or paths.shape != (info["count"],):
             raise ValueError(f"{path}: arrays do not match {INDEX_METADATA}; {fix}.")
-        return cls(embeddings, labels.tolist(), paths.tolist(), info.get("model"))
+        return cls(embeddings, labels.tolist(), paths.tolist(), info.get("model"),
+                   info.get("threshold"))
+
+
+class SearchModel:
+    """A kdml search model (`embedder_<q>_search.tflite`, `python -m kdml.export --gallery=`):
+    images in, the top-k gallery items out, the gallery inside the file.
+
+    Args:
+        model_path: the `*_search.tflite` file; its labels, paths and threshold are read
+            from its "kdml" metadata (or the sidecar `<file>.json`).
+        num_threads: interpreter threads.
+
+    Attributes:
+        labels, paths: the gallery's; k; threshold: the calibrated cosine or None.
+    """
+
+    def __init__(self, model_path: str, num_threads: Optional[int] = None):
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"No .tflite model at {model_path}.")
+        with open(model_path, "rb") as f:
+            content = f.read()
+        self.path = model_path
+        self.metadata = _tflite_metadata(content) or _sidecar(model_path) or {}
+        if "search" not in self.metadata:
+            raise ValueError(f"{model_path} is not a kdml search model (no 'search' metadata): "
+                             "export one with python -m kdml.export --gallery=<index>.")
+        search = self.metadata["search"]
+        self.labels, self.paths = self.metadata["labels"], self.metadata["paths"]
+        self.k = int(search["k"])
+        self.threshold = (search.get("threshold") or {}).get("value")
+        self._interpreter = _interpreter_class()(model_content=content, num_threads=num_threads)
+        self._runner = self._interpreter.get_signature_runner("search")
+        height, width = self.metadata["image_size"]
+        self.image_size = (int(height), int(width))
+
+    def search(self, images) -> dict:
+        """uint8 `(N, H, W, 3)` (or one image) -> `{"indices" (N, k) int32, "similarities"
+        (N, k) float32[, "match" (N, k) bool]}`."""
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or images.shape[1:] != (*self.image_size, 3) or \
+                images.dtype != np.uint8:
+            raise ValueError(f"Expected images of shape (N, {self.image_size[0]}, "
+                             f"{self.image_size[1]}, 3) uint8 RGB. Received: shape="
+                             f"{images.shape}, dtype={images.dtype}.")
+        return {name: np.asarray(value)
+                for name, value in self._runner(images=np.ascontiguousarray(images)).items()}
+
+    def search_files(self, paths: Sequence[str], crop_fraction: float = 0.875) -> list:
+        """Per image file: `[{"label", "path", "cosine", ["match"]}, ...]`, best first."""
+        images = np.stack([load_image(p, self.image_size, crop_fraction) for p in paths])
+        found = self.search(images)
+        return [[{"label": self.labels[j], "path": self.paths[j], "cosine": float(score),
+                  **({"match": bool(found["match"][q, r])} if "match" in found else {})}
+                 for r, (j, score) in enumerate(zip(found["indices"][q],
+                                                    found["similarities"][q]))]
+                for q in range(len(paths))]
 
 
 def tflite_fingerprint(content: bytes, image_size, embedding_dim: int) -> str:
@@ -391,14 +456,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p_query.add_argument("--allow_model_mismatch", action="store_true",
                          help="query an index another model file built (same weights)")
     p_query.add_argument("images", nargs="+")
+    p_search = sub.add_parser("search", help="top-k of each image with a search model "
+                              "(*_search.tflite: the gallery is inside)")
+    p_search.add_argument("--model", required=True)
+    p_search.add_argument("images", nargs="+")
     p_embed = sub.add_parser("embed", help="embeddings of image files as .npy")
     p_embed.add_argument("--model", required=True)
     p_embed.add_argument("--output", required=True)
     p_embed.add_argument("images", nargs="+")
-    for p in (p_index, p_query, p_embed):
+    for p in (p_index, p_query, p_search, p_embed):
         p.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     try:
+        if args.command == "search":
+            model = SearchModel(args.model, num_threads=args.threads)
+            results = model.search_files(args.images)
+            print(json.dumps([{"query": q, **({"no_match": not hits[0]["match"]}
+                                              if "match" in hits[0] else {}),
+                               "neighbours": hits} for q, hits in zip(args.images, results)],
+                             indent=1))
+            return 0
         embedder = Embedder(args.model, num_threads=args.threads)
         if args.command == "index":
             index = CosineIndex.from_folder(embedder, args.gallery)
@@ -408,10 +485,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             index = CosineIndex.load(args.index)
             index.check_model(embedder, args.allow_model_mismatch)
             results = index.query(embedder.embed_files(args.images), k=args.k)
-            print(json.dumps([{"query": q, "neighbours": [
-                {"label": label, "path": path, "cosine": round(score, 6)}
-                for label, path, score in hits]} for q, hits in zip(args.images, results)],
-                indent=1))
+            threshold = (index.threshold or {}).get("value")
+            print(json.dumps([{"query": q, **({} if threshold is None else {
+                "no_match": bool(np.float32(hits[0][2]) < np.float32(threshold))}),
+                "neighbours": [{"label": label, "path": path, "cosine": round(score, 6)}
+                               for label, path, score in hits]}
+                for q, hits in zip(args.images, results)], indent=1))
         else:
             np.save(args.output, embedder.embed_files(args.images))
             print(f"Wrote {args.output}")

@@ -57,6 +57,13 @@ flags.DEFINE_enum("nmi", "auto", ["auto", "true", "false"],
                   "Report NMI and AMI (k-means with k = number of classes). auto: only where "
                   "k-means costs about as much as the ranking metrics; the result says when "
                   "it was skipped and why (docs/evaluation.md).")
+flags.DEFINE_enum("verification", "auto", ["auto", "true", "false"],
+                  "Retrieval protocol: TAR at --fars, ROC AUC and EER over all positive and "
+                  "negative pairs (exact, blocked). auto: up to 20,000 images.")
+flags.DEFINE_list("fars", ["1e-2", "1e-3", "1e-4"], "FAR levels of the TAR@FAR metrics.")
+flags.DEFINE_boolean("ranking_metrics", True, "Also MRR, mAP over the whole ranking and "
+                     "NDCG@K (--ndcg_ks), from the same ranking pass (float32 k-NN).")
+flags.DEFINE_list("ndcg_ks", ["10"], "K values of NDCG@K.")
 flags.DEFINE_integer("kmeans_n_init", 1, "k-means restarts for NMI / AMI.")
 flags.DEFINE_integer("kmeans_max_iter", DEFAULT_MAX_ITER, "k-means Lloyd iterations at most.")
 flags.DEFINE_string("max_memory", "256MiB", "Memory budget of the k-NN tiles, e.g. 512MiB, 2GB, "
@@ -73,7 +80,7 @@ flags.DEFINE_string("reranker", None, "Pair scorer (a .keras model (n, d), (n, d
                     "default: pddm.keras beside --model.")
 flags.DEFINE_boolean("plots", False, "Write PNG figures: the retrieval grid (queries and "
                      "their top-k, same class or not), Recall@K curve, similarity histograms, "
-                     "2-D map of the embeddings.")
+                     "2-D map of the embeddings, and the TAR-FAR curve (retrieval protocol).")
 flags.DEFINE_integer("grid_k", 8, "Results per query in the retrieval grid.")
 flags.DEFINE_integer("grid_sampled", 6, "Queries drawn at random (--seed) for the grid.")
 flags.DEFINE_integer("grid_worst", 6, "Worst queries in the grid (their first same-class "
@@ -121,7 +128,10 @@ def main(argv):
             n_way=FLAGS.n_way, k_shot=FLAGS.k_shot, queries_per_class=FLAGS.queries_per_class,
             episodes=FLAGS.episodes, rerank_top_k=FLAGS.rerank_top_k, reranker=FLAGS.reranker,
             plots_dir=plots_dir, plot_map=FLAGS.plot_map, plot_points=FLAGS.plot_points,
-            grid_k=FLAGS.grid_k, grid_sampled=FLAGS.grid_sampled, grid_worst=FLAGS.grid_worst)
+            grid_k=FLAGS.grid_k, grid_sampled=FLAGS.grid_sampled, grid_worst=FLAGS.grid_worst,
+            verification={"auto": "auto", "true": True, "false": False}[FLAGS.verification],
+            fars=tuple(float(f) for f in FLAGS.fars), ranking_metrics=FLAGS.ranking_metrics,
+            ndcg_ks=tuple(int(k) for k in FLAGS.ndcg_ks))
     except (ValueError, FileNotFoundError) as error:
         logging.debug("Traceback of the error below:", exc_info=True)
         print(f"error: {error}", file=sys.stderr)

@@ -18,7 +18,7 @@ from PIL import Image
 
 import kdml
 from kdml.evaluation import protocols as evaluate_cli
-from kdml.evaluation import few_shot_accuracy, retrieval_metrics
+from kdml.evaluation import few_shot_accuracy, retrieval_metrics, verification_metrics
 from kdml.evaluation.clustering import DEFAULT_MAX_ITER
 from kdml.evaluation.protocols import top_level_groups
 from kdml.export import load_embedder
@@ -82,8 +82,14 @@ def test_retrieval_report_equals_the_library_on_the_same_embeddings(models):
     embeddings = embedder.predict(images.map(lambda x, y: x), verbose=0)
     # the CLI's defaults: --nmi=auto (runs at this size), --kmeans_max_iter=10, --kmeans_n_init=1
     want = retrieval_metrics(embeddings, test.labels, ks=(1, 4), precision_ks=(1, 4), ami=True,
-                             nmi=True, kmeans_max_iter=DEFAULT_MAX_ITER, n_init=1)
+                             nmi=True, kmeans_max_iter=DEFAULT_MAX_ITER, n_init=1,
+                             full_ranking=True, ndcg_ks=(10,))  # the CLI's MRR, mAP, NDCG@10
     assert not math.isnan(want["nmi"])
+    # --verification=auto runs at this size: TAR@FAR, ROC AUC and EER over all pairs
+    verification = verification_metrics(embeddings, test.labels)
+    assert report["verification_pairs"] == {"positive": verification.pop("positive_pairs"),
+                                            "negative": verification.pop("negative_pairs")}
+    want.update(verification)
     assert set(report["metrics"]) == set(want)
     for name, value in want.items():
         assert report["metrics"][name] == pytest.approx(value, abs=1e-6), name
@@ -104,7 +110,8 @@ def test_three_formats_give_the_same_embeddings_and_metrics(models, alphabets):
         embeddings = _embed(models[fmt], image_set)
         np.testing.assert_allclose(embeddings, reference, atol=2e-4)
         report = evaluate_cli.evaluate_model(models[fmt], folder, split="all", ks=(1, 2),
-                                             nmi=False)
+                                             nmi=False, verification=False,
+                                             ranking_metrics=False)
         assert report["format"] == fmt
         want = retrieval_metrics(reference, image_set.labels, ks=(1, 2), precision_ks=(1, 2),
                                  nmi=False)
@@ -137,14 +144,16 @@ def test_query_gallery_protocol_with_a_single_image_gallery_class(models, alphab
     g_set = evaluate_cli._load_images(gallery, "all", None, 0)
     want = retrieval_metrics(_embed(models["keras"], q_set), q_set.labels, ks=(1, 2),
                              precision_ks=(1, 2), nmi=False, gallery=_embed(models["keras"], g_set),
-                             gallery_labels=g_set.labels, exclude_self=False)
+                             gallery_labels=g_set.labels, exclude_self=False,
+                             full_ranking=True, ndcg_ks=(10,))
     assert report["metrics"] == pytest.approx(want, abs=1e-6)
     # the same source twice is leave-one-out, not "every query finds itself"
     same = evaluate_cli.evaluate_model(models["keras"], query=gallery, gallery=gallery,
                                        ks=(1,), nmi=False)
     g_embeddings = _embed(models["keras"], g_set)
     with pytest.warns(UserWarning):  # class c has no other image
-        loo = retrieval_metrics(g_embeddings, g_set.labels, ks=(1,), precision_ks=(1,), nmi=False)
+        loo = retrieval_metrics(g_embeddings, g_set.labels, ks=(1,), precision_ks=(1,), nmi=False,
+                                full_ranking=True, ndcg_ks=(10,))
     assert same["metrics"] == pytest.approx(loo, abs=1e-6)
 
 
@@ -200,7 +209,11 @@ def test_command_line_end_to_end_with_plots(models, alphabets, tmp_path):
     assert report["format"] == "saved_model" and report["protocol"] == "retrieval"
     for key in ("recall@1", "recall@2", "precision@2", "map@r", "r_precision", "nmi", "ami"):
         assert 0.0 <= report["metrics"][key] <= 1.0 or key == "ami"
-    for name in ("retrieval_grid", "recall_curve", "similarity_histograms", "embedding_map"):
+    for key in ("tar@far=0.01", "tar@far=0.001", "tar@far=0.0001", "roc_auc", "eer", "mrr",
+                "map", "ndcg@10"):
+        assert 0.0 <= report["metrics"][key] <= 1.0, key
+    for name in ("retrieval_grid", "recall_curve", "similarity_histograms", "embedding_map",
+                 "tar_far"):
         path = report["plots"][name]
         assert os.path.getsize(path) > 1000 and open(path, "rb").read(4) == b"\x89PNG"
 

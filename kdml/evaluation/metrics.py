@@ -47,7 +47,7 @@ from kdml.evaluation.ranking import retrieval_ranking
 
 _KMEANS_N_INIT = 1
 _PERCENT_PREFIXES = ("recall", "map", "precision", "r_precision", "nmi", "ami", "accuracy",
-                     "ci95", "reranked")
+                     "ci95", "reranked", "tar@far", "roc_auc", "eer", "mrr", "ndcg")
 # NMI runs by default ("auto") while k-means (`max_iter` passes of N x C products) costs
 # at most this many times the ranking pass (N x M products), or is small anyway.
 _AUTO_NMI_COST_RATIO = 2.0
@@ -80,6 +80,8 @@ def retrieval_metrics(
     kmeans_max_iter=DEFAULT_MAX_ITER,
     knn_precision="float32",
     strategy=None,
+    full_ranking=False,
+    ndcg_ks=(),
 ):
     """Recall@K, Precision@K, MAP@R, R-Precision, NMI and AMI from one product pass.
 
@@ -119,6 +121,9 @@ def retrieval_metrics(
         knn_precision: `"float32"` (exact, one pass) or `"bfloat16"` (neighbour lists
             from `exact_knn`'s bfloat16 pass, `k = max(ks)`).
         strategy: optional `tf.distribute.Strategy` to shard the queries over.
+        full_ranking: also `"mrr"`, `"map"` (average precision over the whole ranking)
+            and `"ndcg@K"` for each K of `ndcg_ks`, from the same pass (float32 only).
+        ndcg_ks: the K of NDCG@K (with `full_ranking=True`).
 
     Returns:
         A `RetrievalMetrics` dict of Python floats in [0, 1]: `"recall@K"` for each K,
@@ -190,11 +195,15 @@ def retrieval_metrics(
     max_r = int(r_per_query.max())
     num_neighbours = int(max(max(precision_ks, default=0), min(max(max_r, 0), limit)))
     gallery_argument = None if gallery is None else gallery_matrix
+    if full_ranking and knn_precision != "float32":
+        raise ValueError("full_ranking (MRR, mAP, NDCG) comes from the exact float32 pass: "
+                         "use knn_precision='float32'.")
     if knn_precision == "float32":
         ranking = retrieval_ranking(
             embeddings, labels, gallery_argument,
             None if gallery is None else gallery_label_array, top_k=num_neighbours,
-            exclude_self=exclude_self, max_memory_bytes=max_memory_bytes, strategy=strategy)
+            exclude_self=exclude_self, max_memory_bytes=max_memory_bytes, strategy=strategy,
+            full_ranking=full_ranking, ndcg_ks=tuple(ndcg_ks) if full_ranking else ())
         first_rank, neighbours = ranking.first_positive_rank, ranking.top_k
         first_rank = np.where(first_rank < 0, np.iinfo(np.int64).max, first_rank)
     else:  # neighbour lists long enough for every K
@@ -246,6 +255,17 @@ def retrieval_metrics(
     else:
         results["map@r"] = math.nan
         results["r_precision"] = math.nan
+    if full_ranking:
+        # MRR: 1 / (rank of the first positive), 0 without one; mAP, NDCG: over queries
+        # with positives (as map@r)
+        found = first_rank < np.iinfo(np.int64).max
+        results["mrr"] = float(np.where(found, 1.0 / (first_rank.astype(np.float64) + 1.0),
+                                        0.0).mean())
+        has = ~np.isnan(ranking.average_precision)
+        results["map"] = float(ranking.average_precision[has].mean()) if has.any() else math.nan
+        for i, k in enumerate(ndcg_ks):
+            results[f"ndcg@{k}"] = (float(ranking.ndcg[has, i].mean()) if has.any()
+                                    else math.nan)
 
     classes, class_of_item = np.unique(labels, return_inverse=True)
     wanted = [name for name, flag in (("nmi", nmi), ("ami", ami)) if flag is not False]
@@ -350,8 +370,8 @@ def format_metrics_table(rows):
 
 
 # Column order of every metrics table: family, then K, then name.
-_COLUMN_FAMILIES = ("recall@", "precision@", "map@r", "r_precision", "nmi", "ami",
-                    "reranked_recall@", "accuracy", "ci95")
+_COLUMN_FAMILIES = ("recall@", "precision@", "map@r", "r_precision", "mrr", "map", "ndcg@",
+                    "nmi", "ami", "reranked_recall@", "accuracy", "ci95")
 
 
 def metric_column_key(name):

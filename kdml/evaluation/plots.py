@@ -46,6 +46,32 @@ def plot_recall_curve(recall_at_k: dict, path: str, title: str = "") -> str:
     return path
 
 
+def plot_tar_far_curve(far, tar, path: str, title: str = "", negative_pairs: int = 0) -> str:
+    """TAR against FAR (log axis) from ROC vertices `(far, tar)`
+    (`kdml.evaluation.verification_metrics(return_curve=True)`); FARs below one impostor
+    pair (`1 / negative_pairs`) are not drawn."""
+    plt = _pyplot()
+    far, tar = np.asarray(far, np.float64), np.asarray(tar, np.float64)
+    floor = 1.0 / negative_pairs if negative_pairs else 1e-6
+    keep = far >= floor
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    ax.plot(far[keep], 100.0 * tar[keep], drawstyle="default")
+    for level in (1e-4, 1e-3, 1e-2):
+        if level >= floor:
+            ax.axvline(level, color="grey", alpha=0.3, lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlim(max(floor, 1e-6), 1)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("FAR (false accept rate, all impostor pairs)")
+    ax.set_ylabel("TAR (%)")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title or "TAR-FAR")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def pair_similarities(embeddings, labels, *, max_pairs=200_000, seed=0):
     """Cosine similarities of sampled positive (same class) and negative pairs.
 

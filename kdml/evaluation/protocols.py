@@ -157,12 +157,20 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
                    max_memory_bytes=256 * 2**20, knn_precision="float32", n_way=20, k_shot=1,
                    queries_per_class=1, episodes=1000, rerank_top_k=0, reranker=None,
                    plots_dir=None, plot_map="auto", plot_points=2000, grid_k=8,
-                   grid_sampled=6, grid_worst=6) -> dict:
+                   grid_sampled=6, grid_worst=6, verification="auto",
+                   fars=(1e-2, 1e-3, 1e-4), ranking_metrics=True, ndcg_ks=(10,)) -> dict:
     """Loads an embedder, embeds the protocol's images and returns the report dict.
 
     With `plots_dir`, the figures of `kdml.evaluation.plots.write_plots` plus
     `retrieval_grid.png`: `grid_sampled` seeded queries and the `grid_worst` worst ones
     (latest first same-class result), each followed by its top `grid_k`.
+
+    `verification` (retrieval protocol): TAR at each FAR of `fars`, ROC AUC and EER over
+    all pairs (`kdml.evaluation.verification_metrics`); `"auto"`: when the set has at
+    most `VERIFICATION_AUTO_MAX` items (a few seconds), else skipped with a note; with
+    plots, `tar_far.png`. `ranking_metrics` (retrieval and query_gallery protocols, float32
+    k-NN): also MRR, mAP over the whole ranking and NDCG@K for each K of `ndcg_ks`, from
+    the same ranking pass.
 
     Returns:
         `{"protocol", "split", "format", "metrics": {name: float}, "plots": {...},
@@ -186,6 +194,8 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
         raise ValueError("--rerank_top_k works with --protocol=retrieval (leave-one-out).")
     embedder = _load(model_path)
     embed_options = dict(batch_size=batch_size, crop_fraction=crop_fraction)
+    full_ranking = ({"full_ranking": True, "ndcg_ks": tuple(ndcg_ks)}
+                    if ranking_metrics and knn_precision == "float32" else {})
     report = {"protocol": protocol, "split": split, "format": embedder.format}
 
     if protocol == "query_gallery":
@@ -205,11 +215,12 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
             gallery_labels=gallery_labels, exclude_self=same_source,
             precision_ks=ks if precision_ks is None else precision_ks, ami=nmi,
             n_init=kmeans_n_init, kmeans_max_iter=kmeans_max_iter,
-            knn_precision=knn_precision, strategy=_knn_strategy())
+            knn_precision=knn_precision, strategy=_knn_strategy(), **full_ranking)
         report.update(queries=int(len(query_labels)), gallery=int(len(gallery_labels)),
                       metrics=metrics)
         plot_embeddings, plot_labels = query_embeddings, query_labels
         curve_source = None
+        verification_curve = None
         grid_sets = (query_set, query_embeddings, query_labels, gallery_set, gallery_embeddings,
                      gallery_labels, same_source)
     else:
@@ -221,6 +232,7 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
         plot_embeddings, plot_labels = embeddings, labels
         curve_source = (embeddings, labels)
         grid_sets = (images, embeddings, labels, images, embeddings, labels, True)
+        verification_curve = None
         if protocol in ("episodes", "omniglot"):
             groups = (top_level_groups(images.class_names, labels)
                       if protocol == "omniglot" else None)
@@ -234,10 +246,12 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
                 embeddings, labels, ks=ks, nmi=nmi, seed=seed, max_memory_bytes=max_memory_bytes,
                 precision_ks=ks if precision_ks is None else precision_ks, ami=nmi,
                 n_init=kmeans_n_init, kmeans_max_iter=kmeans_max_iter,
-                knn_precision=knn_precision, strategy=_knn_strategy())
+                knn_precision=knn_precision, strategy=_knn_strategy(), **full_ranking)
             if rerank_top_k:
                 metrics.update(_rerank(model_path, reranker, embeddings, labels, rerank_top_k,
                                        ks, max_memory_bytes))
+            verification_curve = _verification(metrics, report, embeddings, labels,
+                                               verification, fars, max_memory_bytes)
             report["metrics"] = metrics
 
     if plots_dir:
@@ -258,7 +272,43 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
                                          plots_dir, map_method=plot_map, map_points=plot_points,
                                          seed=seed, title=title)}
         report["retrieval_grid"] = grid
+        if verification_curve is not None:
+            from kdml.evaluation.plots import plot_tar_far_curve
+
+            report["plots"]["tar_far"] = plot_tar_far_curve(
+                verification_curve["far"], verification_curve["tar"],
+                os.path.join(plots_dir, "tar_far.png"), title=title,
+                negative_pairs=report["verification_pairs"]["negative"])
     return report
+
+
+VERIFICATION_AUTO_MAX = 20_000
+
+
+def _verification(metrics, report, embeddings, labels, verification, fars, max_memory_bytes):
+    """Adds the all-pairs verification metrics to `metrics` (see `evaluate_model`);
+    returns the ROC vertices, or None when skipped."""
+    from kdml.evaluation.verification import verification_metrics
+
+    if verification not in ("auto", True, False):
+        raise ValueError(f"Expected verification 'auto', True or False. Received: {verification!r}")
+    if verification is False:
+        return None
+    if verification == "auto" and len(labels) > VERIFICATION_AUTO_MAX:
+        from absl import logging
+
+        report["verification_skipped"] = (
+            f"{len(labels):,} images: --verification=auto runs up to "
+            f"{VERIFICATION_AUTO_MAX:,} (about 10 s on 2 cores); pass --verification=true")
+        logging.warning("TAR@FAR, ROC AUC and EER skipped: %s", report["verification_skipped"])
+        return None
+    result = verification_metrics(embeddings, labels, fars=fars,
+                                  max_memory_bytes=max_memory_bytes, return_curve=True)
+    curve = result.pop("curve", None)
+    report["verification_pairs"] = {"positive": result.pop("positive_pairs"),
+                                    "negative": result.pop("negative_pairs")}
+    metrics.update(result)
+    return curve
 
 
 def _retrieval_grid(query_set, query_embeddings, query_labels, gallery_set, gallery_embeddings,

@@ -56,13 +56,18 @@ from kdml.evaluation.knn import (
     _replica_rounds,
 )
 
-RetrievalRanking = collections.namedtuple("RetrievalRanking", ["first_positive_rank", "top_k"])
+RetrievalRanking = collections.namedtuple(
+    "RetrievalRanking", ["first_positive_rank", "top_k", "average_precision", "ndcg"],
+    defaults=(None, None))
 RetrievalRanking.__doc__ = """Result of `retrieval_ranking`.
 
 `first_positive_rank`: `(Q,)` int64, the number of gallery items ranked before the
 query's first positive (0 = the nearest is a positive), -1 when the query has none.
 `top_k`: `(Q, top_k)` int64 gallery indices in decreasing similarity (ties: lower
 index first), or `None` when `top_k=0`.
+`average_precision`: `(Q,)` float64 AP over the whole ranking (NaN without positives),
+with `full_ranking=True`, else None. `ndcg`: `(Q, len(ndcg_ks))` float64 NDCG@K
+(binary relevance; NaN without positives), or None.
 """
 
 # Rows per block at most: beyond a few hundred rows the strip matmul is at its peak.
@@ -78,7 +83,7 @@ _NO_CLASS = -2  # a query whose class has no gallery item
 
 def retrieval_ranking(queries, query_labels, gallery=None, gallery_labels=None, *, top_k=0,
                       exclude_self=None, similarity="cosine", max_memory_bytes=256 * 2**20,
-                      strategy=None):
+                      strategy=None, full_ranking=False, ndcg_ks=()):
     """Rank of each query's first positive and its `top_k` neighbours, in one pass.
 
     Args:
@@ -96,10 +101,17 @@ def retrieval_ranking(queries, query_labels, gallery=None, gallery_labels=None, 
             strip within 16 MiB of cache (64 rows for SOP; at least 32).
         strategy: optional `tf.distribute.Strategy`; its replicas score disjoint
             query blocks, each against its own copy of the gallery.
+        full_ranking: also the rank of every positive, counted in the same strip
+            (one comparison per score and positive, fused with the first count), and
+            from them each query's average precision over the whole ranking
+            `(1/R) sum_j j / (rank_j + 1)` (rank_j: 0-based rank of its j-th positive)
+            and its NDCG@K for each K of `ndcg_ks`: `sum_{rank_j < K} 1 / log2(rank_j + 2)`
+            over the ideal `sum_{i < min(K, R)} 1 / log2(i + 2)`.
+        ndcg_ks: the K of NDCG@K (needs `full_ranking=True`).
 
     Returns:
         `RetrievalRanking(first_positive_rank (Q,) int64, top_k (Q, top_k) int64 or
-        None)`.
+        None, average_precision (Q,) or None, ndcg (Q, len(ndcg_ks)) or None)`.
 
     Example:
 
@@ -145,6 +157,13 @@ def retrieval_ranking(queries, query_labels, gallery=None, gallery_labels=None, 
         raise ValueError("Expected `max_memory_bytes` to be a positive integer. "
                          f"Received: max_memory_bytes={max_memory_bytes!r}")
     top_k = int(top_k)
+    ndcg_ks = tuple(int(k) for k in ndcg_ks)
+    if ndcg_ks and not full_ranking:
+        raise ValueError("`ndcg_ks` needs `full_ranking=True` (NDCG comes from the rank of "
+                         f"every positive). Received: ndcg_ks={ndcg_ks}")
+    if any(k < 1 for k in ndcg_ks):
+        raise ValueError(f"Expected every K of `ndcg_ks` >= 1. Received: {ndcg_ks}")
+    full_ranking = bool(full_ranking)
 
     # Dense class ids: gallery classes 0..C-1, query classes absent from the gallery -2.
     classes, gallery_class = np.unique(gallery_labels, return_inverse=True)
@@ -175,6 +194,8 @@ def retrieval_ranking(queries, query_labels, gallery=None, gallery_labels=None, 
     devices = _replica_devices(strategy)
     first_rank = np.empty(num_queries, np.int64)
     neighbours = np.empty((num_queries, top_k), np.int64) if top_k else None
+    average_precision = np.empty(num_queries, np.float64) if full_ranking else None
+    ndcg = np.empty((num_queries, len(ndcg_ks)), np.float64) if full_ranking else None
     # padded columns score -inf in the count and the group maxima
     column_bias = np.zeros(width, np.float32)
     column_bias[num_gallery:] = -np.inf
@@ -205,23 +226,27 @@ def retrieval_ranking(queries, query_labels, gallery=None, gallery_labels=None, 
                         query_block = query_tensor[start:stop]
                     if stop - start < block:  # keep the traced shape: zero-pad the last block
                         query_block = tf.pad(query_block, [[0, block - (stop - start)], [0, 0]])
-                    ranks, found = _block_ranking(
+                    ranks, found, ap, gains = _block_ranking(
                         query_block, tf.constant(self_index),
                         tf.constant(positive_columns(np.arange(start, start + block),
                                                      classes_here)),
-                        gallery_t, bias, top_k=top_k, group=group)
-                outputs.append((start, stop, ranks, found))
+                        gallery_t, bias, top_k=top_k, group=group, full_ranking=full_ranking,
+                        ndcg_ks=ndcg_ks)
+                outputs.append((start, stop, ranks, found, ap, gains))
             # ops were dispatched to every replica before any result is read back
-            for start, stop, ranks, found in outputs:
+            for start, stop, ranks, found, ap, gains in outputs:
                 first_rank[start:stop] = ranks.numpy()[: stop - start]
                 if top_k:
                     neighbours[start:stop] = found.numpy()[: stop - start]
-    return RetrievalRanking(first_rank, neighbours)
+                if full_ranking:
+                    average_precision[start:stop] = ap.numpy()[: stop - start]
+                    ndcg[start:stop] = gains.numpy()[: stop - start]
+    return RetrievalRanking(first_rank, neighbours, average_precision, ndcg)
 
 
 @tf.function(jit_compile=True)
 def _block_ranking(query_block, self_index, positive_columns, gallery_t, column_bias, top_k,
-                   group):
+                   group, full_ranking=False, ndcg_ks=()):
     """First-positive ranks `(B,)` int32 (-1: no positive) and top-k `(B, top_k)` int32
     of one query block, from its `(B, M)` strip `S = Q_b G^T`.
 
@@ -247,9 +272,53 @@ def _block_ranking(query_block, self_index, positive_columns, gallery_t, column_
     self_before = is_self & ((self_score > best) | (
         (self_score == best) & (self_index < best_index)))
     ranks = tf.where(best == -np.inf, -1, before - tf.cast(self_before, tf.int32))
+    rows = tf.shape(strip)[0]
+    if full_ranking:
+        ap, gains = _whole_ranking(strip, column_bias, positive, positive_columns, has_column,
+                                   self_index, self_score, ndcg_ks)
+    else:
+        ap, gains = tf.zeros([rows], tf.float64), tf.zeros([rows, 0], tf.float64)
     if not top_k:
-        return ranks, tf.zeros([tf.shape(strip)[0], 0], tf.int32)
-    return ranks, _top_k_by_groups(strip, group_max, self_index, column_bias, top_k, group)
+        return ranks, tf.zeros([rows, 0], tf.int32), ap, gains
+    return (ranks, _top_k_by_groups(strip, group_max, self_index, column_bias, top_k, group),
+            ap, gains)
+
+
+def _whole_ranking(strip, column_bias, positive, positive_columns, has_column, self_index,
+                   self_score, ndcg_ks):
+    """Average precision `(B,)` and NDCG@K `(B, len(ndcg_ks))` (float64; NaN without
+    positives) from the rank of every positive: the items ranked before it (a higher
+    score, or the same score and a lower index; the query itself not counted), counted
+    in the strip by one fused compare-and-sum per positive column."""
+    scores = strip + column_bias[None, :]
+    columns = tf.range(tf.shape(strip)[1], dtype=tf.int32)
+    before = (scores[:, None, :] > positive[:, :, None]) | (
+        (scores[:, None, :] == positive[:, :, None])
+        & (columns[None, None, :] < positive_columns[:, :, None]))
+    if strip.shape[1] is not None and strip.shape[1] < 2**24:
+        count = tf.cast(tf.reduce_sum(tf.where(before, 1.0, 0.0), axis=2), tf.int32)
+    else:
+        count = tf.reduce_sum(tf.cast(before, tf.int32), axis=2)
+    is_self = (self_index >= 0)[:, None]
+    self_before = is_self & ((self_score[:, None] > positive) | (
+        (self_score[:, None] == positive) & (self_index[:, None] < positive_columns)))
+    rank = tf.cast(count - tf.cast(self_before, tf.int32), tf.float64)  # (B, P), 0-based
+    num_positives = tf.reduce_sum(tf.cast(has_column, tf.float64), axis=1)
+    ordered = tf.sort(tf.where(has_column, rank, np.inf), axis=1)
+    position = tf.cast(tf.range(1, tf.shape(rank)[1] + 1), tf.float64)[None, :]
+    precision = tf.where(tf.math.is_finite(ordered), position / (ordered + 1.0), 0.0)
+    undefined = tf.constant(np.nan, tf.float64)
+    ap = tf.where(num_positives > 0, tf.reduce_sum(precision, axis=1)
+                  / tf.maximum(num_positives, 1.0), undefined)
+    discount = 1.0 / (tf.math.log(rank + 2.0) / np.log(2.0))
+    ideal = tf.math.cumsum(1.0 / (tf.math.log(position + 1.0) / np.log(2.0)), axis=1)[0]
+    gains = []
+    for k in ndcg_ks:
+        dcg = tf.reduce_sum(tf.where(has_column & (rank < k), discount, 0.0), axis=1)
+        best = tf.gather(ideal, tf.cast(tf.minimum(num_positives, float(k)), tf.int32) - 1)
+        gains.append(tf.where(num_positives > 0, dcg / best, undefined))
+    gains = tf.stack(gains, axis=1) if gains else tf.zeros([tf.shape(strip)[0], 0], tf.float64)
+    return ap, gains
 
 
 def _count_before(strip, column_bias, best, best_index, group, with_group_maxima):

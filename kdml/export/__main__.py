@@ -7,7 +7,8 @@ Example:
 The dataset (calibration images from its training classes, parity on its held-out
 classes) is read from the run's `metrics.json` next to the model, or given by
 `--dataset`. Writes the files, a sidecar `<file>.json` with the metadata beside each,
-and `parity.json`; prints the parity table. Exit code 1 when int8 Recall@1 drops more
+and `parity.json`; prints the parity table. `--gallery=<kdml.index dir>` adds the
+search model (`kdml.export.search`). Exit code 1 when int8 Recall@1 drops more
 than `--max_recall_drop` points, 2 on bad arguments.
 """
 
@@ -44,6 +45,13 @@ flags.DEFINE_float("max_recall_drop", 1.0,
 flags.DEFINE_boolean("parity", True, "Compute the parity report.")
 command_line.define_flag("seed", 0, "It draws the calibration and parity images (and the "
                          "synthetic dataset).")
+flags.DEFINE_string("gallery", None, "A kdml.index directory built by --model: also write the "
+                    "search model (SavedModel signature 'search', embedder_<q>_search.tflite: "
+                    "images -> top-k gallery rows and cosines).")
+flags.DEFINE_enum("search_gallery", "float16", ["float16", "int8"],
+                  "How the search model stores the gallery: float16, or int8 with a per-row "
+                  "scale.")
+flags.DEFINE_integer("search_k", 5, "Gallery items the search model returns per image.")
 
 
 def main(argv):
@@ -56,7 +64,8 @@ def main(argv):
         run_export(FLAGS.model, FLAGS.output_dir, tuple(FLAGS.formats), tuple(FLAGS.quantization),
                    FLAGS.dataset, FLAGS.eval_dataset, FLAGS.data_dir, FLAGS.calibration_images,
                    FLAGS.parity_images, FLAGS.latency_runs, FLAGS.max_recall_drop, FLAGS.parity,
-                   FLAGS.seed)
+                   FLAGS.seed, gallery=FLAGS.gallery, gallery_dtype=FLAGS.search_gallery,
+                   search_k=FLAGS.search_k)
     except ParityError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -26,7 +26,8 @@ def export_embedder(embedder, output_dir: str, *,
                     quantizations: Sequence[str] = QUANTIZATIONS,
                     calibration_images: Optional[np.ndarray] = None,
                     name: Optional[str] = None, backbone: Optional[str] = None,
-                    source: Optional[str] = None) -> Dict[str, str]:
+                    source: Optional[str] = None, search: Optional[dict] = None
+                    ) -> Dict[str, str]:
     """Exports an embedder as a SavedModel and/or `.tflite` files.
 
     Args:
@@ -40,9 +41,14 @@ def export_embedder(embedder, output_dir: str, *,
         name: the model name stored in the metadata (default: the model's name).
         backbone: the backbone's name, stored in the metadata when known.
         source: where the model came from (stored in the metadata).
+        search: optional search model (`kdml.export.search`): `{"index": GalleryIndex
+            (checked by `load_search_gallery`), "gallery_dtype": "float16" | "int8",
+            "k": int, "model": the model's fingerprint entry}`. Adds the SavedModel's
+            `search` signature and `embedder_<quantization>_search.tflite` per variant.
 
     Returns:
-        {"saved_model": dir, "tflite_<quantization>": path, ...}.
+        {"saved_model": dir, "tflite_<quantization>": path, "search_<quantization>":
+        path, ...}.
     """
     if isinstance(embedder, str):
         source = source or embedder
@@ -65,13 +71,25 @@ def export_embedder(embedder, output_dir: str, *,
     meta = dict(name=name or embedder.name, embedding_dim=embedder.output_shape[-1],
                 image_size=(height, width), backbone=backbone, source=source)
     paths: Dict[str, str] = {}
+    encoded = threshold = None
+    if search is not None:
+        from kdml.export.search import encode_gallery, search_function
+
+        encoded = encode_gallery(search["index"].embeddings, search.get("gallery_dtype",
+                                                                        "float16"))
+        threshold = (search["index"].threshold or {}).get("value")
+        if encoded["values"].shape[1] != meta["embedding_dim"]:
+            raise ValueError(f"The gallery has {encoded['values'].shape[1]} columns, the "
+                             f"embedder gives {meta['embedding_dim']}-d embeddings.")
     keep = "saved_model" in formats
     saved_model_dir = (os.path.join(output_dir, "saved_model") if keep
                        else tempfile.mkdtemp(prefix="kdml_saved_model_"))
     try:
         if os.path.isdir(saved_model_dir) and keep:
             shutil.rmtree(saved_model_dir)
-        export_saved_model(embedder, saved_model_dir)
+        export_saved_model(embedder, saved_model_dir, search=(
+            search_function(embedder, encoded, search.get("k", 5), threshold)
+            if encoded is not None and keep else None))
         if keep:
             write_sidecar(saved_model_dir, embedder_metadata(fmt="saved_model", **meta))
             paths["saved_model"] = saved_model_dir
@@ -89,10 +107,39 @@ def export_embedder(embedder, output_dir: str, *,
                     f.write(embed_tflite_metadata(model, metadata))
                 write_sidecar(path, metadata)
                 paths[f"tflite_{quantization}"] = path
+                if encoded is not None:
+                    paths[f"search_{quantization}"] = _write_search(
+                        model, encoded, search, threshold, metadata, output_dir, quantization)
     finally:
         if not keep:
             shutil.rmtree(saved_model_dir, ignore_errors=True)
     return paths
+
+
+def _write_search(embedder_model: bytes, encoded, search, threshold, metadata, output_dir,
+                  quantization) -> str:
+    """Writes `embedder_<quantization>_search.tflite` and its sidecar (temporary names,
+    then renamed into place)."""
+    from kdml.export.search import append_search, search_filename, search_metadata
+
+    k = search.get("k", 5)
+    model = append_search(embedder_model, encoded, k, threshold)
+    check_builtin_ops(model, search_filename(quantization))
+    info = search_metadata(search["index"], encoded, k, model_entry=search.get("model"),
+                           base={**metadata, "format": "tflite_search"})
+    path = os.path.join(output_dir, search_filename(quantization))
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(embed_tflite_metadata(model, info))
+        write_sidecar(tmp, info)
+        os.replace(tmp + ".json", path + ".json")
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, tmp + ".json"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+    return path
 
 
 def _check_calibration(images, image_size) -> np.ndarray:

@@ -1,7 +1,8 @@
 """SavedModel export with a named serving signature.
 
 `serving_default`: `images` uint8 `(None, H, W, 3)` RGB in [0, 255] -> `embeddings`
-float32 `(None, d)`, L2-normalised. Written with Keras 3's `keras.export.ExportArchive`
+float32 `(None, d)`, L2-normalised; with a gallery, also `search` (top-k gallery rows and
+cosines, `kdml.export.search`). Written with Keras 3's `keras.export.ExportArchive`
 (`model.export(format="tf_saved_model")` names its input after the Keras input and
 keeps its float32 dtype; the archive lets us fix the uint8 `images` spec and the
 output key while still tracking the model's variables).
@@ -13,6 +14,8 @@ import keras
 import tensorflow as tf
 
 from kdml.export.loading import INPUT_NAME, OUTPUT_NAME, SERVING_SIGNATURE
+
+SEARCH_SIGNATURE = "search"
 
 
 def serving_function(embedder: keras.Model):
@@ -27,13 +30,23 @@ def serving_function(embedder: keras.Model):
     return serve, spec
 
 
-def export_saved_model(embedder: keras.Model, path: str) -> str:
-    """Writes `embedder` as a SavedModel directory at `path` (see module docstring)."""
+def export_saved_model(embedder: keras.Model, path: str, search=None) -> str:
+    """Writes `embedder` as a SavedModel directory at `path` (see module docstring).
+
+    `search`: optional `(serve, spec, variables)` of `kdml.export.search.search_function`,
+    added as the `search` signature.
+    """
     _check_embedder(embedder)
     serve, spec = serving_function(embedder)
     archive = keras.export.ExportArchive()
     archive.track(embedder)
     archive.add_endpoint(SERVING_SIGNATURE, serve, input_signature=[spec])
+    if search is not None:
+        search_serve, search_spec, variables = search
+        holder = tf.Module()
+        holder.gallery = variables  # tracked: saved with the SavedModel
+        archive.track(holder)
+        archive.add_endpoint(SEARCH_SIGNATURE, search_serve, input_signature=[search_spec])
     archive.write_out(path, verbose=False)
     return path
 

@@ -17,8 +17,15 @@ def _run_config(model_path: str) -> dict:
 def run_export(model_path: str, output_dir=None, formats=("saved_model", "tflite"),
                quantizations=("float32", "float16", "dynamic", "int8"), dataset=None,
                eval_dataset=None, data_dir=None, calibration_count=300, parity_images=2000,
-               latency_runs=50, max_recall_drop=1.0, parity=True, seed=0):
+               latency_runs=50, max_recall_drop=1.0, parity=True, seed=0, gallery=None,
+               gallery_dtype="float16", search_k=5, allow_model_mismatch=False):
     """The CLI's work as a function: export, then (optionally) the parity report.
+
+    `gallery`: a `kdml.index` directory built by this model: adds the search model
+    (`kdml.export.search`: the SavedModel's `search` signature and
+    `embedder_<quantization>_search.tflite`), its gallery stored as `gallery_dtype`,
+    returning `search_k` results. The gallery is checked (model fingerprint, size, empty,
+    NaN) before anything is written.
 
     Returns:
         (paths {key: path}, report dict or None).
@@ -38,6 +45,22 @@ def run_export(model_path: str, output_dir=None, formats=("saved_model", "tflite
     eval_dataset = eval_dataset or config.get("eval_dataset")
     crop = config.get("eval_crop_fraction") or 0.875
     output_dir = output_dir or os.path.join(os.path.dirname(os.path.abspath(model_path)), "export")
+    search = None
+    if gallery is not None:
+        from kdml.export import load_embedder
+        from kdml.export.search import GALLERY_DTYPES, load_search_gallery
+        from kdml.index import model_fingerprint
+
+        if gallery_dtype not in GALLERY_DTYPES:
+            raise ValueError(f"Expected --search_gallery in {GALLERY_DTYPES}. Received: "
+                             f"{gallery_dtype!r}")
+        if isinstance(search_k, bool) or int(search_k) < 1:
+            raise ValueError(f"Expected --search_k >= 1. Received: {search_k}")
+        model_entry = model_fingerprint(load_embedder(model_path))
+        index = load_search_gallery(gallery, model_entry,
+                                    allow_model_mismatch=allow_model_mismatch)
+        search = {"index": index, "gallery_dtype": gallery_dtype, "k": int(search_k),
+                  "model": model_entry}
     embedder = keras.saving.load_model(model_path, compile=False)
     image_size = int(embedder.input_shape[1])
     needs_data = parity or ("tflite" in formats and "int8" in quantizations)
@@ -54,7 +77,7 @@ def run_export(model_path: str, output_dir=None, formats=("saved_model", "tflite
     print(f"Exporting {model_path} ({variants}) to {output_dir}")
     paths = export_embedder(embedder, output_dir, formats=formats, quantizations=quantizations,
                             calibration_images=calibration, backbone=config.get("backbone"),
-                            source=os.path.abspath(model_path))
+                            source=os.path.abspath(model_path), search=search)
 
     def print_paths():
         for key, path in paths.items():
@@ -66,7 +89,8 @@ def run_export(model_path: str, output_dir=None, formats=("saved_model", "tflite
     images, labels = heldout_images(splits.test, image_size, parity_images, seed, crop)
     output = os.path.join(output_dir, "parity.json")
     try:
-        report = parity_report(model_path, paths, images, labels, latency_runs=latency_runs,
+        embedders = {key: path for key, path in paths.items() if not key.startswith("search_")}
+        report = parity_report(model_path, embedders, images, labels, latency_runs=latency_runs,
                                max_recall_drop=max_recall_drop, output=output, seed=seed)
     finally:
         if os.path.isfile(output):

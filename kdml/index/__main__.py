@@ -4,7 +4,7 @@
         --source=folder:gallery/ --output_dir=gallery.index [--backend=faiss [--faiss_index=hnsw]]
     python -m kdml.index build ... --output_dir=gallery.index --add      # append new images
     python -m kdml.index query --index=gallery.index --model=runs/default/embedder.keras \\
-        --k=5 q1.jpg q2.png            # or --source=folder:queries/ ; --plot=grid.png
+        --k=5 q1.jpg q2.png      # or --query_source=folder:queries/ ; --plot=grid.png
     python -m kdml.index evaluate --index=gallery.index --k=10     # recall@10 vs exact, q/s
 
 `--strategy=multi_worker` (with TF_CONFIG on every worker) splits the build over the
@@ -80,14 +80,24 @@ def _parser() -> argparse.ArgumentParser:
                        help="append the source to the existing index at --output_dir")
     build.add_argument("--allow_model_mismatch", action="store_true")
     add_argument(build, "seed", 0, "It draws the split of a dataset source.")
+    build.add_argument("--calibrate", default=None,
+                       help="labelled validation source (folder:<dir>, synthetic, tfds:<name>) "
+                            "whose leave-one-out top-1 decisions set the 'no match' threshold")
+    build.add_argument("--target_precision", type=float, default=None,
+                       help="--calibrate: top-1 precision of accepted queries (default 0.95)")
+    build.add_argument("--target_far", type=float, default=None,
+                       help="--calibrate: false accept rate over impostor pairs instead")
     ann_flags(build)
 
     query = sub.add_parser("query", help="top-k gallery items of query images")
     query.add_argument("--index", required=True)
     add_argument(query, "model", note=model_note + " It embeds the queries.", required=True)
-    query.add_argument("--source", default=None, help="labelled queries: folder:<dir>")
-    query.add_argument("images", nargs="*", help="query image files (label: parent folder); a "
-                       "gallery file used as a query is not returned for itself")
+    query.add_argument("--query_source", "--source", dest="query_source", default=None,
+                       help="labelled queries: folder:<dir>, labelled as --source labels a "
+                            "gallery (leaf folder path relative to <dir>)")
+    query.add_argument("images", nargs="*", help="query image files, labelled in the gallery's "
+                       "terms (kdml.index.query_labels); a gallery file used as a query is not "
+                       "returned for itself")
     query.add_argument("--k", type=int, default=5)
     query.add_argument("--backend", choices=BACKENDS, default=None,
                        help="search with another backend than the saved one")
@@ -127,7 +137,9 @@ def _build(args):
                         split=args.split, data_dir=args.data_dir, batch_size=args.batch_size,
                         crop_fraction=args.crop_fraction, shard_size=args.shard_size,
                         seed=args.seed, wait_timeout_s=args.wait_timeout_s, add_to=add_to,
-                        allow_model_mismatch=args.allow_model_mismatch)
+                        allow_model_mismatch=args.allow_model_mismatch,
+                        calibrate=args.calibrate, target_precision=args.target_precision,
+                        target_far=args.target_far)
     if index is None:
         print(f"Wrote this worker's shards of {args.output_dir}; the chief merges them.")
         return
@@ -135,6 +147,11 @@ def _build(args):
     print(f"Indexed {len(index)} images of {len(set(index.labels.tolist()))} classes "
           f"(d = {index.dim}, backend {index.backend.name}"
           + (f" {json.dumps(config)}" if config else "") + f"): {args.output_dir}")
+    if index.threshold:
+        t = index.threshold
+        target = ", ".join(f"{k} {v:g}" for k, v in t["target"].items())
+        print(f"Threshold cosine >= {t['value']:.4f} (target {target}, on {t['source']}: "
+              f"precision {t['precision']:.4f}, recall {t['recall']:.4f}, FAR {t['far']:.2e})")
 
 
 def _query(args):
@@ -143,22 +160,23 @@ def _query(args):
     from kdml.export import load_embedder
     from kdml.index import GalleryIndex, model_fingerprint
     from kdml.index.build import _item_paths, load_source
+    from kdml.index.query_labels import label_query_files
 
-    if bool(args.source) == bool(args.images):
-        raise ValueError("Give query images either as files (positional) or as --source="
+    if bool(args.query_source) == bool(args.images):
+        raise ValueError("Give query images either as files (positional) or as --query_source="
                          "folder:<dir>, not both and not neither.")
     index = GalleryIndex.load(args.index, backend=args.backend)
     embedder = load_embedder(args.model)
     index.check_model(model_fingerprint(embedder), args.allow_model_mismatch)
-    if args.source:
-        queries = load_source(args.source)
+    if args.query_source:
+        queries = load_source(args.query_source)
     else:
         missing = [p for p in args.images if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"No query image at {missing[0]}.")
-        names = sorted({os.path.basename(os.path.dirname(os.path.abspath(p))) for p in args.images})
-        queries = ImageSet(labels=[names.index(os.path.basename(os.path.dirname(os.path.abspath(p))))
-                                   for p in args.images], class_names=names,
+        file_labels = label_query_files(args.images, index.labels, index.paths)
+        names = sorted(set(file_labels))
+        queries = ImageSet(labels=[names.index(name) for name in file_labels], class_names=names,
                            paths=list(args.images), name="query images")
     embeddings = embed_image_set(embedder, queries, batch_size=args.batch_size,
                                  crop_fraction=args.crop_fraction)
@@ -166,8 +184,14 @@ def _query(args):
     query_paths = _item_paths(queries)  # "<source>#<row>" for images without files
     result = _without_self(result, query_paths, args.k)
     query_names = [queries.class_names[label] for label in queries.labels]
-    records = [{"query": str(path), "label": str(label), "neighbours": hits}
+    records = [{"query": str(path), "label": str(label),
+                "neighbours": [{**hit, "match": hit["label"] == str(label)} for hit in hits]}
                for path, label, hits in zip(query_paths, query_names, result.as_records())]
+    if index.threshold:  # "no match": the best similarity is below the calibrated threshold
+        accepted = index.matches(result.similarities[:, 0])
+        for record, found in zip(records, accepted):
+            record["no_match"] = not bool(found)
+            record["threshold"] = index.threshold["value"]
     if args.plot:
         import numpy as np
 

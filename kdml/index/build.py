@@ -191,7 +191,9 @@ def build_index(model: str, source, output: Optional[str] = None, *, backend: st
                 data_dir=None, batch_size: int = 256, crop_fraction: float = 0.875,
                 shard_size: int = 10_000, seed: int = 0, wait_timeout_s: float = 3600.0,
                 add_to: Optional[GalleryIndex] = None,
-                allow_model_mismatch: bool = False) -> Optional[GalleryIndex]:
+                allow_model_mismatch: bool = False, calibrate=None,
+                target_precision: Optional[float] = None,
+                target_far: Optional[float] = None) -> Optional[GalleryIndex]:
     """Embeds `source` with the embedder at `model` and indexes it.
 
     Args:
@@ -204,6 +206,10 @@ def build_index(model: str, source, output: Optional[str] = None, *, backend: st
         shard_size: images per shard of a file source.
         wait_timeout_s: how long the chief waits for the other workers' shards.
         add_to: an existing index to append to (incremental add), instead of a new one.
+        calibrate: a labelled validation source (a source spec or `ImageSet`): embedded
+            with the same model, it sets the index's "no match" threshold
+            (`kdml.evaluation.calibrate_threshold` with `target_precision` or
+            `target_far`; neither: precision 0.95).
 
     Returns:
         The `GalleryIndex` (also written to `output` by the chief), or None on a
@@ -264,7 +270,32 @@ def build_index(model: str, source, output: Optional[str] = None, *, backend: st
     else:
         index = GalleryIndex(embeddings, names, paths, model=model_entry, backend=backend,
                              backend_options=backend_options, seed=seed)
+    if calibrate is not None:
+        calibrate_index(index, embedder, calibrate, target_precision=target_precision,
+                        target_far=target_far, split=split, data_dir=data_dir, seed=seed,
+                        batch_size=batch_size, crop_fraction=crop_fraction)
     if output is not None:
         index.save(output)
         shutil.rmtree(os.path.normpath(output) + ".shards", ignore_errors=True)
     return index
+
+
+def calibrate_index(index: GalleryIndex, embedder, source, *, target_precision=None,
+                    target_far=None, split="all", data_dir=None, seed=0, batch_size=256,
+                    crop_fraction=0.875) -> dict:
+    """Embeds the labelled `source` with `embedder` and stores the calibrated threshold
+    in `index` (`GalleryIndex.set_threshold`); returns `index.threshold`."""
+    from kdml.evaluation.protocols import embed_image_set
+    from kdml.evaluation.threshold import calibrate_threshold
+
+    if target_precision is None and target_far is None:
+        target_precision = 0.95
+    image_set = load_source(source, split=split, data_dir=data_dir, seed=seed)
+    name = source if isinstance(source, str) else image_set.name
+    embeddings = check_embeddings(
+        embed_image_set(embedder, image_set, batch_size=batch_size, crop_fraction=crop_fraction),
+        _item_paths(image_set), source=f"the calibration set {name}")
+    calibration = calibrate_threshold(embeddings, image_set.labels,
+                                      target_precision=target_precision, target_far=target_far)
+    index.set_threshold(calibration, name)
+    return index.threshold

@@ -86,11 +86,14 @@ class GalleryIndex:
         backend_options: keyword arguments of the backend (e.g. `faiss_index="hnsw"`,
             `nprobe`, `strategy`).
         seed: seed of the approximate backend's training (k-means) and calibration.
+        threshold: optional calibrated "no match" threshold: `{"value": cosine, "target",
+            "source", "precision", "recall", "far", ...}` (`set_threshold`).
     """
 
     def __init__(self, embeddings, labels: Sequence[str], paths: Optional[Sequence[str]] = None,
                  *, model: Optional[dict] = None, backend: str = "exact",
-                 backend_options: Optional[dict] = None, seed: int = 0, _backend_state=None):
+                 backend_options: Optional[dict] = None, seed: int = 0,
+                 threshold: Optional[dict] = None, _backend_state=None):
         labels = np.asarray([str(label) for label in labels], dtype=str)
         paths = (np.full(len(labels), "", dtype=str) if paths is None
                  else np.asarray([str(p) for p in paths], dtype=str))
@@ -105,6 +108,7 @@ class GalleryIndex:
         self.labels, self.paths = labels, paths
         self.model = dict(model) if model else None
         self.seed = int(seed)
+        self.threshold = dict(threshold) if threshold else None
         self.directory = None
         self.backend = make_backend(backend, **(backend_options or {}))
         if _backend_state is None:
@@ -149,6 +153,23 @@ class GalleryIndex:
                 f"{model.get('path')} ...), or pass allow_model_mismatch=True "
                 "(--allow_model_mismatch) if both are exports of the same weights.")
 
+    def set_threshold(self, calibration: dict, source: str) -> "GalleryIndex":
+        """Stores a `kdml.evaluation.calibrate_threshold` result (and the name of the data
+        it came from) as the index's "no match" threshold; returns self."""
+        value = float(calibration["threshold"])
+        if not -1.0 <= value <= 1.0 + 1e-6:
+            raise ValueError(f"Expected a cosine threshold in [-1, 1]. Received: {value}")
+        self.threshold = {"value": value, "source": str(source),
+                          **{k: v for k, v in calibration.items() if k != "threshold"}}
+        return self
+
+    def matches(self, similarities) -> np.ndarray:
+        """`similarities >= threshold` (bool, same shape); all True without a threshold."""
+        similarities = np.asarray(similarities, np.float32)
+        if not self.threshold:
+            return np.ones(similarities.shape, bool)
+        return similarities >= np.float32(self.threshold["value"])
+
     def query(self, queries, k: int = 5) -> QueryResult:
         """`(Q, d)` query embeddings (or one `(d,)`) -> the k most similar gallery items."""
         queries = np.asarray(queries, dtype=np.float32)
@@ -192,6 +213,8 @@ class GalleryIndex:
         """Writes the index directory atomically (see `kdml.index.storage`); returns it."""
         metadata = {"model": self.model, "similarity": SIMILARITY, "seed": self.seed,
                     "backend": {"name": self.backend.name, "config": self.backend.config()}}
+        if self.threshold:
+            metadata["threshold"] = self.threshold
         write_index_files(path, self.embeddings, self.labels, self.paths, metadata,
                           write_extra=lambda d: [p for p in [self.backend.save(d)] if p])
         self.directory = path
@@ -215,6 +238,7 @@ class GalleryIndex:
                  if name == saved and saved != "exact" else None)
         index = cls(stored["embeddings"], stored["labels"], stored["paths"],
                     model=metadata.get("model"), backend=name, backend_options=backend_options,
-                    seed=metadata.get("seed", 0), _backend_state=state)
+                    seed=metadata.get("seed", 0), threshold=metadata.get("threshold"),
+                    _backend_state=state)
         index.directory = path
         return index

@@ -4,7 +4,8 @@
       index.json        {"format": "kdml-gallery-index", "version": 1, "count": N,
                          "embedding_dim": d, "similarity": "cosine", "model": {...},
                          "backend": {"name", "config"}, "files": {name: {bytes, sha256}},
-                         "kdml_version"}
+                         "kdml_version", ["threshold": {"value", "target", "source",
+                         "precision", "recall", "far", ...}] (build --calibrate)}
       embeddings.npy    float32 (N, d), rows L2-normalised
       labels.npy        str (N,)   class name of each gallery item
       paths.npy         str (N,)   its image file ("" when it came from arrays)

@@ -1,0 +1,247 @@
+"""The search model: an embedder plus its gallery as a constant, `image -> top-k gallery items`.
+
+`python -m kdml.export --model=embedder.keras --gallery=gallery.index` writes, beside
+the embedder files:
+
+- `embedder_<quantization>_search.tflite`: the embedder `.tflite` of that quantization
+  (unchanged ops and weights) followed by builtin ops only: `L2_NORMALIZATION` (in
+  float: an int8 embedder's output norm is 1 only within a few percent),
+  `FULLY_CONNECTED`
+  (embeddings `(B, d)` x gallery `(N, d)` -> cosines `(B, N)`), `TOPK_V2` and, with a
+  stored threshold, `GREATER_EQUAL`. Inputs `images` uint8 `(B, H, W, 3)`; outputs
+  `indices` int32 `(B, k)` (gallery rows, best first), `similarities` float32 `(B, k)`,
+  and `match` bool `(B, k)` (`similarity >= threshold`) when the index holds one.
+- a `search` signature in the SavedModel, the same function in TensorFlow.
+
+The gallery constant (`gallery_dtype`):
+
+- `"float16"`: the unit rows in float16 (2 bytes per value) and a `DEQUANTIZE` to
+  float32 when the interpreter prepares the graph (cosine error <= ~1e-3).
+- `"int8"`: each row `g` as `round(g / s)` in int8 with its own scale `s = max|g| / 127`
+  (1 byte per value + 4 per row): a per-channel quantized `FULLY_CONNECTED` weight, which
+  LiteRT runs with its hybrid kernel (float input quantized per query on the fly, int8
+  weights, float output).
+
+The labels, paths, threshold, k and the fingerprints of the index and the model go in
+the file's `"kdml"` metadata and its sidecar `<file>.json`, which the TF-free kit
+(`export/kdml_litert.py`, `SearchModel`) reads.
+
+A constant gallery is searched in full for every query, and the whole file is loaded
+in memory: past `MAX_SEARCH_ITEMS` items (measured, docs/export.md) an approximate
+index (`python -m kdml.index build --backend=faiss`) serves better; the export says so.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+
+GALLERY_DTYPES = ("float16", "int8")
+MAX_SEARCH_ITEMS = 100_000
+DEFAULT_K = 5
+
+
+def search_filename(quantization: str) -> str:
+    return f"embedder_{quantization}_search.tflite"
+
+
+def load_search_gallery(index_path: str, model_entry: Optional[dict], *,
+                        max_items: int = MAX_SEARCH_ITEMS, allow_model_mismatch: bool = False):
+    """Loads and checks a `kdml.index` directory for a search model of the model
+    `model_entry` (`kdml.index.model_fingerprint`); one-line ValueErrors otherwise.
+
+    Returns:
+        The `GalleryIndex`.
+    """
+    from kdml.index import GalleryIndex
+
+    index = GalleryIndex.load(index_path, backend="exact")  # empty / NaN / partial: refused
+    if model_entry is not None and not allow_model_mismatch:
+        if not index.model:
+            raise ValueError(
+                f"The gallery {index_path} holds vectors of unknown origin (no model entry), so "
+                "its rows cannot be checked against --model: rebuild it with python -m "
+                f"kdml.index build --model={model_entry.get('path')} ...")
+        index.check_model(model_entry)
+    if len(index) > max_items:
+        raise ValueError(
+            f"The gallery {index_path} has {len(index):,} items; a search model scans a "
+            f"constant gallery in full for every query and is only written up to "
+            f"{max_items:,} (docs/export.md): serve it with python -m kdml.index (e.g. "
+            "--backend=faiss) instead, or pass a smaller index.")
+    return index
+
+
+def encode_gallery(embeddings, gallery_dtype: str) -> dict:
+    """`{"dtype", "values" (N, d) float16 | int8, "scale" (N,) float32 (int8 only)}` of
+    unit rows (module docstring)."""
+    if gallery_dtype not in GALLERY_DTYPES:
+        raise ValueError(f"Expected a gallery dtype in {GALLERY_DTYPES}. Received: "
+                         f"{gallery_dtype!r}")
+    g = np.asarray(embeddings, np.float32)
+    if g.ndim != 2 or len(g) == 0 or not np.isfinite(g).all():
+        raise ValueError(f"Expected a non-empty, finite (N, d) gallery. Received: shape "
+                         f"{g.shape}, finite: {bool(np.isfinite(g).all())}")
+    if gallery_dtype == "float16":
+        return {"dtype": "float16", "values": g.astype(np.float16)}
+    scale = (np.maximum(np.abs(g).max(axis=1), 1e-12) / 127.0).astype(np.float32)
+    values = np.clip(np.round(g / scale[:, None]), -127, 127).astype(np.int8)
+    return {"dtype": "int8", "values": values, "scale": scale}
+
+
+def decode_gallery(encoded: dict) -> np.ndarray:
+    """The float32 `(N, d)` gallery the search model scores against."""
+    values = encoded["values"].astype(np.float32)
+    return values * encoded["scale"][:, None] if encoded["dtype"] == "int8" else values
+
+
+def search_metadata(index, encoded: dict, k: int, *, model_entry: Optional[dict],
+                    base: Optional[dict] = None) -> dict:
+    """The `"kdml"` metadata of a search model: the embedder's entries plus `search`,
+    `labels` and `paths`."""
+    threshold = index.threshold
+    return {**(base or {}),
+            "search": {"k": int(k), "gallery_items": len(index), "gallery_dtype": encoded["dtype"],
+                       "embedding_dim": index.dim, "similarity": "cosine",
+                       "outputs": ["indices", "similarities"] + (["match"] if threshold else []),
+                       "threshold": threshold, "index": os.path.abspath(index.directory or ""),
+                       "index_model": index.model, "model": model_entry},
+            "labels": index.labels.tolist(), "paths": index.paths.tolist()}
+
+
+def append_search(embedder_tflite: bytes, encoded: dict, k: int,
+                  threshold: Optional[float] = None) -> bytes:
+    """A `.tflite` embedder (input `images`, output `(B, d)` embeddings) followed by the
+    gallery search (module docstring); returns the new flatbuffer."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(embedder_tflite), 0)
+    graph = model.subgraphs[0]
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        raise ValueError("Expected a kdml embedder .tflite: one input (images), one output "
+                         f"(embeddings). Received: {len(graph.inputs)} inputs, "
+                         f"{len(graph.outputs)} outputs.")
+    images, embeddings = graph.inputs[0], graph.outputs[0]
+    num_items, dim = encoded["values"].shape
+    if list(graph.tensors[embeddings].shape)[-1] != dim:
+        raise ValueError(f"The embedder gives {graph.tensors[embeddings].shape[-1]}-d "
+                         f"embeddings, the gallery has {dim} columns.")
+    k = int(min(k, num_items))
+    if k < 1:
+        raise ValueError(f"Expected k >= 1. Received: k={k}")
+    types, ops = schema.TensorType, schema.BuiltinOperator
+
+    def buffer(array=None):
+        entry = schema.BufferT()
+        if array is not None:
+            entry.data = np.frombuffer(np.ascontiguousarray(array).tobytes(), np.uint8)
+        model.buffers.append(entry)
+        return len(model.buffers) - 1
+
+    def tensor(name, shape, dtype, data=None, signature=None, quantization=None):
+        entry = schema.TensorT()
+        entry.name, entry.shape, entry.type = name, list(shape), dtype
+        entry.buffer = buffer(data)
+        if signature is not None:
+            entry.shapeSignature = list(signature)
+        if quantization is not None:
+            entry.quantization = quantization
+        graph.tensors.append(entry)
+        return len(graph.tensors) - 1
+
+    def opcode(builtin):
+        for i, code in enumerate(model.operatorCodes):
+            if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:
+                return i
+        code = schema.OperatorCodeT()
+        code.builtinCode, code.deprecatedBuiltinCode, code.version = builtin, min(builtin, 127), 1
+        model.operatorCodes.append(code)
+        return len(model.operatorCodes) - 1
+
+    def operator(builtin, inputs, outputs, options_type=0, options=None):
+        entry = schema.OperatorT()
+        entry.opcodeIndex, entry.inputs, entry.outputs = opcode(builtin), inputs, outputs
+        entry.builtinOptionsType, entry.builtinOptions = options_type, options
+        graph.operators.append(entry)
+
+    if encoded["dtype"] == "float16":
+        stored = tensor("gallery_float16", (num_items, dim), types.FLOAT16, encoded["values"])
+        weights = tensor("gallery", (num_items, dim), types.FLOAT32)
+        operator(ops.DEQUANTIZE, [stored], [weights])
+    else:
+        quantization = schema.QuantizationParametersT()
+        quantization.scale = encoded["scale"].astype(np.float32).tolist()
+        quantization.zeroPoint = [0] * num_items
+        quantization.quantizedDimension = 0
+        weights = tensor("gallery_int8", (num_items, dim), types.INT8, encoded["values"],
+                         quantization=quantization)
+    # int8 embedders' outputs have a norm of 1 only within a few percent (their int8
+    # L2_NORMALIZATION has a 1/128 step): renormalise in float, so cosines are cosines
+    unit = tensor("query_embeddings", (1, dim), types.FLOAT32, signature=(-1, dim))
+    operator(ops.L2_NORMALIZATION, [embeddings], [unit], schema.BuiltinOptions.L2NormOptions,
+             schema.L2NormOptionsT())
+    embeddings = unit
+    scores = tensor("cosines", (1, num_items), types.FLOAT32, signature=(-1, num_items))
+    fully_connected = schema.FullyConnectedOptionsT()
+    fully_connected.asymmetricQuantizeInputs = True  # hybrid int8: per-query input range
+    operator(ops.FULLY_CONNECTED, [embeddings, weights, -1], [scores],
+             schema.BuiltinOptions.FullyConnectedOptions, fully_connected)
+    similarities = tensor("similarities", (1, k), types.FLOAT32, signature=(-1, k))
+    indices = tensor("indices", (1, k), types.INT32, signature=(-1, k))
+    operator(ops.TOPK_V2, [scores, tensor("k", (), types.INT32, np.array(k, np.int32))],
+             [similarities, indices], schema.BuiltinOptions.TopKV2Options,
+             schema.TopKV2OptionsT())
+    outputs = {"indices": indices, "similarities": similarities}
+    if threshold is not None:
+        match = tensor("match", (1, k), types.BOOL, signature=(-1, k))
+        operator(ops.GREATER_EQUAL,
+                 [similarities, tensor("threshold", (), types.FLOAT32,
+                                       np.array(threshold, np.float32))], [match])
+        outputs["match"] = match
+    graph.outputs = list(outputs.values())
+    signature = schema.SignatureDefT()
+    signature.signatureKey, signature.subgraphIndex = "search", 0
+
+    def tensor_map(name, index):
+        entry = schema.TensorMapT()
+        entry.name, entry.tensorIndex = name, index
+        return entry
+
+    signature.inputs = [tensor_map("images", images)]
+    signature.outputs = [tensor_map(name, index) for name, index in outputs.items()]
+    model.signatureDefs = [signature]
+    builder = flatbuffers.Builder(len(embedder_tflite) + encoded["values"].nbytes + 2**16)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def search_function(embedder, encoded: dict, k: int, threshold: Optional[float] = None):
+    """`(serve, spec, variables)`: the SavedModel's `search` signature, uint8 images ->
+    `{"indices" int32, "similarities" float32, ["match" bool]}` `(B, k)`, over the same
+    stored gallery (float16, or int8 and its row scales, as non-trainable variables)."""
+    import tensorflow as tf
+
+    from kdml.export.saved_model import serving_function
+
+    serve_embeddings, spec = serving_function(embedder)
+    values = tf.Variable(encoded["values"], trainable=False, name="search_gallery")
+    scale = (tf.Variable(encoded["scale"], trainable=False, name="search_gallery_scale")
+             if encoded["dtype"] == "int8" else None)
+    k = int(min(k, encoded["values"].shape[0]))
+
+    def serve(images):
+        queries = serve_embeddings(images)["embeddings"]
+        gallery = tf.cast(values, tf.float32)
+        if scale is not None:
+            gallery = gallery * scale[:, None]
+        cosines = tf.linalg.matmul(queries, gallery, transpose_b=True)
+        similarities, indices = tf.math.top_k(cosines, k=k)
+        out = {"indices": tf.cast(indices, tf.int32), "similarities": similarities}
+        if threshold is not None:
+            out["match"] = similarities >= tf.constant(threshold, tf.float32)
+        return out
+
+    return serve, spec, [v for v in (values, scale) if v is not None]

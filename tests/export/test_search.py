@@ -1,0 +1,248 @@
+"""The search model (`python -m kdml.export --gallery=`): its top-k against the exact index,
+in LiteRT, in the SavedModel's `search` signature and in the TF-free kit; bad galleries."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+import kdml
+from kdml.export import load_embedder
+from kdml.export.exporter import export_embedder
+from kdml.export.images import load_uint8
+from kdml.export.search import decode_gallery, encode_gallery, load_search_gallery
+from kdml.index import build_index, model_fingerprint
+from kdml.index.build import load_source
+from kdml.index.storage import write_index_files
+from tests.helpers import write_glyph_folder
+
+SIZE, DIM, K = 16, 16, 4
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory):
+    """An untrained conv4 (16 px, d = 16), its index of 72 glyphs (threshold 0.5 stored),
+    and the 72 images as uint8."""
+    root = tmp_path_factory.mktemp("search")
+    keras.utils.set_random_seed(0)
+    model = str(root / "embedder.keras")
+    kdml.models.build_embedder("conv4", embedding_dim=DIM, image_size=SIZE).save(model)
+    folder = write_glyph_folder(root / "glyphs")
+    index = build_index(model, f"folder:{folder}", str(root / "g.index"))
+    index.set_threshold({"threshold": 0.5, "target": {"precision": 0.9}}, "by hand")
+    index.save(str(root / "g.index"))
+    images = load_uint8(load_source(f"folder:{folder}"), SIZE)
+    return {"root": root, "model": model, "index": str(root / "g.index"), "images": images,
+            "entry": model_fingerprint(load_embedder(model))}
+
+
+def _run_search(path, images):
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=path).get_signature_runner("search")
+    return runner(images=images)
+
+
+@pytest.mark.parametrize("gallery_dtype", ["float16", "int8"])
+def test_search_model_returns_the_exact_top_k(gallery, tmp_path, gallery_dtype):
+    import tensorflow as tf
+
+    index = load_search_gallery(gallery["index"], gallery["entry"])
+    paths = export_embedder(gallery["model"], str(tmp_path), quantizations=("float32",),
+                            search={"index": index, "gallery_dtype": gallery_dtype, "k": K,
+                                    "model": gallery["entry"]})
+    images = gallery["images"]
+    found = _run_search(paths["search_float32"], images)
+    assert found["indices"].shape == found["similarities"].shape == (len(images), K)
+    # the exact index's top-k of the embedder file's embeddings
+    queries = load_embedder(paths["tflite_float32"]).embed(images)
+    exact = index.query(queries, k=K)
+    scores = queries @ index.embeddings.T
+    # every returned item is a true top-k item: its exact cosine equals the exact k-th best
+    # ones up to the gallery encoding's error (float16 ~1e-3; int8 hybrid ~1e-2)
+    tol = 2e-3 if gallery_dtype == "float16" else 2e-2
+    np.testing.assert_allclose(np.take_along_axis(scores, found["indices"], 1),
+                               exact.similarities, atol=tol)
+    np.testing.assert_allclose(found["similarities"], exact.similarities, atol=tol)
+    agree = (found["indices"][:, 0] == exact.indices[:, 0]).mean()
+    assert agree >= 0.95, agree
+    if gallery_dtype == "float16":  # DEQUANTIZE is exact: the float32 product of the same values
+        decoded = queries @ decode_gallery(encode_gallery(index.embeddings, "float16")).T
+        want = np.sort(decoded, axis=1)[:, ::-1][:, :K]
+        np.testing.assert_allclose(found["similarities"], want, atol=1e-5)
+    # the calibrated threshold: match = similarity >= 0.5
+    np.testing.assert_array_equal(found["match"], found["similarities"] >= np.float32(0.5))
+    # the SavedModel's `search` signature computes the same
+    signature = tf.saved_model.load(paths["saved_model"]).signatures["search"]
+    saved = {k: v.numpy() for k, v in signature(images=tf.constant(images)).items()}
+    np.testing.assert_allclose(saved["similarities"], found["similarities"], atol=tol)
+    np.testing.assert_array_equal(saved["match"], saved["similarities"] >= np.float32(0.5))
+    info = json.load(open(paths["search_float32"] + ".json"))
+    assert info["labels"] == index.labels.tolist() and info["paths"] == index.paths.tolist()
+    assert info["search"]["gallery_dtype"] == gallery_dtype and info["search"]["k"] == K
+    assert info["search"]["threshold"]["value"] == 0.5
+    from kdml.export.tflite import tflite_ops
+
+    ops = {op["op"] for op in tflite_ops(open(paths["search_float32"], "rb").read())}
+    assert {"FULLY_CONNECTED", "TOPK_V2", "GREATER_EQUAL"} <= ops
+    size = os.path.getsize(paths["search_float32"]) - os.path.getsize(paths["tflite_float32"])
+    bytes_per_value = 2 if gallery_dtype == "float16" else 1
+    assert size >= len(index) * DIM * bytes_per_value
+
+
+def test_the_kit_runs_the_search_model_without_tensorflow(gallery, tmp_path):
+    index = load_search_gallery(gallery["index"], gallery["entry"])
+    paths = export_embedder(gallery["model"], str(tmp_path), formats=("tflite",),
+                            quantizations=("float32",),
+                            search={"index": index, "gallery_dtype": "int8", "k": K,
+                                    "model": gallery["entry"]})
+    files = index.paths[::12].tolist()
+    script = textwrap.dedent(f"""
+        import sys, json
+        for name in ("tensorflow", "kdml", "keras", "tf_keras"):
+            sys.modules[name] = None
+        sys.path.insert(0, {os.path.join(REPO, 'export')!r})
+        import kdml_litert as kit
+        model = kit.SearchModel({paths['search_float32']!r}, num_threads=1)
+        print(json.dumps(model.search_files({files!r})))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    hits = json.loads(result.stdout.strip().splitlines()[-1])
+    found = _run_search(paths["search_float32"], np.stack(
+        [_kit_image(f) for f in files]))
+    for q, row in enumerate(hits):
+        assert [h["label"] for h in row] == index.labels[found["indices"][q]].tolist()
+        assert [h["path"] for h in row] == index.paths[found["indices"][q]].tolist()
+        assert [h["match"] for h in row] == (found["similarities"][q] >= 0.5).tolist()
+
+
+def _kit_image(path):
+    sys.path.insert(0, os.path.join(REPO, "export"))
+    import kdml_litert
+
+    return kdml_litert.load_image(path, (SIZE, SIZE))
+
+
+def _bad_index(path, embeddings, model):
+    labels = np.array(["a"] * len(embeddings))
+    write_index_files(path, embeddings, labels, labels, {
+        "model": model, "similarity": "cosine", "seed": 0,
+        "backend": {"name": "exact", "config": {}}})
+    return path
+
+
+def test_bad_galleries_are_one_line_errors_and_write_nothing(gallery, tmp_path, capsys):
+    from absl import flags
+
+    from kdml.export.__main__ import main
+
+    keras.utils.set_random_seed(5)
+    other = str(tmp_path / "other.keras")
+    kdml.models.build_embedder("conv4", embedding_dim=DIM, image_size=SIZE).save(other)
+    nan = np.ones((3, DIM), np.float32)
+    nan[1, 2] = np.nan
+    cases = {
+        "another model": (gallery["index"], other, "was built by model"),
+        "empty": (_bad_index(str(tmp_path / "empty.index"), np.zeros((0, DIM), np.float32),
+                             gallery["entry"]), gallery["model"], "is empty"),
+        "nan": (_bad_index(str(tmp_path / "nan.index"), nan, gallery["entry"]),
+                gallery["model"], "not finite"),
+    }
+    for name, (index, model, expected) in cases.items():
+        out = tmp_path / f"out_{name.replace(' ', '_')}"
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["kdml.export", f"--model={model}", f"--gallery={index}",
+                     f"--output_dir={out}", "--quantization=float32", "--noparity"])
+        with pytest.raises(SystemExit) as exit_info:
+            main([])
+        assert exit_info.value.code == 2, name
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("error: ") and expected in err, (name, err)
+        assert not out.exists(), name
+    flags.FLAGS.unparse_flags()
+    with pytest.raises(ValueError, match="serve it with python -m kdml.index"):
+        load_search_gallery(gallery["index"], gallery["entry"], max_items=10)
+
+
+def test_int8_rows_keep_their_own_scale():
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(50, 32)).astype(np.float32)
+    g[7] *= 1e-3  # a tiny row keeps its relative precision with its own scale
+    encoded = encode_gallery(g, "int8")
+    assert encoded["values"].dtype == np.int8 and encoded["scale"].shape == (50,)
+    np.testing.assert_allclose(encoded["scale"], np.abs(g).max(axis=1) / 127, rtol=1e-6)
+    error = np.abs(decode_gallery(encoded) - g).max(axis=1)
+    assert (error <= encoded["scale"] / 2 + 1e-9).all()
+    # one scale for the whole gallery would round row 7 to ~zero: an error of ~|g[7]|
+    assert error[7] <= np.abs(g[7]).max() / 254 + 1e-9
+    assert error[7] < 0.01 * np.abs(g).max() / 127
+
+
+def test_every_quantization_gets_its_search_file(gallery, tmp_path):
+    """The search part is appended to each embedder file as it is (same quantization):
+    each file's top-1 is the exact top-1 of that file's own embeddings."""
+    from kdml.export.tflite import tflite_ops
+
+    index = load_search_gallery(gallery["index"], gallery["entry"])
+    calibration = np.random.default_rng(0).integers(0, 255, (16, SIZE, SIZE, 3), np.uint8)
+    paths = export_embedder(gallery["model"], str(tmp_path), formats=("tflite",),
+                            quantizations=("dynamic", "int8"), calibration_images=calibration,
+                            search={"index": index, "gallery_dtype": "float16", "k": 1,
+                                    "model": gallery["entry"]})
+    for quantization in ("dynamic", "int8"):
+        embedder_ops = tflite_ops(open(paths[f"tflite_{quantization}"], "rb").read())
+        search_ops = tflite_ops(open(paths[f"search_{quantization}"], "rb").read())
+        assert search_ops[:len(embedder_ops)] == embedder_ops  # the embedder, unchanged
+        assert all(op["builtin"] for op in search_ops)
+        found = _run_search(paths[f"search_{quantization}"], gallery["images"])
+        exact = index.query(load_embedder(paths[f"tflite_{quantization}"]).embed(
+            gallery["images"]), k=1)
+        np.testing.assert_allclose(found["similarities"][:, 0], exact.similarities[:, 0],
+                                   atol=2e-3)
+
+
+def test_the_kit_query_answers_no_match_below_the_index_threshold(gallery, tmp_path):
+    """`kdml_litert.py query` on an index that holds a threshold, TF-free."""
+    index = load_search_gallery(gallery["index"], gallery["entry"])
+    paths = export_embedder(gallery["model"], str(tmp_path), formats=("tflite",),
+                            quantizations=("float32",))
+    folder = write_glyph_folder(tmp_path / "queries", num_classes=6, images_per_class=2,
+                                seed=11)  # glyphs the gallery does not hold
+    queries = load_source(f"folder:{folder}")
+    files = queries.paths.tolist()
+    sys.path.insert(0, os.path.join(REPO, "export"))
+    import kdml_litert  # in this process too: the kit's own image reading and embedding
+
+    kit_embeddings = kdml_litert.Embedder(paths["tflite_float32"]).embed_files(files)
+    top1 = kdml_litert.CosineIndex(index.embeddings, index.labels.tolist()).query(
+        kit_embeddings, k=1)
+    top1 = np.array([row[0][2] for row in top1], np.float32)
+    index.set_threshold({"threshold": float(np.median(top1)), "target": {"far": 0.1}}, "test")
+    index.save(str(tmp_path / "t.index"))  # half the queries above the threshold, half below
+    script = textwrap.dedent(f"""
+        import sys
+        for name in ("tensorflow", "kdml", "keras", "tf_keras"):
+            sys.modules[name] = None
+        sys.path.insert(0, {os.path.join(REPO, 'export')!r})
+        import kdml_litert as kit
+        sys.exit(kit.main(["query", "--model", {paths['tflite_float32']!r}, "--index",
+                           {str(tmp_path / 't.index')!r}, "--k=2", "--allow_model_mismatch",
+                           *{files!r}]))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    hits = json.loads(result.stdout)
+    assert len(hits) == len(files)
+    threshold = np.float32(np.median(top1))
+    flags = [record["no_match"] for record in hits]
+    np.testing.assert_array_equal(flags, top1 < threshold)
+    assert any(flags) and not all(flags)
