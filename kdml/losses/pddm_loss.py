@@ -148,8 +148,8 @@ def mine_quadruplets(labels, scores, mode="per_anchor", hardness="hardest", temp
       when no negative is below.
     - "soft": k drawn with P(k) = exp(S_ik / temperature) / sum_{y_k' != y_i}
       exp(S_ik' / temperature), l likewise from row j, independently per quadruplet
-      (Gumbel-max on a stateless Philox RNG keyed by `seed`: the same seed gives the
-      same draws on every device, replica and under XLA).
+      (Gumbel-max, the noise a counter-based integer hash keyed by `seed`: the same
+      seed gives the same draws on every device, replica and under XLA).
 
     Ties go to the lowest index (row-major for the single pair). Comparisons only: no
     gradient. Labels of j equal those of i on valid rows, so N(j) = N(i).
