@@ -175,6 +175,16 @@ class TrainConfig:
                      "negative) pairs, or on the mined hardest quadruplet only (the paper; "
                      "it collapses the unit to a constant score).",
         choices=("all_pairs", "hardest"))
+    pddm_hardness: str = setting(
+        "hardest", "pddm: negatives of the mined quadruplets: the hardest (the paper), the "
+                   "hardest scored below the positive pair (semihard, FaceNet's rule), or "
+                   "drawn with P ~ exp(S / --pddm_mining_temperature) (soft).",
+        choices=("hardest", "semihard", "soft"))
+    pddm_mining_temperature: float = setting(
+        0.1, "pddm: temperature tau of --pddm_hardness=soft.")
+    pddm_mining_warmup_epochs: int = setting(
+        0, "pddm: mine by cosine for the first E epochs, by the unit after (needs "
+           "--pddm_mining_score=unit).")
     pddm_normalization: str = setting(
         "before_fc", "pddm: L2-normalise u, v before the unit's FC layers (the paper's Eq. 1) "
                      "or after.",

@@ -292,16 +292,22 @@ def _pddm(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objec
 
     from kdml.evaluation.rerank import rerank_metrics
     from kdml.layers.pddm import PDDM, PDDMScoreMatrix, SavePDDMUnit
-    from kdml.losses.pddm_loss import PDDMLoss, PDDMMiningMonitor
+    from kdml.losses.pddm_loss import PDDMLoss, PDDMMiningMonitor, PDDMMiningSchedule
 
     images = keras.Input(embedder.input_shape[1:], name="images")
     unit = PDDM(config.pddm_hidden_dim, config.pddm_dropout,
                 normalization=config.pddm_normalization, name="pddm")
     outputs = PDDMScoreMatrix(unit, name="pddm_scores")(embedder(images))
-    loss = PDDMLoss(alpha=config.pddm_alpha, beta=config.pddm_beta,
-                    lambda_=config.pddm_lambda, mining=config.pddm_mining,
-                    mining_score=config.pddm_mining_score,
-                    unit_loss=config.pddm_unit_loss)
+    try:
+        loss = PDDMLoss(alpha=config.pddm_alpha, beta=config.pddm_beta,
+                        lambda_=config.pddm_lambda, mining=config.pddm_mining,
+                        mining_score=config.pddm_mining_score,
+                        unit_loss=config.pddm_unit_loss, hardness=config.pddm_hardness,
+                        mining_temperature=config.pddm_mining_temperature, seed=config.seed)
+    except ValueError as error:  # name the flag, not the loss argument
+        flag = "--pddm_mining_temperature" if "mining_temperature" in str(error) else "--method=pddm"
+        raise ValueError(f"{flag}: {error}") from None
+    schedule = PDDMMiningSchedule(loss, config.pddm_mining_warmup_epochs)
     dim = embedder.output_shape[-1]
     extra_metrics = None
     if config.rerank_top_k > 0:
@@ -316,7 +322,7 @@ def _pddm(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objec
         loss=loss,
         learning_rate_multipliers={PDDM_UNIT_GROUP: config.pddm_lr_multiplier,
                                    BACKBONE_GROUP: 1.0},
-        callbacks=[PDDMMiningMonitor(loss),
+        callbacks=[PDDMMiningMonitor(loss), schedule,
                    SavePDDMUnit(unit, dim, os.path.join(config.output_dir, "pddm.keras"))],
         extra_metrics=extra_metrics,
     )

@@ -101,6 +101,12 @@ LOSS_CASES = {
         input_dims=[3, 3], embedding_dims=[3, 3], consistency_weight=0.5),
         _LABELS, _two_branch_model),
     "PDDMLoss": (PDDMLoss, dict(alpha=0.5, beta=1.0, lambda_=0.5), _LABELS, _pddm_model),
+    "PDDMLoss_semihard": (PDDMLoss, dict(hardness="semihard"), _LABELS, _pddm_model),
+    # Soft draws change with every call (the training check calls the loss twice); at
+    # tau = 1e-3 the draw is the hardest negative unless two scores are within ~1e-2.
+    # The draws themselves: tests/losses/test_pddm_mining.py.
+    "PDDMLoss_soft": (PDDMLoss, dict(hardness="soft", mining_temperature=1e-3, seed=3),
+                      _LABELS, _pddm_model),
     # classification-based losses (docs/design.md 3.6): 5 classes, k weights per class
     "NormalizedSoftmaxLoss": (NormalizedSoftmaxLoss, dict(temperature=0.1, name="ns"),
                               np.array([0, 1, 2, 3, 4, 0]), _proxy_model()),

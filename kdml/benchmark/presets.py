@@ -13,10 +13,14 @@ task), 1 validation alphabet drawn from the split seed, 5 train alphabets.
 | pddm | pddm_cosine, proxy_anchor | mining with the PDDM unit vs plain cosine |
 | pddm_rerank | pddm | the PDDM unit re-ranking the embedding's top-k (k chosen on validation) |
 | pddm_after_fc (+ _rerank) | pddm, proxy_anchor | u, v normalised after the unit's FCs (keeps the pair's distance) |
+| pddm_semihard | pddm_cosine, proxy_anchor | unit mining of semi-hard negatives (below the positive's score) |
+| pddm_warmup | pddm_cosine, proxy_anchor | cosine mining for the first E epochs, unit mining after (E on validation) |
+| pddm_soft | pddm_cosine, proxy_anchor | negatives drawn with P ~ exp(S / tau) (tau on validation) |
 | so_proxy_d64 | proxy_anchor_d64 | SO when d = 64 < C (proxies cannot be orthogonal) |
 
-The rows run in blocks, a method with its base (`default_blocks`); the d = 64 pair and
-`pddm_after_fc` are opt-in. Method presets are TrainConfig fields, so a new method or flag is one entry here.
+The rows run in blocks, a method with its base (`default_blocks`); the d = 64 pair,
+`pddm_after_fc` and the mining-hardness rows (`pddm_semihard`, `pddm_warmup`,
+`pddm_soft`, issue 24) are opt-in. Method presets are TrainConfig fields, so a new method or flag is one entry here.
 """
 
 from __future__ import annotations
@@ -74,6 +78,23 @@ OMNIGLOT_METHODS = {
         bases=("pddm", "proxy_anchor"), extends="pddm",
         description="PDDM with u, v normalised after the unit's FC layers",
         rerank_depths=(1, 2, 4, 8, 16, 32)),
+    # Mining hardness (issue 24; docs/methods.md, PDDM): the same unit and losses as
+    # `pddm` (the chosen pddm_cosine values, inherited), only which quadruplets the unit
+    # mines differs; each row searches its own setting only.
+    "pddm_semihard": MethodPreset(
+        {"method": "pddm", "pddm_unit_loss": "all_pairs", "pddm_hardness": "semihard"}, {},
+        bases=("pddm_cosine", "proxy_anchor"), extends="pddm_cosine",
+        description="PDDM mining semi-hard negatives by the unit (S_ik < S_ij, else the hardest)"),
+    "pddm_warmup": MethodPreset(
+        {"method": "pddm", "pddm_unit_loss": "all_pairs"},
+        {"pddm_mining_warmup_epochs": (2, 5)},
+        bases=("pddm_cosine", "proxy_anchor"), extends="pddm_cosine",
+        description="PDDM mining by cosine for the first E epochs, by the unit after"),
+    "pddm_soft": MethodPreset(
+        {"method": "pddm", "pddm_unit_loss": "all_pairs", "pddm_hardness": "soft"},
+        {"pddm_mining_temperature": (0.1, 0.5)},
+        bases=("pddm_cosine", "proxy_anchor"), extends="pddm_cosine",
+        description="PDDM drawing negatives with P ~ exp(S / tau) from the unit's scores"),
     "proxy_anchor_d64": MethodPreset(
         {"method": "proxy_anchor", "embedding_dim": 64},
         {"alpha": (16.0, 32.0, 64.0), "margin": (0.1, 0.2)},
@@ -84,8 +105,9 @@ OMNIGLOT_METHODS = {
         description="soft-orthogonal proxies, d = 64"),
 }
 
-# Three trials per row (its whole grid when smaller), eight paired seeds. The d = 64 pair
-# and pddm_after_fc are opt-in: --methods=proxy_anchor_d64,so_proxy_d64.
+# Three trials per row (its whole grid when smaller), eight paired seeds. The d = 64 pair,
+# pddm_after_fc and the mining-hardness rows are opt-in: --methods=proxy_anchor_d64,so_proxy_d64
+# or --methods=pddm_cosine,proxy_anchor,pddm_semihard,pddm_warmup,pddm_soft.
 OMNIGLOT = BenchmarkSpec(budget=OMNIGLOT_BUDGET, methods=OMNIGLOT_METHODS, trials=3,
                          seeds=tuple(range(8)), n_way=20, episodes=1000,
                          default_blocks=(("proxy_anchor", "so_proxy"), ("multi_similarity", "crt"),

@@ -226,8 +226,20 @@ def _train(config, method, splits, strategy, role, out, write_dir, resume_from) 
         names = ", ".join(f"{c} ({splits.train.class_names[c]!r})" for c in classes)
         return f"{len(indices)} images of classes {names}"
 
+    # The method's callbacks with state outside the model's weights (a loss's variables).
+    stateful = [c for c in objective.callbacks if hasattr(c, "checkpoint_state")]
+    if resume_from:
+        for callback in stateful:
+            callback.restore_checkpoint_state(state)
+
+    def checkpoint_state():
+        extra = epoch_loss.state()
+        for callback in stateful:
+            extra.update(callback.checkpoint_state())
+        return extra
+
     checkpointer = Checkpointer(checkpoint_dir, config.checkpoint_every_steps,
-                                config.keep_checkpoints, extra_state=epoch_loss.state)
+                                config.keep_checkpoints, extra_state=checkpoint_state)
     guard = NonFiniteLossGuard(describe_batch,
                                lambda: latest_checkpoint(os.path.join(out, "checkpoints")))
     callbacks = [
