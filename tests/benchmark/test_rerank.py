@@ -203,7 +203,7 @@ def test_the_report_row_matches_numpy_and_scipy(tmp_path):
     assert summary["missing_runs"] == []
 
     markdown = open(tmp_path / "r" / "results.md").read()
-    assert (f"| `pddm_rerank` | top_k=4 (75.0) | 4 | {100 * reranked.mean():.2f} ± "
+    assert (f"| top_k on validation | top_k=4 (75.0) | 4 | {100 * reranked.mean():.2f} ± "
             f"{100 * (high - reranked.mean()):.2f} |  |  |  |  |") in markdown
     assert f"| `pddm_rerank` − `pddm` | 4 | {100 * d['mean']:+.2f} [" in markdown
     assert "- `pddm_rerank`: PDDM unit re-ranks the top-k cosine neighbours (top_k chosen on " \

@@ -139,10 +139,11 @@ def _bad_index(path, embeddings, model):
     return path
 
 
-def test_bad_galleries_are_one_line_errors_and_write_nothing(gallery, tmp_path, capsys):
-    from absl import flags
-
-    from kdml.export.__main__ import main
+def test_bad_galleries_are_one_line_errors_and_write_nothing(gallery, tmp_path):
+    # python -m kdml.export in its own process: its absl flags (a required --model, an
+    # --output_dir) must not join the flags of the commands other tests run in this one
+    import subprocess
+    import sys
 
     keras.utils.set_random_seed(5)
     other = str(tmp_path / "other.keras")
@@ -158,16 +159,14 @@ def test_bad_galleries_are_one_line_errors_and_write_nothing(gallery, tmp_path, 
     }
     for name, (index, model, expected) in cases.items():
         out = tmp_path / f"out_{name.replace(' ', '_')}"
-        flags.FLAGS.unparse_flags()
-        flags.FLAGS(["kdml.export", f"--model={model}", f"--gallery={index}",
-                     f"--output_dir={out}", "--quantization=float32", "--noparity"])
-        with pytest.raises(SystemExit) as exit_info:
-            main([])
-        assert exit_info.value.code == 2, name
-        err = capsys.readouterr().err.strip().splitlines()[-1]
+        result = subprocess.run(
+            [sys.executable, "-m", "kdml.export", f"--model={model}", f"--gallery={index}",
+             f"--output_dir={out}", "--quantization=float32", "--noparity"],
+            capture_output=True, text=True)
+        assert result.returncode == 2, (name, result.stderr[-2000:])
+        err = result.stderr.strip().splitlines()[-1]
         assert err.startswith("error: ") and expected in err, (name, err)
         assert not out.exists(), name
-    flags.FLAGS.unparse_flags()
     with pytest.raises(ValueError, match="serve it with python -m kdml.index"):
         load_search_gallery(gallery["index"], gallery["entry"], max_items=10)
 

@@ -1,6 +1,7 @@
 """`kdml.index build --calibrate`: the stored threshold, and "no match" in `query`."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ def test_build_stores_the_calibrated_threshold_and_query_answers_no_match(
     output = str(tmp_path / "t.index")
     source = index_assets["source"]
     assert main(["build", f"--model={index_assets['model']}", f"--source={source}",
-                 f"--output={output}", f"--calibrate={source}", "--target_far=0.05"]) == 0
+                 f"--output_dir={output}", f"--calibrate={source}", "--target_far=0.05"]) == 0
     assert "Threshold cosine >= " in capsys.readouterr().out
     index = GalleryIndex.load(output)
     stored = json.load(open(f"{output}/index.json"))["threshold"]
@@ -32,10 +33,10 @@ def test_build_stores_the_calibrated_threshold_and_query_answers_no_match(
     assert stored["far"] == want["far"] <= 0.05 and stored["precision"] == want["precision"]
 
     files = index.paths[::6].tolist()  # one query per class
-    results = str(tmp_path / "hits.json")
+    results = str(tmp_path / "hits")
     assert main(["query", f"--index={output}", f"--model={index_assets['model']}", "--k=2",
-                 f"--output={results}", *files]) == 0
-    hits = json.load(open(results))
+                 f"--output_dir={results}", *files]) == 0
+    hits = json.load(open(os.path.join(results, "query.json")))
     top1 = np.array([h["neighbours"][0]["similarity"] for h in hits])
     flags = np.array([h["no_match"] for h in hits])
     np.testing.assert_array_equal(flags, top1 < np.float32(stored["value"]))
@@ -43,22 +44,22 @@ def test_build_stores_the_calibrated_threshold_and_query_answers_no_match(
 
     # an --add keeps the threshold; an index built without --calibrate has none
     assert main(["build", f"--model={index_assets['model']}", f"--source={source}",
-                 f"--output={output}", "--add"]) == 0
+                 f"--output_dir={output}", "--add"]) == 0
     assert GalleryIndex.load(output).threshold["value"] == stored["value"]
     plain = str(tmp_path / "plain.index")
     assert main(["build", f"--model={index_assets['model']}", f"--source={source}",
-                 f"--output={plain}"]) == 0
+                 f"--output_dir={plain}"]) == 0
     assert GalleryIndex.load(plain).threshold is None
     assert main(["query", f"--index={plain}", f"--model={index_assets['model']}", "--k=2",
-                 f"--output={results}", *files[:1]]) == 0
-    assert "no_match" not in json.load(open(results))[0]
+                 f"--output_dir={results}", *files[:1]]) == 0
+    assert "no_match" not in json.load(open(os.path.join(results, "query.json")))[0]
 
 
 def test_unreachable_precision_is_a_one_line_error_and_writes_nothing(
         index_assets, tmp_path, capsys):
     output = tmp_path / "none.index"
     assert main(["build", f"--model={index_assets['model']}",
-                 f"--source={index_assets['source']}", f"--output={output}",
+                 f"--source={index_assets['source']}", f"--output_dir={output}",
                  f"--calibrate={index_assets['source']}", "--target_precision=1.0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: No threshold reaches precision 1") and "\n" not in err

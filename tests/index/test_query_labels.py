@@ -44,15 +44,15 @@ def test_query_files_of_a_nested_gallery_match_and_the_grid_is_green(
 
     output = str(tmp_path / "nested.index")
     assert main(["build", f"--model={index_assets['model']}", f"--source=folder:{nested_gallery}",
-                 f"--output={output}"]) == 0
+                 f"--output_dir={output}"]) == 0
     index = GalleryIndex.load(output)
     assert sorted(set(index.labels.tolist())) == sorted(f"g{c % 2}/c{c:02d}" for c in range(6))
     files = index.paths[[0, 13, 35]].tolist()
-    results, plot = str(tmp_path / "hits.json"), str(tmp_path / "grid.png")
+    results, plot = str(tmp_path / "hits"), str(tmp_path / "grid.png")
     assert main(["query", f"--index={output}", f"--model={index_assets['model']}", "--k=5",
-                 f"--output={results}", f"--plot={plot}", "--plot_sampled=3", "--plot_worst=0",
+                 f"--output_dir={results}", f"--plot={plot}", "--plot_sampled=3", "--plot_worst=0",
                  *files]) == 0
-    hits = json.load(open(results))
+    hits = json.load(open(os.path.join(results, "query.json")))
     for record, row in zip(hits, [0, 13, 35]):
         assert record["label"] == index.labels[row]  # g0/c00, g0/c04, g1/c05 (sorted order)
         for n in record["neighbours"]:
@@ -74,11 +74,11 @@ def test_query_source_labels_queries_as_source_labels_the_gallery(
         index_assets, nested_gallery, tmp_path):
     output = str(tmp_path / "nested.index")
     assert main(["build", f"--model={index_assets['model']}", f"--source=folder:{nested_gallery}",
-                 f"--output={output}"]) == 0
-    results = str(tmp_path / "hits.json")
+                 f"--output_dir={output}"]) == 0
+    results = str(tmp_path / "hits")
     assert main(["query", f"--index={output}", f"--model={index_assets['model']}", "--k=3",
-                 f"--query_source=folder:{nested_gallery}", f"--output={results}"]) == 0
-    hits = json.load(open(results))
+                 f"--query_source=folder:{nested_gallery}", f"--output_dir={results}"]) == 0
+    hits = json.load(open(os.path.join(results, "query.json")))
     index = GalleryIndex.load(output)
     assert [h["label"] for h in hits] == index.labels.tolist()
     # with each query's own file left out, the match flags are the label comparisons
