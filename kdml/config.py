@@ -176,9 +176,10 @@ class TrainConfig:
                      "it collapses the unit to a constant score).",
         choices=("all_pairs", "hardest"))
     pddm_hardness: str = setting(
-        "hardest", "pddm: negatives of the mined quadruplets: the hardest (the paper), the "
+        "semihard", "pddm: negatives of the mined quadruplets: the hardest (the paper), the "
                    "hardest scored below the positive pair (semihard, FaceNet's rule), or "
-                   "drawn with P ~ exp(S / --pddm_mining_temperature) (soft).",
+                   "drawn with P ~ exp(S / --pddm_mining_temperature) (soft). semihard was "
+                   "chosen on validation (docs/methods.md).",
         choices=("hardest", "semihard", "soft"))
     pddm_mining_temperature: float = setting(
         0.1, "pddm: temperature tau of --pddm_hardness=soft.")

@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                      "markdown file (repeatable).")
     report = commands.add_parser("report", help="Regenerate results.{json,md,png} from the run files.")
     report.add_argument("results_dir")
+    report.add_argument("--block", default=None,
+                        help="Name of the results block to rewrite (<!-- results:<block>:start "
+                             "-->); default: the main one (<!-- results:start -->).")
     report.add_argument("--readme", action="append",
                         help="Markdown file whose results block is rewritten (repeatable).")
     for command in (run, report):
@@ -135,7 +138,7 @@ def main(argv=None) -> int:
             if not os.path.exists(os.path.join(args.results_dir, "selection.json")):
                 parser.error(f"{args.results_dir} holds no selection.json: pass the --results_dir "
                              "of a benchmark run (python -m kdml.benchmark run ...).")
-            summary = write_report(args.results_dir, readme=args.readme)
+            summary = write_report(args.results_dir, readme=args.readme, block=args.block)
             with open(os.path.join(args.results_dir, "results.md")) as f:
                 print(f.read())
             from kdml.benchmark.runs import code_fingerprint

@@ -58,7 +58,8 @@ OMNIGLOT_METHODS = {
         bases=("multi_similarity",), extends="multi_similarity",
         description="Multi-Similarity + multi-size CRT head on conv4_stride4 (7 x 7)"),
     "pddm_cosine": MethodPreset(
-        {"method": "pddm", "pddm_mining_score": "cosine", "pddm_unit_loss": "all_pairs"},
+        {"method": "pddm", "pddm_mining_score": "cosine", "pddm_unit_loss": "all_pairs",
+         "pddm_hardness": "hardest"},
         {"pddm_alpha": (0.5, 1.0), "pddm_beta": (0.5, 1.0), "pddm_lambda": (0.5, 1.0)},
         description="PDDM losses, quadruplets mined with plain cosine (ablation)"),
     # pddm_unit_loss is named (it is the default) so that these rows' cache keys differ
@@ -66,7 +67,7 @@ OMNIGLOT_METHODS = {
     # (docs/benchmarks.md, attempts; their JSON is in docs/results/omniglot/attempts/).
     # Same losses and weights as its ablation (inherited): only the mining score differs.
     "pddm": MethodPreset(
-        {"method": "pddm", "pddm_unit_loss": "all_pairs"}, {},
+        {"method": "pddm", "pddm_unit_loss": "all_pairs", "pddm_hardness": "hardest"}, {},
         bases=("pddm_cosine", "proxy_anchor"), extends="pddm_cosine",
         description="PDDM: quadruplets mined with the learned unit (Huang et al. 2016)",
         rerank_depths=(1, 2, 4, 8, 16, 32)),
@@ -74,7 +75,8 @@ OMNIGLOT_METHODS = {
     # not how far apart the pair is; normalising after the FCs lets that through. A
     # validation trial of this setting ranked pairs like cosine (docs/methods.md, PDDM).
     "pddm_after_fc": MethodPreset(
-        {"method": "pddm", "pddm_unit_loss": "all_pairs", "pddm_normalization": "after_fc"}, {},
+        {"method": "pddm", "pddm_unit_loss": "all_pairs", "pddm_normalization": "after_fc",
+         "pddm_hardness": "hardest"}, {},
         bases=("pddm", "proxy_anchor"), extends="pddm",
         description="PDDM with u, v normalised after the unit's FC layers",
         rerank_depths=(1, 2, 4, 8, 16, 32)),
@@ -86,7 +88,7 @@ OMNIGLOT_METHODS = {
         bases=("pddm_cosine", "proxy_anchor"), extends="pddm_cosine",
         description="PDDM mining semi-hard negatives by the unit (S_ik < S_ij, else the hardest)"),
     "pddm_warmup": MethodPreset(
-        {"method": "pddm", "pddm_unit_loss": "all_pairs"},
+        {"method": "pddm", "pddm_unit_loss": "all_pairs", "pddm_hardness": "hardest"},
         {"pddm_mining_warmup_epochs": (2, 5)},
         bases=("pddm_cosine", "proxy_anchor"), extends="pddm_cosine",
         description="PDDM mining by cosine for the first E epochs, by the unit after"),

@@ -33,6 +33,13 @@ METRICS = (("recall@1", "Recall@1"), ("map@r", "MAP@R"), ("r_precision", "R-Prec
 PRIMARY = "recall@1"
 ALPHA = 0.05
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def markers(block: Optional[str] = None):
+    """(start, end) comment lines around a generated block: the main results block, or the
+    one named `block` (`<!-- results:<block>:start -->`), for a second table on a page."""
+    return (START, END) if not block else (f"<!-- results:{block}:start -->",
+                                           f"<!-- results:{block}:end -->")
 RERANK_SUFFIX = "_rerank"
 RERANK_DESCRIPTION = "PDDM unit re-ranks the top-k cosine neighbours (top_k chosen on validation)"
 # What must agree for two rows to be compared at all (besides the method).
@@ -390,35 +397,38 @@ def readme_block(results_dir: str, readme: str, summary: Optional[Dict] = None) 
     return f"{markdown}\n![Benchmark metrics and paired differences]({image})\n"
 
 
-def current_block(readme: str) -> str:
-    """The text between the results markers of `readme`."""
+def current_block(readme: str, block: Optional[str] = None) -> str:
+    """The text between the results markers (of `block`) of `readme`."""
+    start, end = markers(block)
     with open(readme) as f:
         text = f.read()
-    _check_markers(readme, text)
-    block = text.split(START)[1].split(END)[0]
-    return block[1:] if block.startswith("\n") else block
+    _check_markers(readme, text, start, end)
+    content = text.split(start)[1].split(end)[0]
+    return content[1:] if content.startswith("\n") else content
 
 
-def _check_markers(readme: str, text: str) -> None:
-    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
-        raise ValueError(f"{readme}: expected one {START} line followed by one {END} line; "
+def _check_markers(readme: str, text: str, start: str, end: str) -> None:
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{readme}: expected one {start} line followed by one {end} line; "
                          "add them where the generated results belong.")
 
 
-def update_readme(readme: str, block: str) -> None:
-    """Replaces the text between the results markers of `readme` with `block`."""
+def update_readme(readme: str, content: str, block: Optional[str] = None) -> None:
+    """Replaces the text between the results markers (of `block`) of `readme` with `content`."""
+    start, end = markers(block)
     with open(readme) as f:
         text = f.read()
-    _check_markers(readme, text)
-    head, rest = text.split(START)
-    _, tail = rest.split(END)
+    _check_markers(readme, text, start, end)
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
     with open(readme, "w") as f:
-        f.write(f"{head}{START}\n{block}{END}{tail}")
+        f.write(f"{head}{start}\n{content}{end}{tail}")
 
 
-def write_report(results_dir: str, readme: Union[None, str, Sequence[str]] = None) -> Dict:
+def write_report(results_dir: str, readme: Union[None, str, Sequence[str]] = None,
+                 block: Optional[str] = None) -> Dict:
     """Writes results.json, results.md and results.png in `results_dir` and the results
-    block of each markdown file in `readme`; returns the summary."""
+    block (`markers(block)`) of each markdown file in `readme`; returns the summary."""
     summary = collect(results_dir)
     write_json_atomic(os.path.join(results_dir, "results.json"), summary)
     markdown = format_markdown(summary)
@@ -426,5 +436,5 @@ def write_report(results_dir: str, readme: Union[None, str, Sequence[str]] = Non
         f.write(markdown)
     plot(summary, os.path.join(results_dir, "results.png"))
     for path in [readme] if isinstance(readme, str) else readme or []:
-        update_readme(path, readme_block(results_dir, path, summary))
+        update_readme(path, readme_block(results_dir, path, summary), block)
     return summary

@@ -90,6 +90,13 @@ def test_readme_block_is_replaced_between_the_markers(tmp_path, results_dir):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="results:start"):
         update_readme(str(readme), "x")
+    # a second, named block on the same page is rewritten alone
+    readme.write_text(f"{START}\nmain\n{END}\n<!-- results:other:start -->\nold\n"
+                      "<!-- results:other:end -->\n")
+    write_report(results_dir, readme=str(readme), block="other")
+    text = readme.read_text()
+    assert text.startswith(f"{START}\nmain\n{END}\n<!-- results:other:start -->\n")
+    assert "old" not in text and "| `new` − `base` |" in text.split(END)[1]
 
 
 def test_planned_rows_without_a_selection_are_listed(results_dir):
@@ -177,6 +184,10 @@ def test_the_readme_block_is_the_regeneration_of_the_committed_runs():
             "docs/results/omniglot --readme=README.md --readme=docs/benchmarks.md` writes")
     with open(os.path.join(results, "results.md")) as f:
         assert current_block(os.path.join(repo, "README.md")).startswith(f.read())
+    # the PDDM mining-hardness table of docs/benchmarks.md, a block of its own
+    mining = os.path.join(repo, "docs", "results", "omniglot_pddm_mining")
+    page = os.path.join(repo, "docs", "benchmarks.md")
+    assert current_block(page, "omniglot_pddm_mining") == readme_block(mining, page)
 
 
 def test_the_plot_keeps_each_row_at_one_height_in_every_panel(results_dir, tmp_path):
