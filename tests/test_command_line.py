@@ -292,6 +292,12 @@ def test_every_command_on_the_synthetic_dataset_is_quiet_and_says_where_its_file
     records = json.load(open(tmp_path / "query" / "query.json"))
     assert len(records) == 4000 and all(len(r["neighbours"]) == 3 for r in records)
     assert all(n["path"] != r["query"] for r in records for n in r["neighbours"])  # not itself
+    # the search model (a float16 gallery product: oneDNN's C++ "DT_HALF" line on CPUs
+    # without AVX-512 FP16 must stay hidden)
+    lines = run("kdml.export", f"--model={model}", f"--output_dir={tmp_path / 'search'}",
+                f"--gallery={index}", "--quantization=float16", "--noparity")
+    assert lines[-1] == (f"Wrote search_float16: "
+                         f"{tmp_path / 'search' / 'embedder_float16_search.tflite'}")
     if faiss_available():
         lines = run("kdml.index", "evaluate", f"--index={index}", "--k=3", "--num_queries=50",
                     f"--output_dir={tmp_path / 'index_eval'}")

@@ -13,6 +13,7 @@ import numpy as np
 from kdml.export.metadata import embed_tflite_metadata, embedder_metadata, write_sidecar
 from kdml.export.saved_model import export_saved_model
 from kdml.export.tflite import QUANTIZATIONS, check_builtin_ops, convert_saved_model
+from kdml.quiet_startup import native_output_hidden
 
 EXPORT_FORMATS = ("saved_model", "tflite")
 
@@ -87,9 +88,12 @@ def export_embedder(embedder, output_dir: str, *,
     try:
         if os.path.isdir(saved_model_dir) and keep:
             shutil.rmtree(saved_model_dir)
-        export_saved_model(embedder, saved_model_dir, search=(
-            search_function(embedder, encoded, search.get("k", 5), threshold)
-            if encoded is not None and keep else None))
+        # quiet command: hides oneDNN's C++ "DT_HALF only on platforms with AVX-512" line
+        # that tracing the float16 gallery product prints on CPUs without AVX-512 FP16
+        with native_output_hidden():
+            export_saved_model(embedder, saved_model_dir, search=(
+                search_function(embedder, encoded, search.get("k", 5), threshold)
+                if encoded is not None and keep else None))
         if keep:
             write_sidecar(saved_model_dir, embedder_metadata(fmt="saved_model", **meta))
             paths["saved_model"] = saved_model_dir
