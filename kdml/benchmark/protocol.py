@@ -138,12 +138,18 @@ def check_pairs(spec: BenchmarkSpec, methods: Sequence[str]) -> None:
                 fields = sorted(set(mine) | set(theirs))
                 allowed = (set(preset.config) | set(spec.methods[base].config) | set(preset.search)
                            | set(spec.methods[base].search)) - set(SETUP_FIELDS)
-            for field in fields:
-                if field not in allowed and mine.get(field) != theirs.get(field):
-                    raise ValueError(
-                        f"Comparison {method} vs {base} is not like for like: {field} is "
-                        f"{mine.get(field)!r} vs {theirs.get(field)!r}. Give both rows the same "
-                        f"{field}, or compare {method} with a base that has it.")
+            field = _first_difference(mine, theirs, fields, allowed)
+            if field is not None:
+                raise ValueError(
+                    f"Comparison {method} vs {base} is not like for like: {field} is "
+                    f"{mine.get(field)!r} vs {theirs.get(field)!r}. Give both rows the same "
+                    f"{field}, or compare {method} with a base that has it.")
+
+
+def _first_difference(mine: Mapping, theirs: Mapping, fields: Sequence[str],
+                      allowed: set) -> Optional[str]:
+    """The first of `fields` outside `allowed` on which two resolved configurations differ."""
+    return next((f for f in fields if f not in allowed and mine.get(f) != theirs.get(f)), None)
 
 
 Execute = Callable[[RunSpec, str, str], Dict]  # (spec, train_dir, eval_dir) -> result
@@ -201,11 +207,11 @@ def check_selected_pairs(spec: BenchmarkSpec, selection: Mapping) -> None:
         theirs = resolved_config(spec.run_config(base, selection[base]["params"], 0))
         allowed = (set(preset.config) | set(spec.methods[base].config)
                    | set(preset.search)) - set(SETUP_FIELDS)
-        for field in sorted(set(mine) | set(theirs)):
-            if field not in allowed and mine.get(field) != theirs.get(field):
-                raise ValueError(
-                    f"Comparison {method} vs {base} is not like for like after selection: "
-                    f"{field} is {mine.get(field)!r} vs {theirs.get(field)!r}.")
+        field = _first_difference(mine, theirs, sorted(set(mine) | set(theirs)), allowed)
+        if field is not None:
+            raise ValueError(
+                f"Comparison {method} vs {base} is not like for like after selection: "
+                f"{field} is {mine.get(field)!r} vs {theirs.get(field)!r}.")
 
 
 def run_benchmark(spec: BenchmarkSpec, split: ClassSplit, load_split: Callable[[str], str],
@@ -375,7 +381,6 @@ def write_selection(results_dir: str, spec: BenchmarkSpec, split: ClassSplit,
         "seeds": list(spec.seeds), "selection_metric": f"validation {SELECTION_METRIC}",
         "primary_metric": PRIMARY_METRIC, "code": code_fingerprint(),
         "history": spec.history, "previous_results": spec.previous_results,
-        "search": {m: spec.search_description(m) for m in spec.methods},
         "one_shot": {"n_way": spec.n_way, "episodes": spec.episodes},
         "planned": [m for block in spec.default_blocks for m in block] or list(spec.methods),
         "methods": {m: {**v, "description": spec.methods[m].description if m in spec.methods else "",

@@ -392,6 +392,11 @@ def plot(summary: Dict, path: str) -> None:
 def readme_block(results_dir: str, readme: str, summary: Optional[Dict] = None) -> str:
     """The text `write_report` puts between the results markers of markdown file `readme`."""
     markdown = format_markdown(summary if summary is not None else collect(results_dir))
+    return _with_plot(markdown, results_dir, readme)
+
+
+def _with_plot(markdown: str, results_dir: str, readme: str) -> str:
+    """`markdown` followed by the plot, linked relative to markdown file `readme`."""
     image = os.path.relpath(os.path.join(results_dir, "results.png"),
                             os.path.dirname(os.path.abspath(readme))).replace(os.sep, "/")
     return f"{markdown}\n![Benchmark metrics and paired differences]({image})\n"
@@ -436,5 +441,5 @@ def write_report(results_dir: str, readme: Union[None, str, Sequence[str]] = Non
         f.write(markdown)
     plot(summary, os.path.join(results_dir, "results.png"))
     for path in [readme] if isinstance(readme, str) else readme or []:
-        update_readme(path, readme_block(results_dir, path, summary), block)
+        update_readme(path, _with_plot(markdown, results_dir, path), block)
     return summary
