@@ -121,10 +121,83 @@ OMNIGLOT = BenchmarkSpec(budget=OMNIGLOT_BUDGET, methods=OMNIGLOT_METHODS, trial
                              "docs/benchmarks.md, 'History', records it. Every choice here was "
                              "made on the validation alphabet."),
                          previous_results="attempts/confounded_pairs/results.json")
+
+# The leaderboard of every objective (issue 21): one backbone and budget for all rows,
+# conv4_stride4 (7 x 7 map, which CRT needs; the pooling rows use the same backbone), d =
+# 512, P x K = 32 x 4, 10 epochs; 2 trials per row (seeded-random points of its own grid,
+# which includes the pytorch-metric-learning default), 5 paired seeds. Each row is compared
+# with Proxy Anchor; a row that adds one thing to a base (so_proxy, crt, the cross-batch
+# memory) is compared with that base instead. Two-view rows (supcon, ntxent) see each
+# sampled image twice per step (views = 2), as the losses are defined.
+LEADERBOARD_BUDGET = {**OMNIGLOT_BUDGET, "backbone": _STRIDE4}
+_PA = ("proxy_anchor",)
+LEADERBOARD_METHODS = {
+    "proxy_anchor": OMNIGLOT_METHODS["proxy_anchor"],
+    "so_proxy": OMNIGLOT_METHODS["so_proxy"],
+    "multi_similarity": MethodPreset(
+        {"method": "multi_similarity"},
+        {"ms_alpha": (1.0, 2.0), "ms_beta": (40.0, 50.0), "ms_base": (0.5,)}, bases=_PA,
+        description="Multi-Similarity with its pair mining (Wang et al. 2019)"),
+    "multi_similarity_xbm": MethodPreset(
+        {"method": "multi_similarity"}, {"xbm_size": (1024, 2048)},
+        bases=("multi_similarity",), extends="multi_similarity",
+        description="Multi-Similarity + cross-batch memory of the last N embeddings (Wang et al. 2020)"),
+    "crt": MethodPreset(
+        {"method": "crt", "base_loss": "ms"}, OMNIGLOT_METHODS["crt"].search,
+        bases=("multi_similarity",), extends="multi_similarity",
+        description="Multi-Similarity + multi-size CRT head"),
+    "pddm": MethodPreset(
+        {"method": "pddm", "pddm_unit_loss": "all_pairs", "pddm_hardness": "semihard"},
+        OMNIGLOT_METHODS["pddm_cosine"].search, bases=_PA,
+        description="PDDM unit, semi-hard quadruplets mined by the unit (Huang et al. 2016)"),
+    "triplet": MethodPreset(
+        {"method": "triplet"},
+        {"triplet_margin": (0.05, 0.1, 0.2), "triplet_mining": ("all", "semihard", "hard")},
+        bases=_PA, description="Triplet margin loss with batch mining (Schroff et al. 2015)"),
+    "contrastive": MethodPreset(
+        {"method": "contrastive"},
+        {"contrastive_pos_margin": (0.0, 0.2), "contrastive_neg_margin": (0.5, 0.8, 1.0)},
+        bases=_PA, description="Contrastive loss, positive and negative margins (Hadsell et al. 2006)"),
+    "circle": MethodPreset(
+        {"method": "circle"}, {"circle_m": (0.25, 0.4), "circle_gamma": (80.0, 256.0)},
+        bases=_PA, description="Circle loss (Sun et al. 2020)"),
+    "supcon": MethodPreset(
+        {"method": "supcon"}, {"supcon_temperature": (0.05, 0.1, 0.2)}, bases=_PA,
+        description="Supervised contrastive loss over two views (Khosla et al. 2020)"),
+    "ntxent": MethodPreset(
+        {"method": "ntxent"},
+        {"ntxent_temperature": (0.07, 0.1, 0.2), "ntxent_positives": ("views", "class")},
+        bases=_PA, description="NT-Xent over two views (Chen et al. 2020); positives: the other "
+                               "view, or the class (chosen on validation)"),
+    "normalized_softmax": MethodPreset(
+        {"method": "normalized_softmax"}, {"ns_temperature": (0.02, 0.05, 0.1)}, bases=_PA,
+        description="Normalised softmax (Zhai & Wu 2019)"),
+    "cosface": MethodPreset(
+        {"method": "cosface"}, {"cosface_margin": (0.2, 0.35), "cosface_scale": (32.0, 64.0)},
+        bases=_PA, description="CosFace (Wang et al. 2018)"),
+    "arcface": MethodPreset(
+        {"method": "arcface"}, {"arcface_margin": (14.3, 28.6), "arcface_scale": (32.0, 64.0)},
+        bases=_PA, description="ArcFace, margin in degrees (Deng et al. 2019)"),
+    "subcenter_arcface": MethodPreset(
+        {"method": "subcenter_arcface"},
+        {"arcface_margin": (14.3, 28.6), "arcface_scale": (32.0, 64.0)}, bases=_PA,
+        description="Sub-center ArcFace, 3 sub-centres per class (Deng et al. 2020)"),
+    "proxy_nca": MethodPreset(
+        {"method": "proxy_nca"}, {"proxy_nca_scale": (3.0, 9.0, 16.0)}, bases=_PA,
+        description="ProxyNCA with ProxyNCA++'s temperature (Teh et al. 2020)"),
+    "soft_triple": MethodPreset(
+        {"method": "soft_triple"}, {"soft_triple_la": (8.0, 20.0), "soft_triple_margin": (0.01, 0.2)},
+        bases=_PA, description="SoftTriple, 10 centres per class (Qian et al. 2019)"),
+}
+OMNIGLOT_LOSSES = BenchmarkSpec(
+    budget=LEADERBOARD_BUDGET, methods=LEADERBOARD_METHODS, trials=2, seeds=tuple(range(5)),
+    n_way=20, episodes=1000, default_blocks=(tuple(LEADERBOARD_METHODS),),
+    history=OMNIGLOT.history, leaderboard=True)
+
 OMNIGLOT_ZIPS = ("images_background_small1", "images_background_small2")
 OMNIGLOT_TEST_GROUPS = ("Japanese_(katakana)", "Sanskrit")
 
-PRESETS = {"omniglot": OMNIGLOT}
+PRESETS = {"omniglot": OMNIGLOT, "omniglot_losses": OMNIGLOT_LOSSES}
 
 
 def omniglot_roots(omniglot_dir: str, cache_dir: str) -> List[str]:

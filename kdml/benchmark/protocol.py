@@ -101,6 +101,9 @@ class BenchmarkSpec:
     # A results.json of an earlier protocol, relative to the results folder, whose paired
     # differences the report quotes next to the new ones ("" = none).
     previous_results: str = ""
+    # A leaderboard (one backbone and budget for every row): the report sorts the rows by
+    # the primary metric and adds the spread between them; otherwise rows keep run order.
+    leaderboard: bool = False
 
     def run_config(self, method: str, params: Mapping, seed: int) -> Dict:
         return {**self.budget, **self.methods[method].config, **params, "seed": seed}
@@ -381,6 +384,7 @@ def write_selection(results_dir: str, spec: BenchmarkSpec, split: ClassSplit,
         "seeds": list(spec.seeds), "selection_metric": f"validation {SELECTION_METRIC}",
         "primary_metric": PRIMARY_METRIC, "code": code_fingerprint(),
         "history": spec.history, "previous_results": spec.previous_results,
+        **({"leaderboard": True} if spec.leaderboard else {}),
         "one_shot": {"n_way": spec.n_way, "episodes": spec.episodes},
         "planned": [m for block in spec.default_blocks for m in block] or list(spec.methods),
         "methods": {m: {**v, "description": spec.methods[m].description if m in spec.methods else "",
