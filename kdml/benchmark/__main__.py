@@ -3,9 +3,12 @@
     python -m kdml.benchmark run --preset=omniglot --omniglot_dir=<dir with the zips>
         [--methods=proxy_anchor,so_proxy] [--seeds=0,1,2,3,4] [--trials=3] [--epochs=10]
         [--results_dir=docs/results/omniglot] [--scratch_dir=runs/benchmark] [--trials_only]
+    python -m kdml.benchmark run --preset=omniglot_losses --omniglot_dir=<dir>
+        --results_dir=docs/results/omniglot_losses     # the leaderboard of every objective
     python -m kdml.benchmark run --preset=omniglot --data=<root>[,<root>...]
         [--test_groups=A,B | --num_test_groups=2] [--num_validation_groups=1] [--split_seed=0]
     python -m kdml.benchmark report <results_dir> [--readme=README.md --readme=docs/benchmarks.md]
+        [--block=<name>] [--compact]
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
                              "-->); default: the main one (<!-- results:start -->).")
     report.add_argument("--readme", action="append",
                         help="Markdown file whose results block is rewritten (repeatable).")
+    report.add_argument("--compact", action="store_true",
+                        help="Write the short form into the --readme files (rank, primary metric, "
+                             "verdict, spread), e.g. for a front page.")
     for command in (run, report):
         add_argument(command, "verbosity")
     worker = commands.add_parser("_run", help=argparse.SUPPRESS)
@@ -138,7 +144,8 @@ def main(argv=None) -> int:
             if not os.path.exists(os.path.join(args.results_dir, "selection.json")):
                 parser.error(f"{args.results_dir} holds no selection.json: pass the --results_dir "
                              "of a benchmark run (python -m kdml.benchmark run ...).")
-            summary = write_report(args.results_dir, readme=args.readme, block=args.block)
+            summary = write_report(args.results_dir, readme=args.readme, block=args.block,
+                                   compact=args.compact)
             with open(os.path.join(args.results_dir, "results.md")) as f:
                 print(f.read())
             from kdml.benchmark.runs import code_fingerprint

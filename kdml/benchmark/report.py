@@ -88,6 +88,10 @@ def collect(results_dir: str) -> Dict:
             missing.append(f"{name}{RERANK_SUFFIX} (no re-ranking depth chosen yet)")
     missing += [f"{name} (not yet selected)" for name in selection.get("planned", [])
                 if name not in methods]
+    leaderboard = bool(selection.get("leaderboard"))
+    if leaderboard:  # best first by the primary metric's mean; rows without finals last
+        methods = dict(sorted(methods.items(), key=lambda item: -item[1]["summary"][PRIMARY]["mean"]
+                              if PRIMARY in item[1]["summary"] else math.inf))
     comparisons, not_drawn = [], []
     for name, m in methods.items():
         for base in m["bases"]:
@@ -112,7 +116,7 @@ def collect(results_dir: str) -> Dict:
     summary = {"split": selection["split"], "budget": budget, "trials": selection["trials"],
                "seeds": selection["seeds"], "selection_metric": selection["selection_metric"],
                "primary_metric": PRIMARY, "alpha": ALPHA, "code": selection.get("code"),
-               "history": selection.get("history", ""),
+               "history": selection.get("history", ""), "leaderboard": leaderboard,
                "one_shot": selection["one_shot"], "methods": methods, "comparisons": comparisons,
                "not_drawn": not_drawn, "missing_runs": missing, "runs_done": len(wall),
                "run_wall_s_total": sum(wall)}
@@ -241,20 +245,24 @@ def format_markdown(summary: Dict) -> str:
     ]
     if summary.get("history"):
         lines += ["", summary["history"]]
+    leaderboard = summary.get("leaderboard", False)
+    if leaderboard:
+        lines += ["", f"A leaderboard: every row on the same backbone, d and budget, sorted by "
+                  f"test {primary} (mean over seeds); '#' is that order, not a significance ranking."]
     lines += [
         "",
-        "| method | backbone | d | search | chosen (val R@1 %) | seeds | "
+        ("| # " if leaderboard else "") + "| method | backbone | d | search | chosen (val R@1 %) | seeds | "
         + " | ".join(t for _, t in METRICS) + " | s / run |",
-        "|---|---|---:|---|---|---:|" + "---:|" * len(METRICS) + "---:|",
+        ("|---:" if leaderboard else "") + "|---|---|---:|---|---|---:|" + "---:|" * len(METRICS) + "---:|",
     ]
-    for name, m in summary["methods"].items():
+    for rank, (name, m) in enumerate(summary["methods"].items(), 1):
         cells = []
         for k, _ in METRICS:
             s = m["summary"].get(k)
             cells.append("" if s is None else f"{_pct(s['mean'])} ± {_pct(s['half_width'])}")
         wall = "" if m["mean_wall_s"] is None else f"{m['mean_wall_s']:.0f}"
         setup = m.get("setup") or {}
-        lines.append(f"| `{name}` | {_text(setup.get('backbone'))} | {_text(setup.get('embedding_dim'))} | "
+        lines.append((f"| {rank} " if leaderboard else "") + f"| `{name}` | {_text(setup.get('backbone'))} | {_text(setup.get('embedding_dim'))} | "
                      f"{m.get('search', '')} | {_chosen(m)} ({_pct(m['validation']['recall@1'], 1)}) | "
                      f"{len(m['seeds'])} | " + " | ".join(cells) + f" | {wall} |")
     n = sum(1 for c in summary["comparisons"] if c["p_holm"] is not None)
@@ -274,6 +282,8 @@ def format_markdown(summary: Dict) -> str:
                      f"{_p(c['p_holm'])} | {c['verdict']} | " + " | ".join(others) + " |")
     lines.append("")
     lines += verdict_sentences(summary)
+    if leaderboard:
+        lines += [""] + spread_sentences(summary)
     lines += _rerank_notes(summary)
     if summary.get("not_drawn"):
         lines.append(f"- Not compared (rows differ in more than the method): "
@@ -300,6 +310,35 @@ def format_markdown(summary: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def format_compact(summary: Dict) -> str:
+    """A short form for a front page: each row's primary metric and its verdict against its
+    base, then the spread sentences (a leaderboard) or the verdicts; the full report is
+    `format_markdown`."""
+    primary = dict(METRICS)[summary["primary_metric"]]
+    versus = {}
+    for c in summary["comparisons"]:
+        versus.setdefault(c["method"], c)
+    lines = [f"{len(summary['methods'])} rows, {summary['budget'].get('backbone')} backbone, "
+             f"d = {summary['budget'].get('embedding_dim')}, {summary['budget'].get('epochs')} epochs, "
+             f"{len(summary['seeds'])} paired seeds; test {primary} (%), mean ± 95 % half width; "
+             f"'vs base': paired difference in points, Holm-adjusted over the table.", "",
+             f"| # | method | {primary} | vs base | verdict |", "|---:|---|---:|---|---|"]
+    for rank, (name, m) in enumerate(summary["methods"].items(), 1):
+        s = m["summary"].get(summary["primary_metric"])
+        c = versus.get(name)
+        d = c["metrics"].get(summary["primary_metric"]) if c else None
+        metric = "" if s is None else f"{_pct(s['mean'])} ± {_pct(s['half_width'])}"
+        difference = "" if d is None else f"`{c['base']}` {_signed(d['mean'])}"
+        lines.append(f"| {rank} | `{name}` | {metric} | {difference} | {c['verdict'] if c else ''} |")
+    lines.append("")
+    lines += spread_sentences(summary) if summary.get("leaderboard") else verdict_sentences(summary)
+    lines.append(f"- {summary['runs_done']} runs, {summary['run_wall_s_total'] / 60:.0f} min of run "
+                 "wall time in all (trials and seeds).")
+    if summary["missing_runs"]:
+        lines.append(f"- Missing ({len(summary['missing_runs'])}): {'; '.join(summary['missing_runs'])}.")
+    return "\n".join(lines) + "\n"
+
+
 def verdict_sentences(summary: Dict) -> List[str]:
     """One generated sentence per comparison: the only place the report says who wins."""
     primary = dict(METRICS)[summary["primary_metric"]]
@@ -320,6 +359,58 @@ def verdict_sentences(summary: Dict) -> List[str]:
             lines.append(f"- `{c['method']}` is below `{c['base']}`: {figures}.")
         else:
             lines.append(f"- `{c['method']}` is not shown to beat `{c['base']}`: {figures}.")
+    return lines
+
+
+# The classic losses and the modern baseline of "A Metric Learning Reality Check" (Musgrave
+# et al., ECCV 2020), whose finding the leaderboard is checked against: once every loss is
+# tuned under one protocol, most end close together, and the classic pair losses are not
+# beaten by the newer ones by the margins the papers reported.
+REALITY_CHECK_CLASSICS = ("contrastive", "triplet")
+REALITY_CHECK_BASELINE = "proxy_anchor"
+
+
+def spread_sentences(summary: Dict) -> List[str]:
+    """A leaderboard's spread, generated (the rule is declared here, before any number):
+
+    - the range of the rows' mean primary metric, best and worst named;
+    - how many rows are not shown to differ from their base (Holm, as in the table), and
+      how many beat or are below it;
+    - the reality check: the table agrees with Musgrave et al. when most compared rows
+      are not shown to differ from their base AND no classic pair loss
+      (`REALITY_CHECK_CLASSICS`) is below `REALITY_CHECK_BASELINE`.
+    """
+    primary = dict(METRICS)[summary["primary_metric"]]
+    rows = [(n, m["summary"][summary["primary_metric"]]["mean"]) for n, m in summary["methods"].items()
+            if summary["primary_metric"] in m["summary"] and "derived_from" not in m]
+    tested = [c for c in summary["comparisons"] if c["p_holm"] is not None]
+    if len(rows) < 2 or not tested:
+        return ["- Spread: not measured yet (fewer than two rows with final runs)."]
+    (best, high), (worst, low) = rows[0], rows[-1]
+    middle = sorted(v for _, v in rows)
+    quartile = len(middle) // 4
+    inner = middle[len(middle) - 1 - quartile] - middle[quartile]
+    verdicts = [c["verdict"] for c in tested]
+    same = verdicts.count("no difference shown")
+    lines = [f"- Spread: the {len(rows)} rows' mean {primary} spans {100 * (high - low):.2f} points, "
+             f"from `{best}` ({_pct(high)}) to `{worst}` ({_pct(low)}); the middle half of the rows "
+             f"spans {100 * inner:.2f} points.",
+             f"- Against their bases ({len(tested)} Holm-corrected comparisons): {same} not shown to "
+             f"differ, {verdicts.count('beats')} beat, {verdicts.count('below')} below."]
+    classics = {c["method"]: c for c in tested if c["method"] in REALITY_CHECK_CLASSICS
+                and c["base"] == REALITY_CHECK_BASELINE}
+    if classics:
+        shown = "; ".join(f"`{name}` {c['verdict']} (Recall@1 {_difference(c['metrics'][PRIMARY])})"
+                          for name, c in sorted(classics.items()))
+        agrees = same > len(tested) / 2 and all(c["verdict"] != "below" for c in classics.values())
+        lines.append(
+            f"- Reality check (Musgrave et al., ECCV 2020: once tuned under one protocol, most "
+            f"losses end close together and the classic pair losses are not left behind): the "
+            f"classic losses vs `{REALITY_CHECK_BASELINE}`: {shown}. This table "
+            + ("agrees: most rows are not shown to differ from their base and no classic loss is "
+               "below the baseline." if agrees else
+               "does not agree: " + ("most rows differ from their base" if same <= len(tested) / 2
+                                     else "a classic loss is below the baseline") + "."))
     return lines
 
 
@@ -362,7 +453,9 @@ def plot(summary: Dict, path: str) -> None:
     names = [n for n, m in summary["methods"].items() if m["summary"]]
     pairs = [c for c in summary["comparisons"] if c["metrics"]]
     labels = [f"{c['method']} − {c['base']}" for c in pairs]
-    fig, axes = plt.subplots(2, len(METRICS), figsize=(4 * len(METRICS), 7), squeeze=False)
+    height = max(7.0, 2.0 + 0.3 * (len(names) + len(pairs)))  # a leaderboard's many rows
+    fig, axes = plt.subplots(2, len(METRICS), figsize=(4 * len(METRICS), height), squeeze=False,
+                             gridspec_kw={"height_ratios": [max(len(names), 1), max(len(pairs), 1)]})
     for j, (k, title) in enumerate(METRICS):
         ax = axes[0, j]
         rows = [(y, summary["methods"][n]["summary"][k]) for y, n in enumerate(names)
@@ -389,9 +482,12 @@ def plot(summary: Dict, path: str) -> None:
     plt.close(fig)
 
 
-def readme_block(results_dir: str, readme: str, summary: Optional[Dict] = None) -> str:
-    """The text `write_report` puts between the results markers of markdown file `readme`."""
-    markdown = format_markdown(summary if summary is not None else collect(results_dir))
+def readme_block(results_dir: str, readme: str, summary: Optional[Dict] = None,
+                 compact: bool = False) -> str:
+    """The text `write_report` puts between the results markers of markdown file `readme`
+    (`format_compact` with `compact=True`)."""
+    summary = summary if summary is not None else collect(results_dir)
+    markdown = format_compact(summary) if compact else format_markdown(summary)
     return _with_plot(markdown, results_dir, readme)
 
 
@@ -431,9 +527,10 @@ def update_readme(readme: str, content: str, block: Optional[str] = None) -> Non
 
 
 def write_report(results_dir: str, readme: Union[None, str, Sequence[str]] = None,
-                 block: Optional[str] = None) -> Dict:
+                 block: Optional[str] = None, compact: bool = False) -> Dict:
     """Writes results.json, results.md and results.png in `results_dir` and the results
-    block (`markers(block)`) of each markdown file in `readme`; returns the summary."""
+    block (`markers(block)`) of each markdown file in `readme` (its short form,
+    `format_compact`, with `compact=True`); returns the summary."""
     summary = collect(results_dir)
     write_json_atomic(os.path.join(results_dir, "results.json"), summary)
     markdown = format_markdown(summary)
@@ -441,5 +538,6 @@ def write_report(results_dir: str, readme: Union[None, str, Sequence[str]] = Non
         f.write(markdown)
     plot(summary, os.path.join(results_dir, "results.png"))
     for path in [readme] if isinstance(readme, str) else readme or []:
-        update_readme(path, _with_plot(markdown, results_dir, path), block)
+        text = format_compact(summary) if compact else markdown
+        update_readme(path, _with_plot(text, results_dir, path), block)
     return summary

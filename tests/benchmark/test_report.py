@@ -222,3 +222,71 @@ def test_the_plot_keeps_each_row_at_one_height_in_every_panel(results_dir, tmp_p
         for x, y in zip(xs, ys):
             assert x == pytest.approx(means[(names[int(y)], key)])  # drawn on its own row
     assert drawn["MAP@R (%)"][0][1] == [names.index("base")]
+
+
+# A leaderboard: three rows against one baseline, with known paired differences per seed.
+LEADERBOARD_SHIFT = {"proxy_anchor": [0.0] * 5,
+                     "contrastive": [0.004, -0.003, 0.002, -0.004, 0.001],  # no difference
+                     "triplet": [-0.05, -0.048, -0.052, -0.049, -0.051],  # clearly below
+                     "circle": [0.03, 0.031, 0.029, 0.032, 0.030]}  # clearly above
+LEADERBOARD_BASE = [0.70, 0.72, 0.69, 0.71, 0.73]
+
+
+def _leaderboard_execute(spec, train_dir, eval_dir):
+    seed = spec.config["seed"]
+    r1 = LEADERBOARD_BASE[seed] + LEADERBOARD_SHIFT[spec.method][seed]
+    return {"metrics": {"recall@1": r1}, "wall_s": 1.0}
+
+
+@pytest.fixture
+def leaderboard_dir(tmp_path):
+    base = MethodPreset({"method": "proxy_anchor"}, {"alpha": (32.0,)})
+    rows = {name: MethodPreset({"method": "proxy_anchor"}, {"margin": (0.1,)},
+                               bases=("proxy_anchor",)) for name in ("contrastive", "triplet", "circle")}
+    spec = BenchmarkSpec(budget={"backbone": "conv4", "embedding_dim": 64, "epochs": 1},
+                         methods={"proxy_anchor": base, **rows}, trials=1, seeds=tuple(range(5)),
+                         leaderboard=True)
+    names = [f"g{g}/c{c}" for g in range(5) for c in range(2)]
+    run_benchmark(spec, group_split(names, seed=0), lambda name: str(tmp_path / name),
+                  _leaderboard_execute, str(tmp_path / "r"), progress=lambda line: None)
+    return str(tmp_path / "r")
+
+
+def test_a_leaderboard_is_sorted_and_its_spread_is_computed_from_the_runs(leaderboard_dir):
+    from kdml.benchmark.report import format_compact
+
+    summary = write_report(leaderboard_dir)
+    means = {name: np.mean(np.add(LEADERBOARD_BASE, shift)) for name, shift in LEADERBOARD_SHIFT.items()}
+    order = sorted(means, key=lambda name: -means[name])
+    assert list(summary["methods"]) == order == ["circle", "proxy_anchor", "contrastive", "triplet"]
+    verdicts = {c["method"]: c["verdict"] for c in summary["comparisons"]}
+    assert verdicts == {"circle": "beats", "contrastive": "no difference shown", "triplet": "below"}
+    markdown = open(os.path.join(leaderboard_dir, "results.md")).read()
+    ranked = [line.split(" | ")[1] for line in markdown.splitlines() if line.startswith("| 1 ")
+              or line.startswith("| 2 ") or line.startswith("| 3 ") or line.startswith("| 4 ")]
+    assert ranked == [f"`{name}`" for name in order]
+    values = sorted(means.values())
+    spread, inner = values[-1] - values[0], values[2] - values[1]  # 4 rows: middle half = 2nd..3rd
+    assert (f"- Spread: the 4 rows' mean Recall@1 spans {100 * spread:.2f} points, from `circle` "
+            f"({100 * means['circle']:.2f}) to `triplet` ({100 * means['triplet']:.2f}); the middle "
+            f"half of the rows spans {100 * inner:.2f} points.") in markdown
+    assert "3 Holm-corrected comparisons): 1 not shown to differ, 1 beat, 1 below." in markdown
+    # a classic loss is below the baseline, and most rows differ: the table does not agree
+    assert "This table does not agree: most rows differ from their base." in markdown
+    compact = format_compact(summary)
+    assert compact.splitlines()[4] == (f"| 1 | `circle` | {100 * means['circle']:.2f} ± "
+                                       f"{100 * summary['methods']['circle']['summary']['recall@1']['half_width']:.2f} "
+                                       f"| `proxy_anchor` {100 * (means['circle'] - means['proxy_anchor']):+.2f} | beats |")
+
+
+def test_the_reality_check_agrees_when_most_rows_tie_and_no_classic_loss_is_below(leaderboard_dir):
+    from kdml.benchmark.report import spread_sentences
+
+    summary = write_report(leaderboard_dir)
+    for c in summary["comparisons"]:  # as if triplet and circle had tied with the baseline
+        if c["method"] in ("triplet", "circle"):
+            c["verdict"] = "no difference shown"
+    lines = spread_sentences(summary)
+    assert lines[1].endswith("3 not shown to differ, 0 beat, 0 below.")
+    assert lines[2].endswith("This table agrees: most rows are not shown to differ from their "
+                             "base and no classic loss is below the baseline.")
