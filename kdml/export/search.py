@@ -21,13 +21,14 @@ The gallery constant (`gallery_dtype`):
 - `"int8"`: each row `g` as the code `c = round(g / step)` in int8, `step = max|g| / 127`,
   with its own score-aware scale `s = |g|^2 / (c . g)` (1 byte per value + 16 per row):
   the decoded row `s c` has the projection `|g|` on `g`, so its error is orthogonal to
-  `g` and a query parallel to `g` (a near neighbour) scores it exactly (ScaNN's parallel
-  error, docs/export.md). A per-channel quantized `FULLY_CONNECTED` weight, run by
-  LiteRT's hybrid kernel (each query quantized to int8 on the fly), scores all rows;
-  `TOPK_V2` keeps its best `max(4 k, 16)`, which `GATHER` (the same int8 bytes, no copy),
-  `CAST`, `MUL` and `SUM` re-score with the float query before the final `TOPK_V2`: the
-  query's int8 rounding no longer reorders near-ties, and the outputs are the SavedModel's
-  float product with the decoded rows unless its top k lies outside those candidates.
+  `g` and a query parallel to `g` (a near neighbour) scores it exactly (the parallel
+  term of ScaNN's score-aware loss, Guo et al., ICML 2020; docs/export.md). A
+  per-channel quantized `FULLY_CONNECTED` weight, run by LiteRT's hybrid kernel (each
+  query quantized to int8 on the fly), scores all rows; `TOPK_V2` keeps its best
+  `max(4 k, 16)`, which `GATHER` (the same int8 bytes, no copy), `CAST`, `MUL` and `SUM`
+  re-score with the float query before the final `TOPK_V2`: the query's int8 rounding
+  no longer reorders near-ties, and the outputs are the SavedModel's float product with
+  the decoded rows unless its top k lies outside those candidates.
 
 The labels, paths, threshold, k and the fingerprints of the index and the model go in
 the file's `"kdml"` metadata and its sidecar `<file>.json`, which the TF-free kit
