@@ -85,10 +85,11 @@ def test_search_model_returns_the_exact_top_k(gallery, tmp_path, gallery_dtype):
     np.testing.assert_array_equal(found["indices"][clear], exact.indices[:, :K][clear])
     # the calibrated threshold: match = similarity >= 0.5
     np.testing.assert_array_equal(found["match"], found["similarities"] >= np.float32(0.5))
-    # the SavedModel's `search` signature computes the same
+    # the SavedModel's `search` signature computes the same: the float query's products
+    # with the same decoded rows (int8: what the .tflite's re-scoring computes)
     signature = tf.saved_model.load(paths["saved_model"]).signatures["search"]
     saved = {k: v.numpy() for k, v in signature(images=tf.constant(images)).items()}
-    np.testing.assert_allclose(saved["similarities"], found["similarities"], atol=tol)
+    np.testing.assert_allclose(saved["similarities"], found["similarities"], atol=1e-4)
     np.testing.assert_array_equal(saved["match"], saved["similarities"] >= np.float32(0.5))
     info = json.load(open(paths["search_float32"] + ".json"))
     assert info["labels"] == index.labels.tolist() and info["paths"] == index.paths.tolist()
