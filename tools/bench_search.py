@@ -21,7 +21,10 @@ latency (`ai_edge_litert`, `--threads`, batch 1, the median of `--runs` invocati
 (`kdml.index.build_index`), the search models are exported from it (float32
 embedder, float16 and int8 galleries) and each query's top-1 is compared with the
 exact index's top-1 of the same embedder's embeddings; Recall@1 (the top-1's class is
-the query's) of both.
+the query's) of both. Then the same in NumPy for the int8 gallery with the grid scale
+`max|g| / 127` and with the stored score-aware scale, and the float gallery, each with
+the float query and with the query rounded as the hybrid kernel does
+(`hybrid_query_rounding`): which side of the int8 search costs what.
 
 `open_set`: the threshold is calibrated on `--validation` (leave-one-out,
 `kdml.evaluation.calibrate_threshold`) and applied to `--test` (default: a seeded half
@@ -121,6 +124,37 @@ def _split(image_set, per_class: int):
     return np.asarray(gallery), np.asarray(queries)
 
 
+def hybrid_query_rounding(queries) -> np.ndarray:
+    """Float `(B, d)` queries as LiteRT's hybrid `FULLY_CONNECTED` sees them
+    (`asymmetric_quantize_inputs`): each row quantized to int8 over `[min(q, 0), max(q, 0)]`
+    (256 levels, zero point rounded and clipped to [-128, 127]) and dequantized."""
+    q = np.asarray(queries, np.float64)
+    low, high = np.minimum(q.min(axis=1), 0.0), np.maximum(q.max(axis=1), 0.0)
+    scale = np.where(high > low, (high - low) / 255.0, 1.0)
+    zero = np.clip(np.round(-128.0 - low / scale), -128, 127)
+    codes = np.clip(np.round(q / scale[:, None]) + zero[:, None], -128, 127)
+    return (codes - zero[:, None]) * scale[:, None]
+
+
+def numpy_agreement(queries, gallery, exact_top1) -> dict:
+    """Top-1 = `exact_top1` in NumPy for the int8 gallery with the grid scale
+    `max|g| / 127` and with the stored score-aware scale, and the float gallery, each
+    against the float query and the hybrid kernel's int8 query: which side costs what."""
+    from kdml.export.search import decode_gallery, encode_gallery
+
+    encoded = encode_gallery(gallery, "int8")
+    step = np.maximum(np.abs(gallery).max(axis=1), 1e-12) / 127.0
+    galleries = {"int8 grid scale max|g|/127": encoded["values"] * step[:, None],
+                 "int8 score-aware scale": decode_gallery(encoded), "float32": gallery}
+    out = {}
+    for gallery_name, rows in galleries.items():
+        for query_name, q in (("float query", queries),
+                              ("int8 query", hybrid_query_rounding(queries))):
+            out[f"numpy top-1 = exact top-1, {gallery_name} gallery, {query_name}"] = float(
+                (np.argmax(q @ np.asarray(rows, np.float64).T, axis=1) == exact_top1).mean())
+    return out
+
+
 def agreement(args) -> dict:
     from ai_edge_litert.interpreter import Interpreter
 
@@ -177,6 +211,7 @@ def agreement(args) -> dict:
             results["recall@1 tflite float32 + exact index"] = float(
                 (exact.labels[:, 0] == query_labels).mean())
             results[f"{dtype} search file KiB"] = os.path.getsize(paths["search_float32"]) / 1024
+        results.update(numpy_agreement(tflite_embeddings, index.embeddings, exact.indices[:, 0]))
     for name, value in results.items():
         print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
     return results

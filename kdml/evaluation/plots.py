@@ -2,7 +2,9 @@
 
 The retrieval grid is the one to look at first: one row per query, its thumbnail then
 its top-k results framed green (same class) or orange (another), for a seeded sample of
-queries and for the worst ones (`select_grid_rows`). `python -m kdml.evaluate --plots`
+queries and for the worst ones (`select_grid_rows`); with a calibrated threshold, a
+query whose best similarity is below it has its results faded under a "no match (best
+0.41 < threshold 0.52)" caption. `python -m kdml.evaluate --plots`
 and `python -m kdml.index query --plot` draw it.
 
 matplotlib (a dependency of tensorflow-similarity) draws with the non-interactive Agg
@@ -213,6 +215,12 @@ MATCH_COLOUR = (0, 158, 115)      # green: the result is of the query's class
 MISMATCH_COLOUR = (213, 94, 0)    # orange (vermillion): another class
 QUERY_COLOUR = (90, 90, 90)       # the query's own frame
 GRID_LEGEND = "green: same class, orange: other"
+# a row whose best similarity is below the match threshold ("no match"): its results
+# faded toward white (each pixel p drawn as 255 - NO_MATCH_FADE * (255 - p)) under a
+# caption in NO_MATCH_COLOUR (Okabe-Ito blue: not a frame colour); NO_MATCH_LEGEND
+NO_MATCH_COLOUR = (0, 114, 178)
+NO_MATCH_FADE = 0.3
+NO_MATCH_LEGEND = "faded: no match"
 _BORDER, _PAD, _HEADER, _LABEL_WIDTH, _DPI = 4, 2, 22, 112, 100
 
 
@@ -265,8 +273,25 @@ def _thumbnail(image, size: int) -> np.ndarray:
     return image[top + pick][:, left + pick]
 
 
+def faded(image) -> np.ndarray:
+    """A uint8 image as drawn in a "no match" row: `255 - NO_MATCH_FADE * (255 - p)`."""
+    image = np.asarray(image, np.float32)
+    return np.round(255.0 - NO_MATCH_FADE * (255.0 - image)).astype(np.uint8)
+
+
+def no_match_caption(best: float, threshold: float) -> str:
+    """`"no match (best 0.41 < threshold 0.52)"`: 2 decimals, more (up to 6) until the
+    two numbers differ as printed."""
+    for digits in range(2, 7):
+        a, b = f"{best:.{digits}f}", f"{threshold:.{digits}f}"
+        if a != b:
+            break
+    return f"no match (best {a} < threshold {b})"
+
+
 def plot_retrieval_grid(query_images, neighbour_images, matches, path: str, *,
-                        row_labels=None, thumb: int = 64, title: str = "") -> str:
+                        row_labels=None, no_match=None, thumb: int = 64,
+                        title: str = "") -> str:
     """Draws one row per query: its thumbnail, then its top-k results, best first.
 
     Args:
@@ -275,6 +300,10 @@ def plot_retrieval_grid(query_images, neighbour_images, matches, path: str, *,
         matches: `(Q, k)` bool, True where the result shares the query's class: framed
             green (`MATCH_COLOUR`), else orange (`MISMATCH_COLOUR`); queries are framed grey.
         row_labels: Q short strings written left of each row (e.g. "worst, rank 7").
+        no_match: Q captions or None: a row with a caption (`no_match_caption`) is one
+            whose best similarity is below the match threshold: its results are drawn
+            faded (`faded`; frames kept) and the caption is written across them in
+            `NO_MATCH_COLOUR`; the header adds `NO_MATCH_LEGEND`.
         thumb: thumbnail side in pixels.
 
     Returns:
@@ -286,22 +315,28 @@ def plot_retrieval_grid(query_images, neighbour_images, matches, path: str, *,
     if len(query_images) != rows or any(len(n) != k for n in neighbour_images):
         raise ValueError(f"Expected {rows} query images and {rows} rows of {k} results (the shape "
                          f"of `matches`). Received: {len(query_images)} queries.")
+    no_match = list(no_match) if no_match is not None else [None] * rows
+    if len(no_match) != rows:
+        raise ValueError(f"Expected {rows} no_match entries (a caption or None per query row). "
+                         f"Received: {len(no_match)}.")
     width, height = grid_size(rows, k, thumb)
     cell = thumb + 2 * (_BORDER + _PAD)
     canvas = np.full((height, width, 3), 255, np.uint8)
 
-    def put(image, row, column, colour):
+    def put(image, row, column, colour, fade=False):
         top = _HEADER + row * cell + _PAD
         left = _LABEL_WIDTH + column * cell + (cell // 2 if column else 0) + _PAD
         frame = thumb + 2 * _BORDER
         canvas[top:top + frame, left:left + frame] = colour
+        image = _thumbnail(image, thumb)
         canvas[top + _BORDER:top + _BORDER + thumb, left + _BORDER:left + _BORDER + thumb] = \
-            _thumbnail(image, thumb)
+            faded(image) if fade else image
 
     for r in range(rows):
         put(query_images[r], r, 0, QUERY_COLOUR)
         for j in range(k):
-            put(neighbour_images[r][j], r, j + 1, MATCH_COLOUR if matches[r, j] else MISMATCH_COLOUR)
+            put(neighbour_images[r][j], r, j + 1,
+                MATCH_COLOUR if matches[r, j] else MISMATCH_COLOUR, fade=bool(no_match[r]))
     fig = plt.figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)
     ax = fig.add_axes([0, 0, 1, 1])
     ax.imshow(canvas, interpolation="nearest")
@@ -310,8 +345,14 @@ def plot_retrieval_grid(query_images, neighbour_images, matches, path: str, *,
     ax.axis("off")
     font = dict(fontsize=8, va="center")
     ax.text(_LABEL_WIDTH + cell / 2, _HEADER / 2, "query", ha="center", **font)
-    ax.text(_LABEL_WIDTH + 1.5 * cell, _HEADER / 2, f"top {k} ({GRID_LEGEND})",
-            ha="left", **font)
+    legend = GRID_LEGEND + (f"; {NO_MATCH_LEGEND}" if any(no_match) else "")
+    ax.text(_LABEL_WIDTH + 1.5 * cell, _HEADER / 2, f"top {k} ({legend})", ha="left", **font)
+    for r, caption in enumerate(no_match):
+        if caption:  # across the row's results, centred
+            ax.text(_LABEL_WIDTH + 1.5 * cell + k * cell / 2, _HEADER + (r + 0.5) * cell,
+                    caption, ha="center", color=np.asarray(NO_MATCH_COLOUR) / 255,
+                    fontweight="bold", bbox=dict(facecolor="white", edgecolor="none",
+                                                 alpha=0.85, pad=2), **font)
     if title:
         ax.text(4, _HEADER / 2, title, ha="left", **font)
     for r, label in enumerate(row_labels or []):
@@ -323,17 +364,25 @@ def plot_retrieval_grid(query_images, neighbour_images, matches, path: str, *,
 
 def retrieval_grid(query_labels, neighbours, gallery_labels, load_query, load_gallery,
                    path: str, *, num_sampled: int = 6, num_worst: int = 6, seed: int = 0,
-                   thumb: int = 64, title: str = "") -> dict:
+                   thumb: int = 64, title: str = "", best_similarities=None,
+                   threshold=None) -> dict:
     """Selects the rows (`select_grid_rows`), loads their images and draws the grid.
 
     Args:
         query_labels: `(Q,)` labels; neighbours: `(Q, k)` gallery rows, best first;
             gallery_labels: `(N,)`.
         load_query, load_gallery: `f(rows) -> list of (H, W, 3) images`.
+        best_similarities, threshold: `(Q,)` each query's best similarity and the
+            calibrated match threshold: rows with `best < threshold` are marked "no
+            match" (`plot_retrieval_grid`'s `no_match`). Both or neither.
 
     Returns:
-        `{"path", "sampled": [query rows], "worst": [query rows], "worst_ranks": [...]}`.
+        `{"path", "sampled": [query rows], "worst": [query rows], "worst_ranks": [...],
+        "no_match": [shown query rows below the threshold]}`.
     """
+    if (best_similarities is None) != (threshold is None):
+        raise ValueError("Pass best_similarities and threshold together (the grid marks "
+                         "queries whose best similarity is below the threshold), or neither.")
     query_labels, gallery_labels = np.asarray(query_labels), np.asarray(gallery_labels)
     neighbour_labels = gallery_labels[np.asarray(neighbours)]
     sampled, worst = select_grid_rows(query_labels, neighbour_labels, num_sampled=num_sampled,
@@ -342,16 +391,24 @@ def retrieval_grid(query_labels, neighbours, gallery_labels, load_query, load_ga
     k = neighbour_labels.shape[1]
     shown = np.concatenate([sampled, worst]).astype(np.int64)
     labels = [f"query {q}\nsample" for q in sampled] + [
-        f"query {q}, worst\n" + (f"1st match: {ranks[q]}" if ranks[q] <= k else f"no match in {k}")
+        f"query {q}, worst\n" + (f"1st same class: {ranks[q]}" if ranks[q] <= k
+                                  else f"no same class in {k}")
         for q in worst]
+    captions = [None] * len(shown)
+    if threshold is not None:
+        best = np.asarray(best_similarities, np.float32)
+        threshold = np.float32(threshold)
+        captions = [no_match_caption(float(best[q]), float(threshold)) if best[q] < threshold
+                    else None for q in shown]
     queries = load_query(shown)
     rows_neighbours = np.asarray(neighbours)[shown]
     flat = load_gallery(rows_neighbours.reshape(-1))
     nested = [flat[i * k:(i + 1) * k] for i in range(len(shown))]
     plot_retrieval_grid(queries, nested, neighbour_labels[shown] == query_labels[shown][:, None],
-                        path, row_labels=labels, thumb=thumb, title=title)
+                        path, row_labels=labels, no_match=captions, thumb=thumb, title=title)
     return {"path": path, "sampled": sampled.tolist(), "worst": worst.tolist(),
-            "worst_ranks": ranks[worst].tolist()}
+            "worst_ranks": ranks[worst].tolist(),
+            "no_match": [int(q) for q, c in zip(shown, captions) if c]}
 
 
 def load_image_files(paths, size: int = 96) -> list:

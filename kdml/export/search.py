@@ -7,7 +7,8 @@ the embedder files:
   (unchanged ops and weights) followed by builtin ops only: `L2_NORMALIZATION` (in
   float: an int8 embedder's output norm is 1 only within a few percent),
   `FULLY_CONNECTED`
-  (embeddings `(B, d)` x gallery `(N, d)` -> cosines `(B, N)`), `TOPK_V2` and, with a
+  (embeddings `(B, d)` x gallery `(N, d)` -> cosines `(B, N)`), `TOPK_V2` (int8: a
+  re-scoring of candidates, below) and, with a
   stored threshold, `GREATER_EQUAL`. Inputs `images` uint8 `(B, H, W, 3)`; outputs
   `indices` int32 `(B, k)` (gallery rows, best first), `similarities` float32 `(B, k)`,
   and `match` bool `(B, k)` (`similarity >= threshold`) when the index holds one.
@@ -17,10 +18,17 @@ The gallery constant (`gallery_dtype`):
 
 - `"float16"`: the unit rows in float16 (2 bytes per value) and a `DEQUANTIZE` to
   float32 when the interpreter prepares the graph (cosine error <= ~1e-3).
-- `"int8"`: each row `g` as `round(g / s)` in int8 with its own scale `s = max|g| / 127`
-  (1 byte per value + 4 per row): a per-channel quantized `FULLY_CONNECTED` weight, which
-  LiteRT runs with its hybrid kernel (float input quantized per query on the fly, int8
-  weights, float output).
+- `"int8"`: each row `g` as the code `c = round(g / step)` in int8, `step = max|g| / 127`,
+  with its own score-aware scale `s = |g|^2 / (c . g)` (1 byte per value + 16 per row):
+  the decoded row `s c` has the projection `|g|` on `g`, so its error is orthogonal to
+  `g` and a query parallel to `g` (a near neighbour) scores it exactly (the parallel
+  term of ScaNN's score-aware loss, Guo et al., ICML 2020; docs/export.md). A
+  per-channel quantized `FULLY_CONNECTED` weight, run by LiteRT's hybrid kernel (each
+  query quantized to int8 on the fly), scores all rows; `TOPK_V2` keeps its best
+  `max(4 k, 16)`, which `GATHER` (the same int8 bytes, no copy), `CAST`, `MUL` and `SUM`
+  re-score with the float query before the final `TOPK_V2`: the query's int8 rounding
+  no longer reorders near-ties, and the outputs are the SavedModel's float product with
+  the decoded rows unless its top k lies outside those candidates.
 
 The labels, paths, threshold, k and the fingerprints of the index and the model go in
 the file's `"kdml"` metadata and its sidecar `<file>.json`, which the TF-free kit
@@ -41,6 +49,7 @@ import numpy as np
 GALLERY_DTYPES = ("float16", "int8")
 MAX_SEARCH_ITEMS = 100_000
 DEFAULT_K = 5
+RESCORED_PER_RESULT, MIN_RESCORED = 4, 16  # int8: max(4 k, 16) rows re-scored in float
 
 
 def search_filename(quantization: str) -> str:
@@ -86,8 +95,13 @@ def encode_gallery(embeddings, gallery_dtype: str) -> dict:
                          f"{g.shape}, finite: {bool(np.isfinite(g).all())}")
     if gallery_dtype == "float16":
         return {"dtype": "float16", "values": g.astype(np.float16)}
-    scale = (np.maximum(np.abs(g).max(axis=1), 1e-12) / 127.0).astype(np.float32)
-    values = np.clip(np.round(g / scale[:, None]), -127, 127).astype(np.int8)
+    step = np.maximum(np.abs(g).max(axis=1), 1e-12) / 127.0
+    values = np.clip(np.round(g / step[:, None]), -127, 127).astype(np.int8)
+    # score-aware scale (ScaNN's parallel error, docs/export.md): s = |g|^2 / (c . g) makes
+    # the decoded row's projection on g equal |g|, so a query parallel to g scores exactly
+    parallel = (values.astype(np.float64) * g).sum(axis=1)
+    scale = np.where(parallel > 0, (g.astype(np.float64) ** 2).sum(axis=1)
+                     / np.where(parallel > 0, parallel, 1.0), step).astype(np.float32)
     return {"dtype": "int8", "values": values, "scale": scale}
 
 
@@ -104,6 +118,8 @@ def search_metadata(index, encoded: dict, k: int, *, model_entry: Optional[dict]
     threshold = index.threshold
     return {**(base or {}),
             "search": {"k": int(k), "gallery_items": len(index), "gallery_dtype": encoded["dtype"],
+                       "rescored_candidates": (rescored_candidates(k, len(index))
+                                               if encoded["dtype"] == "int8" else None),
                        "embedding_dim": index.dim, "similarity": "cosine",
                        "outputs": ["indices", "similarities"] + (["match"] if threshold else []),
                        "threshold": threshold, "index": os.path.abspath(index.directory or ""),
@@ -141,10 +157,11 @@ def append_search(embedder_tflite: bytes, encoded: dict, k: int,
         model.buffers.append(entry)
         return len(model.buffers) - 1
 
-    def tensor(name, shape, dtype, data=None, signature=None, quantization=None):
+    def tensor(name, shape, dtype, data=None, signature=None, quantization=None,
+               shared_buffer=None):
         entry = schema.TensorT()
         entry.name, entry.shape, entry.type = name, list(shape), dtype
-        entry.buffer = buffer(data)
+        entry.buffer = buffer(data) if shared_buffer is None else shared_buffer
         if signature is not None:
             entry.shapeSignature = list(signature)
         if quantization is not None:
@@ -189,11 +206,64 @@ def append_search(embedder_tflite: bytes, encoded: dict, k: int,
     fully_connected.asymmetricQuantizeInputs = True  # hybrid int8: per-query input range
     operator(ops.FULLY_CONNECTED, [embeddings, weights, -1], [scores],
              schema.BuiltinOptions.FullyConnectedOptions, fully_connected)
-    similarities = tensor("similarities", (1, k), types.FLOAT32, signature=(-1, k))
-    indices = tensor("indices", (1, k), types.INT32, signature=(-1, k))
-    operator(ops.TOPK_V2, [scores, tensor("k", (), types.INT32, np.array(k, np.int32))],
-             [similarities, indices], schema.BuiltinOptions.TopKV2Options,
-             schema.TopKV2OptionsT())
+
+    def top_k(values, count, name):
+        best = tensor(f"{name}_values", (1, count), types.FLOAT32, signature=(-1, count))
+        where = tensor(f"{name}_indices", (1, count), types.INT32, signature=(-1, count))
+        operator(ops.TOPK_V2, [values, tensor(f"{name}_k", (), types.INT32,
+                                              np.array(count, np.int32))],
+                 [best, where], schema.BuiltinOptions.TopKV2Options, schema.TopKV2OptionsT())
+        return best, where
+
+    def gather(params, positions, shape, dtype, name, axis=0, batch_dims=0):
+        out = tensor(name, (1, *shape), dtype, signature=(-1, *shape))
+        options = schema.GatherOptionsT()
+        options.axis, options.batchDims = axis, batch_dims
+        operator(ops.GATHER, [params, positions], [out], schema.BuiltinOptions.GatherOptions,
+                 options)
+        return out
+
+    if encoded["dtype"] == "float16":
+        similarities, indices = top_k(scores, k, "top")
+    else:
+        # the hybrid kernel quantizes each query to int8 (its own range): re-score its
+        # best `candidates` rows with the float query, int8 codes x float row scales
+        candidates = rescored_candidates(k, num_items)
+        _, rows = top_k(scores, candidates, "candidate")
+        codes = tensor("gallery_codes", (num_items, dim), types.INT8,
+                       shared_buffer=graph.tensors[weights].buffer)  # same bytes, no copy
+        picked = gather(codes, rows, (candidates, dim), types.INT8, "candidate_codes")
+        picked_float = tensor("candidate_rows", (1, candidates, dim), types.FLOAT32,
+                              signature=(-1, candidates, dim))
+        operator(ops.CAST, [picked], [picked_float])
+        query_rows = tensor("query_rows", (1, 1, dim), types.FLOAT32, signature=(-1, 1, dim))
+        reshape = schema.ReshapeOptionsT()
+        reshape.newShape = [-1, 1, dim]
+        operator(ops.RESHAPE, [embeddings, tensor("query_rows_shape", (3,), types.INT32,
+                                                   np.array([-1, 1, dim], np.int32))],
+                 [query_rows], schema.BuiltinOptions.ReshapeOptions, reshape)
+        products = tensor("candidate_products", (1, candidates, dim), types.FLOAT32,
+                          signature=(-1, candidates, dim))
+        operator(ops.MUL, [picked_float, query_rows], [products],
+                 schema.BuiltinOptions.MulOptions, schema.MulOptionsT())
+        dots = tensor("candidate_dots", (1, candidates), types.FLOAT32,
+                      signature=(-1, candidates))
+        reducer = schema.ReducerOptionsT()
+        reducer.keepDims = False
+        operator(ops.SUM, [products, tensor("candidate_axis", (1,), types.INT32,
+                                            np.array([2], np.int32))], [dots],
+                 schema.BuiltinOptions.ReducerOptions, reducer)
+        row_scale = gather(tensor("gallery_scale", (num_items,), types.FLOAT32,
+                                  encoded["scale"].astype(np.float32)),
+                           rows, (candidates,), types.FLOAT32, "candidate_scale")
+        cosines = tensor("candidate_cosines", (1, candidates), types.FLOAT32,
+                         signature=(-1, candidates))
+        operator(ops.MUL, [dots, row_scale], [cosines], schema.BuiltinOptions.MulOptions,
+                 schema.MulOptionsT())
+        similarities, order = top_k(cosines, k, "top")
+        indices = gather(rows, order, (k,), types.INT32, "top_rows", axis=1, batch_dims=1)
+    similarities = _renamed(graph, similarities, "similarities")
+    indices = _renamed(graph, indices, "indices")
     outputs = {"indices": indices, "similarities": similarities}
     if threshold is not None:
         match = tensor("match", (1, k), types.BOOL, signature=(-1, k))
@@ -216,6 +286,17 @@ def append_search(embedder_tflite: bytes, encoded: dict, k: int,
     builder = flatbuffers.Builder(len(embedder_tflite) + encoded["values"].nbytes + 2**16)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
+
+
+def rescored_candidates(k: int, num_items: int) -> int:
+    """How many of an int8 gallery's hybrid-kernel best rows the search model re-scores
+    with the float query (module docstring)."""
+    return int(min(num_items, max(RESCORED_PER_RESULT * k, MIN_RESCORED)))
+
+
+def _renamed(graph, index: int, name: str) -> int:
+    graph.tensors[index].name = name
+    return index
 
 
 def search_function(embedder, encoded: dict, k: int, threshold: Optional[float] = None):

@@ -205,7 +205,9 @@ def _query(args):
             lambda rows: load_image_files(queries.paths[rows]),
             lambda rows: load_image_files(index.paths[rows]), args.plot,
             num_sampled=args.plot_sampled, num_worst=args.plot_worst, seed=args.seed,
-            title=os.path.basename(os.path.normpath(args.index)))
+            title=os.path.basename(os.path.normpath(args.index)),
+            **({"best_similarities": result.similarities[:, 0],
+                "threshold": index.threshold["value"]} if index.threshold else {}))
         print(f"Wrote the retrieval grid: {grid['path']}", file=sys.stderr)
     text = json.dumps(records, indent=1)
     if args.output_dir:

@@ -117,3 +117,91 @@ def test_legend_names_the_colours_the_frames_are_drawn_in(tmp_path, monkeypatch)
         drawn[meaning] = _colour_word(pixels[_HEADER + _PAD + 1, left + 1])
     assert words == drawn == {"same class": "green", "other": "orange"}, (legend, drawn)
     assert _colour_word((255, 0, 0)) == "red" and _colour_word((255, 165, 0)) == "orange"
+
+
+def capture_grid_texts(monkeypatch) -> list:
+    """Patches Figure.savefig to record every text of a saved figure: a list of
+    `(text, (x, y) in canvas pixels, RGB colour 0-255)`, filled as figures are saved."""
+    import matplotlib.colors
+    import matplotlib.figure
+
+    texts = []
+    save = matplotlib.figure.Figure.savefig
+
+    def savefig(figure, *args, **kwargs):
+        texts.extend((t.get_text(), t.get_position(),
+                      tuple(round(255 * c) for c in matplotlib.colors.to_rgb(t.get_color())))
+                     for ax in figure.axes for t in ax.texts)
+        return save(figure, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    return texts
+
+
+def test_no_match_caption_shows_digits_until_the_numbers_differ():
+    from kdml.evaluation.plots import no_match_caption
+
+    assert no_match_caption(0.41, 0.52) == "no match (best 0.41 < threshold 0.52)"
+    assert no_match_caption(0.5199, 0.52) == "no match (best 0.5199 < threshold 0.5200)"
+    assert no_match_caption(-0.1234567, 0.9) == "no match (best -0.12 < threshold 0.90)"
+
+
+def test_no_match_rows_are_captioned_and_faded(tmp_path, monkeypatch):
+    """Queries whose best similarity is below the threshold: a blue caption across their
+    results, the results faded toward white, frames unchanged; other rows untouched."""
+    import colorsys
+
+    from PIL import Image
+
+    from kdml.evaluation.plots import (NO_MATCH_COLOUR, NO_MATCH_FADE, NO_MATCH_LEGEND,
+                                       _thumbnail)
+
+    texts = capture_grid_texts(monkeypatch)
+    rng = np.random.default_rng(1)
+    grey = rng.integers(0, 255, size=(12, 20, 20, 1), dtype=np.uint8)
+    images = np.repeat(grey, 3, axis=3)  # grey thumbnails: any blue pixel is the caption's
+    query_labels = np.array([0, 1, 2, 0])
+    gallery_labels = np.array([0, 0, 1, 1, 2, 2, 0, 1, 2, 0, 1, 2])
+    neighbours = np.array([[0, 2, 4], [7, 3, 0], [0, 1, 5], [2, 3, 4]])
+    best = np.array([0.9, 0.41, 0.7, 0.5199], np.float32)
+    thumb, path = 32, str(tmp_path / "grid.png")
+    info = retrieval_grid(query_labels, neighbours, gallery_labels,
+                          lambda rows: list(images[rows]), lambda rows: list(images[rows]),
+                          path, num_sampled=4, num_worst=0, seed=0, thumb=thumb,
+                          best_similarities=best, threshold=0.52)
+    assert info["sampled"] == [0, 1, 2, 3] and info["no_match"] == [1, 3]
+    cell = thumb + 2 * (_BORDER + _PAD)
+    captions = {t: (pos, colour) for t, pos, colour in texts if t.startswith("no match (")}
+    want = {1: "no match (best 0.41 < threshold 0.52)",
+            3: "no match (best 0.5199 < threshold 0.5200)"}
+    assert set(captions) == set(want.values())
+    for row, caption in want.items():
+        (x, y), colour = captions[caption]
+        assert colour == NO_MATCH_COLOUR
+        assert _HEADER + row * cell < y < _HEADER + (row + 1) * cell  # on its row
+        assert x > _LABEL_WIDTH + 1.5 * cell  # over the results, not the query
+    (legend,) = [t for t, _, _ in texts if t.startswith("top 3 (")]
+    assert legend.endswith(f"; {NO_MATCH_LEGEND})")
+    with Image.open(path) as png:
+        pixels = np.asarray(png.convert("RGB")).astype(int)
+    for row in range(4):
+        top = _HEADER + row * cell + _PAD
+        band = pixels[top:top + cell - 2 * _PAD, _LABEL_WIDTH + cell:]
+        hsv = np.array([colorsys.rgb_to_hsv(*(p / 255)) for p in band.reshape(-1, 3)])
+        blue = ((hsv[:, 0] * 360 > 175) & (hsv[:, 0] * 360 < 260) & (hsv[:, 1] > 0.3)).sum()
+        assert (blue > 20) == (row in want), (row, blue)  # the caption's text is drawn
+        for j in range(3):
+            left = _LABEL_WIDTH + (j + 1) * cell + cell // 2 + _PAD
+            same = gallery_labels[neighbours[row, j]] == query_labels[row]
+            assert tuple(pixels[top + 1, left + 1]) == (MATCH_COLOUR if same else MISMATCH_COLOUR)
+            # the thumbnail's first two lines (above the caption's box)
+            drawn = pixels[top + _BORDER:top + _BORDER + 2, left + _BORDER:left + _BORDER + thumb]
+            plain = _thumbnail(images[neighbours[row, j]], thumb)[:2].astype(int)
+            expected = np.round(255 - NO_MATCH_FADE * (255 - plain)) if row in want else plain
+            np.testing.assert_array_equal(drawn, expected)
+
+
+def test_no_match_needs_both_similarities_and_threshold(tmp_path):
+    with pytest.raises(ValueError, match="best_similarities and threshold together"):
+        retrieval_grid(np.zeros(1), np.zeros((1, 1), int), np.zeros(1), list, list,
+                       str(tmp_path / "x.png"), threshold=0.5)
