@@ -62,13 +62,14 @@ _PRECISIONS = ("float32", "bfloat16")
 # its masked copy, the merged values and the merged indices.
 _LIVE_TILE_COPIES = 4
 _BYTES_PER_FLOAT32 = 4
-# Gallery columns per chunk (at least 4 k): on a GPU large tiles; on a CPU tiles of at
-# most _CPU_TILE_BYTES (at least _MIN_CPU_ROWS query rows), whose reduction pass reads
-# them from cache (200,000 x 128, k = 10, 2 cores: 2,048 x 512 rows ~25 % faster than
-# 8,192 x 2,000).
+# Gallery columns per chunk (at least 4 k): 8,192 on a GPU; 16,384 on a CPU, with at
+# most _CPU_TILE_BYTES per (rows, chunk) tile (at least _MIN_CPU_ROWS rows). Large tiles
+# keep TensorFlow's matmul at its peak; the selection reads each tile once, in one
+# XLA-compiled step (1,000,000 x 128, k = 10, 2 busy cores: 1,024 x 16,384 tiles about
+# 2x the queries/s of 512 x 2,048).
 _MIN_GALLERY_CHUNK = 8192
-_CPU_GALLERY_CHUNK = 2048
-_CPU_TILE_BYTES = 4 * 2**20
+_CPU_GALLERY_CHUNK = 16384
+_CPU_TILE_BYTES = 64 * 2**20
 _MIN_CPU_ROWS = 64
 _DEFAULT_EXTRA_CANDIDATES = 32
 
@@ -195,19 +196,13 @@ def _knn(queries, gallery=None, *, k, max_memory_bytes=256 * 2**20, exclude_self
     devices = _replica_devices(strategy)
     replicas = len(devices)
     on_cpu = _on_cpu(devices)
-    chunk = int(gallery_chunk) if gallery_chunk else max(
-        _CPU_GALLERY_CHUNK if on_cpu else _MIN_GALLERY_CHUNK, 4 * candidates)
-    chunk = min(chunk, num_gallery)
-    group = _group_size(chunk, candidates)
-    chunk = math.ceil(chunk / group) * group
-    num_chunks = math.ceil(num_gallery / chunk)
     rescore_bytes = _BYTES_PER_FLOAT32 * candidates * dim if precision == "bfloat16" else 0
-    block = _rows_per_block(num_queries, chunk + candidates, int(max_memory_bytes),
-                            extra_bytes_per_row=rescore_bytes)
-    if on_cpu:
-        block = min(block, max(_MIN_CPU_ROWS, _CPU_TILE_BYTES // (_BYTES_PER_FLOAT32 * chunk)))
+    block, chunk, group = _tile_shape(num_queries, num_gallery, candidates,
+                                      int(max_memory_bytes), on_cpu, gallery_chunk,
+                                      rescore_bytes)
+    num_chunks = math.ceil(num_gallery / chunk)
     step_options = dict(k=k, candidates=candidates, exclude_self=exclude_self,
-                        bfloat16=precision == "bfloat16", group=group)
+                        bfloat16=precision == "bfloat16", group=group, compiled_merge=on_cpu)
 
     indices = np.empty((num_queries, k), dtype=np.int32)
     similarities = np.empty((num_queries, k), dtype=np.float32) if return_similarities else None
@@ -323,7 +318,7 @@ def _full_float32_matmul():
 
 @tf.function
 def _block_top_k(query_block, chunks_t, gallery_rows, group_bias, start, num_gallery, k,
-                 candidates, exclude_self, bfloat16, group):
+                 candidates, exclude_self, bfloat16, group, compiled_merge=False):
     """Top-k of one `(B, d)` query block against the chunked, transposed `(C, d, W)`
     gallery.
 
@@ -333,7 +328,9 @@ def _block_top_k(query_block, chunks_t, gallery_rows, group_bias, start, num_gal
     (module docstring), and only their columns are merged into the running top-k.
     `gallery_rows`: the `(C W, d)` float32 rows for the bfloat16 re-scoring (empty for
     float32); `group_bias`: `(C, W / group)` 0, or -inf for groups of padded columns
-    only. `k`, `candidates`, `exclude_self`, `bfloat16` and `group` are Python values
+    only. `compiled_merge`: the merge as one XLA program (`_merge_tile_compiled`, on
+    CPU), else TensorFlow ops. `k`, `candidates`, `exclude_self`, `bfloat16`, `group` and
+    `compiled_merge` are Python values
     (part of the trace key); `start` (global index of the block's first row) and
     `num_gallery` are tensors, so all blocks of a search share one trace. Padded
     gallery columns (index >= N) and, with `exclude_self`, column `start + i` of row
@@ -345,29 +342,16 @@ def _block_top_k(query_block, chunks_t, gallery_rows, group_bias, start, num_gal
     picked = min(candidates + 1 + int(exclude_self), num_groups)
     scoring_block = tf.cast(query_block, tf.bfloat16) if bfloat16 else query_block
     row_index = start + tf.range(block_rows, dtype=tf.int32)
-    group_columns = tf.range(group, dtype=tf.int32)
     minus_inf = tf.constant(-np.inf, tf.float32)
 
     def merge(c, values, indices):
         tile = tf.linalg.matmul(scoring_block, chunks_t[c])  # (B, W): G^T stored, not
         tile = tf.cast(tile, tf.float32)  # transpose_b (about 2x slower on CPU)
-        grouped = tf.reshape(tile, [block_rows, num_groups, group])
-        group_max = tf.reduce_max(grouped, axis=2) + group_bias[c][None, :]
-        _, best_groups = tf.math.top_k(group_max, k=picked, sorted=True)
-        best_groups = tf.sort(best_groups, axis=1)  # increasing gallery order: the tie rule
-        scores = tf.reshape(tf.gather(grouped, best_groups, batch_dims=1), [block_rows, -1])
-        columns = tf.reshape(c * chunk + best_groups[:, :, None] * group
-                             + group_columns[None, None, :], [block_rows, -1])
-        invalid = columns >= num_gallery
-        if exclude_self:
-            invalid = invalid | (columns == row_index[:, None])
-        scores = tf.where(invalid, minus_inf, scores)
-        # running top-k first: among equal values top_k keeps the lower position, which
-        # is the lower gallery index (earlier chunks, then increasing columns).
-        merged_values = tf.concat([values, scores], axis=1)
-        merged_indices = tf.concat([indices, columns], axis=1)
-        values, position = tf.math.top_k(merged_values, k=candidates, sorted=True)
-        return c + 1, values, tf.gather(merged_indices, position, batch_dims=1)
+        merge_tile = _merge_tile_compiled if compiled_merge else _merge_tile
+        values, indices = merge_tile(
+            tile, values, indices, group_bias[c], c * chunk, row_index, num_gallery,
+            candidates=candidates, picked=picked, group=group, exclude_self=exclude_self)
+        return c + 1, values, indices
 
     initial = (
         tf.constant(0, tf.int32),
@@ -387,6 +371,55 @@ def _block_top_k(query_block, chunks_t, gallery_rows, group_bias, start, num_gal
     exact = tf.einsum("bd,bcd->bc", query_block, rows)
     values, position = tf.math.top_k(exact, k=k, sorted=True)
     return values, tf.gather(indices, position, batch_dims=1)
+
+
+def _merge_tile(tile, values, indices, group_bias, first_column, row_index, num_gallery,
+                candidates, picked, group, exclude_self):
+    """The running top-`candidates` `(B, candidates)` merged with one `(B, W)` tile
+    whose first column is gallery item `first_column`, through the tile's group maxima
+    (`_block_top_k`)."""
+    block_rows = tf.shape(tile)[0]
+    num_groups = tile.shape[1] // group
+    grouped = tf.reshape(tile, [block_rows, num_groups, group])
+    group_max = tf.reduce_max(grouped, axis=2) + group_bias[None, :]
+    _, best_groups = tf.math.top_k(group_max, k=picked, sorted=True)
+    best_groups = tf.sort(best_groups, axis=1)  # increasing gallery order: the tie rule
+    scores = tf.reshape(tf.gather(grouped, best_groups, batch_dims=1), [block_rows, -1])
+    columns = tf.reshape(first_column + best_groups[:, :, None] * group
+                         + tf.range(group, dtype=tf.int32)[None, None, :], [block_rows, -1])
+    invalid = columns >= num_gallery
+    if exclude_self:
+        invalid = invalid | (columns == row_index[:, None])
+    scores = tf.where(invalid, tf.constant(-np.inf, tf.float32), scores)
+    # running top-k first: among equal values top_k keeps the lower position, which
+    # is the lower gallery index (earlier chunks, then increasing columns).
+    merged_values = tf.concat([values, scores], axis=1)
+    merged_indices = tf.concat([indices, columns], axis=1)
+    values, position = tf.math.top_k(merged_values, k=candidates, sorted=True)
+    return values, tf.gather(merged_indices, position, batch_dims=1)
+
+
+# The merge fused by XLA: the tile is read once for its group maxima (CPU; on a GPU
+# TensorFlow's own kernels are kept).
+_merge_tile_compiled = tf.function(_merge_tile, jit_compile=True)
+
+
+def _tile_shape(num_queries, num_gallery, candidates, max_memory_bytes, on_cpu,
+                gallery_chunk=None, extra_bytes_per_row=0):
+    """`(rows, chunk, group)` of the `(rows, chunk)` tiles: chunk columns (default
+    16,384 on CPU, 8,192 on GPU, at least 4 candidates, at most the gallery) rounded up
+    to a multiple of the group size; rows within `max_memory_bytes` (`_rows_per_block`)
+    and, on CPU, within a 64 MiB tile (at least 64 rows)."""
+    chunk = int(gallery_chunk) if gallery_chunk else max(
+        _CPU_GALLERY_CHUNK if on_cpu else _MIN_GALLERY_CHUNK, 4 * candidates)
+    chunk = min(chunk, num_gallery)
+    group = _group_size(chunk, candidates)
+    chunk = math.ceil(chunk / group) * group
+    rows = _rows_per_block(num_queries, chunk + candidates, max_memory_bytes,
+                           extra_bytes_per_row=extra_bytes_per_row)
+    if on_cpu:
+        rows = min(rows, max(_MIN_CPU_ROWS, _CPU_TILE_BYTES // (_BYTES_PER_FLOAT32 * chunk)))
+    return rows, chunk, group
 
 
 def _rows_per_block(num_queries, row_width, max_memory_bytes, extra_bytes_per_row=0):

@@ -70,14 +70,15 @@ with `full_ranking=True`, else None. `ndcg`: `(Q, len(ndcg_ks))` float64 NDCG@K
 (binary relevance; NaN without positives), or None.
 """
 
-# Rows per block at most: beyond a few hundred rows the strip matmul is at its peak.
-_MAX_BLOCK_ROWS = 512
-# float32 (B, M) arrays alive per block: the strip and one XLA temporary.
+# Rows per block at most. SOP size, 2 cores: the bare product pass took the same time
+# with 256 and 512 rows (17.9 and 18.5 s), and past 512 rows the process's peak exceeded
+# 1.5 GB; a 256-row strip and its copy stay within it.
+_MAX_BLOCK_ROWS = 256
+# float32 (B, M) arrays alive per block: the strip and one XLA temporary (XLA on CPU
+# materialises the comparison that feeds the count's row reduction).
 _LIVE_STRIP_COPIES = 2
-# A strip of at most this many bytes stays in the last-level cache for its two fused
-# reads (SOP: 64 rows x 60,544 columns); at least 32 rows keep the matmul efficient.
-_CACHED_STRIP_BYTES = 2**24
-_MIN_CACHED_ROWS = 32
+# Blocks of more rows are rounded down to a multiple of this (the product's register tiles).
+_ROW_MULTIPLE = 64
 _NO_CLASS = -2  # a query whose class has no gallery item
 
 
@@ -244,9 +245,18 @@ def retrieval_ranking(queries, query_labels, gallery=None, gallery_labels=None, 
     return RetrievalRanking(first_rank, neighbours, average_precision, ndcg)
 
 
-@tf.function(jit_compile=True)
+@tf.function
 def _block_ranking(query_block, self_index, positive_columns, gallery_t, column_bias, top_k,
                    group, full_ranking=False, ndcg_ks=()):
+    """The `(B, M)` strip `S = Q_b G^T` by TensorFlow's matmul, then `_strip_ranking`."""
+    strip = tf.linalg.matmul(query_block, gallery_t)  # (B, M)
+    return _strip_ranking(strip, self_index, positive_columns, column_bias, top_k, group,
+                          full_ranking, ndcg_ks)
+
+
+@tf.function(jit_compile=True)
+def _strip_ranking(strip, self_index, positive_columns, column_bias, top_k, group,
+                   full_ranking=False, ndcg_ks=()):
     """First-positive ranks `(B,)` int32 (-1: no positive) and top-k `(B, top_k)` int32
     of one query block, from its `(B, M)` strip `S = Q_b G^T`.
 
@@ -256,7 +266,6 @@ def _block_ranking(query_block, self_index, positive_columns, gallery_t, column_
     own gallery column, -1 when it is not in the gallery. `top_k` and `group` are
     Python ints (trace keys).
     """
-    strip = tf.linalg.matmul(query_block, gallery_t)  # (B, M)
     # the best positive, read from the strip itself: the same float the count compares
     has_column = positive_columns >= 0
     positive = tf.gather(strip, tf.maximum(positive_columns, 0), batch_dims=1)
@@ -363,10 +372,12 @@ def _top_k_by_groups(strip, group_max, self_index, column_bias, top_k, group):
 
 
 def _block_rows(num_queries, width, max_memory_bytes):
-    """Query rows per block: within the memory budget, the cache and [1, 512]."""
-    cached = max(_MIN_CACHED_ROWS, _CACHED_STRIP_BYTES // (4 * width) // 8 * 8)
-    budget = max_memory_bytes // (_LIVE_STRIP_COPIES * 4 * width)
-    return int(max(1, min(num_queries, _MAX_BLOCK_ROWS, cached, budget)))
+    """Query rows per block: the most whose two `(B, width)` float32 strips fit in
+    `max_memory_bytes`, within [1, 256] (a multiple of 64 from 64 rows on)."""
+    rows = max_memory_bytes // (_LIVE_STRIP_COPIES * 4 * width)
+    if rows >= _ROW_MULTIPLE:
+        rows = rows // _ROW_MULTIPLE * _ROW_MULTIPLE
+    return int(max(1, min(num_queries, _MAX_BLOCK_ROWS, rows)))
 
 
 def _normalised(matrix, similarity):
@@ -375,19 +386,19 @@ def _normalised(matrix, similarity):
 
 
 # Gallery rows normalised and transposed per slice of 1,024 rows: the temporaries of a
-# slice stay small (SOP: 262 MB peak to build the 124 MB gallery with 2,048-row slices,
-# 342 MB with 8,192).
+# slice stay small.
 _TRANSPOSE_ROWS = 1024
 
 
 def _normalised_transposed(matrix, similarity, width):
     """`(d, width)` float32 tensor: the gallery's rows normalised (cosine), as columns,
-    then zero columns up to `width`."""
-    pieces = [tf.transpose(_normalised(matrix[start:start + _TRANSPOSE_ROWS], similarity))
-              for start in range(0, len(matrix), _TRANSPOSE_ROWS)]
-    if width > len(matrix):
-        pieces.append(tf.zeros([matrix.shape[1], width - len(matrix)], tf.float32))
-    return tf.concat(pieces, axis=1) if len(pieces) > 1 else pieces[0]
+    then zero columns up to `width`. Built slice by slice in one NumPy array, so the
+    only gallery-sized temporary is that array, freed to the system after the copy."""
+    gallery_t = np.zeros((matrix.shape[1], width), np.float32)
+    for start in range(0, len(matrix), _TRANSPOSE_ROWS):
+        piece = _normalised(matrix[start:start + _TRANSPOSE_ROWS], similarity)
+        gallery_t[:, start:start + len(piece)] = tf.transpose(piece).numpy()
+    return tf.constant(gallery_t)
 
 
 def _group_size(top_k, width):
