@@ -6,7 +6,8 @@ gallery into column chunks, stored transposed `(C, d, W)`; for each `(block, chu
 tile the step computes `S = Q_b G_c^T` (`tf.linalg.matmul(Q_b, G_c^T)` with `G_c^T`
 stored: on CPU, `transpose_b=True` ran at about half the speed for these shapes) and
 merges the tile's best columns into the block's running top-k, inside one
-`tf.while_loop` over the chunks. `tf.math.top_k` over every column of every tile would
+`tf.while_loop` over the chunks. On CPU the merge is one XLA program per tile
+(`jit_compile`: the tile is read once), the product TensorFlow's matmul outside it. `tf.math.top_k` over every column of every tile would
 cost more than the product, so it runs on far fewer: the tile's maxima over groups of
 `G` columns (`G` a power of two near `sqrt(W / k')`, `k'` the candidates kept), then
 the columns of the `k' + 2` best groups, merged with the running top-k. The tile's top
@@ -17,16 +18,17 @@ to: the query's own column (leave-one-out) and a padded column of the one group 
 mixes gallery and zero-padded columns (groups of padded columns only are masked).
 Tested equal to a NumPy stable sort with ties across groups and chunks.
 
-Speed (float32, CPU, 2 cores, quiet machine, best of 3): 200,000 x 128 gallery, k =
-10, 2,000 queries: 782 queries/s, against 326 queries/s with `transpose_b=True` and
-`top_k` over every column; 1,000,000 x 128: 185 queries/s (faiss' BLAS `IndexFlatIP`:
-532, `tools/bench_index.py`). On a CPU the tiles are kept within 4 MiB (2,048 columns by default, at
-most 512 rows at that width) so their reduction reads them from cache; on a GPU the
-chunks are 8,192 columns and the rows follow `max_memory_bytes` alone.
+Speed (float32, CPU, 1,000,000 x 128 gallery, k = 10, 2,000 queries,
+`tools/bench_index.py`): SPEED_FIGURES. On a CPU the tiles are 16,384 columns by up to
+1,024 rows (64 MiB): large enough for the matmul to run at its peak, the merge fused by
+XLA (2,048 x 512 tiles merged by TensorFlow ops, the previous default, gave about half
+the queries/s); on a GPU the chunks are 8,192 columns, the rows follow
+`max_memory_bytes` alone and the merge is TensorFlow's kernels.
 
 Memory: the largest intermediates are a few `(block, chunk + k)` float32 tiles whose
-size follows `max_memory_bytes`, so Stanford Online Products (60,502 x 512, k = 1000)
-and a 10x larger query set run in well under 2 GB.
+size follows `max_memory_bytes` (4 copies counted; at the default 256 MiB on CPU:
+1,023 x 16,384 tiles), so Stanford Online Products (60,502 x 512, k = 1000) and a 10x
+larger query set run in well under 2 GB.
 
 Device: the step runs where TensorFlow places it, on the first GPU when one is visible
 and on the CPU otherwise. Under a `tf.distribute` strategy (`strategy=`), each replica
@@ -99,7 +101,7 @@ def exact_knn(
             query rows per block are `max_memory_bytes // (4 * 4 * (chunk + k'))`
             (plus `4 * k' * d` per row for the bfloat16 re-scoring gather), at least
             1 and at most Q, with `k'` the candidates kept; on CPU also at most what
-            keeps a `(rows, chunk)` tile within 4 MiB (at least 64 rows). The inputs,
+            keeps a `(rows, chunk)` tile within 64 MiB (at least 64 rows). The inputs,
             their normalised, transposed on-device copies and the `(Q, k)` outputs are
             not counted.
         exclude_self: whether query `i` may not return gallery item `i`. `None`
@@ -114,7 +116,7 @@ def exact_knn(
         extra_candidates: candidates kept beyond `k` by the bfloat16 pass (default
             `max(32, k // 4)`); ignored for float32.
         gallery_chunk: gallery columns per tile (default `min(N, max(W, 4 k'))`,
-            `W` = 2048 on CPU, 8192 on GPU), rounded up to a multiple of the group size.
+            `W` = 16384 on CPU, 8192 on GPU), rounded up to a multiple of the group size.
         strategy: optional `tf.distribute.Strategy`; its replicas score disjoint query
             blocks in parallel. Results are identical to the single-device search.
 

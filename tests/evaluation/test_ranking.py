@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from kdml.evaluation import exact_knn, retrieval_metrics, retrieval_ranking
 from kdml.evaluation import ranking as ranking_module
@@ -160,13 +161,15 @@ def test_block_rows_at_sop_size_and_small_query_sets():
 
 
 def test_64_row_blocks_with_a_padded_last_block_equal_stable_sort(rng):
-    # 200 tie-heavy items in blocks of 64 rows (the last one padded): first-positive
-    # ranks, top-k and every Recall@K from counting equal the stable sort's lists
-    x = _tied_data(rng, 200, dim=3)
-    labels = rng.integers(0, 90, size=200)
-    width = 200  # groups of 4 columns for top_k = 9
+    # 203 tie-heavy items in blocks of 64 rows (the last one padded), the gallery padded
+    # by one zero column to a multiple of the group size: first-positive ranks, top-k
+    # and every Recall@K from counting equal the stable sort's lists
+    x = _tied_data(rng, 203, dim=3)
+    labels = rng.integers(0, 90, size=203)
+    width = 204  # groups of 4 columns for top_k = 9
+    assert ranking_module._group_size(9, 203) == 4
     budget = 64 * ranking_module._LIVE_STRIP_COPIES * 4 * width
-    assert ranking_module._block_rows(200, width, budget) == 64
+    assert ranking_module._block_rows(203, width, budget) == 64
     got = retrieval_ranking(x, labels, top_k=9, similarity="inner_product",
                             max_memory_bytes=budget)
     order = _stable_ranking(x, x, exclude_self=True)
@@ -175,6 +178,47 @@ def test_64_row_blocks_with_a_padded_last_block_equal_stable_sort(rng):
     np.testing.assert_array_equal(got.top_k, order[:, :9])
     hits = np.cumsum(labels[order] == labels[:, None], axis=1) > 0  # top-K lists
     rank = got.first_positive_rank
-    for k in range(1, 200):  # Recall@K by counting == from the top-K lists, every K
+    for k in range(1, 203):  # Recall@K by counting == from the top-K lists, every K
         np.testing.assert_array_equal((rank >= 0) & (rank < k), hits[:, k - 1])
     assert np.any(first > 9) and np.any(first == -1)
+    # not vacuous: best positives below 0, where the padded column's 0 ranks before them
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    best = np.where(labels[None, :] == labels[:, None], sims, -np.inf).max(axis=1)
+    assert np.any((best < 0) & (best > -np.inf))
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_all_negative_scores_with_a_padded_gallery(rng, exclude_self):
+    # Every score below 0: the padded columns (zero vectors, score 0) would rank first
+    # and take a top group if the count and the group selection did not set them aside
+    # (with exclude_self, query i is gallery column i, left out: one more group).
+    gallery = -rng.integers(1, 4, size=(1001, 4)).astype(np.float32)
+    queries = rng.integers(0, 3, size=(1001 if exclude_self else 40, 4)).astype(np.float32)
+    gallery_labels = rng.integers(0, 50, 1001)
+    query_labels = rng.integers(0, 50, len(queries))
+    got = retrieval_ranking(queries, query_labels, gallery, gallery_labels, top_k=5,
+                            exclude_self=exclude_self, similarity="inner_product",
+                            max_memory_bytes=16 * 8 * 1024)
+    assert ranking_module._round_up(1001, ranking_module._group_size(5, 1001)) > 1001
+    order = _stable_ranking(queries, gallery, exclude_self=exclude_self)
+    np.testing.assert_array_equal(got.top_k, order[:, :5])
+    np.testing.assert_array_equal(got.first_positive_rank,
+                                  _first_positive(order, query_labels, gallery_labels))
+    assert (queries @ gallery.T <= 0).all() and np.any(queries @ gallery.T < 0)
+
+
+def test_padded_group_never_takes_a_needed_groups_place():
+    # One strip row, groups of 2, 9 gallery columns + 1 padded column (score 0, above
+    # every real score). The query is column 0, the best real score. The 3 best group
+    # maxima are the padded group, the query's own and column 2's: k = 2 needs a 4th
+    # group (column 4's), which only the padded group's extra pick brings in.
+    strip = np.full((1, 10), -1.0, np.float32)
+    strip[0, [0, 2, 4, 6, 9]] = [-0.1, -0.2, -0.3, -0.4, 0.0]
+    bias = np.zeros(10, np.float32)
+    bias[9] = -np.inf
+    ranks, top_k, _, _ = ranking_module._strip_ranking(
+        tf.constant(strip), tf.constant([0], tf.int32), tf.constant([[6]], tf.int32),
+        tf.constant(bias), 2, 2, 1)
+    assert top_k.numpy().tolist() == [[2, 4]]
+    assert ranks.numpy().tolist() == [2]  # columns 2 and 4 before column 6
