@@ -6,8 +6,9 @@ gallery into column chunks, stored transposed `(C, d, W)`; for each `(block, chu
 tile the step computes `S = Q_b G_c^T` (`tf.linalg.matmul(Q_b, G_c^T)` with `G_c^T`
 stored: on CPU, `transpose_b=True` ran at about half the speed for these shapes) and
 merges the tile's best columns into the block's running top-k, inside one
-`tf.while_loop` over the chunks. On CPU the merge is one XLA program per tile
-(`jit_compile`: the tile is read once), the product TensorFlow's matmul outside it. `tf.math.top_k` over every column of every tile would
+`tf.while_loop` over the chunks. On CPU the merge of a large tile (2^20 scores or more)
+is one XLA program (`jit_compile`: the tile is read once), the product TensorFlow's
+matmul outside it. `tf.math.top_k` over every column of every tile would
 cost more than the product, so it runs on far fewer: the tile's maxima over groups of
 `G` columns (`G` a power of two near `sqrt(W / k')`, `k'` the candidates kept), then
 the columns of the `k' + 2` best groups, merged with the running top-k. The tile's top
@@ -76,6 +77,9 @@ _MIN_GALLERY_CHUNK = 8192
 _CPU_GALLERY_CHUNK = 16384
 _CPU_TILE_BYTES = 64 * 2**20
 _MIN_CPU_ROWS = 64
+# Tiles of fewer elements are merged by TensorFlow ops: XLA's compilation (a fraction
+# of a second per shape) would cost more than it saves on small searches.
+_MIN_COMPILED_TILE = 2**20
 _DEFAULT_EXTRA_CANDIDATES = 32
 
 
@@ -207,7 +211,8 @@ def _knn(queries, gallery=None, *, k, max_memory_bytes=256 * 2**20, exclude_self
                                       rescore_bytes)
     num_chunks = math.ceil(num_gallery / chunk)
     step_options = dict(k=k, candidates=candidates, exclude_self=exclude_self,
-                        bfloat16=precision == "bfloat16", group=group, compiled_merge=on_cpu)
+                        bfloat16=precision == "bfloat16", group=group,
+                        compiled_merge=on_cpu and block * chunk >= _MIN_COMPILED_TILE)
 
     indices = np.empty((num_queries, k), dtype=np.int32)
     similarities = np.empty((num_queries, k), dtype=np.float32) if return_similarities else None
@@ -334,7 +339,7 @@ def _block_top_k(query_block, chunks_t, gallery_rows, group_bias, start, num_gal
     `gallery_rows`: the `(C W, d)` float32 rows for the bfloat16 re-scoring (empty for
     float32); `group_bias`: `(C, W / group)` 0, or -inf for groups of padded columns
     only. `compiled_merge`: the merge as one XLA program (`_merge_tile_compiled`, on
-    CPU), else TensorFlow ops. `k`, `candidates`, `exclude_self`, `bfloat16`, `group` and
+    CPU for tiles of at least 2^20 scores), else TensorFlow ops. `k`, `candidates`, `exclude_self`, `bfloat16`, `group` and
     `compiled_merge` are Python values
     (part of the trace key); `start` (global index of the block's first row) and
     `num_gallery` are tensors, so all blocks of a search share one trace. Padded

@@ -274,12 +274,15 @@ def test_strategy_shards_queries_with_identical_results(mirrored, rng):
 # --- group-maxima selection inside each tile ------------------------------------------
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("k, chunk, exclude_self", [(1, 512, False), (3, 512, True),
                                                     (10, 2048, False), (10, 300, True)])
-def test_group_selection_equals_stable_sort_with_ties(k, chunk, exclude_self):
+def test_group_selection_equals_stable_sort_with_ties(monkeypatch, k, chunk, exclude_self,
+                                                      compiled):
     # 2,003 items (not a multiple of any group size: a group mixes gallery and padded
     # columns), 3-valued vectors: exact products and ties everywhere, chunks of 16-32
-    # column groups.
+    # column groups; the merge by TensorFlow ops, or as one XLA program (CPU).
+    monkeypatch.setattr(knn_module, "_MIN_COMPILED_TILE", 0 if compiled else 2**62)
     rng = np.random.default_rng(k * 1000 + chunk)
     x = rng.integers(-1, 2, size=(2003, 5)).astype(np.float32)
     assert knn_module._group_size(chunk, k) > 1
@@ -312,6 +315,8 @@ def test_compiled_and_plain_merges_equal_stable_sort_with_ties(monkeypatch, plai
     # both equal a NumPy stable sort on tie-heavy data, over several chunks and blocks.
     if plain_merge:
         monkeypatch.setattr(knn_module, "_on_cpu", lambda devices: False)
+    else:  # compiled for tiles of any size
+        monkeypatch.setattr(knn_module, "_MIN_COMPILED_TILE", 0)
     rng = np.random.default_rng(11 + exclude_self)
     x = rng.integers(-1, 2, size=(1500, 4)).astype(np.float32)
     queries = x if exclude_self else x[:130]
