@@ -339,9 +339,9 @@ def _block_top_k(query_block, chunks_t, gallery_rows, group_bias, start, num_gal
     `gallery_rows`: the `(C W, d)` float32 rows for the bfloat16 re-scoring (empty for
     float32); `group_bias`: `(C, W / group)` 0, or -inf for groups of padded columns
     only. `compiled_merge`: the merge as one XLA program (`_merge_tile_compiled`, on
-    CPU for tiles of at least 2^20 scores), else TensorFlow ops. `k`, `candidates`, `exclude_self`, `bfloat16`, `group` and
-    `compiled_merge` are Python values
-    (part of the trace key); `start` (global index of the block's first row) and
+    CPU for tiles of at least 2^20 scores), else TensorFlow ops. `k`, `candidates`,
+    `exclude_self`, `bfloat16`, `group` and `compiled_merge` are Python values (part of
+    the trace key); `start` (global index of the block's first row) and
     `num_gallery` are tensors, so all blocks of a search share one trace. Padded
     gallery columns (index >= N) and, with `exclude_self`, column `start + i` of row
     `i` score -inf. Returns `(similarities (B, k) float32, indices (B, k) int32)`.

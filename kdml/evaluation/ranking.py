@@ -270,10 +270,10 @@ def _strip_ranking(strip, self_index, positive_columns, column_bias, top_k, grou
     of one query block, from its `(B, M)` strip `S = Q_b G^T`, in one XLA program.
 
     `column_bias`: `(M,)` 0, or -inf on the `padding` last columns (zero gallery
-    columns: their scores are exactly 0). `positive_columns`: `(B, P)` gallery indices of each query's
-    positives (the query itself left out), -1 padded. `self_index`: `(B,)` the query's
-    own gallery column, -1 when it is not in the gallery. `top_k` and `group` are
-    Python ints (trace keys).
+    columns: their scores are exactly 0). `positive_columns`: `(B, P)` gallery indices
+    of each query's positives (the query itself left out), -1 padded. `self_index`:
+    `(B,)` the query's own gallery column, -1 when it is not in the gallery. `top_k`,
+    `group` and `padding` are Python ints (trace keys).
     """
     # the best positive, read from the strip itself: the same float the count compares
     has_column = positive_columns >= 0
