@@ -23,10 +23,9 @@ Speed (float32, CPU, 1,000,000 x 128 gallery, k = 10, 2,000 queries,
 `tools/bench_index.py`, 2 cores shared with another job, two runs): 582 and 738
 queries/s, neighbour lists identical to faiss' `IndexFlatIP` (182 and 744 in the same
 runs; 532 on an idle machine, when `exact_knn` answered 185 with the previous tiles).
-On a CPU the tiles are 16,384 columns by up to
-1,024 rows (64 MiB): large enough for the matmul to run at its peak, the merge fused by
-XLA (2,048 x 512 tiles merged by TensorFlow ops, the previous default, gave about half
-the queries/s); on a GPU the chunks are 8,192 columns, the rows follow
+On a CPU the tiles are 16,384 columns by up to 1,024 rows (64 MiB): large enough for
+the matmul to run at its peak, the merge fused by XLA (2,048 x 512 tiles merged by
+TensorFlow ops, the previous default, gave about half the queries/s); on a GPU the chunks are 8,192 columns, the rows follow
 `max_memory_bytes` alone and the merge is TensorFlow's kernels.
 
 Memory: the largest intermediates are a few `(block, chunk + k)` float32 tiles whose
