@@ -4,6 +4,7 @@
     python tools/bench_index.py --noise=1.5          # the hard case: noisier, isotropic
     python tools/bench_index.py --gallery=100000 --queries=2000   # a quicker run
     python tools/bench_index.py --configs=hnsw --hnsw_m=16        # one approximate index
+    python tools/bench_index.py --configs=none --queries=2000 --repeats=3   # exact only
 
 Data (seeded, `numpy.random.default_rng(--seed)`), clustered at two levels like a
 trained embedder's unit vectors (classes inside coarse categories, as SOP's products
@@ -15,9 +16,12 @@ Gallery vectors are split evenly over the classes; queries come from random clas
 with fresh noise.
 
 Prints the queries/s of two exact searches, both float32 on the first `--exact_queries`
-queries: kdml's `exact_knn` (the reference of the ratios) and faiss `IndexFlatIP`
-(BLAS); then, for each approximate index of `--configs` (faiss IVF-Flat with `nprobe`
-calibrated, faiss HNSW-Flat with `ef_search` calibrated, as `kdml.index` builds them),
+(2,000) queries: kdml's `exact_knn` (the reference of the ratios) and faiss `IndexFlatIP`
+(BLAS), and whether their neighbour lists are identical: rows that differ count as
+ties when both lists hold the same scores (within 1e-6: equal up to the two products'
+float32 rounding), else as mismatches. Then, for each approximate index of `--configs`
+(faiss IVF-Flat with `nprobe` calibrated, faiss HNSW-Flat with `ef_search` calibrated,
+as `kdml.index` builds them),
 its build time, recall@10 against the exact top-10 of all queries, queries/s (timed on
 all queries, or the first `--approx_timed_queries`), the ratio to kdml's exact
 queries/s, the process's peak memory (RSS high-water mark, cumulative: it includes the
@@ -88,13 +92,14 @@ def main(argv=None):
     parser.add_argument("--class_spread", type=float, default=1.0)
     parser.add_argument("--noise", type=float, default=1.0)
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--exact_queries", type=int, default=1_000,
+    parser.add_argument("--exact_queries", type=int, default=2_000,
                         help="queries timed with the exact searches")
     parser.add_argument("--approx_timed_queries", type=int, default=None,
                         help="queries timed per approximate search (default: all; recall "
                              "is always over all queries)")
     parser.add_argument("--configs", default="ivf,hnsw",
-                        help="approximate indexes: ivf, hnsw or both (comma-separated)")
+                        help="approximate indexes: ivf, hnsw or both (comma-separated), "
+                             "or none")
     parser.add_argument("--nlist", type=int, default=None)
     parser.add_argument("--nprobe", type=int, default=None)
     parser.add_argument("--hnsw_m", type=int, default=32)
@@ -108,8 +113,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = sorted(set(configs) - {"ivf", "hnsw"})
-    if unknown or not configs:
-        parser.error(f"--configs takes ivf and/or hnsw. Received: {args.configs!r}")
+    if configs == ["none"]:
+        configs = []
+    elif unknown or not configs:
+        parser.error(f"--configs takes ivf and/or hnsw, or none. Received: {args.configs!r}")
 
     import faiss
 
@@ -140,10 +147,10 @@ def main(argv=None):
           "the query's class)", flush=True)
 
     timed = queries[:args.exact_queries]
-    exact_knn(timed[:64], gallery, k=args.k, similarity="inner_product")  # trace / warm up
+    exact_knn(timed, gallery, k=args.k, similarity="inner_product")  # trace (block shape), warm up
     searches = {
-        "kdml": lambda: exact_knn(timed, gallery, k=args.k, similarity="inner_product")[0],
-        "flat": lambda: flat.search(timed, args.k)[1],
+        "kdml": lambda: exact_knn(timed, gallery, k=args.k, similarity="inner_product"),
+        "flat": lambda: flat.search(timed, args.k)[::-1],
     }
     backends, recalls = {}, {}
     approx_timed = queries[:args.approx_timed_queries or len(queries)]
@@ -168,6 +175,8 @@ def main(argv=None):
             searches[(config, value)] = _approximate_search(backend, config, value,
                                                             approx_timed, args.k)
     seconds, found = best_of(searches, args.repeats)
+    identical, ties, mismatched = _compare_exact(found["kdml"], found["flat"])
+    found["kdml"], found["flat"] = found["kdml"][0], found["flat"][0]
     exact_qps = len(timed) / seconds["kdml"]
     flat_qps = len(timed) / seconds["flat"]
     agree = sample_recall(truth[:len(timed)], found["kdml"], args.k)
@@ -193,13 +202,19 @@ def main(argv=None):
         "repeats": args.repeats, "cpu_cores": os.cpu_count(), "faiss_threads": threads,
         "class_recall_at_1": class_recall, "exact_qps": exact_qps, "faiss_flat_qps": flat_qps,
         "exact_timed_queries": len(timed), "approx_timed_queries": len(approx_timed),
-        "exact_agreement": agree,
+        "exact_agreement": agree, "identical_rows": identical, "tie_rows": ties,
+        "mismatched_rows": mismatched,
         "approximate": rows, "peak_rss_gib": peak_rss_gib(),
     }
     print(f"\nexact searches agree with the ground truth on {100 * agree:.2f} % (kdml) and "
           f"{100 * agree_flat:.2f} % (faiss flat) of the timed top-{args.k}; best of "
           f"{args.repeats} interleaved timings; approximate searches timed on "
           f"{len(approx_timed):,} queries, recall over all {args.queries:,}")
+    print(f"kdml exact_knn vs faiss IndexFlatIP on {len(timed):,} queries: {identical:,} "
+          f"identical neighbour lists, {ties:,} differing only among equal scores (ties), "
+          f"{mismatched:,} mismatched; queries/s {exact_qps:,.0f} vs {flat_qps:,.0f} = "
+          f"{exact_qps / flat_qps:.2f}x (target >= 1: "
+          f"{'met' if exact_qps >= flat_qps and not mismatched else 'missed'})")
     print(f"\n| search | recall@{args.k} vs exact | queries/s | vs kdml exact | build s | "
           "peak RSS GiB |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -230,6 +245,16 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def _compare_exact(kdml, faiss_flat, tolerance=1e-6):
+    """(identical, tie-only, mismatched) rows of two `(indices, scores)` top-k results:
+    a row that differs is a tie when both lists hold the same scores (within
+    `tolerance`), so that only the order or choice among equal scores differs."""
+    (indices, scores), (flat_indices, flat_scores) = kdml, faiss_flat
+    same = np.all(indices == flat_indices, axis=1)
+    close = np.all(np.abs(np.asarray(scores, np.float64) - flat_scores) <= tolerance, axis=1)
+    return int(same.sum()), int((~same & close).sum()), int((~same & ~close).sum())
 
 
 def _approximate_search(backend, config, value, queries, k):

@@ -80,8 +80,8 @@ else
   run_section mirrored 45 "$PY" tools/gpu_check.py mirrored
   # 5. Throughput at 224 px (starts no new configuration after 75 s).
   run_section throughput 120 "$PY" tools/gpu_check.py throughput --budget_s=75 --steps=20
-  # 6. SOP-size evaluation (k-NN on the GPU, TF32 off), bench_eval.py's defaults.
-  run_section eval 60 "$PY" tools/bench_eval.py
+  # 6. SOP-size evaluation (k-NN on the GPU, TF32 off): two bare passes, ranking, NMI, once.
+  run_section eval 60 "$PY" tools/bench_eval.py --repeats=1 --bare_rows=256,4096
 fi
 
 echo

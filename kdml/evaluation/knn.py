@@ -6,7 +6,9 @@ gallery into column chunks, stored transposed `(C, d, W)`; for each `(block, chu
 tile the step computes `S = Q_b G_c^T` (`tf.linalg.matmul(Q_b, G_c^T)` with `G_c^T`
 stored: on CPU, `transpose_b=True` ran at about half the speed for these shapes) and
 merges the tile's best columns into the block's running top-k, inside one
-`tf.while_loop` over the chunks. `tf.math.top_k` over every column of every tile would
+`tf.while_loop` over the chunks. On CPU the merge of a large tile (2^20 scores or more)
+is one XLA program (`jit_compile`: the tile is read once), the product TensorFlow's
+matmul outside it. `tf.math.top_k` over every column of every tile would
 cost more than the product, so it runs on far fewer: the tile's maxima over groups of
 `G` columns (`G` a power of two near `sqrt(W / k')`, `k'` the candidates kept), then
 the columns of the `k' + 2` best groups, merged with the running top-k. The tile's top
@@ -17,16 +19,19 @@ to: the query's own column (leave-one-out) and a padded column of the one group 
 mixes gallery and zero-padded columns (groups of padded columns only are masked).
 Tested equal to a NumPy stable sort with ties across groups and chunks.
 
-Speed (float32, CPU, 2 cores, quiet machine, best of 3): 200,000 x 128 gallery, k =
-10, 2,000 queries: 782 queries/s, against 326 queries/s with `transpose_b=True` and
-`top_k` over every column; 1,000,000 x 128: 185 queries/s (faiss' BLAS `IndexFlatIP`:
-532, `tools/bench_index.py`). On a CPU the tiles are kept within 4 MiB (2,048 columns by default, at
-most 512 rows at that width) so their reduction reads them from cache; on a GPU the
-chunks are 8,192 columns and the rows follow `max_memory_bytes` alone.
+Speed (float32, CPU, 1,000,000 x 128 gallery, k = 10, 2,000 queries,
+`tools/bench_index.py`, 2 cores shared with another job, two runs): 582 and 738
+queries/s, neighbour lists identical to faiss' `IndexFlatIP` (182 and 744 in the same
+runs; 532 on an idle machine, when `exact_knn` answered 185 with the previous tiles).
+On a CPU the tiles are 16,384 columns by up to 1,024 rows (64 MiB): large enough for
+the matmul to run at its peak, the merge fused by XLA (2,048 x 512 tiles merged by
+TensorFlow ops, the previous default, gave about half the queries/s); on a GPU the chunks are 8,192 columns, the rows follow
+`max_memory_bytes` alone and the merge is TensorFlow's kernels.
 
 Memory: the largest intermediates are a few `(block, chunk + k)` float32 tiles whose
-size follows `max_memory_bytes`, so Stanford Online Products (60,502 x 512, k = 1000)
-and a 10x larger query set run in well under 2 GB.
+size follows `max_memory_bytes` (4 copies counted; at the default 256 MiB on CPU:
+1,023 x 16,384 tiles), so Stanford Online Products (60,502 x 512, k = 1000) and a 10x
+larger query set run in well under 2 GB.
 
 Device: the step runs where TensorFlow places it, on the first GPU when one is visible
 and on the CPU otherwise. Under a `tf.distribute` strategy (`strategy=`), each replica
@@ -62,14 +67,18 @@ _PRECISIONS = ("float32", "bfloat16")
 # its masked copy, the merged values and the merged indices.
 _LIVE_TILE_COPIES = 4
 _BYTES_PER_FLOAT32 = 4
-# Gallery columns per chunk (at least 4 k): on a GPU large tiles; on a CPU tiles of at
-# most _CPU_TILE_BYTES (at least _MIN_CPU_ROWS query rows), whose reduction pass reads
-# them from cache (200,000 x 128, k = 10, 2 cores: 2,048 x 512 rows ~25 % faster than
-# 8,192 x 2,000).
+# Gallery columns per chunk (at least 4 k): 8,192 on a GPU; 16,384 on a CPU, with at
+# most _CPU_TILE_BYTES per (rows, chunk) tile (at least _MIN_CPU_ROWS rows). Large tiles
+# keep TensorFlow's matmul at its peak; the selection reads each tile once, in one
+# XLA-compiled step (1,000,000 x 128, k = 10, 2 busy cores: 1,024 x 16,384 tiles about
+# 2x the queries/s of 512 x 2,048).
 _MIN_GALLERY_CHUNK = 8192
-_CPU_GALLERY_CHUNK = 2048
-_CPU_TILE_BYTES = 4 * 2**20
+_CPU_GALLERY_CHUNK = 16384
+_CPU_TILE_BYTES = 64 * 2**20
 _MIN_CPU_ROWS = 64
+# Tiles of fewer elements are merged by TensorFlow ops: XLA's compilation (a fraction
+# of a second per shape) would cost more than it saves on small searches.
+_MIN_COMPILED_TILE = 2**20
 _DEFAULT_EXTRA_CANDIDATES = 32
 
 
@@ -98,7 +107,7 @@ def exact_knn(
             query rows per block are `max_memory_bytes // (4 * 4 * (chunk + k'))`
             (plus `4 * k' * d` per row for the bfloat16 re-scoring gather), at least
             1 and at most Q, with `k'` the candidates kept; on CPU also at most what
-            keeps a `(rows, chunk)` tile within 4 MiB (at least 64 rows). The inputs,
+            keeps a `(rows, chunk)` tile within 64 MiB (at least 64 rows). The inputs,
             their normalised, transposed on-device copies and the `(Q, k)` outputs are
             not counted.
         exclude_self: whether query `i` may not return gallery item `i`. `None`
@@ -113,7 +122,7 @@ def exact_knn(
         extra_candidates: candidates kept beyond `k` by the bfloat16 pass (default
             `max(32, k // 4)`); ignored for float32.
         gallery_chunk: gallery columns per tile (default `min(N, max(W, 4 k'))`,
-            `W` = 2048 on CPU, 8192 on GPU), rounded up to a multiple of the group size.
+            `W` = 16384 on CPU, 8192 on GPU), rounded up to a multiple of the group size.
         strategy: optional `tf.distribute.Strategy`; its replicas score disjoint query
             blocks in parallel. Results are identical to the single-device search.
 
@@ -195,19 +204,14 @@ def _knn(queries, gallery=None, *, k, max_memory_bytes=256 * 2**20, exclude_self
     devices = _replica_devices(strategy)
     replicas = len(devices)
     on_cpu = _on_cpu(devices)
-    chunk = int(gallery_chunk) if gallery_chunk else max(
-        _CPU_GALLERY_CHUNK if on_cpu else _MIN_GALLERY_CHUNK, 4 * candidates)
-    chunk = min(chunk, num_gallery)
-    group = _group_size(chunk, candidates)
-    chunk = math.ceil(chunk / group) * group
-    num_chunks = math.ceil(num_gallery / chunk)
     rescore_bytes = _BYTES_PER_FLOAT32 * candidates * dim if precision == "bfloat16" else 0
-    block = _rows_per_block(num_queries, chunk + candidates, int(max_memory_bytes),
-                            extra_bytes_per_row=rescore_bytes)
-    if on_cpu:
-        block = min(block, max(_MIN_CPU_ROWS, _CPU_TILE_BYTES // (_BYTES_PER_FLOAT32 * chunk)))
+    block, chunk, group = _tile_shape(num_queries, num_gallery, candidates,
+                                      int(max_memory_bytes), on_cpu, gallery_chunk,
+                                      rescore_bytes)
+    num_chunks = math.ceil(num_gallery / chunk)
     step_options = dict(k=k, candidates=candidates, exclude_self=exclude_self,
-                        bfloat16=precision == "bfloat16", group=group)
+                        bfloat16=precision == "bfloat16", group=group,
+                        compiled_merge=on_cpu and block * chunk >= _MIN_COMPILED_TILE)
 
     indices = np.empty((num_queries, k), dtype=np.int32)
     similarities = np.empty((num_queries, k), dtype=np.float32) if return_similarities else None
@@ -323,7 +327,7 @@ def _full_float32_matmul():
 
 @tf.function
 def _block_top_k(query_block, chunks_t, gallery_rows, group_bias, start, num_gallery, k,
-                 candidates, exclude_self, bfloat16, group):
+                 candidates, exclude_self, bfloat16, group, compiled_merge=False):
     """Top-k of one `(B, d)` query block against the chunked, transposed `(C, d, W)`
     gallery.
 
@@ -333,8 +337,10 @@ def _block_top_k(query_block, chunks_t, gallery_rows, group_bias, start, num_gal
     (module docstring), and only their columns are merged into the running top-k.
     `gallery_rows`: the `(C W, d)` float32 rows for the bfloat16 re-scoring (empty for
     float32); `group_bias`: `(C, W / group)` 0, or -inf for groups of padded columns
-    only. `k`, `candidates`, `exclude_self`, `bfloat16` and `group` are Python values
-    (part of the trace key); `start` (global index of the block's first row) and
+    only. `compiled_merge`: the merge as one XLA program (`_merge_tile_compiled`, on
+    CPU for tiles of at least 2^20 scores), else TensorFlow ops. `k`, `candidates`,
+    `exclude_self`, `bfloat16`, `group` and `compiled_merge` are Python values (part of
+    the trace key); `start` (global index of the block's first row) and
     `num_gallery` are tensors, so all blocks of a search share one trace. Padded
     gallery columns (index >= N) and, with `exclude_self`, column `start + i` of row
     `i` score -inf. Returns `(similarities (B, k) float32, indices (B, k) int32)`.
@@ -345,29 +351,16 @@ def _block_top_k(query_block, chunks_t, gallery_rows, group_bias, start, num_gal
     picked = min(candidates + 1 + int(exclude_self), num_groups)
     scoring_block = tf.cast(query_block, tf.bfloat16) if bfloat16 else query_block
     row_index = start + tf.range(block_rows, dtype=tf.int32)
-    group_columns = tf.range(group, dtype=tf.int32)
     minus_inf = tf.constant(-np.inf, tf.float32)
 
     def merge(c, values, indices):
         tile = tf.linalg.matmul(scoring_block, chunks_t[c])  # (B, W): G^T stored, not
         tile = tf.cast(tile, tf.float32)  # transpose_b (about 2x slower on CPU)
-        grouped = tf.reshape(tile, [block_rows, num_groups, group])
-        group_max = tf.reduce_max(grouped, axis=2) + group_bias[c][None, :]
-        _, best_groups = tf.math.top_k(group_max, k=picked, sorted=True)
-        best_groups = tf.sort(best_groups, axis=1)  # increasing gallery order: the tie rule
-        scores = tf.reshape(tf.gather(grouped, best_groups, batch_dims=1), [block_rows, -1])
-        columns = tf.reshape(c * chunk + best_groups[:, :, None] * group
-                             + group_columns[None, None, :], [block_rows, -1])
-        invalid = columns >= num_gallery
-        if exclude_self:
-            invalid = invalid | (columns == row_index[:, None])
-        scores = tf.where(invalid, minus_inf, scores)
-        # running top-k first: among equal values top_k keeps the lower position, which
-        # is the lower gallery index (earlier chunks, then increasing columns).
-        merged_values = tf.concat([values, scores], axis=1)
-        merged_indices = tf.concat([indices, columns], axis=1)
-        values, position = tf.math.top_k(merged_values, k=candidates, sorted=True)
-        return c + 1, values, tf.gather(merged_indices, position, batch_dims=1)
+        merge_tile = _merge_tile_compiled if compiled_merge else _merge_tile
+        values, indices = merge_tile(
+            tile, values, indices, group_bias[c], c * chunk, row_index, num_gallery,
+            candidates=candidates, picked=picked, group=group, exclude_self=exclude_self)
+        return c + 1, values, indices
 
     initial = (
         tf.constant(0, tf.int32),
@@ -387,6 +380,55 @@ def _block_top_k(query_block, chunks_t, gallery_rows, group_bias, start, num_gal
     exact = tf.einsum("bd,bcd->bc", query_block, rows)
     values, position = tf.math.top_k(exact, k=k, sorted=True)
     return values, tf.gather(indices, position, batch_dims=1)
+
+
+def _merge_tile(tile, values, indices, group_bias, first_column, row_index, num_gallery,
+                candidates, picked, group, exclude_self):
+    """The running top-`candidates` `(B, candidates)` merged with one `(B, W)` tile
+    whose first column is gallery item `first_column`, through the tile's group maxima
+    (`_block_top_k`)."""
+    block_rows = tf.shape(tile)[0]
+    num_groups = tile.shape[1] // group
+    grouped = tf.reshape(tile, [block_rows, num_groups, group])
+    group_max = tf.reduce_max(grouped, axis=2) + group_bias[None, :]
+    _, best_groups = tf.math.top_k(group_max, k=picked, sorted=True)
+    best_groups = tf.sort(best_groups, axis=1)  # increasing gallery order: the tie rule
+    scores = tf.reshape(tf.gather(grouped, best_groups, batch_dims=1), [block_rows, -1])
+    columns = tf.reshape(first_column + best_groups[:, :, None] * group
+                         + tf.range(group, dtype=tf.int32)[None, None, :], [block_rows, -1])
+    invalid = columns >= num_gallery
+    if exclude_self:
+        invalid = invalid | (columns == row_index[:, None])
+    scores = tf.where(invalid, tf.constant(-np.inf, tf.float32), scores)
+    # running top-k first: among equal values top_k keeps the lower position, which
+    # is the lower gallery index (earlier chunks, then increasing columns).
+    merged_values = tf.concat([values, scores], axis=1)
+    merged_indices = tf.concat([indices, columns], axis=1)
+    values, position = tf.math.top_k(merged_values, k=candidates, sorted=True)
+    return values, tf.gather(merged_indices, position, batch_dims=1)
+
+
+# The merge fused by XLA: the tile is read once for its group maxima (CPU; on a GPU
+# TensorFlow's own kernels are kept).
+_merge_tile_compiled = tf.function(_merge_tile, jit_compile=True)
+
+
+def _tile_shape(num_queries, num_gallery, candidates, max_memory_bytes, on_cpu,
+                gallery_chunk=None, extra_bytes_per_row=0):
+    """`(rows, chunk, group)` of the `(rows, chunk)` tiles: chunk columns (default
+    16,384 on CPU, 8,192 on GPU, at least 4 candidates, at most the gallery) rounded up
+    to a multiple of the group size; rows within `max_memory_bytes` (`_rows_per_block`)
+    and, on CPU, within a 64 MiB tile (at least 64 rows)."""
+    chunk = int(gallery_chunk) if gallery_chunk else max(
+        _CPU_GALLERY_CHUNK if on_cpu else _MIN_GALLERY_CHUNK, 4 * candidates)
+    chunk = min(chunk, num_gallery)
+    group = _group_size(chunk, candidates)
+    chunk = math.ceil(chunk / group) * group
+    rows = _rows_per_block(num_queries, chunk + candidates, max_memory_bytes,
+                           extra_bytes_per_row=extra_bytes_per_row)
+    if on_cpu:
+        rows = min(rows, max(_MIN_CPU_ROWS, _CPU_TILE_BYTES // (_BYTES_PER_FLOAT32 * chunk)))
+    return rows, chunk, group
 
 
 def _rows_per_block(num_queries, row_width, max_memory_bytes, extra_bytes_per_row=0):

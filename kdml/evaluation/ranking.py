@@ -20,26 +20,33 @@ never the `(Q, M)` matrix and never a top-K list per K:
   11 for SOP), Precision@K the K nearest. `tf.math.top_k` over M scores per row costs
   as much as the product here, so it runs on far fewer: the strip's maxima over groups
   of `G` columns (taken in the same fused read as the count), then the scores of the
-  `k + 1` best groups (the `+ 1` for the query's own group when it is in the gallery).
-  The top k items lie in those groups: every group ranked after `k + 1` others has `k`
-  items other than the query ranked before each of its items (`G` is a power of two
-  near `sqrt(M / k)`: 64 for SOP).
+  `k + 1` best groups (the `+ 1` for the query's own group when it is in the gallery;
+  one more when the gallery is zero-padded to a multiple of `G`, for the padded
+  columns' 0 in the last group). The top k items lie in those groups: every group
+  ranked after them has `k` items other than the query ranked before each of its
+  items (`G` is a power of two near `sqrt(M / k)`: 64 for SOP).
 
 Ties: exactly as `kdml.evaluation.knn.exact_knn`: equal scores are ordered by lower
 gallery index (`tf.math.top_k` keeps the lower position first; the chosen groups are
 sorted by index before the final `top_k`). The result equals ranking by a stable sort.
 
 Memory: the `(d, M)` gallery (and, unless leave-one-out, the `(Q, d)` queries) on the
-device, plus two `(B, M)` float32 strips; `B` follows `max_memory_bytes` and keeps a
-strip within 16 MiB, where its fused read hits the cache (64 rows for SOP; at least 32
-rows). The gallery is normalised and transposed in slices of rows, so building it
-never holds more than one extra gallery-sized copy. Under a `tf.distribute` strategy
-the query blocks are dealt to the replicas, each with its own gallery copy, as in
-`exact_knn`.
+device, plus two `(B, M)` float32 arrays: the strip and the comparison that XLA on CPU
+materialises for the count's row reduction. `B = max_memory_bytes // (8 M)`, at most
+256 rows (a multiple of 64 from 64 on): 256 rows for SOP at the default 256 MiB, a
+whole-process peak of 1.48 GB (`tools/bench_eval.py`: TensorFlow, tensorflow-similarity
+and the data included). The gallery is normalised and transposed in slices of rows into
+one NumPy array, copied once to the device. Under a `tf.distribute` strategy the query
+blocks are dealt to the replicas, each with its own gallery copy, as in `exact_knn`.
 
-Speed: the product is `Q_b @ G^T` with `G^T` stored, not `matmul(..., transpose_b=True)`:
-on CPU, TensorFlow's transposed-operand matmul ran at about half the speed for these
-shapes (64 x 512 by 60,544 x 512: 72 ms against 40 ms per block).
+Speed: each block is TensorFlow's `tf.linalg.matmul` (oneDNN on CPU), outside XLA, then
+one XLA program reads the strip for the count, the group maxima and the top-k. XLA's
+own CPU dot was the slow part when the product was inside that program (a quarter of
+SOP, 64-row blocks: 2.1 s for the XLA product pass against 1.25 s), and blocks of 256
+rows run the product at its peak: at SOP size the bare pass took the same time with 256
+and 512 rows, and 1,024 rows or more took the process past 1.5 GB. The product is
+`Q_b @ G^T` with `G^T` stored, not `matmul(..., transpose_b=True)` (about half the
+speed on CPU for these shapes). Measured cost at SOP size: `docs/evaluation.md`.
 """
 
 import collections
@@ -70,14 +77,15 @@ with `full_ranking=True`, else None. `ndcg`: `(Q, len(ndcg_ks))` float64 NDCG@K
 (binary relevance; NaN without positives), or None.
 """
 
-# Rows per block at most: beyond a few hundred rows the strip matmul is at its peak.
-_MAX_BLOCK_ROWS = 512
-# float32 (B, M) arrays alive per block: the strip and one XLA temporary.
+# Rows per block at most. SOP size, 2 cores: the bare product pass took the same time
+# with 256 and 512 rows (17.9 and 18.5 s), and past 512 rows the process's peak exceeded
+# 1.5 GB; a 256-row strip and its copy stay within it.
+_MAX_BLOCK_ROWS = 256
+# float32 (B, M) arrays alive per block: the strip and one XLA temporary (XLA on CPU
+# materialises the comparison that feeds the count's row reduction).
 _LIVE_STRIP_COPIES = 2
-# A strip of at most this many bytes stays in the last-level cache for its two fused
-# reads (SOP: 64 rows x 60,544 columns); at least 32 rows keep the matmul efficient.
-_CACHED_STRIP_BYTES = 2**24
-_MIN_CACHED_ROWS = 32
+# Blocks of more rows are rounded down to a multiple of this (the product's register tiles).
+_ROW_MULTIPLE = 64
 _NO_CLASS = -2  # a query whose class has no gallery item
 
 
@@ -96,9 +104,9 @@ def retrieval_ranking(queries, query_labels, gallery=None, gallery_labels=None, 
         exclude_self: whether query i is gallery item i and never its own neighbour;
             `None`: `True` for leave-one-out, else `False`.
         similarity: `"cosine"` (rows L2-normalised) or `"inner_product"`.
-        max_memory_bytes: budget of the `(B, M)` float32 strips: query rows per block
-            `B = max_memory_bytes // (8 M)`, between 1 and 512, and at most what keeps a
-            strip within 16 MiB of cache (64 rows for SOP; at least 32).
+        max_memory_bytes: budget of the two `(B, M)` float32 strips: query rows per
+            block `B = max_memory_bytes // (8 M)`, between 1 and 256, rounded down to a
+            multiple of 64 from 64 rows on (256 rows for SOP).
         strategy: optional `tf.distribute.Strategy`; its replicas score disjoint
             query blocks, each against its own copy of the gallery.
         full_ranking: also the rank of every positive, counted in the same strip
@@ -230,7 +238,8 @@ def retrieval_ranking(queries, query_labels, gallery=None, gallery_labels=None, 
                         query_block, tf.constant(self_index),
                         tf.constant(positive_columns(np.arange(start, start + block),
                                                      classes_here)),
-                        gallery_t, bias, top_k=top_k, group=group, full_ranking=full_ranking,
+                        gallery_t, bias, top_k=top_k, group=group, padding=width - num_gallery,
+                        full_ranking=full_ranking,
                         ndcg_ks=ndcg_ks)
                 outputs.append((start, stop, ranks, found, ap, gains))
             # ops were dispatched to every replica before any result is read back
@@ -244,19 +253,28 @@ def retrieval_ranking(queries, query_labels, gallery=None, gallery_labels=None, 
     return RetrievalRanking(first_rank, neighbours, average_precision, ndcg)
 
 
-@tf.function(jit_compile=True)
+@tf.function
 def _block_ranking(query_block, self_index, positive_columns, gallery_t, column_bias, top_k,
-                   group, full_ranking=False, ndcg_ks=()):
-    """First-positive ranks `(B,)` int32 (-1: no positive) and top-k `(B, top_k)` int32
-    of one query block, from its `(B, M)` strip `S = Q_b G^T`.
-
-    `gallery_t`: the `(d, M)` transposed gallery; `column_bias`: `(M,)` 0, or -inf on
-    padded columns. `positive_columns`: `(B, P)` gallery indices of each query's
-    positives (the query itself left out), -1 padded. `self_index`: `(B,)` the query's
-    own gallery column, -1 when it is not in the gallery. `top_k` and `group` are
-    Python ints (trace keys).
-    """
+                   group, padding=0, full_ranking=False, ndcg_ks=()):
+    """The `(B, M)` strip `S = Q_b G^T` by TensorFlow's matmul (outside XLA: its CPU dot
+    is slower), then `_strip_ranking` on it."""
     strip = tf.linalg.matmul(query_block, gallery_t)  # (B, M)
+    return _strip_ranking(strip, self_index, positive_columns, column_bias, top_k, group,
+                          padding, full_ranking, ndcg_ks)
+
+
+@tf.function(jit_compile=True)
+def _strip_ranking(strip, self_index, positive_columns, column_bias, top_k, group,
+                   padding=0, full_ranking=False, ndcg_ks=()):
+    """First-positive ranks `(B,)` int32 (-1: no positive) and top-k `(B, top_k)` int32
+    of one query block, from its `(B, M)` strip `S = Q_b G^T`, in one XLA program.
+
+    `column_bias`: `(M,)` 0, or -inf on the `padding` last columns (zero gallery
+    columns: their scores are exactly 0). `positive_columns`: `(B, P)` gallery indices
+    of each query's positives (the query itself left out), -1 padded. `self_index`:
+    `(B,)` the query's own gallery column, -1 when it is not in the gallery. `top_k`,
+    `group` and `padding` are Python ints (trace keys).
+    """
     # the best positive, read from the strip itself: the same float the count compares
     has_column = positive_columns >= 0
     positive = tf.gather(strip, tf.maximum(positive_columns, 0), batch_dims=1)
@@ -264,7 +282,7 @@ def _block_ranking(query_block, self_index, positive_columns, gallery_t, column_
     best = tf.reduce_max(positive, axis=1)
     best_index = tf.reduce_min(
         tf.where(has_column & (positive == best[:, None]), positive_columns, tf.int32.max), axis=1)
-    before, group_max = _count_before(strip, column_bias, best, best_index, group=group,
+    before, group_max = _count_before(strip, padding, best, best_index, group=group,
                                       with_group_maxima=bool(top_k))
     # the count includes the query's own column when it ranks before `p`: take it out
     is_self = self_index >= 0
@@ -280,7 +298,8 @@ def _block_ranking(query_block, self_index, positive_columns, gallery_t, column_
         ap, gains = tf.zeros([rows], tf.float64), tf.zeros([rows, 0], tf.float64)
     if not top_k:
         return ranks, tf.zeros([rows, 0], tf.int32), ap, gains
-    return (ranks, _top_k_by_groups(strip, group_max, self_index, column_bias, top_k, group),
+    return (ranks, _top_k_by_groups(strip, group_max, self_index, column_bias, top_k, group,
+                                    padding),
             ap, gains)
 
 
@@ -321,35 +340,49 @@ def _whole_ranking(strip, column_bias, positive, positive_columns, has_column, s
     return ap, gains
 
 
-def _count_before(strip, column_bias, best, best_index, group, with_group_maxima):
+def _count_before(strip, padding, best, best_index, group, with_group_maxima):
     """`(B,)` int32 items ranked before the best positive (a higher score, or the same
     score and a lower gallery index; padded columns never), and the `(B, M / group)`
-    group maxima (padded columns at -inf) when asked, fused by XLA with the product.
+    group maxima when asked, in one XLA read of the strip.
 
-    The count sums 1.0s in float32, which XLA vectorises better than int32; it is exact
-    while a row has fewer than 2^24 columns, beyond which it sums int32.
+    Both are reductions over the same `(B, M / group, group)` view of the raw strip, so
+    XLA fuses them into one loop (SOP, 256 rows: about 6 ms per block, against 11-14 ms
+    with a bias added to the strip first, or a row count beside the group maxima). The
+    `padding` last columns are zero gallery columns, scored exactly 0: they are taken
+    back out of the count where 0 ranks before the positive (`best < 0`; their index
+    is above every gallery index), and they can raise the last group's maximum, for
+    which `_top_k_by_groups` picks one more group. The count sums 1.0s in float32,
+    which XLA vectorises better than int32; it is exact while a row has fewer than
+    2^24 columns, beyond which it sums int32.
     """
-    scores = strip + column_bias[None, :]
-    columns = tf.range(tf.shape(strip)[1], dtype=tf.int32)
-    before = (scores > best[:, None]) | (
-        (scores == best[:, None]) & (columns[None, :] < best_index[:, None]))
+    rows = tf.shape(strip)[0]
+    view = group if with_group_maxima else tf.shape(strip)[1]  # no groups: one row
+    scores = tf.reshape(strip, [rows, -1, view])
+    columns = tf.reshape(tf.range(tf.shape(strip)[1], dtype=tf.int32), [1, -1, view])
+    before = (scores > best[:, None, None]) | (
+        (scores == best[:, None, None]) & (columns < best_index[:, None, None]))
     if strip.shape[1] is not None and strip.shape[1] < 2**24:
-        count = tf.cast(tf.reduce_sum(tf.where(before, 1.0, 0.0), axis=1), tf.int32)
+        count = tf.cast(tf.reduce_sum(tf.reduce_sum(tf.where(before, 1.0, 0.0), axis=2),
+                                      axis=1), tf.int32)
     else:
-        count = tf.reduce_sum(tf.cast(before, tf.int32), axis=1)
+        count = tf.reduce_sum(tf.cast(before, tf.int32), axis=[1, 2])
+    if padding:
+        count -= tf.where(best < 0.0, padding, 0)
     if not with_group_maxima:
-        return count, tf.zeros([tf.shape(strip)[0], 0], tf.float32)
-    return count, tf.reduce_max(tf.reshape(scores, [tf.shape(strip)[0], -1, group]), axis=2)
+        return count, tf.zeros([rows, 0], tf.float32)
+    return count, tf.reduce_max(scores, axis=2)
 
 
-def _top_k_by_groups(strip, group_max, self_index, column_bias, top_k, group):
+def _top_k_by_groups(strip, group_max, self_index, column_bias, top_k, group, padding=0):
     """Top-k columns `(B, top_k)` of a strip through its group maxima (module doc):
     `top_k` over the `M / G` maxima (the query's own column included, hence `k + 1`
-    groups), then over the scores of the chosen groups, the query's own column and the
-    padded columns at -inf."""
+    groups, and one more when the last group holds padded columns, scored 0 there),
+    then over the scores of the chosen groups, the query's own column and the padded
+    columns at -inf."""
     rows = tf.shape(strip)[0]
     num_groups = tf.shape(group_max)[1]
-    _, top_groups = tf.math.top_k(group_max, k=tf.minimum(top_k + 1, num_groups), sorted=False)
+    picked = top_k + 1 + int(padding > 0)  # the query's own group, the padded group
+    _, top_groups = tf.math.top_k(group_max, k=tf.minimum(picked, num_groups), sorted=False)
     top_groups = tf.sort(top_groups, axis=1)  # increasing gallery order: the tie rule
     grouped = tf.reshape(strip, [rows, num_groups, group])
     candidates = tf.reshape(tf.gather(grouped, top_groups, batch_dims=1), [rows, -1])
@@ -363,10 +396,12 @@ def _top_k_by_groups(strip, group_max, self_index, column_bias, top_k, group):
 
 
 def _block_rows(num_queries, width, max_memory_bytes):
-    """Query rows per block: within the memory budget, the cache and [1, 512]."""
-    cached = max(_MIN_CACHED_ROWS, _CACHED_STRIP_BYTES // (4 * width) // 8 * 8)
-    budget = max_memory_bytes // (_LIVE_STRIP_COPIES * 4 * width)
-    return int(max(1, min(num_queries, _MAX_BLOCK_ROWS, cached, budget)))
+    """Query rows per block: the most whose two `(B, width)` float32 strips fit in
+    `max_memory_bytes`, within [1, 256] (a multiple of 64 from 64 rows on)."""
+    rows = max_memory_bytes // (_LIVE_STRIP_COPIES * 4 * width)
+    if rows >= _ROW_MULTIPLE:
+        rows = rows // _ROW_MULTIPLE * _ROW_MULTIPLE
+    return int(max(1, min(num_queries, _MAX_BLOCK_ROWS, rows)))
 
 
 def _normalised(matrix, similarity):
@@ -375,19 +410,19 @@ def _normalised(matrix, similarity):
 
 
 # Gallery rows normalised and transposed per slice of 1,024 rows: the temporaries of a
-# slice stay small (SOP: 262 MB peak to build the 124 MB gallery with 2,048-row slices,
-# 342 MB with 8,192).
+# slice stay small.
 _TRANSPOSE_ROWS = 1024
 
 
 def _normalised_transposed(matrix, similarity, width):
     """`(d, width)` float32 tensor: the gallery's rows normalised (cosine), as columns,
-    then zero columns up to `width`."""
-    pieces = [tf.transpose(_normalised(matrix[start:start + _TRANSPOSE_ROWS], similarity))
-              for start in range(0, len(matrix), _TRANSPOSE_ROWS)]
-    if width > len(matrix):
-        pieces.append(tf.zeros([matrix.shape[1], width - len(matrix)], tf.float32))
-    return tf.concat(pieces, axis=1) if len(pieces) > 1 else pieces[0]
+    then zero columns up to `width`. Built slice by slice in one NumPy array, so the
+    only gallery-sized temporary is that array, freed to the system after the copy."""
+    gallery_t = np.zeros((matrix.shape[1], width), np.float32)
+    for start in range(0, len(matrix), _TRANSPOSE_ROWS):
+        piece = _normalised(matrix[start:start + _TRANSPOSE_ROWS], similarity)
+        gallery_t[:, start:start + len(piece)] = tf.transpose(piece).numpy()
+    return tf.constant(gallery_t)
 
 
 def _group_size(top_k, width):

@@ -274,12 +274,15 @@ def test_strategy_shards_queries_with_identical_results(mirrored, rng):
 # --- group-maxima selection inside each tile ------------------------------------------
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("k, chunk, exclude_self", [(1, 512, False), (3, 512, True),
                                                     (10, 2048, False), (10, 300, True)])
-def test_group_selection_equals_stable_sort_with_ties(k, chunk, exclude_self):
+def test_group_selection_equals_stable_sort_with_ties(monkeypatch, k, chunk, exclude_self,
+                                                      compiled):
     # 2,003 items (not a multiple of any group size: a group mixes gallery and padded
     # columns), 3-valued vectors: exact products and ties everywhere, chunks of 16-32
-    # column groups.
+    # column groups; the merge by TensorFlow ops, or as one XLA program (CPU).
+    monkeypatch.setattr(knn_module, "_MIN_COMPILED_TILE", 0 if compiled else 2**62)
     rng = np.random.default_rng(k * 1000 + chunk)
     x = rng.integers(-1, 2, size=(2003, 5)).astype(np.float32)
     assert knn_module._group_size(chunk, k) > 1
@@ -302,3 +305,57 @@ def test_group_selection_with_a_zero_similarity_padding_group():
     np.testing.assert_array_equal(indices, want_indices)
     np.testing.assert_allclose(sims, want_sims, atol=1e-5)
     assert (sims < 0).all()
+
+
+@pytest.mark.parametrize("plain_merge", [False, True])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_compiled_and_plain_merges_equal_stable_sort_with_ties(monkeypatch, plain_merge,
+                                                               exclude_self):
+    # The CPU merges each tile in one XLA program, a GPU with TensorFlow's kernels:
+    # both equal a NumPy stable sort on tie-heavy data, over several chunks and blocks.
+    if plain_merge:
+        monkeypatch.setattr(knn_module, "_on_cpu", lambda devices: False)
+    else:  # compiled for tiles of any size
+        monkeypatch.setattr(knn_module, "_MIN_COMPILED_TILE", 0)
+    rng = np.random.default_rng(11 + exclude_self)
+    x = rng.integers(-1, 2, size=(1500, 4)).astype(np.float32)
+    queries = x if exclude_self else x[:130]
+    calls = []
+    monkeypatch.setattr(knn_module, "_merge_tile_compiled", _recording(
+        knn_module._merge_tile_compiled, calls))
+    indices, sims = exact_knn(queries, None if exclude_self else x, k=7,
+                              similarity="inner_product", gallery_chunk=400,
+                              max_memory_bytes=64 * 16 * (400 + 7))
+    want_indices, want_sims = _brute_force(queries, x, 7, exclude_self, cosine=False)
+    np.testing.assert_array_equal(indices, want_indices)
+    np.testing.assert_array_equal(sims, want_sims.astype(np.float32))
+    assert np.any(sims[:, 1:] == sims[:, :-1])  # ties were decided by index
+    assert bool(calls) != plain_merge  # the path under test was the one taken
+
+
+def _recording(function, calls):
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+    return wrapper
+
+
+@pytest.mark.parametrize("budget", [1, 10**6, 64 * 2**20, 256 * 2**20, 2**32])
+@pytest.mark.parametrize("on_cpu", [True, False])
+def test_tile_shape_within_the_budget(budget, on_cpu):
+    # 1,000,000 x 128, k = 10: 4 float32 (rows, chunk + k) copies within max_memory_bytes
+    # (one row at least); on CPU a tile of at most 64 MiB (64 rows at least)
+    rows, chunk, group = knn_module._tile_shape(10_000, 1_000_000, 10, budget, on_cpu)
+    assert chunk == (16384 if on_cpu else 8192) and chunk % group == 0
+    assert rows == 1 or 4 * 4 * rows * (chunk + 10) <= budget
+    assert 4 * 4 * (rows + 1) * (chunk + 10) > budget or rows == 10_000 or (
+        on_cpu and rows == 64 * 2**20 // (4 * chunk))
+    if on_cpu and rows > 64:
+        assert 4 * rows * chunk <= 64 * 2**20
+
+
+def test_cpu_tiles_at_the_default_budget():
+    # 256 MiB // (16 * (16,384 + 10)) = 1,023 rows of 16,384 columns, groups of 32
+    # (2 ** round(log2(sqrt(16,384 / 10))))
+    assert knn_module._tile_shape(10_000, 1_000_000, 10, 256 * 2**20, True) == (1023, 16384, 32)
+    assert knn_module._tile_shape(10_000, 1_000_000, 10, 256 * 2**20, False)[1:] == (8192, 32)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from kdml.evaluation import exact_knn, retrieval_metrics, retrieval_ranking
 from kdml.evaluation import ranking as ranking_module
@@ -27,7 +28,7 @@ def _tied_data(rng, n, dim=3):
     return rng.integers(-2, 3, size=(n, dim)).astype(np.float32)
 
 
-@pytest.mark.parametrize("budget", [1, 3 * 8 * 64, 2**30])  # 1, 3 and all rows per block
+@pytest.mark.parametrize("budget", [1, 3 * 4 * 64, 2**30])  # 1, 3 and all rows per block
 def test_leave_one_out_ranks_and_top_k_equal_stable_sort_with_ties(rng, budget):
     x = _tied_data(rng, 61)
     labels = rng.integers(0, 15, size=61)
@@ -48,7 +49,7 @@ def test_query_vs_gallery_equals_stable_sort(rng, top_k):
     queries, gallery = _tied_data(rng, 23), _tied_data(rng, 47)
     query_labels, gallery_labels = rng.integers(0, 12, 23), rng.integers(0, 10, 47)
     got = retrieval_ranking(queries, query_labels, gallery, gallery_labels, top_k=top_k,
-                            similarity="inner_product", max_memory_bytes=4 * 8 * 48)
+                            similarity="inner_product", max_memory_bytes=4 * 4 * 48)
     order = _stable_ranking(queries, gallery, exclude_self=False)
     want = _first_positive(order, query_labels, gallery_labels)
     np.testing.assert_array_equal(got.first_positive_rank, want)
@@ -66,7 +67,7 @@ def test_counting_recall_equals_top_k_recall_for_every_k(rng):
     x = _tied_data(rng, 40, dim=2)  # 2-D integer vectors: many duplicate directions
     labels = rng.integers(0, 8, size=40)
     ks = tuple(range(1, 40))
-    got = retrieval_metrics(x, labels, ks=ks, nmi=False, max_memory_bytes=5 * 8 * 40)
+    got = retrieval_metrics(x, labels, ks=ks, nmi=False, max_memory_bytes=5 * 4 * 40)
     neighbours, sims = exact_knn(x, k=39)
     hits = np.cumsum(labels[neighbours] == labels[:, None], axis=1) > 0
     for k in ks:
@@ -78,7 +79,7 @@ def test_float_data_matches_exact_knn(rng):
     centres = rng.normal(size=(30, 32))
     labels = rng.integers(0, 30, size=300)
     x = (centres[labels] + 2.0 * rng.normal(size=(300, 32))).astype(np.float32)
-    got = retrieval_ranking(x, labels, top_k=12, max_memory_bytes=7 * 8 * 300)
+    got = retrieval_ranking(x, labels, top_k=12, max_memory_bytes=7 * 4 * 300)
     neighbours, _ = exact_knn(x, k=299)
     np.testing.assert_array_equal(got.top_k, neighbours[:, :12])
     np.testing.assert_array_equal(got.first_positive_rank,
@@ -102,8 +103,8 @@ def test_group_selection_keeps_the_top_k(rng):
 def test_strategy_shards_queries_with_identical_results(mirrored, rng):
     x = rng.normal(size=(53, 8)).astype(np.float32)
     labels = rng.integers(0, 9, size=53)
-    want = retrieval_ranking(x, labels, top_k=5, max_memory_bytes=5 * 8 * 56)
-    got = retrieval_ranking(x, labels, top_k=5, max_memory_bytes=5 * 8 * 56, strategy=mirrored)
+    want = retrieval_ranking(x, labels, top_k=5, max_memory_bytes=5 * 4 * 56)
+    got = retrieval_ranking(x, labels, top_k=5, max_memory_bytes=5 * 4 * 56, strategy=mirrored)
     np.testing.assert_array_equal(got.first_positive_rank, want.first_positive_rank)
     np.testing.assert_array_equal(got.top_k, want.top_k)
 
@@ -111,9 +112,9 @@ def test_strategy_shards_queries_with_identical_results(mirrored, rng):
 def test_block_step_traced_once(rng):
     x = rng.normal(size=(29, 5)).astype(np.float32)
     labels = rng.integers(0, 4, size=29)
-    retrieval_ranking(x, labels, top_k=3, max_memory_bytes=4 * 8 * 32)
+    retrieval_ranking(x, labels, top_k=3, max_memory_bytes=4 * 4 * 32)
     traces = ranking_module._block_ranking.experimental_get_tracing_count()
-    retrieval_ranking(x + 1.0, labels, top_k=3, max_memory_bytes=4 * 8 * 32)  # 8 blocks
+    retrieval_ranking(x + 1.0, labels, top_k=3, max_memory_bytes=4 * 4 * 32)  # 8 blocks
     assert ranking_module._block_ranking.experimental_get_tracing_count() == traces
 
 
@@ -135,3 +136,89 @@ def test_invalid_inputs_raise(call, message):
     x = np.arange(10, dtype=np.float32).reshape(5, 2)
     with pytest.raises(ValueError, match=message):
         call(x, np.array([0, 0, 1, 1, 2]))
+
+
+@pytest.mark.parametrize("width, budget", [(60_544, 256 * 2**20), (60_544, 2**30),
+                                           (60_544, 50 * 2**20), (1_000, 10**6), (64, 1),
+                                           (100, 3 * 8 * 100), (100, 70 * 8 * 100)])
+def test_block_rows_fill_the_memory_budget(width, budget):
+    # the most rows whose two float32 (rows, width) strips fit the budget, a multiple of
+    # 64 from 64 rows on, within [1, 256]
+    copies = ranking_module._LIVE_STRIP_COPIES
+    rows = ranking_module._block_rows(10**6, width, budget)
+    assert 1 <= rows <= 256
+    assert rows == 1 or copies * 4 * width * rows <= budget
+    step = 64 if rows >= 64 else 1
+    assert rows == 256 or copies * 4 * width * (rows + step) > budget
+    assert rows < 64 or rows % 64 == 0
+
+
+def test_block_rows_at_sop_size_and_small_query_sets():
+    # SOP, default budget: 256 MiB // (2 * 4 * 60,544) = 554 rows, capped at 256
+    assert ranking_module._block_rows(60_502, 60_544, 256 * 2**20) == 256
+    assert ranking_module._block_rows(60_502, 60_544, 100 * 2**20) == 192  # 216 -> 192
+    assert ranking_module._block_rows(37, 60_544, 2**40) == 37  # never above Q
+
+
+def test_64_row_blocks_with_a_padded_last_block_equal_stable_sort(rng):
+    # 203 tie-heavy items in blocks of 64 rows (the last one padded), the gallery padded
+    # by one zero column to a multiple of the group size: first-positive ranks, top-k
+    # and every Recall@K from counting equal the stable sort's lists
+    x = _tied_data(rng, 203, dim=3)
+    labels = rng.integers(0, 90, size=203)
+    width = 204  # groups of 4 columns for top_k = 9
+    assert ranking_module._group_size(9, 203) == 4
+    budget = 64 * ranking_module._LIVE_STRIP_COPIES * 4 * width
+    assert ranking_module._block_rows(203, width, budget) == 64
+    got = retrieval_ranking(x, labels, top_k=9, similarity="inner_product",
+                            max_memory_bytes=budget)
+    order = _stable_ranking(x, x, exclude_self=True)
+    first = _first_positive(order, labels, labels)
+    np.testing.assert_array_equal(got.first_positive_rank, first)
+    np.testing.assert_array_equal(got.top_k, order[:, :9])
+    hits = np.cumsum(labels[order] == labels[:, None], axis=1) > 0  # top-K lists
+    rank = got.first_positive_rank
+    for k in range(1, 203):  # Recall@K by counting == from the top-K lists, every K
+        np.testing.assert_array_equal((rank >= 0) & (rank < k), hits[:, k - 1])
+    assert np.any(first > 9) and np.any(first == -1)
+    # not vacuous: best positives below 0, where the padded column's 0 ranks before them
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    best = np.where(labels[None, :] == labels[:, None], sims, -np.inf).max(axis=1)
+    assert np.any((best < 0) & (best > -np.inf))
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_all_negative_scores_with_a_padded_gallery(rng, exclude_self):
+    # Every score below 0: the padded columns (zero vectors, score 0) would rank first
+    # and take a top group if the count and the group selection did not set them aside
+    # (with exclude_self, query i is gallery column i, left out: one more group).
+    gallery = -rng.integers(1, 4, size=(1001, 4)).astype(np.float32)
+    queries = rng.integers(0, 3, size=(1001 if exclude_self else 40, 4)).astype(np.float32)
+    gallery_labels = rng.integers(0, 50, 1001)
+    query_labels = rng.integers(0, 50, len(queries))
+    got = retrieval_ranking(queries, query_labels, gallery, gallery_labels, top_k=5,
+                            exclude_self=exclude_self, similarity="inner_product",
+                            max_memory_bytes=16 * 8 * 1024)
+    assert ranking_module._round_up(1001, ranking_module._group_size(5, 1001)) > 1001
+    order = _stable_ranking(queries, gallery, exclude_self=exclude_self)
+    np.testing.assert_array_equal(got.top_k, order[:, :5])
+    np.testing.assert_array_equal(got.first_positive_rank,
+                                  _first_positive(order, query_labels, gallery_labels))
+    assert (queries @ gallery.T <= 0).all() and np.any(queries @ gallery.T < 0)
+
+
+def test_padded_group_never_takes_a_needed_groups_place():
+    # One strip row, groups of 2, 9 gallery columns + 1 padded column (score 0, above
+    # every real score). The query is column 0, the best real score. The 3 best group
+    # maxima are the padded group, the query's own and column 2's: k = 2 needs a 4th
+    # group (column 4's), which only the padded group's extra pick brings in.
+    strip = np.full((1, 10), -1.0, np.float32)
+    strip[0, [0, 2, 4, 6, 9]] = [-0.1, -0.2, -0.3, -0.4, 0.0]
+    bias = np.zeros(10, np.float32)
+    bias[9] = -np.inf
+    ranks, top_k, _, _ = ranking_module._strip_ranking(
+        tf.constant(strip), tf.constant([0], tf.int32), tf.constant([[6]], tf.int32),
+        tf.constant(bias), 2, 2, 1)
+    assert top_k.numpy().tolist() == [[2, 4]]
+    assert ranks.numpy().tolist() == [2]  # columns 2 and 4 before column 6

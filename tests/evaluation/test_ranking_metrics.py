@@ -34,7 +34,7 @@ def _reference(queries, query_labels, gallery, gallery_labels, exclude_self, ks)
     return np.array(ap), np.array(ndcg), np.array(rr)
 
 
-@pytest.mark.parametrize("budget", [3 * 8 * 64, 2**30])  # 3 rows a block, all rows
+@pytest.mark.parametrize("budget", [3 * 4 * 64, 2**30])  # 3 rows a block, all rows
 def test_leave_one_out_with_ties_equals_the_numpy_reference(budget):
     rng = np.random.default_rng(0)
     x = rng.integers(-2, 3, size=(61, 3)).astype(np.float32)  # exact products: many ties
@@ -53,7 +53,7 @@ def test_query_vs_gallery_equals_the_numpy_reference():
     gallery = rng.integers(-2, 3, size=(47, 3)).astype(np.float32)
     query_labels, gallery_labels = rng.integers(0, 12, 23), rng.integers(0, 10, 47)
     got = retrieval_ranking(queries, query_labels, gallery, gallery_labels, top_k=4,
-                            similarity="inner_product", max_memory_bytes=4 * 8 * 48,
+                            similarity="inner_product", max_memory_bytes=4 * 4 * 48,
                             full_ranking=True, ndcg_ks=(3,))
     ap, ndcg, _ = _reference(queries, query_labels, gallery, gallery_labels, False, (3,))
     np.testing.assert_allclose(got.average_precision, ap, rtol=1e-12)
