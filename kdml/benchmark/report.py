@@ -370,6 +370,12 @@ REALITY_CHECK_CLASSICS = ("contrastive", "triplet")
 REALITY_CHECK_BASELINE = "proxy_anchor"
 
 
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def spread_sentences(summary: Dict) -> List[str]:
     """A leaderboard's spread, generated (the rule is declared here, before any number):
 
@@ -396,7 +402,11 @@ def spread_sentences(summary: Dict) -> List[str]:
              f"from `{best}` ({_pct(high)}) to `{worst}` ({_pct(low)}); the middle half of the rows "
              f"spans {100 * inner:.2f} points.",
              f"- Against their bases ({len(tested)} Holm-corrected comparisons): {same} not shown to "
-             f"differ, {verdicts.count('beats')} beat, {verdicts.count('below')} below."]
+             f"differ, {verdicts.count('beats')} beat, {verdicts.count('below')} below. The median "
+             f"95 % half width of the paired differences is "
+             f"{100 * _median([c['metrics'][PRIMARY]['half_width'] for c in tested]):.2f} points "
+             f"before the correction: 'not shown to differ' means no difference of that size was "
+             f"detected, not that the rows are equal."]
     classics = {c["method"]: c for c in tested if c["method"] in REALITY_CHECK_CLASSICS
                 and c["base"] == REALITY_CHECK_BASELINE}
     if classics:

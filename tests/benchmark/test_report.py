@@ -188,6 +188,11 @@ def test_the_readme_block_is_the_regeneration_of_the_committed_runs():
     mining = os.path.join(repo, "docs", "results", "omniglot_pddm_mining")
     page = os.path.join(repo, "docs", "benchmarks.md")
     assert current_block(page, "omniglot_pddm_mining") == readme_block(mining, page)
+    # the loss leaderboard: in full on docs/benchmarks.md, its short form on the README
+    losses = os.path.join(repo, "docs", "results", "omniglot_losses")
+    assert current_block(page, "omniglot_losses") == readme_block(losses, page)
+    front = os.path.join(repo, "README.md")
+    assert current_block(front, "omniglot_losses") == readme_block(losses, front, compact=True)
 
 
 def test_the_plot_keeps_each_row_at_one_height_in_every_panel(results_dir, tmp_path):
@@ -271,6 +276,8 @@ def test_a_leaderboard_is_sorted_and_its_spread_is_computed_from_the_runs(leader
             f"({100 * means['circle']:.2f}) to `triplet` ({100 * means['triplet']:.2f}); the middle "
             f"half of the rows spans {100 * inner:.2f} points.") in markdown
     assert "3 Holm-corrected comparisons): 1 not shown to differ, 1 beat, 1 below." in markdown
+    halves = sorted(c["metrics"]["recall@1"]["half_width"] for c in summary["comparisons"])
+    assert f"The median 95 % half width of the paired differences is {100 * halves[1]:.2f} points" in markdown
     # a classic loss is below the baseline, and most rows differ: the table does not agree
     assert "This table does not agree: most rows differ from their base." in markdown
     compact = format_compact(summary)
@@ -287,6 +294,6 @@ def test_the_reality_check_agrees_when_most_rows_tie_and_no_classic_loss_is_belo
         if c["method"] in ("triplet", "circle"):
             c["verdict"] = "no difference shown"
     lines = spread_sentences(summary)
-    assert lines[1].endswith("3 not shown to differ, 0 beat, 0 below.")
+    assert "3 not shown to differ, 0 beat, 0 below. The median" in lines[1]
     assert lines[2].endswith("This table agrees: most rows are not shown to differ from their "
                              "base and no classic loss is below the baseline.")
