@@ -131,12 +131,13 @@ OMNIGLOT = BenchmarkSpec(budget=OMNIGLOT_BUDGET, methods=OMNIGLOT_METHODS, trial
 # sampled image twice per step (views = 2), as the losses are defined.
 LEADERBOARD_BUDGET = {**OMNIGLOT_BUDGET, "backbone": _STRIDE4}
 _PA = ("proxy_anchor",)
+# ArcFace and its sub-centre form share their flags (the margin in degrees, the scale).
+_ARCFACE_GRID = {"arcface_margin": (14.3, 28.6), "arcface_scale": (32.0, 64.0)}
 LEADERBOARD_METHODS = {
     "proxy_anchor": OMNIGLOT_METHODS["proxy_anchor"],
     "so_proxy": OMNIGLOT_METHODS["so_proxy"],
     "multi_similarity": MethodPreset(
-        {"method": "multi_similarity"},
-        {"ms_alpha": (1.0, 2.0), "ms_beta": (40.0, 50.0), "ms_base": (0.5,)}, bases=_PA,
+        {"method": "multi_similarity"}, OMNIGLOT_METHODS["multi_similarity"].search, bases=_PA,
         description="Multi-Similarity with its pair mining (Wang et al. 2019)"),
     "multi_similarity_xbm": MethodPreset(
         {"method": "multi_similarity"}, {"xbm_size": (1024, 2048)},
@@ -176,11 +177,10 @@ LEADERBOARD_METHODS = {
         {"method": "cosface"}, {"cosface_margin": (0.2, 0.35), "cosface_scale": (32.0, 64.0)},
         bases=_PA, description="CosFace (Wang et al. 2018)"),
     "arcface": MethodPreset(
-        {"method": "arcface"}, {"arcface_margin": (14.3, 28.6), "arcface_scale": (32.0, 64.0)},
+        {"method": "arcface"}, _ARCFACE_GRID,
         bases=_PA, description="ArcFace, margin in degrees (Deng et al. 2019)"),
     "subcenter_arcface": MethodPreset(
-        {"method": "subcenter_arcface"},
-        {"arcface_margin": (14.3, 28.6), "arcface_scale": (32.0, 64.0)}, bases=_PA,
+        {"method": "subcenter_arcface"}, _ARCFACE_GRID, bases=_PA,
         description="Sub-center ArcFace, 3 sub-centres per class (Deng et al. 2020)"),
     "proxy_nca": MethodPreset(
         {"method": "proxy_nca"}, {"proxy_nca_scale": (3.0, 9.0, 16.0)}, bases=_PA,

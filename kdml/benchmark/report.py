@@ -386,9 +386,10 @@ def spread_sentences(summary: Dict) -> List[str]:
       are not shown to differ from their base AND no classic pair loss
       (`REALITY_CHECK_CLASSICS`) is below `REALITY_CHECK_BASELINE`.
     """
-    primary = dict(METRICS)[summary["primary_metric"]]
-    rows = [(n, m["summary"][summary["primary_metric"]]["mean"]) for n, m in summary["methods"].items()
-            if summary["primary_metric"] in m["summary"] and "derived_from" not in m]
+    key = summary["primary_metric"]
+    primary = dict(METRICS)[key]
+    rows = [(n, m["summary"][key]["mean"]) for n, m in summary["methods"].items()
+            if key in m["summary"] and "derived_from" not in m]
     tested = [c for c in summary["comparisons"] if c["p_holm"] is not None]
     if len(rows) < 2 or not tested:
         return ["- Spread: not measured yet (fewer than two rows with final runs)."]
@@ -404,13 +405,13 @@ def spread_sentences(summary: Dict) -> List[str]:
              f"- Against their bases ({len(tested)} Holm-corrected comparisons): {same} not shown to "
              f"differ, {verdicts.count('beats')} beat, {verdicts.count('below')} below. The median "
              f"95 % half width of the paired differences is "
-             f"{100 * _median([c['metrics'][PRIMARY]['half_width'] for c in tested]):.2f} points "
+             f"{100 * _median([c['metrics'][key]['half_width'] for c in tested]):.2f} points "
              f"before the correction: 'not shown to differ' means no difference of that size was "
              f"detected, not that the rows are equal."]
     classics = {c["method"]: c for c in tested if c["method"] in REALITY_CHECK_CLASSICS
                 and c["base"] == REALITY_CHECK_BASELINE}
     if classics:
-        shown = "; ".join(f"`{name}` {c['verdict']} (Recall@1 {_difference(c['metrics'][PRIMARY])})"
+        shown = "; ".join(f"`{name}` {c['verdict']} (Recall@1 {_difference(c['metrics'][key])})"
                           for name, c in sorted(classics.items()))
         agrees = same > len(tested) / 2 and all(c["verdict"] != "below" for c in classics.values())
         lines.append(
@@ -547,7 +548,7 @@ def write_report(results_dir: str, readme: Union[None, str, Sequence[str]] = Non
     with open(os.path.join(results_dir, "results.md"), "w") as f:
         f.write(markdown)
     plot(summary, os.path.join(results_dir, "results.png"))
+    text = format_compact(summary) if compact else markdown
     for path in [readme] if isinstance(readme, str) else readme or []:
-        text = format_compact(summary) if compact else markdown
         update_readme(path, _with_plot(text, results_dir, path), block)
     return summary
