@@ -97,7 +97,7 @@ def test_group_selection_keeps_the_top_k(rng):
         np.testing.assert_array_equal(got.top_k, order[:, :top_k])
     assert ranking_module._group_size(11, 60_502) == 64
     assert ranking_module._group_size(1000, 60_502) == 8
-    assert ranking_module._group_size(0, 60_502) == 1
+    assert ranking_module._group_size(0, 60_502) == 64  # the count's groups
 
 
 def test_strategy_shards_queries_with_identical_results(mirrored, rng):
@@ -113,9 +113,9 @@ def test_block_step_traced_once(rng):
     x = rng.normal(size=(29, 5)).astype(np.float32)
     labels = rng.integers(0, 4, size=29)
     retrieval_ranking(x, labels, top_k=3, max_memory_bytes=4 * 4 * 32)
-    traces = ranking_module._block_ranking.experimental_get_tracing_count()
+    traces = ranking_module._strip_ranking.experimental_get_tracing_count()
     retrieval_ranking(x + 1.0, labels, top_k=3, max_memory_bytes=4 * 4 * 32)  # 8 blocks
-    assert ranking_module._block_ranking.experimental_get_tracing_count() == traces
+    assert ranking_module._strip_ranking.experimental_get_tracing_count() == traces
 
 
 @pytest.mark.parametrize(
@@ -219,6 +219,71 @@ def test_padded_group_never_takes_a_needed_groups_place():
     bias[9] = -np.inf
     ranks, top_k, _, _ = ranking_module._strip_ranking(
         tf.constant(strip), tf.constant([0], tf.int32), tf.constant([[6]], tf.int32),
-        tf.constant(bias), 2, 2, 1)
+        tf.constant(bias), 2, 2, 4, 1, 1)  # k = 2, groups of 2, 4 picked, tier 1, 1 padded
+    assert ranking_module._picked_groups(2, 5, 1) == 5  # at least 12 in use: all of them
     assert top_k.numpy().tolist() == [[2, 4]]
     assert ranks.numpy().tolist() == [2]  # columns 2 and 4 before column 6
+
+
+@pytest.mark.parametrize("tier_rows", [32, 1, 7])
+def test_rows_beyond_the_picked_groups_are_counted_over_whole_rows(rng, monkeypatch, tier_rows):
+    # Rows whose best positive has more groups at or above its score than the 12 picked
+    # (first positive ranked after about 12 items) are counted over the whole row, a tier
+    # of rows per loop step (7: the last tier's start clamped into the 64-row block).
+    # Every tier size gives the stable sort's ranks.
+    monkeypatch.setattr(ranking_module, "_TIER_ROWS", tier_rows)
+    x = _tied_data(rng, 300, dim=4)
+    labels = rng.integers(0, 40, size=300)
+    budget = 64 * ranking_module._LIVE_STRIP_COPIES * 4 * 300
+    got = retrieval_ranking(x, labels, similarity="inner_product",
+                            max_memory_bytes=budget)
+    order = _stable_ranking(x, x, exclude_self=True)
+    np.testing.assert_array_equal(got.first_positive_rank, _first_positive(order, labels, labels))
+    # not vacuous: in NumPy, rows with more than 12 groups (of 4 columns) reaching the
+    # best positive's score: more than one tier in a 64-row block, not every row
+    sims = x @ x.T
+    best = np.where((labels[None, :] == labels[:, None]) & ~np.eye(300, dtype=bool), sims,
+                    -np.inf).max(axis=1)
+    assert ranking_module._group_size(0, 300) == 4
+    reached = (sims.reshape(300, 75, 4).max(axis=2) >= best[:, None]).sum(axis=1)
+    unsettled = (reached > 12) & (best > -np.inf)
+    assert 7 < unsettled[:64].sum() < 64
+
+
+def test_unsettled_rows_count_equals_a_numpy_stable_sort(rng):
+    # One 8-row strip, groups of 4 columns, 2 picked: most rows are unsettled and counted
+    # over their whole row (tiers of 3 rows); every rank equals a NumPy stable sort.
+    strip = rng.integers(-3, 4, size=(8, 64)).astype(np.float32)
+    positive_columns = np.stack([8 + rng.choice(56, 3, replace=False) for _ in range(8)])
+    positive_columns = positive_columns.astype(np.int32)
+    positive_columns[0] = -1  # no positive: rank -1
+    self_index = np.arange(8, dtype=np.int32)
+    ranks, _, _, _ = ranking_module._strip_ranking(
+        tf.constant(strip), tf.constant(self_index), tf.constant(positive_columns),
+        tf.constant(np.zeros(64, np.float32)), 0, 4, 2, 3)  # tiers of 3 rows
+    want = []
+    for row in range(8):
+        if (positive_columns[row] < 0).all():
+            want.append(-1)
+            continue
+        scores = np.where(np.arange(64) == self_index[row], -np.inf, strip[row])
+        order = np.argsort(-scores, kind="stable")
+        want.append(int(np.flatnonzero(np.isin(order, positive_columns[row]))[0]))
+    np.testing.assert_array_equal(ranks.numpy(), want)
+    assert max(want) > 8  # rows beyond 2 groups of 4 columns: unsettled
+
+
+def test_full_ranking_budget_counts_one_strip_per_positive(rng, monkeypatch):
+    # full_ranking compares every score with each positive's at once: the block budget
+    # holds 2 + P strips (P: the largest class), so blocks shrink with the class size
+    calls = []
+    block_rows = ranking_module._block_rows
+    monkeypatch.setattr(ranking_module, "_block_rows",
+                        lambda *args: calls.append(args) or block_rows(*args))
+    x = rng.normal(size=(40, 4)).astype(np.float32)
+    labels = np.repeat(np.arange(8), 5)
+    budget = 64 * 7 * 4 * 40
+    retrieval_ranking(x, labels, max_memory_bytes=budget)
+    retrieval_ranking(x, labels, max_memory_bytes=budget, full_ranking=True)
+    assert [args[3] for args in calls] == [2, 2 + 5]
+    assert block_rows(10**6, 40, budget, 7) == 64 and block_rows(10**6, 40, budget, 2) == 192  # 224 -> 192
