@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from typing import Dict, List, Optional, Sequence, Union
 
 from kdml.benchmark.runs import write_json_atomic
@@ -370,12 +371,6 @@ REALITY_CHECK_CLASSICS = ("contrastive", "triplet")
 REALITY_CHECK_BASELINE = "proxy_anchor"
 
 
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def spread_sentences(summary: Dict) -> List[str]:
     """A leaderboard's spread, generated (the rule is declared here, before any number):
 
@@ -405,7 +400,7 @@ def spread_sentences(summary: Dict) -> List[str]:
              f"- Against their bases ({len(tested)} Holm-corrected comparisons): {same} not shown to "
              f"differ, {verdicts.count('beats')} beat, {verdicts.count('below')} below. The median "
              f"95 % half width of the paired differences is "
-             f"{100 * _median([c['metrics'][key]['half_width'] for c in tested]):.2f} points "
+             f"{100 * statistics.median(c['metrics'][key]['half_width'] for c in tested):.2f} points "
              f"before the correction: 'not shown to differ' means no difference of that size was "
              f"detected, not that the rows are equal."]
     classics = {c["method"]: c for c in tested if c["method"] in REALITY_CHECK_CLASSICS

@@ -255,9 +255,11 @@ def retrieval_ranking(queries, query_labels, gallery=None, gallery_labels=None, 
                         query_block = query_tensor[start:stop]
                     if stop - start < block:  # keep the traced shape: zero-pad the last block
                         query_block = tf.pad(query_block, [[0, block - (stop - start)], [0, 0]])
-                    inputs = (tf.constant(self_index), tf.constant(
-                        positive_columns(np.arange(start, start + block), classes_here)))
-                    result = _block_ranking(query_block, *inputs, gallery_t, bias, **step)
+                    result = _block_ranking(
+                        query_block, tf.constant(self_index),
+                        tf.constant(positive_columns(np.arange(start, start + block),
+                                                     classes_here)),
+                        gallery_t, bias, **step)
                 outputs.append((start, stop, result))
             # ops were dispatched to every replica before any result is read back
             for start, stop, (ranks, found, ap, gains) in outputs:
@@ -270,18 +272,12 @@ def retrieval_ranking(queries, query_labels, gallery=None, gallery_labels=None, 
     return RetrievalRanking(first_rank, neighbours, average_precision, ndcg)
 
 
-# `_strip_ranking`'s Python arguments, in order
-_STEP_ARGUMENTS = ("top_k", "group", "picked", "tier_rows", "padding", "full_ranking",
-                   "ndcg_ks")
-
-
 def _block_ranking(query_block, self_index, positive_columns, gallery_t, column_bias, **step):
     """The `(B, M)` strip `S = Q_b G^T` by TensorFlow's matmul (outside XLA: its CPU dot
     is slower), then `_strip_ranking` on it: `(ranks, top_k, ap, ndcg)`, dispatched
     without waiting for the results."""
     strip = tf.linalg.matmul(query_block, gallery_t)  # (B, M)
-    return _strip_ranking(strip, self_index, positive_columns, column_bias,
-                          *[step[name] for name in _STEP_ARGUMENTS])
+    return _strip_ranking(strip, self_index, positive_columns, column_bias, **step)
 
 
 @tf.function(jit_compile=True, autograph=False)
@@ -372,8 +368,7 @@ def _without_self(strip, self_index, best, best_index, count):
     own score `(B,)`."""
     is_self = self_index >= 0
     self_score = tf.gather(strip, tf.maximum(self_index, 0)[:, None], batch_dims=1)[:, 0]
-    self_before = is_self & ((self_score > best) | (
-        (self_score == best) & (self_index < best_index)))
+    self_before = is_self & _ranked_before(self_score, self_index, best, best_index)
     return tf.where(best == -np.inf, -1, count - tf.cast(self_before, tf.int32)), self_score
 
 
@@ -382,19 +377,16 @@ def _whole_ranking(strip, column_bias, positive, positive_columns, has_column, s
     """Average precision `(B,)` and NDCG@K `(B, len(ndcg_ks))` (float64; NaN without
     positives) from the rank of every positive: the items ranked before it (a higher
     score, or the same score and a lower index; the query itself not counted), counted
-    in the strip by one fused compare-and-sum per positive column."""
+    in the strip by one compare-and-sum per positive column (XLA on CPU materialises the
+    `(B, P, M)` comparison: the block budget counts it)."""
     scores = strip + column_bias[None, :]
     columns = tf.range(tf.shape(strip)[1], dtype=tf.int32)
-    before = (scores[:, None, :] > positive[:, :, None]) | (
-        (scores[:, None, :] == positive[:, :, None])
-        & (columns[None, None, :] < positive_columns[:, :, None]))
-    if strip.shape[1] is not None and strip.shape[1] < 2**24:
-        count = tf.cast(tf.reduce_sum(tf.where(before, 1.0, 0.0), axis=2), tf.int32)
-    else:
-        count = tf.reduce_sum(tf.cast(before, tf.int32), axis=2)
+    count = _count_true(_ranked_before(scores[:, None, :], columns[None, None, :],
+                                       positive[:, :, None], positive_columns[:, :, None]),
+                        axis=2)
     is_self = (self_index >= 0)[:, None]
-    self_before = is_self & ((self_score[:, None] > positive) | (
-        (self_score[:, None] == positive) & (self_index[:, None] < positive_columns)))
+    self_before = is_self & _ranked_before(self_score[:, None], self_index[:, None], positive,
+                                           positive_columns)
     rank = tf.cast(count - tf.cast(self_before, tf.int32), tf.float64)  # (B, P), 0-based
     num_positives = tf.reduce_sum(tf.cast(has_column, tf.float64), axis=1)
     ordered = tf.sort(tf.where(has_column, rank, np.inf), axis=1)
@@ -420,16 +412,11 @@ def _count_before(strip, padding, best, best_index):
 
     The `padding` last columns are zero gallery columns, scored exactly 0: they are
     taken back out where 0 ranks before the positive (`best < 0`; their index is above
-    every gallery index). The count sums 1.0s in float32 (XLA vectorises it better than
-    int32), exact while a row has fewer than 2^24 columns, beyond which it sums int32.
+    every gallery index).
     """
     columns = tf.range(strip.shape[1], dtype=tf.int32)
-    before = (strip > best[:, None]) | (
-        (strip == best[:, None]) & (columns[None, :] < best_index[:, None]))
-    if strip.shape[1] < 2**24:
-        count = tf.cast(tf.reduce_sum(tf.where(before, 1.0, 0.0), axis=1), tf.int32)
-    else:
-        count = tf.reduce_sum(tf.cast(before, tf.int32), axis=1)
+    count = _count_true(_ranked_before(strip, columns[None, :], best[:, None],
+                                       best_index[:, None]), axis=1)
     if padding:
         count -= tf.where(best < 0.0, padding, 0)
     return count
@@ -446,9 +433,22 @@ def _group_scores(grouped, groups, column_bias):
 def _count_before_in(scores, columns, best, best_index):
     """`(B,)` items ranked before the best positive among `(B, K, G)` scores of the
     gallery `columns` (padded columns at -inf)."""
-    before = (scores > best[:, None, None]) | (
-        (scores == best[:, None, None]) & (columns < best_index[:, None, None]))
+    before = _ranked_before(scores, columns, best[:, None, None], best_index[:, None, None])
     return tf.reduce_sum(tf.cast(before, tf.int32), axis=[1, 2])
+
+
+def _ranked_before(score, column, reference, reference_column):
+    """Whether an item ranks before a reference item, the tie rule of this module: a
+    higher score, or the same score and a lower gallery column. Broadcasts."""
+    return (score > reference) | ((score == reference) & (column < reference_column))
+
+
+def _count_true(before, axis):
+    """int32 count of True along `axis` of a row's comparisons: sums 1.0s in float32
+    (XLA vectorises it better than int32), exact below 2^24 per row, else int32."""
+    if before.shape[axis] is not None and before.shape[axis] < 2**24:
+        return tf.cast(tf.reduce_sum(tf.where(before, 1.0, 0.0), axis=axis), tf.int32)
+    return tf.reduce_sum(tf.cast(before, tf.int32), axis=axis)
 
 
 def _top_k_in_groups(scores, columns, self_index, top_k):
