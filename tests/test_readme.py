@@ -47,3 +47,34 @@ def test_readme_keras_example_trains_evaluates_and_saves(tmp_path, monkeypatch):
     reloaded = keras.saving.load_model(str(tmp_path / "embedder.keras"))
     x = np.random.default_rng(0).uniform(0, 255, (2, 28, 28, 3)).astype(np.float32)
     np.testing.assert_allclose(reloaded(x).numpy(), namespace["embedder"](x).numpy(), atol=1e-6)
+
+
+def _readme_lines():
+    return open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().splitlines()
+
+
+def test_readme_is_a_front_page():
+    """At most 200 lines, of which at most 150 are written by hand (the rest: the blocks
+    `python -m kdml.benchmark report` generates); detail belongs in docs/."""
+    lines = _readme_lines()
+    generated, inside = 0, False
+    for line in lines:
+        if re.fullmatch(r"<!-- results(:\w+)?:start -->", line):
+            inside = True
+        if inside:
+            generated += 1
+        if re.fullmatch(r"<!-- results(:\w+)?:end -->", line):
+            inside = False
+    assert not inside, "README.md has a results block without its end marker"
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines; move detail to docs/"
+    assert len(lines) - generated <= 150, (
+        f"README.md has {len(lines) - generated} hand-written lines; move detail to docs/")
+
+
+def test_readme_starts_with_the_two_commands():
+    """The first code block is `make train` and `make test` (tests/test_docs_commands.py
+    checks that both targets exist)."""
+    text = "\n".join(_readme_lines())
+    first_block = re.search(r"```\w*\n(.*?)```", text, re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in first_block.splitlines()]
+    assert commands == ["make train", "make test"]
