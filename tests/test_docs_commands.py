@@ -1,6 +1,8 @@
 """Every command line the documentation shows parses with the command's real parser.
 
-The pages are README.md, docs/*.md and export/README.md. A command line is any
+The pages are README.md, docs/*.md and export/README.md, and the module docstring of
+every command (its --help text: kdml/train.py, kdml/<package>/__main__.py, the kit;
+lines indented by 4 spaces are code there). A command line is any
 `python -m kdml.<command> ...` (also `.venv/bin/python`, `python3`) or
 `python export/kdml_litert.py ...` inside a code block or inline code, with its
 backslash-continued lines joined; a `make <target>` names a target of the Makefile.
@@ -28,6 +30,7 @@ the test process untouched). Nothing is built or trained.
 """
 
 import argparse
+import ast
 import contextlib
 import copy
 import dataclasses
@@ -48,10 +51,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = sorted([os.path.join(ROOT, "README.md"), os.path.join(ROOT, "export", "README.md")]
                + glob.glob(os.path.join(ROOT, "docs", "*.md")))
 KIT = "export/kdml_litert.py"
+# The commands' own files: their module docstring is their --help text.
+PROGRAMS = sorted(path for path in glob.glob(os.path.join(ROOT, "kdml", "*.py"))
+                  + glob.glob(os.path.join(ROOT, "kdml", "*", "__main__.py"))
+                  + [os.path.join(ROOT, KIT)]
+                  if 'if __name__ == "__main__"' in open(path, encoding="utf-8").read())
 PLACEHOLDER = "<P>"  # what a `<placeholder>` of the docs becomes before parsing
 # A command: the interpreter (any path, python or python3), then `-m kdml.<module>` or the kit.
 _COMMAND = re.compile(r"(?:(?<=[\s`\"'(=])|^)(?:[\w./-]*/)?python3?\s+"
-                      r"(?:-m\s+(kdml(?:\.\w+)+)|((?:[\w./-]*/)?kdml_litert\.py))(?=\s|$)")
+                      r"(?:-m\s+(kdml(?:\.\w+)+)|((?:[\w./-]*/)?kdml_litert\.py))(?=[\s`]|$)")
 _MAKE = re.compile(r"(?:(?<=[;&|(`])|^)\s*(?:\$\s+)?make(?=\s|$)((?:\s+[^\s;&|#`]+)*)")
 _FENCE = re.compile(r"^(```|~~~)[^\n]*\n(.*?)^\1[ \t]*$", re.S | re.M)
 _INLINE = re.compile(r"(`+)(.+?)\1", re.S)
@@ -109,6 +117,32 @@ def code_snippets(text):
     return sorted(snippets)
 
 
+def docstring_snippets(path):
+    """(line, code, in_block) of a Python file's module docstring: lines indented by 4 or
+    more spaces are code (continued by a backslash or by lines indented deeper), the others
+    prose with inline code."""
+    module = ast.parse(open(path, encoding="utf-8").read())
+    docstring = ast.get_docstring(module, clean=False) if module.body else None
+    if not docstring:
+        return []
+    first, lines, snippets, i = module.body[0].lineno, docstring.split("\n"), [], 0
+    while i < len(lines):
+        start, text = i, lines[i]
+        if text.startswith("    "):
+            indent = len(text) - len(text.lstrip())
+            while i + 1 < len(lines) and (text.rstrip().endswith("\\") or (
+                    lines[i + 1].strip() and len(lines[i + 1]) - len(lines[i + 1].lstrip())
+                    > indent)):  # a continuation: after a backslash, or indented deeper
+                i += 1
+                text = text.rstrip().rstrip("\\").rstrip() + " " + lines[i].strip()
+            snippets.append((first + start, text, True))
+        else:
+            snippets += [(first + i, " ".join(m.group(2).split()), False)
+                         for m in _INLINE.finditer(text)]
+        i += 1
+    return snippets
+
+
 def _tokens(text, in_block):
     """Shell words of `text` up to a comment or a shell operator; `<placeholder>`s become
     PLACEHOLDER (they may hold spaces and `|`)."""
@@ -119,8 +153,11 @@ def _tokens(text, in_block):
         words = list(lexer)
     except ValueError:  # an unbalanced quote in prose
         words = text.split()
-    out = []
+    out, depth = [], 0
     for i, word in enumerate(words):
+        if word == "|" and depth > 0:  # [a | b]: alternatives of an optional part
+            out.append(word)
+            continue
         if word in _SHELL_STOP:
             # inline `python -m kdml.benchmark run | report`: alternatives, not a pipe
             if (word == "|" and not in_block and len(out) == 1 and i + 1 < len(words)
@@ -128,11 +165,26 @@ def _tokens(text, in_block):
                 out[0] += "|"
                 continue
             break
-        if out and out[-1].endswith("|") and not out[-1].startswith("-"):
+        if out and out[-1].endswith("|") and out[-1] != "|" and not out[-1].startswith("-"):
             out[-1] += word
             continue
         out.append(word)
+        opens, closes, _ = _brackets(word)
+        depth = max(0, depth + opens - closes)
     return out
+
+
+def _brackets(word):
+    """(groups `word` opens, groups it closes, the word without those brackets): leading
+    `[`s open, trailing `]`s close unless they close a `[` inside the word
+    (`--data=<root>[,<root>...]`)."""
+    opens = len(word) - len(word.lstrip("["))
+    closes = len(word) - len(word.rstrip("]"))
+    if opens == len(word):
+        return opens, 0, ""
+    inner = word[opens:len(word) - closes]
+    closes -= min(closes, max(0, inner.count("[") - inner.count("]")))
+    return opens, closes, word[opens:len(word) - closes]
 
 
 def _groups(words):
@@ -141,17 +193,14 @@ def _groups(words):
     root, stack = [], []
     stack.append(root)
     for word in words:
-        while word.startswith("[") and len(word) > 1:
+        opens, closes, word = _brackets(word)
+        for _ in range(opens):
             group = []
             stack[-1].append(group)
             stack.append(group)
-            word = word[1:]
-        closing = 0
-        while word.endswith("]") and len(stack) - closing > 1 and not word.endswith("[]"):
-            word, closing = word[:-1], closing + 1
         if word:
             stack[-1].append(word)
-        for _ in range(closing):
+        for _ in range(min(closes, len(stack) - 1)):
             stack.pop()
     return root
 
@@ -214,11 +263,13 @@ def commands_in(page, line, code, in_block):
     found = []
     for match in _COMMAND.finditer(code):
         module, kit = match.groups()
-        words = _tokens(code[match.end():], in_block)
-        for args, fragment in variants(words):
-            found.append(DocCommand(page, line, " ".join(code[match.start():].split()),
-                                    module or "kit", args,
-                                    fragment or not in_block or not args))
+        rest, text, inline = code[match.end():], code[match.start():], not in_block
+        if match.start() and code[match.start() - 1] == "`":  # `...` in a code comment
+            rest, inline = rest.split("`", 1)[0], True
+            text = text.split("`", 1)[0]
+        for args, fragment in variants(_tokens(rest, not inline)):
+            found.append(DocCommand(page, line, " ".join(text.split()), module or "kit", args,
+                                    fragment or inline or not args))
     return found
 
 
@@ -278,9 +329,11 @@ def collect():
     """(DocCommands, make references [(page, line, text, target, variables)])."""
     commands, makes, seen = [], [], set()
     recipes, defaults = makefile()
-    for path in PAGES:
+    for path in PAGES + PROGRAMS:
         page = os.path.relpath(path, ROOT)
-        for line, code, in_block in code_snippets(open(path, encoding="utf-8").read()):
+        snippets = (docstring_snippets(path) if path.endswith(".py")
+                    else code_snippets(open(path, encoding="utf-8").read()))
+        for line, code, in_block in snippets:
             commands += commands_in(page, line, code, in_block)
             for target, variables in make_lines(code):
                 makes.append((page, line, code, target, variables))
@@ -657,11 +710,35 @@ def test_reader_joins_continuations_and_expands_optional_parts():
         [("train", {})]]
 
 
+def test_reader_reads_a_docstring_as_help_text(tmp_path):
+    path = tmp_path / "command.py"
+    path.write_text('"""`python -m kdml.index build`: builds.\n\n'
+                    "    python -m kdml.benchmark report <dir>\n"
+                    "        [--compact]   # `python -m kdml.train` in a comment\n"
+                    '"""\n')
+    found = [c for line, code, block in docstring_snippets(str(path))
+             for c in commands_in("p", line, code, block)]
+    assert [(c.line, c.program, c.args, c.fragment) for c in found] == [
+        (1, "kdml.index", ("build",), True),
+        (3, "kdml.benchmark", ("report", PLACEHOLDER), False),
+        (3, "kdml.benchmark", ("report", PLACEHOLDER, "--compact"), False),
+        (3, "kdml.train", (), True),
+    ]
+
+
 def test_reader_gives_each_alternative_and_drops_ellipsis():
     assert variants(["build", "...", "[--search_gallery=float16|int8]", "[--k=5]"]) == [
         (("build",), True),
         (("build", "--search_gallery=float16", "--k=5"), True),
         (("build", "--search_gallery=int8", "--k=5"), True),
+    ]
+    # a `|` inside [ ]: alternatives, not a pipe; a [ ] inside a value stays in the value
+    words = _tokens("run --data=<root>[,<root>...] [--test_groups=A | --num_test_groups=2]",
+                    True)
+    assert [args for args, _ in variants(words)] == [
+        ("run", f"--data={PLACEHOLDER}[,{PLACEHOLDER}...]"),
+        ("run", f"--data={PLACEHOLDER}[,{PLACEHOLDER}...]", "--test_groups=A"),
+        ("run", f"--data={PLACEHOLDER}[,{PLACEHOLDER}...]", "--num_test_groups=2"),
     ]
     assert _tokens('make train TRAIN_ARGS="--a=1 --b=2" && echo', True) == [
         "make", "train", "TRAIN_ARGS=--a=1 --b=2"]
