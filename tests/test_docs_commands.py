@@ -354,12 +354,13 @@ COMMAND_LINES = sorted({(c.where, c.text, c.source) for c in COMMANDS})
 # -- parsing, in the subprocess --------------------------------------------------------
 
 
-class _Parsed(Exception):
-    """Raised by the patched `ArgumentParser.parse_args` once it has parsed."""
+class _Parsed(BaseException):  # not an Exception: a command's `except` does not catch it
+    """Raised by the patched `ArgumentParser.parse_known_args` once the top parser has
+    parsed (before the command does anything)."""
 
-    def __init__(self, parser, namespace):
+    def __init__(self, parser, namespace, extras):
         super().__init__()
-        self.parser, self.namespace = parser, namespace
+        self.parser, self.namespace, self.extras = parser, namespace, extras
 
 
 def _plausible(kind, choices, value):
@@ -494,28 +495,35 @@ def _not_required(parser):
 
 
 def _parse_argparse(main, args, fragment):
-    """The error of `args` under an argparse command's `main` ('' when it parses)."""
-    original = argparse.ArgumentParser.parse_args
-    filled = {}
+    """The error of `args` under an argparse command's `main` ('' when it parses): `main`
+    runs up to its parser's `parse_args` (or `parse_known_args`), which stops it."""
+    original = argparse.ArgumentParser.parse_known_args
+    state = {"depth": 0}
 
-    def parse_args(self, argv=None, namespace=None):
+    def parse_known_args(self, argv=None, namespace=None):
+        if state["depth"]:  # a subcommand's parser, inside the top one
+            return original(self, argv, namespace)
+        state["depth"] += 1
         if fragment:
             _not_required(self)
-        filled["args"], filled["chain"] = _fill_argparse(self, list(argv))
-        raise _Parsed(self, original(self, filled["args"], namespace))
+        argv = sys.argv[1:] if argv is None else list(argv)
+        state["args"], state["chain"] = _fill_argparse(self, argv)
+        raise _Parsed(self, *original(self, state["args"], namespace))
 
     stderr = io.StringIO()
-    argparse.ArgumentParser.parse_args = parse_args
+    argparse.ArgumentParser.parse_known_args = parse_known_args
     try:
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
             main(list(args))
         return "the command ran past its argument parsing"
     except _Parsed as parsed:
-        for arg in filled["args"]:
+        if parsed.extras:
+            return f"{parsed.parser.prog}: error: unrecognized arguments: {' '.join(parsed.extras)}"
+        for arg in state["args"]:
             if arg == "--":
                 break
             name = arg.split("=", 1)[0]
-            if name.startswith("--") and _option(filled["chain"], name) is None:
+            if name.startswith("--") and _option(state["chain"], name) is None:
                 return f"{name} is an abbreviation: spell the flag in full"
         return _check_argparse_values(parsed.namespace)
     except SystemExit as exit_:
@@ -524,7 +532,7 @@ def _parse_argparse(main, args, fragment):
         return stderr.getvalue().strip().splitlines()[-1] if stderr.getvalue() else (
             f"exit code {exit_.code}")
     finally:
-        argparse.ArgumentParser.parse_args = original
+        argparse.ArgumentParser.parse_known_args = original
 
 
 def _check_argparse_values(namespace):
