@@ -61,7 +61,7 @@ PLACEHOLDER = "<P>"  # what a `<placeholder>` of the docs becomes before parsing
 _COMMAND = re.compile(r"(?:(?<=[\s`\"'(=])|^)(?:[\w./-]*/)?python3?\s+"
                       r"(?:-m\s+(kdml(?:\.\w+)+)|((?:[\w./-]*/)?kdml_litert\.py))(?=[\s`]|$)")
 _MAKE = re.compile(r"(?:(?<=[;&|(`])|^)\s*(?:\$\s+)?make(?=\s|$)((?:\s+[^\s;&|#`]+)*)")
-_FENCE = re.compile(r"^(```|~~~)[^\n]*\n(.*?)^\1[ \t]*$", re.S | re.M)
+_FENCE = re.compile(r"^ {0,3}(```|~~~)[^\n]*\n(.*?)^ {0,3}\1[ \t]*$", re.S | re.M)
 _INLINE = re.compile(r"(`+)(.+?)\1", re.S)
 _SHELL_STOP = {"|", "||", "&", "&&", ";", ">", ">>", "2>", "2>&1", "<", ")", "}", "then", "do"}
 
@@ -282,7 +282,7 @@ def make_lines(code):
             if "=" in word:
                 name, _, value = word.partition("=")
                 variables[name] = value
-            elif not word.startswith("-"):
+            elif not word.startswith("-") and PLACEHOLDER not in word:  # `make <target>`
                 targets.append(word)
         found += [(target, variables) for target in targets]  # a bare `make`: the tool
     return found
