@@ -570,7 +570,11 @@ def parse_all(entries):
     results, by_program = {}, {}
     for entry in entries:
         by_program.setdefault(entry["program"], []).append(entry)
-    for program, group in sorted(by_program.items()):
+    # the absl commands first: an argparse one may import an absl one, whose flags would
+    # then stay defined beside the next absl command's (absl allows one definition per name)
+    order = sorted(by_program, key=lambda p: (p == "kit" or not _module_name(p)[1], p))
+    for program in order:
+        group = by_program[program]
         if program == "kit":
             spec = importlib.util.spec_from_file_location("kdml_litert", os.path.join(ROOT, KIT))
             kit = importlib.util.module_from_spec(spec)
