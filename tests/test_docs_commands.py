@@ -262,7 +262,7 @@ def commands_in(page, line, code, in_block):
     """The DocCommands of one code snippet: kdml commands and the kit."""
     found = []
     for match in _COMMAND.finditer(code):
-        module, kit = match.groups()
+        module = match.group(1)  # None: the kit
         rest, text, inline = code[match.end():], code[match.start():], not in_block
         if match.start() and code[match.start() - 1] == "`":  # `...` in a code comment
             rest, inline = rest.split("`", 1)[0], True
@@ -537,7 +537,7 @@ def _parse_argparse(main, args, fragment):
 
 def _check_argparse_values(namespace):
     """What `kdml.benchmark run` checks right after parsing: a known preset and rows."""
-    if getattr(namespace, "preset", None) is not None and getattr(namespace, "command", "") == "run":
+    if getattr(namespace, "command", "") == "run" and getattr(namespace, "preset", None):
         from kdml.benchmark.presets import PRESETS
 
         if namespace.preset not in PRESETS:
