@@ -3,9 +3,10 @@
 The pages are README.md, docs/*.md and export/README.md, and the module docstring of
 every command (its --help text: kdml/train.py, kdml/<package>/__main__.py, the kit;
 lines indented by 4 spaces are code there). A command line is any
-`python -m kdml.<command> ...` (also `.venv/bin/python`, `python3`) or
-`python export/kdml_litert.py ...` inside a code block or inline code, with its
-backslash-continued lines joined; a `make <target>` names a target of the Makefile.
+`python -m kdml.<command> ...` (also `.venv/bin/python`, `python3`),
+`python export/kdml_litert.py ...` or `python tools/<tool>.py ...` inside a code block
+or inline code, with its backslash-continued lines joined; a `make <target>` names a
+target of the Makefile.
 
 How a line is read:
 - `[optional]` parts are expanded both ways (without any, and with all of them);
@@ -24,19 +25,18 @@ absl commands (kdml.train, kdml.evaluate, kdml.export) `command_line.absl_flags_
 for kdml.train also the `TrainConfig` and method checks of its `main`); for the
 argparse ones (kdml.index, kdml.benchmark, the kit) their `main` up to `parse_args`
 (the spelling check, then argparse), flags spelled in full (argparse would take an
-abbreviation). All of it happens in one subprocess: the absl commands define their
-flags on absl's global `FLAGS`, one command at a time (this also keeps the flags of
-the test process untouched). Nothing is built or trained.
+abbreviation); for a tool its absl flags, or its `main` up to `parse_args`. All of it
+happens in one subprocess: absl programs define their flags on absl's global `FLAGS`,
+one program at a time (this also keeps the flags of the test process untouched).
+Nothing is built or trained.
 """
 
 import argparse
 import ast
 import contextlib
-import copy
 import dataclasses
 import glob
 import importlib
-import importlib.util
 import io
 import json
 import os
@@ -59,7 +59,8 @@ PROGRAMS = sorted(path for path in glob.glob(os.path.join(ROOT, "kdml", "*.py"))
 PLACEHOLDER = "<P>"  # what a `<placeholder>` of the docs becomes before parsing
 # A command: the interpreter (any path, python or python3), then `-m kdml.<module>` or the kit.
 _COMMAND = re.compile(r"(?:(?<=[\s`\"'(=])|^)(?:[\w./-]*/)?python3?\s+"
-                      r"(?:-m\s+(kdml(?:\.\w+)+)|((?:[\w./-]*/)?kdml_litert\.py))(?=[\s`]|$)")
+                      r"(?:-m\s+(kdml(?:\.\w+)+)|((?:[\w./-]*/)?kdml_litert\.py)"
+                      r"|(tools/\w+\.py))(?=[\s`]|$)")
 _MAKE = re.compile(r"(?:(?<=[;&|(`])|^)\s*(?:\$\s+)?make(?=\s|$)((?:\s+[^\s;&|#`]+)*)")
 _FENCE = re.compile(r"^ {0,3}(```|~~~)[^\n]*\n(.*?)^ {0,3}\1[ \t]*$", re.S | re.M)
 _INLINE = re.compile(r"(`+)(.+?)\1", re.S)
@@ -73,7 +74,7 @@ class DocCommand:
     page: str          # relative to the repository root
     line: int          # 1-based line where the command starts
     text: str          # the command as the page shows it (joined)
-    program: str       # "kdml.<module>" or "kit"
+    program: str       # "kdml.<module>", "kit" or "tools/<name>.py"
     args: tuple        # its arguments (placeholders as PLACEHOLDER)
     fragment: bool     # inline code or `...`: required flags may be missing
     source: str = ""   # "make <target>" when the line came from a Makefile recipe
@@ -262,13 +263,14 @@ def commands_in(page, line, code, in_block):
     """The DocCommands of one code snippet: kdml commands and the kit."""
     found = []
     for match in _COMMAND.finditer(code):
-        module = match.group(1)  # None: the kit
+        module, _, tool = match.groups()
+        program = module or tool or "kit"
         rest, text, inline = code[match.end():], code[match.start():], not in_block
         if match.start() and code[match.start() - 1] == "`":  # `...` in a code comment
             rest, inline = rest.split("`", 1)[0], True
             text = text.split("`", 1)[0]
         for args, fragment in variants(_tokens(rest, not inline)):
-            found.append(DocCommand(page, line, " ".join(text.split()), module or "kit", args,
+            found.append(DocCommand(page, line, " ".join(text.split()), program, args,
                                     fragment or inline or not args))
     return found
 
@@ -402,14 +404,19 @@ def _fill_absl(args, flag_values):
     return out
 
 
-def _parse_absl(module_name, module, args, fragment):
-    """The error of `args` under an absl command's parser ('' when it parses)."""
-    from absl import flags
+def _parse_absl(program, module, args, fragment):
+    """The error of `args` under an absl command's parser ('' when it parses): a kdml
+    command's `absl_flags_parser`, a tool's plain `app.run` parsing."""
+    from absl import app, flags
 
     from kdml import command_line
 
     values = flags.FLAGS
-    prog = getattr(module, "PROG", f"python -m {module_name}")
+    if program.startswith("tools/"):
+        prog, parse = f"python {program}", app.parse_flags_with_usage
+    else:
+        prog = getattr(module, "PROG", f"python -m {program}")
+        parse = command_line.absl_flags_parser(prog)
     # a placeholder stands for a value the checks after parsing cannot judge
     placeholders = any(PLACEHOLDER in a or a.endswith(("=...", "=…")) for a in args)
     args = _fill_absl(args, values)
@@ -428,10 +435,10 @@ def _parse_absl(module_name, module, args, fragment):
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-            rest = command_line.absl_flags_parser(prog)([prog, *args])
+            rest = parse([prog, *args])
         if len(rest) > 1:
             return f"{prog} takes no positional arguments: {' '.join(rest[1:])}"
-        if module_name == "kdml.train" and not fragment and not placeholders:
+        if program == "kdml.train" and not fragment and not placeholders:
             from kdml.methods import check_method_options, get_method
 
             config = module.config_from_flags(values)
@@ -549,55 +556,88 @@ def _check_argparse_values(namespace):
     return ""
 
 
-def _module_name(program):
-    """The module `python -m <program>` runs, and whether it is an absl command."""
-    package = os.path.join(ROOT, *program.split("."))
-    path = (os.path.join(package, "__main__.py") if os.path.isdir(package) else package + ".py")
+def _program(program):
+    """(kind, how to load it) of a documented program: kind "absl", "argparse" or None
+    (no such command, or a tool with neither parser)."""
+    if program == "kit":
+        path = os.path.join(ROOT, KIT)
+    elif program.startswith("tools/"):
+        path = os.path.join(ROOT, program)
+    else:
+        package = os.path.join(ROOT, *program.split("."))
+        path = (os.path.join(package, "__main__.py") if os.path.isdir(package)
+                else package + ".py")
     if not os.path.isfile(path):
-        return None, False
+        return None, path
     source = open(path, encoding="utf-8").read()
     if 'if __name__ == "__main__"' not in source:
-        return None, False
-    name = program + ".__main__" if path.endswith("__main__.py") else program
-    return name, "app.run(" in source
+        return None, path
+    if "app.run(" in source:
+        return "absl", path
+    return ("argparse" if "argparse" in source else None), path
+
+
+def _load(program, path):
+    """The module of `program` without running its `__main__` block: a kdml command is
+    imported, the kit and a tool are run under another name (`runpy`)."""
+    import runpy
+    import types
+
+    if program.startswith("kdml."):
+        name = program + (".__main__" if path.endswith("__main__.py") else "")
+        return importlib.import_module(name), name
+    name = "docs_" + os.path.splitext(os.path.basename(path))[0]
+    if os.path.dirname(path) not in sys.path:  # as `python tools/x.py` puts tools/ first
+        sys.path.insert(0, os.path.dirname(path))
+    return types.SimpleNamespace(**runpy.run_path(path, run_name=name)), name
+
+
+def _main_of(module, path):
+    """`main(argv)` of an argparse program (a `main()` reading sys.argv gets it there)."""
+    import inspect
+
+    main = module.main
+    if inspect.signature(main).parameters:
+        return main
+
+    def with_argv(argv):
+        saved, sys.argv = sys.argv, [path, *argv]
+        try:
+            return main()
+        finally:
+            sys.argv = saved
+    return with_argv
 
 
 def parse_all(entries):
     """{id: error ('' when it parses)} of [{"id", "program", "args", "fragment"}], absl
-    commands one module at a time (each module's flags removed before the next)."""
+    programs one module at a time (each module's flags removed before the next)."""
     from absl import app, flags
 
     results, by_program = {}, {}
     for entry in entries:
         by_program.setdefault(entry["program"], []).append(entry)
-    # the absl commands first: an argparse one may import an absl one, whose flags would
-    # then stay defined beside the next absl command's (absl allows one definition per name)
-    order = sorted(by_program, key=lambda p: (p == "kit" or not _module_name(p)[1], p))
-    for program in order:
-        group = by_program[program]
-        if program == "kit":
-            spec = importlib.util.spec_from_file_location("kdml_litert", os.path.join(ROOT, KIT))
-            kit = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(kit)
+    kinds = {program: _program(program) for program in by_program}
+    # the absl programs first: an argparse one may import an absl one, whose flags would
+    # then stay defined beside the next absl program's (absl allows one definition per name)
+    for program in sorted(by_program, key=lambda p: (kinds[p][0] != "absl", p)):
+        group, (kind, path) = by_program[program], kinds[program]
+        if kind is None:
+            missing = not os.path.isfile(path) or program.startswith("kdml.")
             for entry in group:
-                results[entry["id"]] = _parse_argparse(kit.main, entry["args"], entry["fragment"])
+                results[entry["id"]] = (f"there is no command {program}" if missing else "")
             continue
-        module_name, is_absl = _module_name(program)
-        if module_name is None:
-            for entry in group:
-                results[entry["id"]] = f"there is no command python -m {program}"
-            continue
-        module = importlib.import_module(module_name)
-        if is_absl:
+        module, name = _load(program, path)
+        if kind == "absl":
             app.define_help_flags()
             for entry in group:
                 results[entry["id"]] = _parse_absl(program, module, entry["args"],
                                                    entry["fragment"])
-            for flag in flags.FLAGS.get_flags_for_module(module_name):
+            for flag in flags.FLAGS.get_flags_for_module(name):
                 delattr(flags.FLAGS, flag.name)
         else:
             for entry in group:
-                results[entry["id"]] = _parse_argparse(module.main, entry["args"],
+                results[entry["id"]] = _parse_argparse(_main_of(module, path), entry["args"],
                                                        entry["fragment"])
     return results
 
@@ -631,6 +671,12 @@ CHECKS = [
     ("kdml.benchmark", ["run", "--methods=pddm,no_row", "--omniglot_dir=d"], False, "not rows"),
     ("kdml.benchmark", ["report", "<P>", "--compact"], False, ""),
     ("kdml.no_such_command", [], True, "there is no command"),
+    ("tools/bench_speed.py", ["--steps=5", "--crt_only"], False, ""),           # absl tool
+    ("tools/bench_speed.py", ["--no_such_flag"], False, "Unknown command line flag"),
+    ("tools/bench_index.py", ["--configs=ivf", "--queries=<P>"], False, ""),     # argparse
+    ("tools/bench_index.py", ["--no_such_flag"], False, "unrecognized arguments"),
+    ("tools/bench_eval.py", ["--repeats=x"], False, "invalid int value"),         # main()
+    ("tools/no_such_tool.py", [], False, "there is no command"),
     ("kit", ["embed", "--model=...", "--output=e.npy", "a.jpg"], False, ""),
     ("kit", ["embed", "--model=m", "--output_dir=e"], False, "required"),
     ("kit", ["search", "--model=m", "--k=5", "q.jpg"], False, "unrecognized arguments"),
