@@ -296,6 +296,8 @@ def calibrate_index(index: GalleryIndex, embedder, source, *, target_precision=N
         embed_image_set(embedder, image_set, batch_size=batch_size, crop_fraction=crop_fraction),
         _item_paths(image_set), source=f"the calibration set {name}")
     calibration = calibrate_threshold(embeddings, image_set.labels,
-                                      target_precision=target_precision, target_far=target_far)
-    index.set_threshold(calibration, name)
+                                      target_precision=target_precision, target_far=target_far,
+                                      source=name)  # warns when it accepts too little
+    # the export re-checks the threshold on these images, embedded the same way
+    index.set_threshold({**calibration, "crop_fraction": float(crop_fraction)}, name)
     return index.threshold
