@@ -95,7 +95,9 @@ def test_a_gallery_side_equal_to_the_queries_changes_nothing_but_the_pair_count(
     x, labels = _pairs(noise=0.8)
     alone = calibrate_threshold(x, labels, target_far=0.02, warn=False)
     both = calibrate_threshold(x, labels, target_far=0.02, gallery=x.copy(), warn=False)
-    assert both["threshold"] == alone["threshold"] and both["far"] == alone["far"]
+    # the same products (up to float32 summation order in another strip shape)
+    assert both["threshold"] == pytest.approx(alone["threshold"], abs=1e-6)
+    assert both["far"] == pytest.approx(alone["far"], abs=2 / alone["negative_pairs"])
     assert both["negative_pairs"] == 2 * alone["negative_pairs"]
     with pytest.raises(ValueError, match="same"):
         calibrate_threshold(x, labels, target_far=0.02, gallery=x[:-1])
