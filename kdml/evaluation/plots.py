@@ -128,6 +128,13 @@ def histogram_range(*arrays, threshold=None, margin: float = 0.05) -> tuple:
     return max(-1.0, low - pad), min(1.0, high + pad)
 
 
+def threshold_text(threshold: float) -> str:
+    """A threshold as written on a figure: its value to 6 decimals, trailing zeros
+    dropped, at least 2 (0.52, 0.995, 0.9996)."""
+    text = f"{float(threshold):.6f}".rstrip("0")
+    return text + "0" * max(0, 2 - len(text.partition(".")[2]))
+
+
 def plot_similarity_histograms(positive, negative, path: str, title: str = "",
                                threshold=None) -> str:
     """Overlaid density histograms of positive and negative pair similarities.
@@ -147,9 +154,8 @@ def plot_similarity_histograms(positive, negative, path: str, title: str = "",
         ax.hist(positive, bins=bins, density=True, alpha=0.6,
                 label=f"positive pairs ({len(positive):,})")
     if threshold is not None:
-        digits = max(2, comparison_digits(low, high, least=2, most=6))
         ax.axvline(float(threshold), color=THRESHOLD_COLOUR, ls="--", lw=1.2,
-                   label=f"threshold {float(threshold):.{digits}f}")
+                   label=f"threshold {threshold_text(threshold)}")
     ax.set_xlim(low, high)
     ax.set_xlabel("cosine similarity")
     ax.set_ylabel("density")
