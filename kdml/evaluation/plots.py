@@ -526,7 +526,8 @@ def plot_retrieval_grid(query_images, neighbour_images, matches, path: str, *,
     for r, caption in enumerate(no_match):
         if caption:  # across the row's results, centred
             ax.text(results + area / 2, _HEADER + (r + 0.5) * cell,
-                    caption, ha="center", color=np.asarray(NO_MATCH_COLOUR) / 255, fontweight="bold",
+                    caption, ha="center", color=np.asarray(NO_MATCH_COLOUR) / 255,
+                    fontweight="bold",
                     bbox=dict(facecolor="white", edgecolor="none", alpha=0.85, pad=2), **font)
     if title:
         ax.text(4, _HEADER / 2, _fitted(title, _LABEL_WIDTH - 8), ha="left", **font)

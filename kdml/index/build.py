@@ -298,6 +298,12 @@ def calibrate_index(index: GalleryIndex, embedder, source, *, target_precision=N
     calibration = calibrate_threshold(embeddings, image_set.labels,
                                       target_precision=target_precision, target_far=target_far,
                                       source=name)  # warns when it accepts too little
-    # the export re-checks the threshold on these images, embedded the same way
-    index.set_threshold({**calibration, "crop_fraction": float(crop_fraction)}, name)
+    # what the export needs to re-check the threshold on these images, embedded the same way
+    spec = source
+    if isinstance(source, str) and source.startswith("folder:"):
+        spec = "folder:" + os.path.abspath(os.path.expanduser(source[len("folder:"):]))
+    recorded = {"source": spec, "split": split, "seed": int(seed),
+                "crop_fraction": float(crop_fraction)} if isinstance(spec, str) else {}
+    index.set_threshold({**calibration, **({"calibration": recorded} if recorded else {})},
+                        name)
     return index.threshold
