@@ -445,12 +445,18 @@ def faded(image) -> np.ndarray:
 def comparison_digits(a: float, b: float, least: int = 2, most: int = 9) -> int:
     """Decimals that show `a` and `b` as different numbers in the right order: at least
     `least`, and enough that one printed step (`10^-digits`) is no larger than `|a - b|`
-    (within 1 %, for float32 inputs) and the two differ as printed (0.9987 vs 0.9996: 4,
-    never "1.00 vs 1.00" or "0.999 vs 1.000"); up to `most`."""
+    (within 1 %, for float32 inputs), the two differ as printed, and neither reads as
+    exactly 1 (or -1) unless it is (0.9987 vs 0.9996: 4, never "1.00 vs 1.00" or "0.999
+    vs 1.000"; 0.998 vs 0.99999: "0.99800 vs 0.99999"); up to `most`."""
     gap = abs(float(a) - float(b)) * 1.01
+
+    def reads_as_one(value, digits):
+        return abs(float(f"{value:.{digits}f}")) == 1.0 and abs(value) != 1.0
+
     digits = least
     while digits < most and (10.0 ** -digits > gap
-                             or f"{a:.{digits}f}" == f"{b:.{digits}f}"):
+                             or f"{a:.{digits}f}" == f"{b:.{digits}f}"
+                             or reads_as_one(a, digits) or reads_as_one(b, digits)):
         digits += 1
     return digits
 

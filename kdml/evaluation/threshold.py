@@ -115,7 +115,7 @@ def threshold_warnings(calibration: dict) -> list:
                        f"calibration queries ({100 * acceptance:.2f} % < "
                        f"{100 * MIN_ACCEPTANCE:g} %), so nearly every search answers no match")
     if 1.0 - calibration["threshold"] < QUANTIZATION_COSINE_ERROR:
-        reasons.append(f"cosine {calibration['threshold']:.4f} is within "
+        reasons.append(f"cosine {calibration['threshold']:.6f} is within "
                        f"{QUANTIZATION_COSINE_ERROR:g} of 1.0 (the cosine an exact duplicate "
                        "loses in a quantized search model), so quantized models refuse "
                        "duplicates")

@@ -150,7 +150,7 @@ def _build(args):
     if index.threshold:
         t = index.threshold
         target = ", ".join(f"{k} {v:g}" for k, v in t["target"].items())
-        print(f"Threshold cosine >= {t['value']:.4f} (target {target}, on {t['source']}: "
+        print(f"Threshold cosine >= {t['value']:.6f} (target {target}, on {t['source']}: "
               f"precision {t['precision']:.4f}, recall {t['recall']:.4f}, FAR {t['far']:.2e}; "
               f"accepts {t['accepted']:,} of {t['queries']:,} queries, "
               f"{100 * t['accepted'] / max(t['queries'], 1):.1f} %)")

@@ -43,7 +43,7 @@ def test_a_degenerate_calibration_warns_in_one_line():
     (line,) = [str(w.message) for w in caught]
     assert "\n" not in line and line.startswith("the threshold calibrated on folder:cal")
     assert f"accepts {accepted} of {len(x)} calibration queries" in line
-    assert f"cosine {result['threshold']:.4f} is within 0.002 of 1.0" in line
+    assert f"cosine {result['threshold']:.6f} is within 0.002 of 1.0" in line
     assert len(threshold_warnings(result)) == 2
 
 

@@ -360,3 +360,18 @@ def test_each_search_model_rechecks_the_threshold_and_accepts_exact_duplicates(g
         if quantization == "int8":  # the index's threshold would have refused duplicates
             assert (found["similarities"][:, 0] < np.float32(stored["value"])).any()
             assert entry["value"] < stored["value"]
+
+
+def test_an_unreadable_calibration_source_keeps_the_threshold_unchecked_with_a_warning():
+    from kdml.export.workflow import _search_calibration
+
+    threshold = {"value": 0.5, "target": {"precision": 0.9}, "source": "by hand"}
+    with pytest.warns(UserWarning) as caught:
+        assert _search_calibration(threshold, "unused.keras") is None
+    (line,) = [str(w.message) for w in caught]
+    assert line.startswith("the search models keep the index's threshold 0.5000 unchecked: "
+                           "its calibration data 'by hand' cannot be read") and "\n" not in line
+    assert line.endswith("pass --search_calibration=<labelled source> to re-check it on each "
+                         "model.")
+    with pytest.raises(ValueError):  # a source the user names must be read
+        _search_calibration(threshold, "unused.keras", source="by hand")

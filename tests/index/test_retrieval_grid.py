@@ -147,6 +147,9 @@ def test_no_match_caption_shows_digits_until_the_numbers_differ():
     assert no_match_caption(-0.1234567, 0.9) == "no match (best -0.12 < threshold 0.90)"
     # the int8 duplicate of issue 33: rounding to 2 or 3 digits would print 1.00 / 1.000
     assert no_match_caption(0.9987, 0.9996) == "no match (best 0.9987 < threshold 0.9996)"
+    # a threshold below 1 never reads as 1
+    assert no_match_caption(0.998, 0.99999) == "no match (best 0.99800 < threshold 0.99999)"
+    assert no_match_caption(0.99, 1.0) == "no match (best 0.99 < threshold 1.00)"
     assert no_match_caption(float(np.float32(0.99987)), 0.99996) == \
         "no match (best 0.99987 < threshold 0.99996)"
     # every caption: the printed numbers differ and keep their order, whatever the gap
@@ -159,6 +162,7 @@ def test_no_match_caption_shows_digits_until_the_numbers_differ():
         text = no_match_caption(best, threshold)
         shown_best, shown_threshold = (float(w.rstrip(")")) for w in text.split()[3::3])
         assert shown_best < shown_threshold, text
+        assert shown_threshold != 1.0 and shown_best != -1.0, text
 
 
 def test_no_match_rows_are_captioned_and_faded(tmp_path, monkeypatch):
