@@ -321,8 +321,9 @@ def best_same_class_similarity(query_embeddings, query_labels, gallery_embedding
     best = np.full(len(q), np.nan, np.float32)
     order = np.argsort(gallery_labels, kind="stable")
     sorted_labels = gallery_labels[order]
-    for label in np.unique(query_labels):
-        rows = np.flatnonzero(query_labels == label)
+    query_order = np.argsort(query_labels, kind="stable")
+    labels, starts = np.unique(query_labels[query_order], return_index=True)
+    for label, rows in zip(labels, np.split(query_order, starts[1:])):
         members = order[np.searchsorted(sorted_labels, label, "left"):
                         np.searchsorted(sorted_labels, label, "right")]
         if len(members) == 0:
