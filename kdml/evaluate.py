@@ -19,6 +19,8 @@ Examples:
         --query=folder:/data/inshop/query --gallery=folder:/data/inshop/gallery
     python -m kdml.evaluate --model=embedder.keras --protocol=omniglot \\
         --dataset=folder:/data/omniglot/images_evaluation
+    python -m kdml.evaluate --model=embedder.keras --dataset=folder:/data/queries --plots \\
+        --index=gallery.index        # or --threshold=0.52: grid rows marked "no match"
 """
 
 from __future__ import annotations
@@ -85,6 +87,11 @@ flags.DEFINE_integer("grid_k", 8, "Results per query in the retrieval grid.")
 flags.DEFINE_integer("grid_sampled", 6, "Queries drawn at random (--seed) for the grid.")
 flags.DEFINE_integer("grid_worst", 6, "Worst queries in the grid (their first same-class "
                      "result comes last).")
+flags.DEFINE_float("threshold", None, "Match threshold (cosine) for --plots: grid rows whose "
+                   "best similarity is below it are marked 'no match' (as python -m kdml.index "
+                   "query --plot marks them); the similarity histograms draw it.")
+flags.DEFINE_string("index", None, "A kdml.index directory built with --calibrate: its "
+                    "calibrated threshold, as --threshold.")
 flags.DEFINE_enum("plot_map", "auto", ["auto", "umap", "tsne"],
                   "2-D map: UMAP when installed (auto), or t-SNE.")
 flags.DEFINE_integer("plot_points", 2000, "Images in the 2-D map at most.")
@@ -110,6 +117,7 @@ def main(argv):
             else FLAGS.eval_dataset or FLAGS.dataset)
     print(f"Evaluating {FLAGS.model} on {data} ({protocol})")
     try:
+        threshold = _plot_threshold()
         ks = tuple(int(k) for k in FLAGS.recall_ks)
         precision_ks = (None if FLAGS.precision_ks is None
                         else tuple(int(k) for k in FLAGS.precision_ks))
@@ -131,7 +139,8 @@ def main(argv):
             grid_k=FLAGS.grid_k, grid_sampled=FLAGS.grid_sampled, grid_worst=FLAGS.grid_worst,
             verification={"auto": "auto", "true": True, "false": False}[FLAGS.verification],
             fars=tuple(float(f) for f in FLAGS.fars), ranking_metrics=FLAGS.ranking_metrics,
-            ndcg_ks=tuple(int(k) for k in FLAGS.ndcg_ks))
+            ndcg_ks=tuple(int(k) for k in FLAGS.ndcg_ks),
+            threshold=None if threshold is None else threshold["value"])
     except (ValueError, FileNotFoundError) as error:
         logging.debug("Traceback of the error below:", exc_info=True)
         print(f"error: {error}", file=sys.stderr)
@@ -140,12 +149,37 @@ def main(argv):
     os.makedirs(os.path.dirname(output), exist_ok=True)
     with open(output, "w") as f:
         json.dump({"model": FLAGS.model, "dataset": FLAGS.dataset, "query": FLAGS.query,
-                   "gallery": FLAGS.gallery, **report}, f, indent=2)
+                   "gallery": FLAGS.gallery, **report,
+                   **({"threshold": threshold} if threshold else {})}, f, indent=2)
     print(format_metrics_table({os.path.basename(os.path.normpath(FLAGS.model)):
                                 report["metrics"]}))
     for name, path in report.get("plots", {}).items():
         print(f"Wrote {name}: {path}")
     print(f"Wrote {output}")
+
+
+def _plot_threshold():
+    """`{"value", "source"}` of --threshold or --index's calibrated threshold, or None;
+    ValueError (one line) for a bad combination or an index without a threshold."""
+    if FLAGS.threshold is None and FLAGS.index is None:
+        return None
+    if FLAGS.threshold is not None and FLAGS.index is not None:
+        raise ValueError("Give --threshold=<cosine> or --index=<calibrated index>, not both.")
+    if not FLAGS.plots:
+        raise ValueError("--threshold and --index mark the retrieval grid of --plots: add "
+                         "--plots.")
+    if FLAGS.threshold is not None:
+        if not -1.0 <= FLAGS.threshold <= 1.0:
+            raise ValueError(f"--threshold is a cosine in [-1, 1]. Received: {FLAGS.threshold}")
+        return {"value": float(FLAGS.threshold), "source": "--threshold"}
+    from kdml.index import GalleryIndex
+
+    index = GalleryIndex.load(FLAGS.index, verify=False)
+    if not index.threshold:
+        raise ValueError(f"{FLAGS.index}: this index holds no calibrated threshold; rebuild it "
+                         "with python -m kdml.index build ... --calibrate=<labelled source>, or "
+                         "pass --threshold=<cosine>.")
+    return {"value": float(index.threshold["value"]), "source": os.path.abspath(FLAGS.index)}
 
 
 if __name__ == "__main__":

@@ -196,12 +196,27 @@ def test_parse_bytes():
 
 
 def test_command_line_end_to_end_with_plots(models, alphabets, tmp_path):
+    """--plots with --index=<an index holding a calibrated threshold>: the figures, the
+    worst rows (rank, then margin) and the "no match" rows of the grid."""
+    from kdml.evaluation.plots import grid_size, no_match_caption
+    from kdml.index import GalleryIndex
+
+    image_set = evaluate_cli._load_images(f"folder:{alphabets / 'omniglot'}", "all", None, 0)
+    x = _embed(models["saved_model"], image_set)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    scores = x @ x.T
+    np.fill_diagonal(scores, -np.inf)
+    # a threshold between the queries' best similarities: about half are "no match"
+    threshold = float(np.median(scores.max(axis=1)))
+    index = GalleryIndex(x, image_set.labels.astype(str))
+    index.set_threshold({"threshold": threshold, "target": {"precision": 0.9}}, "by hand")
+    index.save(str(tmp_path / "t.index"))
     output = tmp_path / "eval_all.json"  # eval_<split>.json in --output_dir
     result = subprocess.run(
         [sys.executable, "-m", "kdml.evaluate", f"--model={models['saved_model']}",
          f"--dataset=folder:{alphabets / 'omniglot'}", "--split=all", "--recall_ks=1,2",
          "--max_memory=1MiB", "--plots", "--plot_map=tsne", "--grid_k=3", "--grid_sampled=2",
-         "--grid_worst=3", f"--output_dir={tmp_path}"],
+         "--grid_worst=3", f"--output_dir={tmp_path}", f"--index={tmp_path / 't.index'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| saved_model | " in result.stdout
@@ -216,22 +231,43 @@ def test_command_line_end_to_end_with_plots(models, alphabets, tmp_path):
                  "tar_far"):
         path = report["plots"][name]
         assert os.path.getsize(path) > 1000 and open(path, "rb").read(4) == b"\x89PNG"
+    assert report["threshold"] == {"value": threshold,
+                                   "source": os.path.abspath(tmp_path / "t.index")}
 
     # the grid's worst rows: the queries whose first same-class neighbour (leave-one-out,
-    # NumPy cosine top-3, stable ties) comes last; none in the top 3 counts as rank 4
-    from kdml.evaluation.plots import grid_size
-
-    image_set = evaluate_cli._load_images(f"folder:{alphabets / 'omniglot'}", "all", None, 0)
-    x = _embed(models["saved_model"], image_set)
-    x = x / np.linalg.norm(x, axis=1, keepdims=True)
-    scores = x @ x.T
-    np.fill_diagonal(scores, -np.inf)
+    # NumPy cosine top-3, stable ties) comes last, none in the top 3 counting as rank 4;
+    # ties: the highest margin (best other cosine - best same-class cosine) first
     top = np.argsort(-scores, axis=1, kind="stable")[:, :3]
-    same = image_set.labels[top] == image_set.labels[:, None]
+    labels = image_set.labels
+    same = labels[top] == labels[:, None]
     ranks = np.where(same.any(axis=1), same.argmax(axis=1) + 1, 4)
-    worst = sorted(range(len(ranks)), key=lambda q: (-ranks[q], q))[:3]
+    pairs = labels[:, None] == labels[None, :]
+    margin = (np.where(~pairs, scores, -np.inf).max(1)
+              - np.where(pairs, scores, -np.inf).max(1))
+    worst = sorted(range(len(ranks)), key=lambda q: (-ranks[q], -margin[q], q))[:3]
     grid = report["retrieval_grid"]
     assert grid["worst"] == worst and grid["worst_ranks"] == [int(ranks[q]) for q in worst]
     assert len(grid["sampled"]) == 2 and not set(grid["sampled"]) & set(worst)
+    shown = grid["sampled"] + grid["worst"]
+    below = [q for q in shown if np.float32(scores[q].max()) < np.float32(threshold)]
+    assert grid["no_match"] == below
+    captions = [no_match_caption(float(np.float32(scores[q].max())), threshold) if q in below
+                else None for q in shown]
     with Image.open(report["plots"]["retrieval_grid"]) as png:
-        assert png.size == grid_size(5, 3)
+        assert png.size == grid_size(5, 3, 64, captions)
+
+
+@pytest.mark.slow  # about 20 s each: a TensorFlow start-up per run
+@pytest.mark.parametrize("flags, message", [
+    (["--plots", "--threshold=0.5", "--index=x.index"], "error: Give --threshold=<cosine> or "
+     "--index=<calibrated index>, not both."),
+    (["--threshold=0.5"], "error: --threshold and --index mark the retrieval grid of --plots"),
+    (["--plots", "--threshold=1.5"], "error: --threshold is a cosine in [-1, 1]"),
+])
+def test_bad_threshold_flags_are_one_line_errors(models, tmp_path, flags, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "kdml.evaluate", f"--model={models['keras']}",
+         f"--output_dir={tmp_path}", *flags], cwd=ROOT, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 2 and result.stderr.strip().startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not os.listdir(tmp_path)

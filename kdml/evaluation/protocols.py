@@ -158,12 +158,15 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
                    queries_per_class=1, episodes=1000, rerank_top_k=0, reranker=None,
                    plots_dir=None, plot_map="auto", plot_points=2000, grid_k=8,
                    grid_sampled=6, grid_worst=6, verification="auto",
-                   fars=(1e-2, 1e-3, 1e-4), ranking_metrics=True, ndcg_ks=(10,)) -> dict:
+                   fars=(1e-2, 1e-3, 1e-4), ranking_metrics=True, ndcg_ks=(10,),
+                   threshold=None) -> dict:
     """Loads an embedder, embeds the protocol's images and returns the report dict.
 
     With `plots_dir`, the figures of `kdml.evaluation.plots.write_plots` plus
     `retrieval_grid.png`: `grid_sampled` seeded queries and the `grid_worst` worst ones
-    (latest first same-class result), each followed by its top `grid_k`.
+    (latest first same-class result), each followed by its top `grid_k`. `threshold`: a
+    match threshold (cosine): grid rows whose best similarity is below it are marked "no
+    match", and the similarity histograms draw it.
 
     `verification` (retrieval protocol): TAR at each FAR of `fars`, ROC AUC and EER over
     all pairs (`kdml.evaluation.verification_metrics`); `"auto"`: when the set has at
@@ -207,7 +210,7 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
         query_embeddings = embed_image_set(embedder, query_set, **embed_options)
         gallery_embeddings = (query_embeddings if same_source
                               else embed_image_set(embedder, gallery_set, **embed_options))
-        query_labels, gallery_labels, _ = align_labels(
+        query_labels, gallery_labels, aligned_names = align_labels(
             query_set.class_names, query_set.labels, gallery_set.class_names, gallery_set.labels)
         metrics = retrieval_metrics(
             query_embeddings, query_labels, ks=ks, nmi=nmi, seed=seed,
@@ -223,6 +226,7 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
         verification_curve = None
         grid_sets = (query_set, query_embeddings, query_labels, gallery_set, gallery_embeddings,
                      gallery_labels, same_source)
+        class_names = list(aligned_names)
     else:
         images = (_load_images(dataset, split, data_dir, seed) if eval_dataset is None
                   else _load_eval_dataset(dataset, eval_dataset, split, data_dir, seed))
@@ -232,6 +236,7 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
         plot_embeddings, plot_labels = embeddings, labels
         curve_source = (embeddings, labels)
         grid_sets = (images, embeddings, labels, images, embeddings, labels, True)
+        class_names = list(images.class_names)
         verification_curve = None
         if protocol in ("episodes", "omniglot"):
             groups = (top_level_groups(images.class_names, labels)
@@ -266,11 +271,13 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
         os.makedirs(plots_dir, exist_ok=True)
         grid = _retrieval_grid(*grid_sets, os.path.join(plots_dir, "retrieval_grid.png"),
                                k=grid_k, num_sampled=grid_sampled, num_worst=grid_worst,
-                               seed=seed, title=title, max_memory_bytes=max_memory_bytes)
+                               seed=seed, title=title, max_memory_bytes=max_memory_bytes,
+                               threshold=threshold, class_names=class_names)
         report["plots"] = {"retrieval_grid": grid.pop("path"),
                            **write_plots(plot_embeddings, np.asarray(plot_labels), curve,
                                          plots_dir, map_method=plot_map, map_points=plot_points,
-                                         seed=seed, title=title)}
+                                         seed=seed, title=title, threshold=threshold,
+                                         class_names=class_names)}
         report["retrieval_grid"] = grid
         if verification_curve is not None:
             from kdml.evaluation.plots import plot_tar_far_curve
@@ -313,22 +320,30 @@ def _verification(metrics, report, embeddings, labels, verification, fars, max_m
 
 def _retrieval_grid(query_set, query_embeddings, query_labels, gallery_set, gallery_embeddings,
                     gallery_labels, leave_one_out, path, *, k, num_sampled, num_worst, seed,
-                    title, max_memory_bytes, thumb=64):
-    """`kdml.evaluation.plots.retrieval_grid` of a protocol's queries and gallery."""
+                    title, max_memory_bytes, thumb=64, threshold=None, class_names=None):
+    """`kdml.evaluation.plots.retrieval_grid` of a protocol's queries and gallery: worst
+    rows ranked by their margins, rows named by `class_names`, "no match" below
+    `threshold`."""
     from kdml.evaluation import exact_knn
-    from kdml.evaluation.plots import retrieval_grid
+    from kdml.evaluation.plots import best_same_class_similarity, retrieval_grid
     from kdml.export.images import _subset, load_uint8
 
     k = max(1, min(int(k), len(gallery_labels) - int(leave_one_out)))
-    neighbours, _ = exact_knn(query_embeddings, None if leave_one_out else gallery_embeddings,
-                              k=k, max_memory_bytes=max_memory_bytes)
+    neighbours, similarities = exact_knn(
+        query_embeddings, None if leave_one_out else gallery_embeddings, k=k,
+        max_memory_bytes=max_memory_bytes)
+    best_same = best_same_class_similarity(
+        query_embeddings, query_labels, gallery_embeddings, gallery_labels,
+        own_rows=np.arange(len(query_labels)) if leave_one_out else None)
 
     def loader(image_set):
         return lambda rows: list(load_uint8(_subset(image_set, np.asarray(rows)), thumb))
 
     return retrieval_grid(query_labels, neighbours, gallery_labels, loader(query_set),
                           loader(gallery_set), path, num_sampled=num_sampled,
-                          num_worst=num_worst, seed=seed, thumb=thumb, title=title)
+                          num_worst=num_worst, seed=seed, thumb=thumb, title=title,
+                          similarities=similarities, best_same=best_same,
+                          threshold=threshold, class_names=class_names)
 
 
 def _load_eval_dataset(dataset, eval_dataset, split, data_dir, seed):

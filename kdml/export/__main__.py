@@ -52,6 +52,9 @@ flags.DEFINE_enum("search_gallery", "float16", ["float16", "int8"],
                   "How the search model stores the gallery: float16, or int8 with a per-row "
                   "scale.")
 flags.DEFINE_integer("search_k", 5, "Gallery items the search model returns per image.")
+flags.DEFINE_string("search_calibration", None, "Labelled source (folder:<dir>, synthetic, "
+                    "tfds:<name>) on which each search model re-checks the index's threshold "
+                    "(default: the data the index was calibrated on).")
 
 
 def main(argv):
@@ -65,7 +68,7 @@ def main(argv):
                    FLAGS.dataset, FLAGS.eval_dataset, FLAGS.data_dir, FLAGS.calibration_images,
                    FLAGS.parity_images, FLAGS.latency_runs, FLAGS.max_recall_drop, FLAGS.parity,
                    FLAGS.seed, gallery=FLAGS.gallery, gallery_dtype=FLAGS.search_gallery,
-                   search_k=FLAGS.search_k)
+                   search_k=FLAGS.search_k, search_calibration=FLAGS.search_calibration)
     except ParityError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from typing import Dict, Optional, Sequence
 
 import keras
@@ -44,8 +45,15 @@ def export_embedder(embedder, output_dir: str, *,
         source: where the model came from (stored in the metadata).
         search: optional search model (`kdml.export.search`): `{"index": GalleryIndex
             (checked by `load_search_gallery`), "gallery_dtype": "float16" | "int8",
-            "k": int, "model": the model's fingerprint entry}`. Adds the SavedModel's
-            `search` signature and `embedder_<quantization>_search.tflite` per variant.
+            "k": int, "model": the model's fingerprint entry, ["calibration": ...]}`.
+            Adds the SavedModel's `search` signature and
+            `embedder_<quantization>_search.tflite` per variant. With an index that
+            holds a threshold, `"calibration"` re-checks it on each search model
+            (`check_search_threshold`): `{"labels" (N,), "reference" (N, d) the index
+            model's embeddings of the calibration images, "keras" (N, d) this
+            embedder's embeddings of them as uint8 images, "embed": f(.tflite path) ->
+            (N, d) the same through that file, "source": name}`; without it the
+            index's threshold is copied, marked `"checked": False`, with a warning.
 
     Returns:
         {"saved_model": dir, "tflite_<quantization>": path, "search_<quantization>":
@@ -78,10 +86,11 @@ def export_embedder(embedder, output_dir: str, *,
 
         encoded = encode_gallery(search["index"].embeddings, search.get("gallery_dtype",
                                                                         "float16"))
-        threshold = (search["index"].threshold or {}).get("value")
         if encoded["values"].shape[1] != meta["embedding_dim"]:
             raise ValueError(f"The gallery has {encoded['values'].shape[1]} columns, the "
                              f"embedder gives {meta['embedding_dim']}-d embeddings.")
+        threshold = _model_threshold(search, encoded, "keras",
+                                     lambda: search["calibration"]["keras"])
     keep = "saved_model" in formats
     saved_model_dir = (os.path.join(output_dir, "saved_model") if keep
                        else tempfile.mkdtemp(prefix="kdml_saved_model_"))
@@ -92,7 +101,8 @@ def export_embedder(embedder, output_dir: str, *,
         # that tracing the float16 gallery product prints on CPUs without AVX-512 FP16
         with native_output_hidden():
             export_saved_model(embedder, saved_model_dir, search=(
-                search_function(embedder, encoded, search.get("k", 5), threshold)
+                search_function(embedder, encoded, search.get("k", 5),
+                                threshold and threshold["value"])
                 if encoded is not None and keep else None))
         if keep:
             write_sidecar(saved_model_dir, embedder_metadata(fmt="saved_model", **meta))
@@ -112,25 +122,53 @@ def export_embedder(embedder, output_dir: str, *,
                 write_sidecar(path, metadata)
                 paths[f"tflite_{quantization}"] = path
                 if encoded is not None:
+                    checked = _model_threshold(search, encoded, quantization,
+                                               lambda: search["calibration"]["embed"](path))
                     paths[f"search_{quantization}"] = _write_search(
-                        model, encoded, search, threshold, metadata, output_dir, quantization)
+                        model, encoded, search, checked, metadata, output_dir, quantization)
     finally:
         if not keep:
             shutil.rmtree(saved_model_dir, ignore_errors=True)
     return paths
 
 
+def _model_threshold(search, encoded, name, queries) -> Optional[dict]:
+    """The threshold entry of one search model (`name`: its embedder's quantization or
+    "keras"): `check_search_threshold` on `queries()`, the calibration images through
+    its embedder; the index's entry marked unchecked without calibration data; None
+    without a threshold."""
+    from kdml.export.search import check_search_threshold
+
+    index_threshold = search["index"].threshold
+    if not index_threshold:
+        return None
+    calibration = search.get("calibration")
+    if calibration is None:
+        return {**index_threshold, "checked": False}
+    checked = check_search_threshold(index_threshold, queries(), calibration["reference"],
+                                     calibration["labels"], encoded)
+    if checked["limited_by"] == "unreachable" and name != "keras":
+        target = ", ".join(f"{k} {v:g}" for k, v in checked["target"].items())
+        warnings.warn(
+            f"the {name} search model cannot reach the index's threshold target ({target}) "
+            f"on {calibration.get('source', 'the calibration set')}: it stores cosine "
+            f">= {checked['value']:.4f}, the lowest score of an exact duplicate there "
+            f"(precision {checked['precision']:.4f}); export a less quantized variant, or "
+            "relax the target.", stacklevel=3)
+    return checked
+
+
 def _write_search(embedder_model: bytes, encoded, search, threshold, metadata, output_dir,
                   quantization) -> str:
     """Writes `embedder_<quantization>_search.tflite` and its sidecar (temporary names,
-    then renamed into place)."""
+    then renamed into place). `threshold`: this model's entry (`_model_threshold`)."""
     from kdml.export.search import append_search, search_filename, search_metadata
 
     k = search.get("k", 5)
-    model = append_search(embedder_model, encoded, k, threshold)
+    model = append_search(embedder_model, encoded, k, threshold and threshold["value"])
     check_builtin_ops(model, search_filename(quantization))
     info = search_metadata(search["index"], encoded, k, model_entry=search.get("model"),
-                           base={**metadata, "format": "tflite_search"})
+                           base={**metadata, "format": "tflite_search"}, threshold=threshold)
     path = os.path.join(output_dir, search_filename(quantization))
     tmp = f"{path}.tmp-{os.getpid()}"
     try:

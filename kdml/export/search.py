@@ -111,11 +111,77 @@ def decode_gallery(encoded: dict) -> np.ndarray:
     return values * encoded["scale"][:, None] if encoded["dtype"] == "int8" else values
 
 
+DUPLICATE_SLACK = 1e-5  # float rounding between NumPy's and LiteRT's re-scoring
+
+
+def check_search_threshold(index_threshold: dict, queries, reference, labels,
+                           encoded: dict) -> dict:
+    """The "no match" threshold of one search model, re-checked on the index's
+    calibration data as that model scores it.
+
+    The index's threshold was calibrated on float32 embeddings; a search model scores
+    its query embedder's (float16, dynamic or int8 `.tflite`) against the gallery
+    stored as float16 or int8, and an exact duplicate of a gallery image loses up to
+    ~1e-3 of its cosine there. So, with the index's target (`index_threshold["target"]`):
+
+    1. `calibrate_threshold(queries, labels, gallery=decoded)`: each calibration image
+       through this model's embedder against the other calibration images as this
+       model stores gallery rows (`encode_gallery` then `decode_gallery` of their
+       float32 embeddings `reference`);
+    2. capped at the lowest duplicate score `min_i q_i . decoded_i` (less
+       `DUPLICATE_SLACK`): an exact duplicate of a gallery image is a match in every
+       search model, as in the float32 index (where it scores 1.0).
+
+    Args:
+        index_threshold: the index's `threshold` entry (`GalleryIndex.set_threshold`).
+        queries: `(N, d)` the calibration images through this model's embedder.
+        reference: `(N, d)` the same images through the model that built the index.
+        labels: `(N,)` their classes.
+        encoded: this model's gallery encoding (`encode_gallery`).
+
+    Returns:
+        The threshold entry this model stores: `"value"`, the rates it achieves on the
+        calibration set (`"precision"`, `"recall"`, `"far"`, `"accepted"`,
+        `"acceptance"`, ...), `"index_value"` (the index's), `"duplicate_floor"` and
+        `"limited_by"`: `"target"`, `"duplicates"` (step 2 lowered it) or `"unreachable"`
+        (no threshold meets the target on this model: the duplicate floor, whose
+        rates are reported).
+    """
+    from kdml.evaluation.threshold import calibrate_threshold, leave_one_out_top1, rates_at
+    from kdml.evaluation.verification import normalized_rows
+
+    queries = normalized_rows(queries, "queries")
+    decoded = normalized_rows(decode_gallery(encode_gallery(reference, encoded["dtype"])),
+                              "gallery")
+    labels = np.asarray(labels)
+    target = dict(index_threshold.get("target") or {"precision": 0.95})
+    options = {f"target_{name}": value for name, value in target.items()}
+    floor = float(np.einsum("nd,nd->n", queries, decoded).min()) - DUPLICATE_SLACK
+    try:
+        result = calibrate_threshold(queries, labels, gallery=decoded, warn=False, **options)
+        limited_by = "target"
+    except ValueError:  # the target cannot be met on this model's scores
+        result, limited_by = None, "unreachable"
+    if result is None or result["threshold"] > floor:
+        similarity, correct = leave_one_out_top1(queries, labels, gallery=decoded)
+        _, class_of, size = np.unique(labels, return_inverse=True, return_counts=True)
+        result = rates_at(floor, similarity, correct, queries, labels, target=target,
+                          known=int((size[class_of] > 1).sum()), gallery=decoded, warn=False)
+        limited_by = "duplicates" if limited_by == "target" else limited_by
+    keep = {k: v for k, v in index_threshold.items()
+            if k not in result and k not in ("value", "checked")}
+    return {**keep, "value": float(result["threshold"]),
+            **{k: v for k, v in result.items() if k != "threshold"},
+            "index_value": float(index_threshold["value"]), "duplicate_floor": floor,
+            "limited_by": limited_by, "checked": True}
+
+
 def search_metadata(index, encoded: dict, k: int, *, model_entry: Optional[dict],
-                    base: Optional[dict] = None) -> dict:
+                    base: Optional[dict] = None, threshold: Optional[dict] = None) -> dict:
     """The `"kdml"` metadata of a search model: the embedder's entries plus `search`,
-    `labels` and `paths`."""
-    threshold = index.threshold
+    `labels` and `paths`. `threshold`: this model's threshold entry
+    (`check_search_threshold`; default: the index's)."""
+    threshold = threshold if threshold is not None else index.threshold
     return {**(base or {}),
             "search": {"k": int(k), "gallery_items": len(index), "gallery_dtype": encoded["dtype"],
                        "rescored_candidates": (rescored_candidates(k, len(index))

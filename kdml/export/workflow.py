@@ -14,18 +14,69 @@ def _run_config(model_path: str) -> dict:
         return json.load(f).get("config") or {}
 
 
+def _search_calibration(threshold: dict, model_path: str, source=None, data_dir=None):
+    """The calibration data of an index's threshold, embedded for its re-check on each
+    search model (`export_embedder`'s `search["calibration"]`); None, with one warning,
+    when the index's recorded source cannot be read (an explicit `source` must be)."""
+    import warnings
+
+    from kdml.evaluation.protocols import embed_image_set
+    from kdml.export import load_embedder
+    from kdml.export.images import load_uint8
+    from kdml.index.build import load_source
+
+    recorded = threshold.get("calibration") or {}
+    spec = source or recorded.get("source") or threshold.get("source")
+    crop = float(recorded.get("crop_fraction", 0.875))
+    try:
+        image_set = load_source(spec, split=recorded.get("split", "all"), data_dir=data_dir,
+                                seed=recorded.get("seed", 0))
+    except (ValueError, FileNotFoundError, OSError) as error:
+        if source is not None:
+            raise
+        warnings.warn(
+            f"the search models keep the index's threshold {threshold['value']:.4f} "
+            f"unchecked: its calibration data {spec!r} cannot be read ({error}); pass "
+            "--search_calibration=<labelled source> to re-check it on each model.",
+            stacklevel=3)
+        return None
+    embedder = load_embedder(model_path)
+    images = load_uint8(image_set, int(embedder.image_size[0]), crop)
+    return {"labels": image_set.labels, "source": spec,
+            "reference": embed_image_set(embedder, image_set, crop_fraction=crop),
+            "keras": embedder.embed(images),
+            "embed": lambda path: load_embedder(path).embed(images)}
+
+
+def _threshold_line(search_path: str) -> str:
+    """What a search model's sidecar says of its threshold, in one line ("" for none)."""
+    with open(search_path + ".json") as f:
+        t = (json.load(f).get("search") or {}).get("threshold")
+    if not t:
+        return ""
+    if not t.get("checked"):
+        return f"threshold cosine >= {t['value']:.6f}: the index's, not re-checked"
+    return (f"threshold cosine >= {t['value']:.6f} (index {t['index_value']:.6f}; limited by "
+            f"{t['limited_by']}): precision {t['precision']:.4f}, recall {t['recall']:.4f}, "
+            f"FAR {t['far']:.2e}, accepts {100 * t['acceptance']:.1f} % of "
+            f"{t['queries']:,} calibration queries")
+
+
 def run_export(model_path: str, output_dir=None, formats=("saved_model", "tflite"),
                quantizations=("float32", "float16", "dynamic", "int8"), dataset=None,
                eval_dataset=None, data_dir=None, calibration_count=300, parity_images=2000,
                latency_runs=50, max_recall_drop=1.0, parity=True, seed=0, gallery=None,
-               gallery_dtype="float16", search_k=5, allow_model_mismatch=False):
+               gallery_dtype="float16", search_k=5, allow_model_mismatch=False,
+               search_calibration=None):
     """The CLI's work as a function: export, then (optionally) the parity report.
 
     `gallery`: a `kdml.index` directory built by this model: adds the search model
     (`kdml.export.search`: the SavedModel's `search` signature and
     `embedder_<quantization>_search.tflite`), its gallery stored as `gallery_dtype`,
     returning `search_k` results. The gallery is checked (model fingerprint, size, empty,
-    NaN) before anything is written.
+    NaN) before anything is written. An index threshold is re-checked on each search
+    model (`kdml.export.search.check_search_threshold`) against its calibration data:
+    `search_calibration` (a labelled source spec), default the one the index records.
 
     Returns:
         (paths {key: path}, report dict or None).
@@ -61,6 +112,9 @@ def run_export(model_path: str, output_dir=None, formats=("saved_model", "tflite
                                     allow_model_mismatch=allow_model_mismatch)
         search = {"index": index, "gallery_dtype": gallery_dtype, "k": int(search_k),
                   "model": model_entry}
+        if index.threshold:
+            search["calibration"] = _search_calibration(index.threshold, model_path,
+                                                        search_calibration, data_dir)
     embedder = keras.saving.load_model(model_path, compile=False)
     image_size = int(embedder.input_shape[1])
     needs_data = parity or ("tflite" in formats and "int8" in quantizations)
@@ -82,6 +136,10 @@ def run_export(model_path: str, output_dir=None, formats=("saved_model", "tflite
     def print_paths():
         for key, path in paths.items():
             print(f"Wrote {key}: {path}")
+            if key.startswith("search_"):
+                line = _threshold_line(path)
+                if line:
+                    print(f"  {line}")
 
     if not parity:
         print_paths()

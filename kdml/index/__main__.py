@@ -150,8 +150,10 @@ def _build(args):
     if index.threshold:
         t = index.threshold
         target = ", ".join(f"{k} {v:g}" for k, v in t["target"].items())
-        print(f"Threshold cosine >= {t['value']:.4f} (target {target}, on {t['source']}: "
-              f"precision {t['precision']:.4f}, recall {t['recall']:.4f}, FAR {t['far']:.2e})")
+        print(f"Threshold cosine >= {t['value']:.6f} (target {target}, on {t['source']}: "
+              f"precision {t['precision']:.4f}, recall {t['recall']:.4f}, FAR {t['far']:.2e}; "
+              f"accepts {t['accepted']:,} of {t['queries']:,} queries, "
+              f"{100 * t['accepted'] / max(t['queries'], 1):.1f} %)")
 
 
 def _query(args):
@@ -195,19 +197,25 @@ def _query(args):
     if args.plot:
         import numpy as np
 
-        from kdml.evaluation.plots import load_image_files, retrieval_grid
+        from kdml.evaluation.plots import (best_same_class_similarity, load_image_files,
+                                           retrieval_grid)
 
-        label_ids = {name: i for i, name in enumerate(sorted(set(index.labels.tolist())
-                                                            | set(query_names)))}
+        class_names = sorted(set(index.labels.tolist()) | set(query_names))
+        label_ids = {name: i for i, name in enumerate(class_names)}
+        query_ids = np.array([label_ids[n] for n in query_names])
+        gallery_ids = np.array([label_ids[n] for n in index.labels])
+        row_of = {str(path): row for row, path in enumerate(index.paths.tolist())}
         grid = retrieval_grid(
-            np.array([label_ids[n] for n in query_names]), result.indices,
-            np.array([label_ids[n] for n in index.labels]),
+            query_ids, result.indices, gallery_ids,
             lambda rows: load_image_files(queries.paths[rows]),
             lambda rows: load_image_files(index.paths[rows]), args.plot,
             num_sampled=args.plot_sampled, num_worst=args.plot_worst, seed=args.seed,
             title=os.path.basename(os.path.normpath(args.index)),
-            **({"best_similarities": result.similarities[:, 0],
-                "threshold": index.threshold["value"]} if index.threshold else {}))
+            similarities=result.similarities, class_names=class_names,
+            best_same=best_same_class_similarity(  # a gallery file as query: not itself
+                embeddings, query_ids, index.embeddings, gallery_ids,
+                own_rows=[row_of.get(str(p), -1) for p in query_paths]),
+            threshold=index.threshold["value"] if index.threshold else None)
         print(f"Wrote the retrieval grid: {grid['path']}", file=sys.stderr)
     text = json.dumps(records, indent=1)
     if args.output_dir:

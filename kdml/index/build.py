@@ -296,6 +296,14 @@ def calibrate_index(index: GalleryIndex, embedder, source, *, target_precision=N
         embed_image_set(embedder, image_set, batch_size=batch_size, crop_fraction=crop_fraction),
         _item_paths(image_set), source=f"the calibration set {name}")
     calibration = calibrate_threshold(embeddings, image_set.labels,
-                                      target_precision=target_precision, target_far=target_far)
-    index.set_threshold(calibration, name)
+                                      target_precision=target_precision, target_far=target_far,
+                                      source=name)  # warns when it accepts too little
+    # what the export needs to re-check the threshold on these images, embedded the same way
+    spec = source
+    if isinstance(source, str) and source.startswith("folder:"):
+        spec = "folder:" + os.path.abspath(os.path.expanduser(source[len("folder:"):]))
+    recorded = {"source": spec, "split": split, "seed": int(seed),
+                "crop_fraction": float(crop_fraction)} if isinstance(spec, str) else {}
+    index.set_threshold({**calibration, **({"calibration": recorded} if recorded else {})},
+                        name)
     return index.threshold

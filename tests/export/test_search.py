@@ -299,3 +299,79 @@ def test_the_kit_query_answers_no_match_below_the_index_threshold(gallery, tmp_p
     flags = [record["no_match"] for record in hits]
     np.testing.assert_array_equal(flags, top1 < threshold)
     assert any(flags) and not all(flags)
+
+
+@pytest.mark.slow  # about 30 s: an int8 conversion and two calibrations
+def test_each_search_model_rechecks_the_threshold_and_accepts_exact_duplicates(gallery,
+                                                                              tmp_path):
+    """Issue 33: a threshold calibrated near 1.0 on float32 embeddings, copied into an
+    int8 search model, refused exact duplicates of gallery images there. The export now
+    re-calibrates it on each model's own scores (same data, same target) and keeps it
+    at or below the lowest duplicate score."""
+    from kdml.evaluation.threshold import calibrate_threshold
+    from kdml.export.search import DUPLICATE_SLACK
+    from kdml.export.workflow import run_export
+
+    import shutil
+
+    from PIL import Image
+
+    # the glyphs, and copies of class char00 filed as another class, one pixel
+    # changed by 20 levels: impostor pairs at cosine ~0.99997, where FAR 0 puts the threshold
+    folder = tmp_path / "glyphs"
+    shutil.copytree(gallery["root"] / "glyphs", folder)
+    os.makedirs(folder / "twin")
+    for name in sorted(os.listdir(folder / "char00")):
+        pixels = np.array(Image.open(folder / "char00" / name)).astype(int)
+        pixels[10, 10] += np.where(pixels[10, 10] > 128, -20, 20)
+        pixels = pixels.astype(np.uint8)
+        Image.fromarray(pixels).save(folder / "twin" / name)
+    source = f"folder:{folder}"
+    output = str(tmp_path / "c.index")
+    with pytest.warns(UserWarning, match="within 0.002 of 1.0"):  # the degenerate case
+        index = build_index(gallery["model"], source, output, calibrate=source,
+                            target_far=0.0)
+    stored = index.threshold
+    assert stored["calibration"]["source"] == source and stored["value"] > 0.998
+    paths, _ = run_export(gallery["model"], str(tmp_path / "export"), formats=("tflite",),
+                          quantizations=("float32", "int8"), dataset="synthetic",
+                          calibration_count=32, parity=False, gallery=output,
+                          gallery_dtype="int8", search_k=K)
+    images = load_uint8(load_source(source), SIZE)  # the gallery's own: exact duplicates
+    decoded = decode_gallery(encode_gallery(index.embeddings, "int8"))
+    decoded /= np.linalg.norm(decoded, axis=1, keepdims=True)
+    for quantization in ("float32", "int8"):
+        found = _run_search(paths[f"search_{quantization}"], images)
+        assert found["match"][:, 0].all(), quantization  # every duplicate is a match
+        entry = json.load(open(paths[f"search_{quantization}"] + ".json"))["search"]
+        entry = entry["threshold"]
+        # independently: the calibration on this model's scores, capped at the duplicates
+        queries = load_embedder(paths[f"tflite_{quantization}"]).embed(images)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        labels = load_source(source).labels
+        want = calibrate_threshold(queries, labels, gallery=decoded, target_far=0.0,
+                                   warn=False)["threshold"]
+        floor = float(np.einsum("nd,nd->n", queries, decoded).min()) - DUPLICATE_SLACK
+        assert entry["value"] == pytest.approx(min(want, floor), abs=2e-6)
+        assert entry["limited_by"] == ("target" if want <= floor else "duplicates")
+        assert entry["index_value"] == stored["value"] and entry["checked"]
+        assert entry["duplicate_floor"] == pytest.approx(floor, abs=2e-6)
+        assert entry["queries"] == len(images) and 0 <= entry["far"] <= 1
+        if quantization == "int8":  # the index's threshold would have refused duplicates
+            assert (found["similarities"][:, 0] < np.float32(stored["value"])).any()
+            assert entry["value"] < stored["value"]
+
+
+def test_an_unreadable_calibration_source_keeps_the_threshold_unchecked_with_a_warning():
+    from kdml.export.workflow import _search_calibration
+
+    threshold = {"value": 0.5, "target": {"precision": 0.9}, "source": "by hand"}
+    with pytest.warns(UserWarning) as caught:
+        assert _search_calibration(threshold, "unused.keras") is None
+    (line,) = [str(w.message) for w in caught]
+    assert line.startswith("the search models keep the index's threshold 0.5000 unchecked: "
+                           "its calibration data 'by hand' cannot be read") and "\n" not in line
+    assert line.endswith("pass --search_calibration=<labelled source> to re-check it on each "
+                         "model.")
+    with pytest.raises(ValueError):  # a source the user names must be read
+        _search_calibration(threshold, "unused.keras", source="by hand")

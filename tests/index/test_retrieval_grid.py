@@ -44,11 +44,12 @@ def test_grid_png_size_and_frame_colours(tmp_path):
     thumb = 32
     info = retrieval_grid(query_labels, neighbours, gallery_labels,
                           lambda rows: list(images[rows]), lambda rows: list(images[rows]),
-                          path, num_sampled=2, num_worst=2, seed=0, thumb=thumb)
+                          path, num_sampled=1, num_worst=2, seed=0, thumb=thumb)
     assert info["worst"] == [3, 2] and info["worst_ranks"] == [4, 3]
-    assert info["sampled"] == [0, 1]
+    want = np.random.default_rng(0).choice([0, 1], size=1, replace=False).tolist()
+    assert info["sampled"] == want
     with Image.open(path) as png:
-        assert png.size == grid_size(4, 3, thumb)
+        assert png.size == grid_size(3, 3, thumb)
         pixels = np.asarray(png.convert("RGB"))
     cell = thumb + 2 * (_BORDER + _PAD)
     shown = info["sampled"] + info["worst"]
@@ -144,6 +145,24 @@ def test_no_match_caption_shows_digits_until_the_numbers_differ():
     assert no_match_caption(0.41, 0.52) == "no match (best 0.41 < threshold 0.52)"
     assert no_match_caption(0.5199, 0.52) == "no match (best 0.5199 < threshold 0.5200)"
     assert no_match_caption(-0.1234567, 0.9) == "no match (best -0.12 < threshold 0.90)"
+    # the int8 duplicate of issue 33: rounding to 2 or 3 digits would print 1.00 / 1.000
+    assert no_match_caption(0.9987, 0.9996) == "no match (best 0.9987 < threshold 0.9996)"
+    # a threshold below 1 never reads as 1
+    assert no_match_caption(0.998, 0.99999) == "no match (best 0.99800 < threshold 0.99999)"
+    assert no_match_caption(0.99, 1.0) == "no match (best 0.99 < threshold 1.00)"
+    assert no_match_caption(float(np.float32(0.99987)), 0.99996) == \
+        "no match (best 0.99987 < threshold 0.99996)"
+    # every caption: the printed numbers differ and keep their order, whatever the gap
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        threshold = float(rng.uniform(-1, 1))
+        best = float(np.float32(threshold - 10.0 ** rng.uniform(-7, 0)))
+        if best >= threshold:  # float32 rounding reached the threshold
+            continue
+        text = no_match_caption(best, threshold)
+        shown_best, shown_threshold = (float(w.rstrip(")")) for w in text.split()[3::3])
+        assert shown_best < shown_threshold, text
+        assert shown_threshold != 1.0 and shown_best != -1.0, text
 
 
 def test_no_match_rows_are_captioned_and_faded(tmp_path, monkeypatch):
@@ -205,3 +224,143 @@ def test_no_match_needs_both_similarities_and_threshold(tmp_path):
     with pytest.raises(ValueError, match="best_similarities and threshold together"):
         retrieval_grid(np.zeros(1), np.zeros((1, 1), int), np.zeros(1), list, list,
                        str(tmp_path / "x.png"), threshold=0.5)
+
+
+def _text_boxes(monkeypatch) -> list:
+    """Patches Figure.savefig to record `(text, (x0, x1) in canvas pixels)` of every text
+    of a saved grid, as drawn (its window extent)."""
+    import matplotlib.figure
+
+    boxes = []
+    save = matplotlib.figure.Figure.savefig
+
+    def savefig(figure, *args, **kwargs):
+        renderer = figure.canvas.get_renderer()
+        for ax in figure.axes:
+            for t in ax.texts:
+                box = t.get_window_extent(renderer=renderer)
+                boxes.append((t.get_text(), (box.x0, box.x1)))
+        return save(figure, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    return boxes
+
+
+def _grid_data(num_queries=12, num_classes=4, seed=0, dim=8):
+    """Unit embeddings of a gallery (3 per class) and queries (labels q % num_classes),
+    their exact cosine top-k (k = 3), and 8 x 8 images."""
+    rng = np.random.default_rng(seed)
+    gallery_labels = np.repeat(np.arange(num_classes), 3)
+    query_labels = np.arange(num_queries) % num_classes
+    g = rng.normal(size=(len(gallery_labels), dim)).astype(np.float32)
+    q = rng.normal(size=(num_queries, dim)).astype(np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    scores = q @ g.T
+    neighbours = np.argsort(-scores, axis=1, kind="stable")[:, :3]
+    images = rng.integers(0, 255, size=(len(g) + num_queries, 8, 8, 3), dtype=np.uint8)
+    return dict(q=q, g=g, query_labels=query_labels, gallery_labels=gallery_labels,
+                scores=scores, neighbours=neighbours,
+                similarities=np.take_along_axis(scores, neighbours, 1),
+                load_query=lambda rows: list(images[len(g) + np.asarray(rows)]),
+                load_gallery=lambda rows: list(images[np.asarray(rows)]))
+
+
+def test_worst_rows_rank_ties_by_the_margin_never_by_index(tmp_path, monkeypatch):
+    """Of the queries with no same-class result in k, the worst are those whose own class
+    loses by most: best other cosine - best same-class cosine, over the whole gallery."""
+    from kdml.evaluation.plots import best_same_class_similarity
+
+    texts = capture_grid_texts(monkeypatch)
+    d = _grid_data(num_queries=40)
+    best_same = best_same_class_similarity(d["q"], d["query_labels"], d["g"],
+                                           d["gallery_labels"])
+    info = retrieval_grid(d["query_labels"], d["neighbours"], d["gallery_labels"],
+                          d["load_query"], d["load_gallery"], str(tmp_path / "g.png"),
+                          num_sampled=2, num_worst=5, seed=0, thumb=16,
+                          similarities=d["similarities"], best_same=best_same,
+                          class_names=[f"class {c}" for c in range(4)])
+    # NumPy reference over all pairs
+    same = d["query_labels"][:, None] == d["gallery_labels"][None, :]
+    margin = np.where(~same, d["scores"], -np.inf).max(1) - np.where(same, d["scores"],
+                                                                     -np.inf).max(1)
+    np.testing.assert_allclose(best_same, np.where(same, d["scores"], -np.inf).max(1),
+                               rtol=1e-6)
+    ranks = first_positive_rank(d["query_labels"], d["gallery_labels"][d["neighbours"]])
+    want = sorted(range(40), key=lambda q: (-ranks[q], -margin[q], q))[:5]
+    assert info["worst"] == want
+    tied = [q for q in range(40) if ranks[q] == ranks[want[0]]]
+    assert len(tied) > 5 and want != sorted(tied)[:5]  # the index would have picked others
+    # every row names its query, its class and how it fared
+    rows = [t for t, _, _ in texts if t.startswith("q") and "\n" in t]
+    shown = info["sampled"] + info["worst"]
+    assert len(rows) == len(shown)
+    for text, q in zip(rows, shown):
+        head, label, outcome = text.split("\n")
+        assert head == f"q{q}" + (", worst" if q in info["worst"] else ", sample")
+        assert label == f"class {d['query_labels'][q]}"
+        assert outcome == (f"1st same class: {ranks[q]}" if ranks[q] <= 3
+                           else "no same class in 3")
+
+
+def test_a_grid_of_few_queries_shows_each_for_what_it_is(tmp_path, monkeypatch):
+    """3 queries, 6 + 6 rows asked: all three shown in order, none called "worst"; a
+    query whose class the gallery lacks says so and is never ranked worst."""
+    from kdml.evaluation.plots import best_same_class_similarity
+
+    texts = capture_grid_texts(monkeypatch)
+    d = _grid_data(num_queries=3)
+    labels = np.array([0, 1, 7])  # class 7: not in the gallery
+    best_same = best_same_class_similarity(d["q"], labels, d["g"], d["gallery_labels"])
+    assert np.isnan(best_same[2]) and not np.isnan(best_same[:2]).any()
+    info = retrieval_grid(labels, d["neighbours"], d["gallery_labels"], d["load_query"],
+                          d["load_gallery"], str(tmp_path / "g.png"), thumb=16,
+                          similarities=d["similarities"], best_same=best_same,
+                          class_names={0: "Latin/a", 1: "Latin/b", 7: "Greek/x"})
+    assert info["sampled"] == [0, 1, 2] and info["worst"] == []
+    rows = [t for t, _, _ in texts if t.startswith("q") and "\n" in t]
+    assert [r.split("\n")[:2] for r in rows] == [["q0", "Latin/a"], ["q1", "Latin/b"],
+                                                 ["q2", "Greek/x"]]
+    assert not any("worst" in r or "sample" in r for r in rows)
+    assert rows[2].endswith("class not in gallery")
+    # many queries, all but one lone: the lone ones are never "worst"
+    d = _grid_data(num_queries=20)
+    labels = np.full(20, 9)
+    labels[5] = 1
+    best_same = best_same_class_similarity(d["q"], labels, d["g"], d["gallery_labels"])
+    info = retrieval_grid(labels, d["neighbours"], d["gallery_labels"], d["load_query"],
+                          d["load_gallery"], str(tmp_path / "g2.png"), num_sampled=2,
+                          num_worst=3, thumb=16, similarities=d["similarities"],
+                          best_same=best_same)
+    assert info["worst"] == [5]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_captions_and_legend_fit_the_canvas_at_small_k(tmp_path, monkeypatch, k):
+    """At k = 1 or 2 the "no match" caption is wider than the results: the grid widens, so
+    it stays right of the query column and inside the picture; so does the header."""
+    from PIL import Image
+
+    from kdml.evaluation.plots import plot_retrieval_grid
+
+    boxes = _text_boxes(monkeypatch)
+    images = np.full((3, 8, 8, 3), 200, np.uint8)
+    caption = no_match = "no match (best 0.998712 < threshold 0.999634)"
+    path = plot_retrieval_grid([images[0], images[1]], [[images[2]] * k] * 2,
+                               np.zeros((2, k), bool), str(tmp_path / "g.png"),
+                               row_labels=["q0\nLatin/character01\nno same class in 1",
+                                           "q1\n" + "x" * 60 + "\n1st same class: 1"],
+                               no_match=[caption, None], title="a very long model name " * 3)
+    cell = 64 + 2 * (_BORDER + _PAD)
+    with Image.open(path) as png:
+        width = png.size[0]
+        assert png.size == grid_size(2, k, 64, [no_match, None])
+    texts = dict(boxes)
+    x0, x1 = texts[caption]
+    assert _LABEL_WIDTH + cell < x0 and x1 <= width  # over the results, inside the image
+    (legend,) = [t for t in texts if t.startswith(f"top {k} (")]
+    assert texts[legend][1] <= width
+    for text, (x0, x1) in boxes:  # row labels and the title stay in the label column
+        if text.startswith(("q0", "q1", "...", "a very")):
+            assert x1 <= _LABEL_WIDTH, text
+    assert any(t.startswith("q1\n...") for t in texts)  # the long class cut from the left
