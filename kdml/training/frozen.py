@@ -19,7 +19,7 @@ epoch then costs the head's forward and backward pass, not the backbone's.
   second run, or a resumed one, with the same backbone and images reuses the file;
   other weights or another image list compute new features.
 - Size: N x the backbone's feature size x 4 bytes, e.g. conv4 at 28 px 1 KiB per
-  image, ResNet-50 at 224 px 392 KiB (7 x 7 x 2048), DeiT-S 190 KiB (198 x 384 tokens).
+  image, ResNet-50 at 224 px 392 KiB (7 x 7 x 2048), DeiT-S 297 KiB (198 x 384 tokens).
 - Training: the methods' objectives are built on the head model (their inputs are
   features), fed by `kdml.data.feature_train_dataset` (the same P x K batches).
   Checkpoints hold the training model's weights only (head, method weights, optimizer)
@@ -217,6 +217,12 @@ class FrozenFeatures:
     train: CachedFeatures
     test: CachedFeatures
     fingerprint: str
+
+    def summary(self) -> dict:
+        """For metrics.json: per split the file, shape, whether reused, seconds spent."""
+        return {name: {"path": c.path, "shape": list(c.features.shape), "reused": c.reused,
+                       "seconds": round(c.seconds, 3)}
+                for name, c in (("train", self.train), ("test", self.test))}
 
     def describe(self) -> str:
         """One line for the run's output: shapes, sizes, computed or reused."""

@@ -197,6 +197,8 @@ def _train(config, method, splits, strategy, role, out, write_dir, resume_from) 
             print(frozen.describe(), flush=True)
 
     history = {"config": dataclasses.asdict(config), "epochs": {}}
+    if frozen is not None:
+        history["features"] = frozen.summary()
     start_step, epoch_loss = 0, EpochLoss()
     if resume_from:
         state = restore_checkpoint(model, resume_from)
