@@ -141,7 +141,10 @@ def extract_features(extractor: keras.Model, dataset: tf.data.Dataset, num_image
         The features, a read-only memory map of `path`.
     """
     shape = (num_images, *(int(s) for s in extractor.output_shape[1:]))
-    forward = tf.function(lambda images: tf.cast(extractor(images, training=False), tf.float32))
+    # One trace for every batch size (the last batch is smaller).
+    forward = tf.function(lambda images: tf.cast(extractor(images, training=False), tf.float32),
+                          input_signature=[tf.TensorSpec([None, *extractor.input_shape[1:]],
+                                                         tf.float32)])
     tmp = f"{path}.tmp-{os.getpid()}.npy"
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
     row = 0
