@@ -44,6 +44,7 @@ import tensorflow as tf
 from kdml.config import TrainConfig
 from kdml.data.image_set import ImageSet
 from kdml.data.pipeline import eval_dataset, unaugmented_dataset
+from kdml.training.checkpointing import write_json_atomic
 
 FEATURES_DIR = "features"
 _HASH_CHUNK = 1 << 24  # bytes of a weight hashed per update (16 MiB)
@@ -204,8 +205,6 @@ def cached_features(extractor: keras.Model, image_set: ImageSet, make_dataset: C
         if not stale.startswith(path[:-len(".npy")]):
             os.remove(stale)
     features = extract_features(extractor, make_dataset(), image_set.num_images, path)
-    from kdml.training.checkpointing import write_json_atomic
-
     write_json_atomic(meta_path, {"key": key, "backbone_fingerprint": fingerprint,
                                   "image_list_key": image_key, "images": image_set.num_images,
                                   "shape": list(features.shape), "dtype": "float32",
