@@ -17,7 +17,8 @@ epoch then costs the head's forward and backward pass, not the backbone's.
   normalisation) and the image list (`image_list_key`: the paths with their sizes and
   modification times, or the pixels, the labels, the image size and the crop). A
   second run, or a resumed one, with the same backbone and images reuses the file;
-  other weights or another image list compute new features.
+  other weights or another image list compute new features. `prepare_features(...,
+  cache_dir=None)` keeps them in memory only (Python API).
 - Size: N x the backbone's feature size x 4 bytes, e.g. conv4 at 28 px 1 KiB per
   image, ResNet-50 at 224 px 392 KiB (7 x 7 x 2048), DeiT-S 297 KiB (198 x 384 tokens).
 - Training: the methods' objectives are built on the head model (their inputs are
@@ -134,27 +135,29 @@ def image_list_key(image_set: ImageSet, image_size: int, crop: str) -> str:
 
 
 def extract_features(extractor: keras.Model, dataset: tf.data.Dataset, num_images: int,
-                     path: str) -> np.ndarray:
-    """Runs `extractor` once over `dataset` (batches of (images, labels), in order) and
-    writes the float32 features `(N, ...)` to the `.npy` file `path` (atomically).
+                     path: Optional[str] = None) -> np.ndarray:
+    """Runs `extractor` once over `dataset` (batches of (images, labels), in order): the
+    float32 features `(N, ...)`, written to the `.npy` file `path` (atomically) when given.
 
     Returns:
-        The features, a read-only memory map of `path`.
+        The features: a read-only memory map of `path`, or an array in memory.
     """
     shape = (num_images, *(int(s) for s in extractor.output_shape[1:]))
-    # One trace for every batch size (the last batch is smaller).
-    forward = tf.function(lambda images: tf.cast(extractor(images, training=False), tf.float32),
-                          input_signature=[tf.TensorSpec([None, *extractor.input_shape[1:]],
-                                                         tf.float32)])
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+    if path is None:
+        out = np.empty(shape, dtype=np.float32)
+    else:
+        tmp = f"{path}.tmp-{os.getpid()}.npy"
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
     row = 0
     for images, _ in dataset:
-        batch = forward(images).numpy()
+        # Keras' compiled predict step, inference mode (BatchNorm's moving statistics).
+        batch = np.asarray(extractor.predict_on_batch(images), dtype=np.float32)
         out[row:row + len(batch)] = batch
         row += len(batch)
     if row != num_images:
         raise ValueError(f"The feature pass gave {row} rows for {num_images} images.")
+    if path is None:
+        return out
     out.flush()
     del out
     os.replace(tmp, path)
@@ -163,18 +166,21 @@ def extract_features(extractor: keras.Model, dataset: tf.data.Dataset, num_image
 
 @dataclasses.dataclass
 class CachedFeatures:
-    """Features of one image list: `features` `(N, ...)` float32 (a memory map), the
-    cache file, and whether it was reused (False: computed by this run)."""
+    """Features of one image list: `features` `(N, ...)` float32 (a memory map of the
+    cache file `path`, or an array in memory when `path` is None), whether they were
+    reused (False: computed by this run) and the seconds that took."""
 
     features: np.ndarray
-    path: str
+    path: Optional[str]
     reused: bool
     seconds: float
 
 
 def cached_features(extractor: keras.Model, image_set: ImageSet, make_dataset: Callable[[], tf.data.Dataset],
-                    *, cache_dir: str, name: str, fingerprint: str, image_key: str) -> CachedFeatures:
-    """The features of `image_set` from `cache_dir`, computed and written when missing.
+                    *, cache_dir: Optional[str], name: str, fingerprint: str,
+                    image_key: str) -> CachedFeatures:
+    """The features of `image_set` from `cache_dir`, computed and written when missing
+    (`cache_dir=None`: computed and kept in memory only; `path` is then None).
 
     A file of the same `name` with another key (other backbone weights, other images)
     is replaced.
@@ -183,12 +189,16 @@ def cached_features(extractor: keras.Model, image_set: ImageSet, make_dataset: C
         extractor: the feature extractor (`kdml.models.split_embedder`).
         image_set: the images, in the order of `make_dataset()`'s batches.
         make_dataset: () -> `tf.data.Dataset` of (images, labels) batches.
-        cache_dir: the cache folder (created when missing).
+        cache_dir: the cache folder (created when missing), or None.
         name: the file's prefix ("train", "test").
         fingerprint: `backbone_fingerprint(extractor)`.
         image_key: `image_list_key(image_set, ...)`.
     """
     key = hashlib.sha256(f"{fingerprint}|{image_key}".encode()).hexdigest()
+    if cache_dir is None:
+        start = time.perf_counter()
+        features = extract_features(extractor, make_dataset(), image_set.num_images)
+        return CachedFeatures(features, None, False, time.perf_counter() - start)
     path = os.path.join(cache_dir, f"{name}-{key[:16]}.npy")
     meta_path = path[:-len(".npy")] + ".json"
     start = time.perf_counter()
@@ -233,16 +243,19 @@ class FrozenFeatures:
             size = cached.features.size * 4 / 2**20
             return (f"{name} {tuple(cached.features.shape)} ({size:.1f} MiB, {what})")
 
-        directory = os.path.dirname(self.train.path)
-        return (f"features: {part('train', self.train)}, {part('test', self.test)} in "
-                f"{directory}")
+        where = (f"in {os.path.dirname(self.train.path)}" if self.train.path
+                 else "in memory")
+        return f"features: {part('train', self.train)}, {part('test', self.test)} {where}"
 
 
 def prepare_features(extractor: keras.Model, train_set: ImageSet, test_set: ImageSet,
-                     config: TrainConfig, cache_dir: str,
+                     config: TrainConfig, cache_dir: Optional[str],
                      fingerprint: Optional[str] = None) -> FrozenFeatures:
-    """The training and test features of a frozen-backbone run, from the cache or computed
-    once (`cached_features`)."""
+    """The training and test features of a frozen-backbone run, from the cache folder
+    `cache_dir` or computed once (`cached_features`; None: in memory, not written).
+
+    Uses `config.image_size`, `config.eval_crop_fraction` (the test crop) and
+    `config.eval_batch_size` (the feature pass's batch)."""
     fingerprint = fingerprint or backbone_fingerprint(extractor)
     batch = config.eval_batch_size
     train = cached_features(

@@ -44,7 +44,7 @@ def count_backbone_images(monkeypatch):
     counted = []
     original = frozen.extract_features
 
-    def counting(extractor, dataset, num_images, path):
+    def counting(extractor, dataset, num_images, path=None):
         counted.append(num_images)
         return original(extractor, dataset, num_images, path)
 
@@ -108,10 +108,16 @@ def test_cache_is_invalidated_by_other_weights_or_another_image_list(glyph_folde
     fewer = splits.train.select_classes(range(5))
     frozen.prepare_features(extractor, fewer, splits.test, config, cache)
     assert count_backbone_images == [36, 36, 36, 36, 30]
+    # Without a cache folder the features stay in memory: the same values, nothing written.
+    in_memory = frozen.prepare_features(extractor, splits.train, splits.test, config, None)
+    assert in_memory.train.path is None and isinstance(in_memory.train.features, np.ndarray)
+    np.testing.assert_array_equal(in_memory.train.features, changed.train.features)
+    assert count_backbone_images == [36, 36, 36, 36, 30, 36, 36]
+    assert "in memory" in in_memory.describe()
     # Another crop of the same images is another image list too.
     frozen.prepare_features(extractor, fewer, splits.test,
                             dataclasses.replace(config, eval_crop_fraction=0.5), cache)
-    assert count_backbone_images == [36, 36, 36, 36, 30, 36]
+    assert count_backbone_images == [36, 36, 36, 36, 30, 36, 36, 36]
 
 
 def test_unaugmented_batches_are_the_training_crop_without_augmentation(glyph_folder):
@@ -131,6 +137,20 @@ def test_unaugmented_batches_are_the_training_crop_without_augmentation(glyph_fo
         np.testing.assert_array_equal(pixels.numpy(), images[indices])
         np.testing.assert_array_equal(labels.numpy(), row_labels.numpy())
         np.testing.assert_array_equal(indices[0::2], indices[1::2])  # two identical views
+
+
+def test_worker_shards_of_feature_batches_concatenate_to_the_global_batch():
+    features = np.arange(40 * 2, dtype=np.float32).reshape(40, 2)
+    labels = np.repeat(np.arange(10), 4)
+    whole = feature_train_dataset(features, labels, classes_per_batch=4, images_per_class=2,
+                                  seed=1, start_step=5)
+    shards = [feature_train_dataset(features, labels, classes_per_batch=4, images_per_class=2,
+                                    seed=1, start_step=5, num_shards=2, shard_index=i)
+              for i in range(2)]
+    for (rows, row_labels), *parts in zip(whole.take(3), *(s.take(3) for s in shards)):
+        np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), rows)
+        np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), row_labels)
+        np.testing.assert_array_equal(labels[(rows.numpy()[:, 0] / 2).astype(int)], row_labels)
 
 
 def test_head_on_cached_features_equals_head_trained_on_the_fly(glyph_folder, tmp_path):
@@ -215,6 +235,7 @@ def test_resume_on_another_backbone_is_refused(glyph_folder, tmp_path):
     ("subcenter_arcface", dict(sub_centers=2)),
     ("supcon", dict()),
     ("multi_similarity", dict(xbm_size=12)),
+    ("proxy_anchor", dict(mixed_precision=True)),
 ])
 def test_every_kind_of_method_trains_on_cached_features(glyph_folder, tmp_path, method, overrides):
     history = train(_config(glyph_folder, tmp_path, method=method, **overrides))
