@@ -43,6 +43,10 @@ def sprite_image(thumbnails: np.ndarray) -> np.ndarray:
     """`(N, t, t, 3)` uint8 thumbnails -> `(g t, g t, 3)` uint8 sprite, g = ceil(sqrt(N)).
 
     Thumbnail i sits in cell (i // g, i % g); the cells after the last are white.
+
+    >>> sprite = sprite_image(np.zeros((3, 2, 2, 3), np.uint8))  # 3 black 2 px cells
+    >>> sprite.shape, int(sprite[:2, :4].max()), int(sprite[2:, 2:].min())
+    ((4, 4, 3), 0, 255)
     """
     thumbnails = np.asarray(thumbnails)
     n, t = thumbnails.shape[0], thumbnails.shape[1]
