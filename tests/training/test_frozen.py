@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -217,6 +218,20 @@ def test_checkpoints_hold_no_backbone_and_the_embedder_is_backbone_then_head(gly
     again = retrieval_metrics(embedder.predict(images, verbose=0), splits.test.labels, ks=(1, 2))
     for key, value in history["final"].items():
         assert again[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_a_killed_frozen_run_resumes_mid_epoch_to_the_same_head(glyph_folder, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    train(_config(glyph_folder, whole, epochs=2, checkpoint_every_steps=4, keep_checkpoints=10))
+    # Killed after step 4 of 6-step epochs: only that checkpoint and the feature cache remain.
+    os.makedirs(killed / "checkpoints")
+    shutil.copytree(whole / "checkpoints" / "ckpt-4", killed / "checkpoints" / "ckpt-4")
+    shutil.copytree(whole / "features", killed / "features")
+    train(_config(glyph_folder, killed, epochs=2, resume=True, checkpoint_every_steps=4))
+    a = keras.saving.load_model(str(whole / "embedder.keras")).get_layer("head").get_weights()
+    b = keras.saving.load_model(str(killed / "embedder.keras")).get_layer("head").get_weights()
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=1e-5)
 
 
 def test_resume_on_another_backbone_is_refused(glyph_folder, tmp_path):
