@@ -107,7 +107,7 @@ def backbone_fingerprint(extractor: keras.Model) -> str:
     for weight in extractor.weights:
         value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
         digest.update(f"{value.shape}{value.dtype}".encode())
-        data = memoryview(value).cast("B")
+        data = value.reshape(-1).view(np.uint8)  # any dtype (bfloat16 too)
         for start in range(0, len(data), _HASH_CHUNK):
             digest.update(data[start:start + _HASH_CHUNK])
     return digest.hexdigest()
