@@ -101,6 +101,10 @@ class TrainConfig:
     augmentation: Optional[str] = setting(
         None, "Training crops/flips. Default: from the dataset kind.",
         choices=("photo", "glyph", "none"))
+    # Frozen-backbone mode (issue 32; kdml.training.frozen): features computed once.
+    freeze_backbone: bool = setting(
+        False, "Train only the head and the proxies / loss weights on the backbone's features, "
+               "computed once per image (no augmentation) and cached in <output_dir>/features.")
     eval_crop_fraction: Optional[float] = None
 
     # Optimisation.

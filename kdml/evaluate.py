@@ -83,6 +83,10 @@ flags.DEFINE_string("reranker", None, "Pair scorer (a .keras model (n, d), (n, d
 flags.DEFINE_boolean("plots", False, "Write PNG figures: the retrieval grid (queries and "
                      "their top-k, same class or not), Recall@K curve, similarity histograms, "
                      "2-D map of the embeddings, and the TAR-FAR curve (retrieval protocol).")
+flags.DEFINE_boolean("projector", False, "Write TensorBoard's embedding projector files (embeddings, "
+                     "classes, thumbnail sprite) to eval_<split>_projector/: tensorboard --logdir "
+                     "there, Projector tab.")
+flags.DEFINE_integer("projector_points", 10000, "Images in the projector at most (a seeded sample).")
 flags.DEFINE_integer("grid_k", 8, "Results per query in the retrieval grid.")
 flags.DEFINE_integer("grid_sampled", 6, "Queries drawn at random (--seed) for the grid.")
 flags.DEFINE_integer("grid_worst", 6, "Worst queries in the grid (their first same-class "
@@ -140,7 +144,9 @@ def main(argv):
             verification={"auto": "auto", "true": True, "false": False}[FLAGS.verification],
             fars=tuple(float(f) for f in FLAGS.fars), ranking_metrics=FLAGS.ranking_metrics,
             ndcg_ks=tuple(int(k) for k in FLAGS.ndcg_ks),
-            threshold=None if threshold is None else threshold["value"])
+            threshold=None if threshold is None else threshold["value"],
+            projector_dir=_projector_dir() if FLAGS.projector else None,
+            projector_points=FLAGS.projector_points)
     except (ValueError, FileNotFoundError) as error:
         logging.debug("Traceback of the error below:", exc_info=True)
         print(f"error: {error}", file=sys.stderr)
@@ -155,6 +161,10 @@ def main(argv):
                                 report["metrics"]}))
     for name, path in report.get("plots", {}).items():
         print(f"Wrote {name}: {path}")
+    if "projector" in report:
+        directory = report["projector"]["directory"]
+        print(f"Wrote projector: {directory} ({report['projector']['points']} points; "
+              f"tensorboard --logdir {directory})")
     print(f"Wrote {output}")
 
 
@@ -180,6 +190,16 @@ def _plot_threshold():
                          "with python -m kdml.index build ... --calibrate=<labelled source>, or "
                          "pass --threshold=<cosine>.")
     return {"value": float(index.threshold["value"]), "source": os.path.abspath(FLAGS.index)}
+
+
+def _projector_dir():
+    """eval_<split>_projector/ (or eval_<protocol>_<split>_projector/) beside the report."""
+    from kdml.evaluation.protocols import default_output
+
+    protocol = FLAGS.protocol if FLAGS.protocol != "auto" else (
+        "query_gallery" if FLAGS.query else "retrieval")
+    split = FLAGS.split or ("all" if protocol == "omniglot" else "test")
+    return os.path.splitext(default_output(FLAGS.model, protocol, split, FLAGS.output_dir))[0] + "_projector"
 
 
 if __name__ == "__main__":

@@ -5,6 +5,11 @@ job (`kdml.layers.PixelNormalization`), so an exported model takes camera pixels
 Each batch map fetches its images (a gather from memory, or a file read and decode),
 crops each at its own size and resizes it with antialiasing (a 105 px Omniglot
 character or a 500 px photo shrinks without aliasing), in parallel across batches.
+
+A frozen-backbone run (`--freeze_backbone`) computes the backbone's features of every
+image once, from `unaugmented_dataset` (the training crop with augmentation "none")
+and `eval_dataset`, then trains on `feature_train_dataset`: the same class-balanced
+batches, as rows of the feature array instead of decoded images.
 """
 
 from __future__ import annotations
@@ -149,4 +154,120 @@ def eval_dataset(image_set: ImageSet, *, image_size: int, batch_size: int = 256,
         return images, tf.gather(labels, indices)
 
     dataset = tf.data.Dataset.range(image_set.num_images).batch(batch_size)
+    return dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
+
+
+def unaugmented_dataset(image_set: ImageSet, *, image_size: int,
+                        batch_size: int = 256) -> tf.data.Dataset:
+    """All images once, in order, cropped as `train_dataset` crops them with augmentation "none".
+
+    That crop is deterministic (the largest centred square, the whole image when it
+    is square, no flip), so these batches are exactly the pixels an unaugmented
+    training batch holds for the same images: a frozen backbone's features are
+    computed from them once.
+
+    Returns:
+        `tf.data.Dataset` of `(images float32 (b, S, S, 3) in [0, 255], labels int32 (b,))`.
+    """
+    fetch = _fetcher(image_set)
+    labels = image_set.labels.astype(np.int32)
+    none = aug.AUGMENTATIONS["none"]
+
+    def make_box(uniforms, hw):
+        return aug.random_resized_crop_boxes(uniforms, hw, none.crop_area, none.crop_ratio)
+
+    def load(indices):
+        # With area and ratio 1 the draws move nothing: the crop spans its whole range.
+        uniforms = aug.crop_uniforms(tf.constant([0, 0], tf.int64), tf.shape(indices)[0])
+        images = _load_batch(fetch, indices, uniforms, make_box, image_size)
+        return images, tf.gather(labels, indices)
+
+    dataset = tf.data.Dataset.range(image_set.num_images).batch(batch_size)
+    return dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
+
+
+def _feature_gather(features: np.ndarray):
+    """index batch -> float32 rows of `features` (an array in memory or a read-only
+    `np.memmap` of a feature cache), read by NumPy: no graph constant of the whole array
+    (TensorFlow's 2 GiB limit), only the rows of the batch are read."""
+    row_shape = list(features.shape[1:])
+
+    def gather(indices):
+        rows = tf.numpy_function(lambda i: np.asarray(features[i], dtype=np.float32),
+                                 [indices], tf.float32, stateful=False)
+        rows.set_shape([indices.shape[0]] + row_shape)
+        return rows
+
+    return gather
+
+
+def feature_train_dataset(features: np.ndarray, labels: np.ndarray, *, classes_per_batch: int = 32,
+                          images_per_class: int = 4, seed: int = 0, start_step: int = 0,
+                          num_shards: int = 1, shard_index: int = 0, views: int = 1,
+                          instance_labels: bool = False) -> tf.data.Dataset:
+    """`train_dataset`'s batches as rows of precomputed features (a frozen backbone).
+
+    Batch s holds the features of the images `class_balanced_batches(labels, P, K,
+    seed)` draws for step s, with the labels, sharding, views and instance labels of
+    `train_dataset` (the V views of an image are V copies of its row: there is no
+    augmentation to tell them apart).
+
+    Args:
+        features: `(N, ...)` float32 features of the N training images, in the image
+            set's order (a NumPy array or a memmap).
+        labels: `(N,)` class ids.
+        The others: as `train_dataset`.
+
+    Returns:
+        `tf.data.Dataset` of `(features float32 (V B/W, ...), labels int32 (V B/W,))`;
+        batch s depends only on (labels, seed, s, shard).
+    """
+    labels = np.asarray(labels)
+    if len(features) != len(labels):
+        raise ValueError(f"{len(features)} feature rows for {len(labels)} labels: the features "
+                         "must be those of the training images, in their order.")
+    batch = classes_per_batch * images_per_class
+    if num_shards < 1 or not 0 <= shard_index < num_shards or batch % num_shards:
+        raise ValueError(
+            f"Cannot take shard {shard_index} of {num_shards} from batches of P x K = {batch}: "
+            "the batch must be a multiple of the number of shards (workers). "
+            "Change --classes_per_batch or --images_per_class.")
+    if views not in (1, 2):
+        raise ValueError(f"`views` must be 1 or 2. Received: views={views!r}. Fix: --views=1 or 2.")
+    rows = batch // num_shards
+    first = shard_index * rows
+    gather = _feature_gather(features)
+    labels_t = tf.constant(labels.astype(np.int32))
+
+    def load(indices):
+        indices = indices[first:first + rows]
+        indices.set_shape([rows])
+        rows_out = gather(indices)
+        if instance_labels:
+            row_labels = first + tf.range(rows, dtype=tf.int32)
+        else:
+            row_labels = tf.gather(labels_t, indices)
+        if views > 1:
+            return tf.repeat(rows_out, views, axis=0), tf.repeat(row_labels, views)
+        return rows_out, row_labels
+
+    indices = class_balanced_batches(labels, classes_per_batch, images_per_class,
+                                     seed=seed, start_step=start_step)
+    return indices.map(load, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
+
+
+def feature_eval_dataset(features: np.ndarray, labels: np.ndarray,
+                         batch_size: int = 256) -> tf.data.Dataset:
+    """All rows of precomputed features once, in order: `eval_dataset` for a frozen backbone.
+
+    Returns:
+        `tf.data.Dataset` of `(features float32 (b, ...), labels int32 (b,))`.
+    """
+    labels = np.asarray(labels).astype(np.int32)
+    gather = _feature_gather(features)
+
+    def load(indices):
+        return gather(indices), tf.gather(labels, indices)
+
+    dataset = tf.data.Dataset.range(len(labels)).batch(batch_size)
     return dataset.map(load, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)

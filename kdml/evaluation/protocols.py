@@ -159,7 +159,8 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
                    plots_dir=None, plot_map="auto", plot_points=2000, grid_k=8,
                    grid_sampled=6, grid_worst=6, verification="auto",
                    fars=(1e-2, 1e-3, 1e-4), ranking_metrics=True, ndcg_ks=(10,),
-                   threshold=None) -> dict:
+                   threshold=None,
+                   projector_dir=None, projector_points=10_000) -> dict:
     """Loads an embedder, embeds the protocol's images and returns the report dict.
 
     With `plots_dir`, the figures of `kdml.evaluation.plots.write_plots` plus
@@ -173,7 +174,9 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
     most `VERIFICATION_AUTO_MAX` items (a few seconds), else skipped with a note; with
     plots, `tar_far.png`. `ranking_metrics` (retrieval and query_gallery protocols, float32
     k-NN): also MRR, mAP over the whole ranking and NDCG@K for each K of `ndcg_ks`, from
-    the same ranking pass.
+    the same ranking pass. With `projector_dir`, the files of TensorBoard's embedding
+    projector for the (query) images: at most `projector_points` embeddings, their classes
+    and thumbnails (`kdml.evaluation.projector`).
 
     Returns:
         `{"protocol", "split", "format", "metrics": {name: float}, "plots": {...},
@@ -258,6 +261,13 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
             verification_curve = _verification(metrics, report, embeddings, labels,
                                                verification, fars, max_memory_bytes)
             report["metrics"] = metrics
+
+    if projector_dir:
+        from kdml.evaluation.projector import write_image_set_projector
+
+        written = write_image_set_projector(projector_dir, grid_sets[1], grid_sets[0],
+                                            max_points=projector_points, seed=seed)
+        report["projector"] = {k: written[k] for k in ("directory", "points", "thumbnail")}
 
     if plots_dir:
         from kdml.evaluation.plots import write_plots

@@ -80,3 +80,37 @@ def build_head(head: str, embedding_dim: int, spec, pooling: str | None = None,
         options.setdefault("skip_tokens", spec.prefix_tokens)
     options.setdefault("num_prototypes", 64)
     return CodedResidualTransform(embedding_dim=embedding_dim, name="head", **options)
+
+
+def split_embedder(embedder: keras.Model) -> tuple:
+    """The two halves of an embedder, sharing its layers: (feature extractor, head model).
+
+    The feature extractor is `(B, S, S, 3)` pixels -> pixel normalisation -> backbone
+    -> features `(B, h, w, C)` or `(B, N, C)`; the head model is features -> head ->
+    `(B, d)` embedding. Both reuse the embedder's layer objects, so training the head
+    model trains the embedder's head: `embedder(x)` equals `head(extractor(x))`, and a
+    frozen-backbone run (`--freeze_backbone`) trains the head on features computed
+    once and still saves the whole image -> embedding embedder.
+
+    Args:
+        embedder: a model from `build_embedder` (layers "pixel_normalization",
+            "backbone", "head").
+
+    Returns:
+        `(extractor, head_model)`: functional models named "feature_extractor" and
+        "head_model"; the head model's input is float32 features of the backbone's
+        output shape.
+    """
+    try:
+        normalize = embedder.get_layer("pixel_normalization")
+        backbone = embedder.get_layer("backbone")
+        head = embedder.get_layer("head")
+    except ValueError as error:
+        raise ValueError(
+            "split_embedder needs an embedder from kdml.models.build_embedder (layers "
+            f"'pixel_normalization', 'backbone', 'head'). Received: {embedder.name!r}") from error
+    images = keras.Input(embedder.input_shape[1:], name="images")
+    extractor = keras.Model(images, backbone(normalize(images)), name="feature_extractor")
+    features = keras.Input(tuple(backbone.output.shape[1:]), name="features")
+    head_model = keras.Model(features, head(features), name="head_model")
+    return extractor, head_model

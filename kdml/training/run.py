@@ -8,7 +8,9 @@ since saving may read variables through collectives that every worker must join)
 - `metrics.json`: `initial` (the untrained embedder), `epochs` {epoch: loss,
   test retrieval metrics, images/s}, `final`, and the resolved `config`,
 - `embedder.keras`: the trained embedder, loadable with `keras.saving.load_model`
-  after `import kdml`.
+  after `import kdml`,
+- `features/` with `--freeze_backbone`: the backbone's cached features
+  (`kdml.training.frozen`); the checkpoints then hold the head's side only.
 """
 
 from __future__ import annotations
@@ -28,20 +30,23 @@ import tensorflow as tf
 from kdml.config import TrainConfig
 from kdml.training.determinism import make_deterministic
 from kdml.data.augmentation import AUGMENTATIONS
-from kdml.data.pipeline import eval_dataset, steps_per_epoch, train_dataset
+from kdml.data.pipeline import (eval_dataset, feature_eval_dataset, feature_train_dataset,
+                                steps_per_epoch, train_dataset)
 from kdml.data.sampler import check_batch_geometry, class_balanced_batches
 from kdml.data.sources import load_dataset
 from kdml.distribute import (check_replica_batch, create_strategy, describe_strategy,
                              distribute_batches, fix_multi_worker_build, worker_role)
 from kdml.evaluation import format_metrics_table, retrieval_metrics
 from kdml.methods import BACKBONE_GROUP, check_method_options, get_method
-from kdml.models import build_embedder
+from kdml.models import build_embedder, split_embedder
 from kdml.optimizers import GroupedAdamW
 from kdml.training.callbacks import (BackboneWarmup, EpochLoss, NonFiniteLossGuard,
                                      RetrievalEvaluation, Throughput)
 from kdml.training.checkpointing import (Checkpointer, latest_checkpoint,
                                          remove_partial_checkpoints, restore_checkpoint,
                                          write_json_atomic)
+from kdml.training.frozen import (FEATURES_DIR, check_fingerprint, check_frozen_options,
+                                  frozen_config, prepare_features)
 
 
 def embed(embedder: keras.Model, dataset) -> np.ndarray:
@@ -94,7 +99,7 @@ def _dtype_policy(mixed_precision: bool):
 # checkpoint frequency may change on resume.
 RUN_IDENTITY = ("method", "dataset", "eval_dataset", "backbone", "weights", "embedding_dim",
                 "image_size", "classes_per_batch", "images_per_class", "seed", "views",
-                "xbm_size")
+                "xbm_size", "freeze_backbone")
 
 
 def check_same_run(config: TrainConfig, metrics_path: str) -> None:
@@ -122,6 +127,7 @@ def train(config: TrainConfig) -> Dict:
     if config.deterministic:  # before any TensorFlow op (kdml.training.determinism)
         make_deterministic()
     check_method_options(config)
+    check_frozen_options(config)  # before `resolved` fills --augmentation from the data kind
     # First: MultiWorkerMirroredStrategy configures collectives at program start-up,
     # before any other TensorFlow op (the folder source decodes images).
     strategy = create_strategy(config.strategy)
@@ -129,7 +135,7 @@ def train(config: TrainConfig) -> Dict:
     splits = load_dataset(config.dataset, eval_spec=config.eval_dataset, data_dir=config.data_dir,
                           download=config.download, seed=config.seed,
                           verify_images=config.verify_images)
-    config = config.resolved(config.data_kind or splits.kind)
+    config = frozen_config(config.resolved(config.data_kind or splits.kind))
     check_batch_geometry(splits.train.labels, config.classes_per_batch, config.images_per_class,
                          name=f"training set of {config.dataset}")
     check_replica_batch(config.batch_size, strategy)
@@ -169,7 +175,12 @@ def _train(config, method, splits, strategy, role, out, write_dir, resume_from) 
                                   config.image_size, config.weights,
                                   freeze_batchnorm=config.freeze_batchnorm,
                                   head_options=head_options)
-        objective = method.build(embedder, splits.train.num_classes, config)
+        # --freeze_backbone: the method trains the head model on cached features; the
+        # embedder (backbone + that head) is what is saved.
+        trained = embedder
+        if config.freeze_backbone:
+            extractor, trained = split_embedder(embedder)
+        objective = method.build(trained, splits.train.num_classes, config)
         optimizer = GroupedAdamW(objective.learning_rate_multipliers, learning_rate=config.lr,
                                  weight_decay=config.weight_decay)
         model = objective.model
@@ -178,10 +189,21 @@ def _train(config, method, splits, strategy, role, out, write_dir, resume_from) 
         model.optimizer.build(model.trainable_variables)
         fix_multi_worker_build(model)
 
+    frozen = None
+    if config.freeze_backbone:
+        frozen = prepare_features(extractor, splits.train, splits.test, config,
+                                  os.path.join(write_dir, FEATURES_DIR))
+        if role.is_chief:
+            print(frozen.describe(), flush=True)
+
     history = {"config": dataclasses.asdict(config), "epochs": {}}
+    if frozen is not None:
+        history["features"] = frozen.summary()
     start_step, epoch_loss = 0, EpochLoss()
     if resume_from:
         state = restore_checkpoint(model, resume_from)
+        if frozen is not None:
+            check_fingerprint(state, frozen.fingerprint, resume_from)
         start_step = state["step"]
         epoch_loss.base_sum = state.get("epoch_loss_sum", 0.0)
         epoch_loss.base_steps = state.get("epoch_steps", 0)
@@ -191,12 +213,16 @@ def _train(config, method, splits, strategy, role, out, write_dir, resume_from) 
             history["epochs"] = previous.get("epochs", {})
             history["initial"] = previous.get("initial")
 
-    test_data = eval_dataset(splits.test, image_size=config.image_size,
-                             batch_size=config.eval_batch_size,
-                             crop_fraction=config.eval_crop_fraction)
+    if frozen is not None:
+        test_data = feature_eval_dataset(frozen.test.features, splits.test.labels,
+                                         batch_size=config.eval_batch_size)
+    else:
+        test_data = eval_dataset(splits.test, image_size=config.image_size,
+                                 batch_size=config.eval_batch_size,
+                                 crop_fraction=config.eval_crop_fraction)
 
     def evaluate():
-        embeddings = embed(embedder, test_data)
+        embeddings = embed(trained, test_data)
         metrics = retrieval_metrics(embeddings, splits.test.labels, ks=config.recall_ks,
                                     seed=config.seed)
         if objective.extra_metrics is not None:
@@ -234,6 +260,8 @@ def _train(config, method, splits, strategy, role, out, write_dir, resume_from) 
 
     def checkpoint_state():
         extra = epoch_loss.state()
+        if frozen is not None:
+            extra["backbone_fingerprint"] = frozen.fingerprint
         for callback in stateful:
             extra.update(callback.checkpoint_state())
         return extra
@@ -245,7 +273,8 @@ def _train(config, method, splits, strategy, role, out, write_dir, resume_from) 
     callbacks = [
         guard,  # first: a NaN step raises before anything below can checkpoint it
         epoch_loss,  # the whole epoch's loss, also for an epoch resumed mid-way
-        BackboneWarmup(config.warmup_epochs, BACKBONE_GROUP, embedder.get_layer("backbone")),
+        *([] if frozen else [BackboneWarmup(config.warmup_epochs, BACKBONE_GROUP,
+                                            embedder.get_layer("backbone"))]),
         Throughput(config.batch_size),
         *objective.callbacks,  # before the evaluation: what they log reaches metrics.json
         *([RetrievalEvaluation(evaluate, config.eval_every, config.epochs, on_result=record)]
@@ -257,6 +286,13 @@ def _train(config, method, splits, strategy, role, out, write_dir, resume_from) 
 
     def fit(first_step, initial_epoch, epochs, steps):
         def worker_batches(shard_index, num_shards):
+            if frozen is not None:
+                return feature_train_dataset(
+                    frozen.train.features, splits.train.labels,
+                    classes_per_batch=config.classes_per_batch,
+                    images_per_class=config.images_per_class, seed=config.seed,
+                    start_step=first_step, num_shards=num_shards, shard_index=shard_index,
+                    views=config.views, instance_labels=method.instance_labels(config))
             return train_dataset(splits.train, image_size=config.image_size,
                                  classes_per_batch=config.classes_per_batch,
                                  images_per_class=config.images_per_class,
@@ -309,7 +345,7 @@ def describe_run(config: TrainConfig, method, splits, strategy, role, steps: int
         f"{train.num_classes} classes, test {test.num_images} images of {test.num_classes} classes"
         + (f" ({config.eval_dataset})" if config.eval_dataset else ""),
         f"model:    {config.backbone} (weights {config.weights}, {config.image_size} px, BatchNorm "
-        f"{'frozen' if config.freeze_batchnorm else 'trained'}) -> {config.embedding_dim}-d embedding",
+        f"{'frozen' if config.freeze_batchnorm or config.freeze_backbone else 'trained'}) -> {config.embedding_dim}-d embedding",
         f"method:   {method.name}: {method.description}",
         f"strategy: {describe_strategy(strategy, role)}; {precision}, XLA {config.jit_compile}",
         f"schedule: {config.epochs} epoch{'s' * (config.epochs != 1)} x {steps} steps of "
@@ -318,4 +354,8 @@ def describe_run(config: TrainConfig, method, splits, strategy, role, steps: int
         f"lr {config.lr:g}{warmup}",
         f"output:   {config.output_dir}" + (f" (resuming {resume_from})" if resume_from else ""),
     ]
+    if config.freeze_backbone:
+        lines.insert(2, f"frozen:   backbone frozen (--freeze_backbone): its features are computed "
+                        f"once per image and cached in {os.path.join(config.output_dir, FEATURES_DIR)}; "
+                        "only the head and the method's weights train; augmentation off")
     return "\n".join(lines)
