@@ -10,17 +10,19 @@ from scipy import stats
 from kdml.benchmark.protocol import BenchmarkSpec, MethodPreset, run_benchmark
 from kdml.benchmark.report import END, START, update_readme, write_report
 from kdml.benchmark.splits import group_split
+from tests.benchmark.stand_in import stand_in
 
 SPEC = BenchmarkSpec(
     budget={"backbone": "conv4", "epochs": 2},
     methods={"base": MethodPreset({"method": "proxy_anchor"}, {"alpha": (16.0, 32.0)}),
-             "new": MethodPreset({"method": "so_proxy"}, {"so_strength": (1.0, 10.0)},
+             "new": MethodPreset({"method": "so_proxy"}, {"so_strength": (0.001, 10.0)},
                                  bases=("base",), description="the new one")},
     trials=2, seeds=(0, 1, 2, 3))
 BASE = {0: 0.60, 1: 0.62, 2: 0.58, 3: 0.61}
 GAIN = {0: 0.02, 1: 0.03, 2: 0.01, 3: 0.025}  # recall@1 of "new" = base + gain
 
 
+@stand_in
 def _execute(spec, train_dir, eval_dir):
     seed = spec.config["seed"]
     r1 = BASE[seed] + (GAIN[seed] if spec.method == "new" else 0.0)
@@ -57,10 +59,15 @@ def test_report_numbers_match_an_independent_computation(results_dir):
 
     markdown = open(os.path.join(results_dir, "results.md")).read()
     mean, half = 100 * new.mean(), 100 * (high - new.mean())
-    assert "| `new` | conv4 |  | full grid (2 points) | so_strength=" in markdown
+    assert "| `new` | conv4 | 512 | 128 | full grid (2 points) | so_strength=" in markdown
     assert f"{mean:.2f} ± {half:.2f}" in markdown
+    diff = new - base  # TOST within the default 2-point margin, and the MDD, by hand
+    se = diff.std(ddof=1) / 2
+    p_tost = max(stats.t.sf((diff.mean() + 0.02) / se, 3), stats.t.cdf((diff.mean() - 0.02) / se, 3))
+    mdd = (stats.t.ppf(1 - 0.05 / 2, 3) + stats.t.ppf(0.8, 3)) * diff.std(ddof=1) / 2
+    assert comparison["p_tost"] == pytest.approx(p_tost) and comparison["mdd_holm"] == pytest.approx(mdd)
     assert (f"| `new` − `base` | 4 | {100 * d['mean']:+.2f} [{100 * d['low']:+.2f}, "
-            f"{100 * d['high']:+.2f}] | {p:.3f} | {p:.3f} | beats |") in markdown
+            f"{100 * d['high']:+.2f}] | {p:.3f} | {p_tost:.3f} | {100 * mdd:.2f} | beats |") in markdown
     assert (f"- `new` beats `base`: Recall@1 {100 * d['mean']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}] "
             f"points, Holm-adjusted p = {p:.3f}, 4 paired seeds") in markdown
     assert summary["comparisons"][0]["p_holm"] >= 0.001  # else the sentence says "p < 0.001"
@@ -109,6 +116,7 @@ def test_planned_rows_without_a_selection_are_listed(results_dir):
 
 
 def test_a_method_below_its_base_is_reported_as_below(tmp_path):
+    @stand_in
     def worse(spec, train_dir, eval_dir):
         result = _execute(spec, train_dir, eval_dir)
         if spec.method == "new":  # recall@1 of "new" = base - gain: every seed below
@@ -129,12 +137,13 @@ def test_the_verdict_is_holm_corrected_over_every_comparison_of_the_table(tmp_pa
     """Three rows over one base; the weakest real gain is significant alone, not after Holm."""
     gains = {"a": [0.030, 0.032, 0.031, 0.029], "b": [0.020, 0.030, 0.005, 0.025],
              "c": [0.0, 0.001, -0.001, 0.0005]}
-    methods = {"base": MethodPreset({"method": "proxy_anchor"}, {"alpha": (16.0,)})}
-    methods.update({m: MethodPreset({"method": "so_proxy"}, {"so_strength": (1.0,)},
+    methods = {"base": MethodPreset({"method": "proxy_anchor"}, {"alpha": (32.0,)})}
+    methods.update({m: MethodPreset({"method": "so_proxy"}, {"so_strength": (0.001,)},
                                     bases=("base",)) for m in gains})
     spec = BenchmarkSpec(budget={"backbone": "conv4", "epochs": 2}, methods=methods, trials=1,
                          seeds=(0, 1, 2, 3))
 
+    @stand_in
     def execute(run_spec, train_dir, eval_dir):
         seed = run_spec.config["seed"]
         r1 = BASE[seed] + (gains[run_spec.method][seed] if run_spec.method in gains else 0.0)
@@ -155,14 +164,28 @@ def test_the_verdict_is_holm_corrected_over_every_comparison_of_the_table(tmp_pa
     for m in gains:
         assert by_row[m]["p_holm"] == pytest.approx(expected[m])
     assert raw["b"] < 0.05 < expected["b"]  # the point of the correction
-    assert [by_row[m]["verdict"] for m in ("a", "b", "c")] == [
-        "beats", "no difference shown", "no difference shown"]
+    # the equivalence tests, by hand: TOST within +-2 points, Holm over the family of 3
+    tost = {}
+    for m, g in gains.items():
+        g = np.array(g)
+        se = g.std(ddof=1) / 2
+        tost[m] = max(stats.t.sf((g.mean() + 0.02) / se, 3), stats.t.cdf((g.mean() - 0.02) / se, 3))
+    order = sorted(tost, key=tost.get)
+    tost_holm, running = {}, 0.0
+    for rank, m in enumerate(order):
+        running = max(running, min(1.0, (3 - rank) * tost[m]))
+        tost_holm[m] = running
+    for m in gains:
+        assert by_row[m]["p_tost_holm"] == pytest.approx(tost_holm[m])
+    assert tost_holm["c"] < 0.05 < tost_holm["b"]
+    # a: beats; b: neither shown to differ nor within the margin; c: inside +-2 points
+    assert [by_row[m]["verdict"] for m in ("a", "b", "c")] == ["beats", "inconclusive", "equivalent"]
 
 
 def test_rows_of_different_backbones_are_not_compared(tmp_path):
-    methods = {"base": MethodPreset({"method": "proxy_anchor"}, {"alpha": (16.0,)}),
+    methods = {"base": MethodPreset({"method": "proxy_anchor"}, {"alpha": (32.0,)}),
                "other": MethodPreset({"method": "so_proxy", "backbone": "conv4_stride4"},
-                                     {"so_strength": (1.0,)}, bases=("base",))}
+                                     {"so_strength": (0.001,)}, bases=("base",))}
     spec = BenchmarkSpec(budget={"backbone": "conv4", "epochs": 2}, methods=methods, trials=1,
                          seeds=(0, 1))
     names = [f"g{g}/c{c}" for g in range(5) for c in range(2)]
@@ -237,6 +260,7 @@ LEADERBOARD_SHIFT = {"proxy_anchor": [0.0] * 5,
 LEADERBOARD_BASE = [0.70, 0.72, 0.69, 0.71, 0.73]
 
 
+@stand_in
 def _leaderboard_execute(spec, train_dir, eval_dir):
     seed = spec.config["seed"]
     r1 = LEADERBOARD_BASE[seed] + LEADERBOARD_SHIFT[spec.method][seed]
@@ -265,7 +289,7 @@ def test_a_leaderboard_is_sorted_and_its_spread_is_computed_from_the_runs(leader
     order = sorted(means, key=lambda name: -means[name])
     assert list(summary["methods"]) == order == ["circle", "proxy_anchor", "contrastive", "triplet"]
     verdicts = {c["method"]: c["verdict"] for c in summary["comparisons"]}
-    assert verdicts == {"circle": "beats", "contrastive": "no difference shown", "triplet": "below"}
+    assert verdicts == {"circle": "beats", "contrastive": "equivalent", "triplet": "below"}
     markdown = open(os.path.join(leaderboard_dir, "results.md")).read()
     ranked = [line.split(" | ")[1] for line in markdown.splitlines() if line.startswith("| 1 ")
               or line.startswith("| 2 ") or line.startswith("| 3 ") or line.startswith("| 4 ")]
@@ -275,11 +299,14 @@ def test_a_leaderboard_is_sorted_and_its_spread_is_computed_from_the_runs(leader
     assert (f"- Spread: the 4 rows' mean Recall@1 spans {100 * spread:.2f} points, from `circle` "
             f"({100 * means['circle']:.2f}) to `triplet` ({100 * means['triplet']:.2f}); the middle "
             f"half of the rows spans {100 * inner:.2f} points.") in markdown
-    assert "3 Holm-corrected comparisons): 1 not shown to differ, 1 beat, 1 below." in markdown
-    halves = sorted(c["metrics"]["recall@1"]["half_width"] for c in summary["comparisons"])
-    assert f"The median 95 % half width of the paired differences is {100 * halves[1]:.2f} points" in markdown
-    # a classic loss is below the baseline, and most rows differ: the table does not agree
-    assert "This table does not agree: most rows differ from their base." in markdown
+    mdds = sorted((stats.t.ppf(1 - 0.05 / 6, 4) + stats.t.ppf(0.8, 4))
+                  * np.std(np.array(shift), ddof=1) / np.sqrt(5)
+                  for name, shift in LEADERBOARD_SHIFT.items() if name != "proxy_anchor")
+    assert (f"- Decisive: 3 of 3 comparisons (1 beats, 1 below, 1 equivalent, 0 inconclusive). "
+            f"Minimum detectable difference at Holm's first-step level, 80 % power: median "
+            f"{100 * mdds[1]:.2f} points (from {100 * mdds[0]:.2f} to {100 * mdds[2]:.2f}).") in markdown
+    # a classic loss (triplet) is below the baseline: the table does not agree
+    assert "This table does not agree: a classic loss is below the baseline." in markdown
     compact = format_compact(summary)
     assert compact.splitlines()[4] == (f"| 1 | `circle` | {100 * means['circle']:.2f} ± "
                                        f"{100 * summary['methods']['circle']['summary']['recall@1']['half_width']:.2f} "
@@ -290,10 +317,14 @@ def test_the_reality_check_agrees_when_most_rows_tie_and_no_classic_loss_is_belo
     from kdml.benchmark.report import spread_sentences
 
     summary = write_report(leaderboard_dir)
-    for c in summary["comparisons"]:  # as if triplet and circle had tied with the baseline
+    for c in summary["comparisons"]:  # as if triplet and circle had been shown equivalent
         if c["method"] in ("triplet", "circle"):
-            c["verdict"] = "no difference shown"
+            c["verdict"] = "equivalent"
     lines = spread_sentences(summary)
-    assert "3 not shown to differ, 0 beat, 0 below. The median" in lines[1]
-    assert lines[2].endswith("This table agrees: most rows are not shown to differ from their "
-                             "base and no classic loss is below the baseline.")
+    assert lines[1].endswith("This table agrees: most rows are shown equivalent to their base "
+                             "and no classic loss is below the baseline.")
+    for c in summary["comparisons"]:  # too few seeds: "not shown to differ" is no agreement
+        c["verdict"] = "inconclusive"
+    assert spread_sentences(summary)[1].endswith(
+        "cannot tell: 0 of 3 comparisons are shown equivalent and 0 differ; an inconclusive "
+        "comparison is no evidence either way.")
