@@ -328,3 +328,105 @@ def test_the_reality_check_agrees_when_most_rows_tie_and_no_classic_loss_is_belo
     assert spread_sentences(summary)[1].endswith(
         "cannot tell: 0 of 3 comparisons are shown equivalent and 0 differ; an inconclusive "
         "comparison is no evidence either way.")
+
+
+def test_failure_records_are_counted_per_row(tmp_path):
+    """A failed run leaves a record (config, seed, error, step) that the report counts."""
+    from kdml.benchmark.runs import RunFailed
+
+    attempts = {"n": 0}
+
+    @stand_in
+    def flaky(spec, train_dir, eval_dir):
+        if spec.method == "new" and spec.stage == "final" and spec.config["seed"] == 1:
+            attempts["n"] += 1
+            if attempts["n"] == 1:  # diverges once, succeeds when the benchmark is rerun
+                raise RunFailed("Run new final 1 failed (exit 1)",
+                                "NonFiniteLossError: The training loss became nan at epoch 2, "
+                                "global step 31", 31)
+        return _execute(spec, train_dir, eval_dir)
+
+    names = [f"g{g}/c{c}" for g in range(5) for c in range(2)]
+    for _ in range(2):
+        run_benchmark(SPEC, group_split(names, seed=0), lambda name: str(tmp_path / name), flaky,
+                      str(tmp_path / "r"), progress=lambda line: None)
+    summary = write_report(str(tmp_path / "r"))
+    assert summary["missing_runs"] == []  # the rerun filled it in
+    assert summary["methods"]["base"]["failures"] == []
+    (record,) = summary["methods"]["new"]["failures"]
+    assert record == {"stage": "final", "index": 1, "seed": 1, "step": 31,
+                      "error": "NonFiniteLossError: The training loss became nan at epoch 2, "
+                               "global step 31"}
+    markdown = open(tmp_path / "r" / "results.md").read()
+    assert ("Failed runs (1, failure records in runs/<row>/*.failed.json): `new` 1 (final seed 1: "
+            "NonFiniteLossError: The training loss became nan at epoch 2, global step 31 at step 31)."
+            in markdown)
+
+
+def test_a_protocol_2_run_without_resolved_config_or_of_other_code_is_an_error(results_dir):
+    selection = json.load(open(os.path.join(results_dir, "selection.json")))
+    assert selection["protocol"] == 2
+    key = selection["methods"]["new"]["finals"]["2"]
+    path = os.path.join(results_dir, "runs", "new", f"final-2-{key}.json")
+    run = json.load(open(path))
+    json.dump({k: v for k, v in run.items() if k != "resolved_config"}, open(path, "w"))
+    with pytest.raises(ValueError, match=f"{path}: stores no resolved_config"):
+        write_report(results_dir)
+    json.dump({**run, "code": "0123456789ab"}, open(path, "w"))
+    with pytest.raises(ValueError, match="made by kdml code '0123456789ab', the table by"):
+        write_report(results_dir)
+    json.dump({**run, "resolved_config": {**run["resolved_config"], "lr": 0.5}}, open(path, "w"))
+    with pytest.raises(ValueError, match="resolved_config field 'lr' is 0.5, the protocol resolves 0.0001"):
+        write_report(results_dir)
+    json.dump({**run, "resolved_config": {**run["resolved_config"], "so_strength": 5.0}}, open(path, "w"))
+    with pytest.raises(ValueError, match="config sets so_strength=0.001 but the run resolved 5.0"):
+        write_report(results_dir)
+
+
+def test_the_budget_rule_on_curves_computed_by_hand():
+    from kdml.benchmark.report import budget_rule, last_quarter_range
+
+    # rises, then wiggles by 0.4 points from epoch 6 on; the other row settles at 8
+    a = {str(e): v for e, v in enumerate([0.30, 0.50, 0.60, 0.66, 0.70, 0.720, 0.724, 0.721,
+                                          0.723, 0.720, 0.722, 0.724], 1)}
+    b = {str(e): v for e, v in enumerate([0.20, 0.40, 0.55, 0.63, 0.67, 0.69, 0.70, 0.71,
+                                          0.712, 0.713, 0.714, 0.714], 1)}
+    # E = 8: the last quarter is epochs 6..8 (8 - ceil(8 / 4) = 6)
+    assert last_quarter_range(a, 8) == pytest.approx(0.724 - 0.720)
+    assert last_quarter_range(b, 8) == pytest.approx(0.71 - 0.69)
+    # b moves >= 1 point over epochs 6..8 and 7..9 (E = 9: 9 - 3 = 6 .. 9), < 1 from E = 10
+    assert last_quarter_range(b, 9) == pytest.approx(0.712 - 0.69)
+    assert last_quarter_range(b, 10) == pytest.approx(0.713 - 0.70)
+    assert last_quarter_range(b, 11) == pytest.approx(0.714 - 0.71)
+    assert last_quarter_range(a, 7) == pytest.approx(0.724 - 0.70)  # epochs 5..7
+    assert budget_rule({"a": a}) == 8
+    assert budget_rule({"a": a, "b": b}) == 11
+    assert budget_rule({"b": dict(list(b.items())[:9])}) is None
+
+
+def test_a_protocol_2_table_states_its_budget_evidence_and_plots_the_curves(tmp_path):
+    from kdml.benchmark.report import collect
+
+    curve = {"1": 0.5, "2": 0.60, "3": 0.605, "4": 0.61}
+
+    @stand_in
+    def with_curves(spec, train_dir, eval_dir):
+        out = _execute(spec, train_dir, eval_dir)
+        return {**out, "curve": curve} if spec.stage == "trial" else out
+
+    spec = BenchmarkSpec(budget={"backbone": "conv4", "epochs": 4, "steps_per_epoch": 3},
+                         methods=SPEC.methods, trials=2, seeds=(0, 1, 2, 3), budget_rows=("base",))
+    names = [f"g{g}/c{c}" for g in range(5) for c in range(2)]
+    run_benchmark(spec, group_split(names, seed=0), lambda name: str(tmp_path / name), with_curves,
+                  str(tmp_path / "r"), progress=lambda line: None)
+    summary = write_report(str(tmp_path / "r"))
+    assert summary["budget_evidence"] == {"epochs": 4, "rule_epochs": 3,
+                                          "rows": {"base": {"last_quarter_range": pytest.approx(0.005)}}}
+    markdown = open(tmp_path / "r" / "results.md").read()
+    assert ("Budget: 4 epochs. Over the last quarter of training the mean validation Recall@1 curve "
+            "of the trials moved (points, max − min): `base` 0.50; the rule") in markdown
+    assert "4 epochs per run of 3 steps (trials and final runs alike)" in markdown
+    assert "- `base`: alpha=32.0* 60.0; → alpha=16.0 60.0." in markdown or \
+        "- `base`: → alpha=32.0* 60.0; alpha=16.0 60.0." in markdown
+    assert os.path.getsize(tmp_path / "r" / "curves.png") > 5_000
+    assert len(collect(str(tmp_path / "r"))["methods"]["new"]["curves"]) == 2

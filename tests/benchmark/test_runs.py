@@ -140,6 +140,7 @@ def test_a_cached_run_of_another_configuration_or_code_is_refused(tmp_path):
     assert json.load(open(path))["code"] == "0123456789ab"  # refused, never overwritten
 
 
+@pytest.mark.slow
 def test_a_trial_logs_its_validation_curve_and_trains_the_fixed_steps(tmp_path):
     """A trial evaluates after every epoch (the budget rule's curve) and trains
     epochs x steps_per_epoch steps whatever its split's size."""
