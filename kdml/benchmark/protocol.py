@@ -608,3 +608,22 @@ def run_on_folders(spec: BenchmarkSpec, roots: Sequence[str], results_dir: str, 
             for part in results:
                 results[part].update(done[part])
     return results
+
+
+def grid_table(spec: BenchmarkSpec) -> str:
+    """Markdown: each row's own search grid with its default in bold, the trials it gets,
+    and where the default comes from (`MethodPreset.default_source`); the docs' grid
+    tables are this text (a test regenerates them)."""
+    lines = ["| row | its own grid (default in bold) | trials | default from |",
+             "|---|---|---|---|"]
+    for name, preset in spec.methods.items():
+        default = default_params(spec, name) if preset.search else {}
+        grid = " x ".join(
+            f"{field} {{" + ", ".join(f"**{v:g}**" if isinstance(v, float) and v == default[field]
+                                      else f"**{v}**" if v == default[field]
+                                      else (f"{v:g}" if isinstance(v, float) else str(v))
+                                      for v in preset.search[field]) + "}"
+            for field in sorted(preset.search)) or "nothing (inherits its base's choice)"
+        lines.append(f"| `{name}` | {grid} | {spec.search_description(name)} | "
+                     f"{preset.default_source} |")
+    return "\n".join(lines) + "\n"

@@ -195,27 +195,53 @@ def test_rows_of_different_backbones_are_not_compared(tmp_path):
 
 
 def test_the_readme_block_is_the_regeneration_of_the_committed_runs():
-    """README.md and docs/benchmarks.md hold exactly what the committed run JSON generates."""
+    """README.md and docs/benchmarks.md hold exactly what the committed run JSON generates:
+    the full tables on docs/benchmarks.md, their short forms on the README."""
     from kdml.benchmark.report import current_block, readme_block
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    front = os.path.join(repo, "README.md")
+    page = os.path.join(repo, "docs", "benchmarks.md")
     results = os.path.join(repo, "docs", "results", "omniglot")
-    for readme in ("README.md", os.path.join("docs", "benchmarks.md")):
-        path = os.path.join(repo, readme)
-        assert current_block(path) == readme_block(results, path), (
-            f"{readme}: its results block is not what `python -m kdml.benchmark report "
-            "docs/results/omniglot --readme=README.md --readme=docs/benchmarks.md` writes")
+    assert current_block(page) == readme_block(results, page), (
+        "docs/benchmarks.md: its results block is not what `python -m kdml.benchmark report "
+        "docs/results/omniglot --readme=docs/benchmarks.md` writes")
     with open(os.path.join(results, "results.md")) as f:
-        assert current_block(os.path.join(repo, "README.md")).startswith(f.read())
+        assert current_block(page).startswith(f.read())
+    assert current_block(front) == readme_block(
+        results, front, compact=True, details="docs/benchmarks.md#method-comparison"), (
+        "README.md: its results block is not what `python -m kdml.benchmark report "
+        "docs/results/omniglot --readme=README.md --compact "
+        "--details=docs/benchmarks.md#method-comparison` writes")
     # the PDDM mining-hardness table of docs/benchmarks.md, a block of its own
     mining = os.path.join(repo, "docs", "results", "omniglot_pddm_mining")
-    page = os.path.join(repo, "docs", "benchmarks.md")
     assert current_block(page, "omniglot_pddm_mining") == readme_block(mining, page)
     # the loss leaderboard: in full on docs/benchmarks.md, its short form on the README
     losses = os.path.join(repo, "docs", "results", "omniglot_losses")
     assert current_block(page, "omniglot_losses") == readme_block(losses, page)
-    front = os.path.join(repo, "README.md")
-    assert current_block(front, "omniglot_losses") == readme_block(losses, front, compact=True)
+    assert current_block(front, "omniglot_losses") == readme_block(
+        losses, front, compact=True, details="docs/benchmarks.md#loss-leaderboard")
+    # the front page's two generated blocks stay short
+    lines = len(current_block(front).splitlines()) + len(current_block(front, "omniglot_losses").splitlines())
+    assert lines <= 45, lines
+    # the committed tables predate protocol 2 and say so
+    assert "Made under the previous protocol" in current_block(page, "omniglot_losses")
+
+
+def test_the_docs_list_each_grid_and_its_default_as_the_presets_give_them():
+    from kdml.benchmark.presets import PRESETS
+    from kdml.benchmark.protocol import grid_table
+    from kdml.benchmark.report import current_block
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    page = os.path.join(repo, "docs", "benchmarks.md")
+    for name, spec in PRESETS.items():
+        assert current_block(page, f"grids_{name}") == grid_table(spec), (
+            f"docs/benchmarks.md: run `python -m kdml.benchmark grids --preset={name} "
+            "--readme=docs/benchmarks.md`")
+    table = grid_table(PRESETS["omniglot_losses"])
+    assert "| `proxy_nca` | proxy_nca_scale {3, **9**, 16} |" in table
+    assert "| `multi_similarity_xbm` | xbm_size {**1024**, 2048} |" in table
 
 
 def test_the_plot_keeps_each_row_at_one_height_in_every_panel(results_dir, tmp_path):
