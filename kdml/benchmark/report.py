@@ -32,15 +32,14 @@ compared with the row itself. `update_readme` puts the report between
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
 import statistics
 from typing import Dict, List, Optional, Sequence, Union
 
-import glob
-
-from kdml.benchmark.runs import write_json_atomic
+from kdml.benchmark.runs import _NOT_IN_KEY, code_fingerprint, resolved_config, write_json_atomic
 from kdml.benchmark.stats import (holm, mean_interval, minimum_detectable_difference,
                                   paired_difference, tost)
 
@@ -72,8 +71,6 @@ def check_run(run: Dict, path: str, code: Optional[str]) -> None:
     no `resolved_config`, another code fingerprint than the table's, a configured field its
     run resolved otherwise, or (when this checkout is the table's code) a resolved
     configuration other than what `runs.resolved_config` predicts now."""
-    from kdml.benchmark.runs import _NOT_IN_KEY, code_fingerprint, resolved_config
-
     stored = run.get("resolved_config")
     if not stored:
         raise ValueError(f"{path}: stores no resolved_config; the run cannot be checked. "
