@@ -109,7 +109,7 @@ class TrainConfig:
         None, "Independently augmented views of each sampled image in a batch (1 or 2; the "
               "views of an image are adjacent rows). Default: 2 for supcon and ntxent, else 1.")
     images_per_class: int = setting(4, "K: images per class in a batch.")
-    epochs: int = setting(30, "Epochs of --steps_per_epoch steps (default ceil(N_train / (P x K))).")
+    epochs: int = setting(30, "Epochs of ceil(N_train / (P x K)) steps.")
     steps_per_epoch: int = setting(
         0, "Training steps per epoch (0: ceil(N_train / (P x K)), one pass over the training "
            "images). A fixed count trains runs on splits of different sizes equally long.")
