@@ -136,8 +136,11 @@ def collect(results_dir: str) -> Dict:
                 setup = {k: config.get(k) for k in _LIKE_FOR_LIKE_2}
             else:
                 missing.append(f"{name} seed {seed}")
-        trial_walls, curves = _trial_walls(results_dir, name, chosen, protocol,
-                                           selection.get("code"))
+        trial_walls, curves, trial_setup = _trial_walls(results_dir, name, chosen, protocol,
+                                                        selection.get("code"))
+        if not setup and trial_setup:  # no final run yet: the set-up its trials resolved
+            config = {**budget, **trial_setup}
+            setup = {k: config.get(k) for k in _LIKE_FOR_LIKE_2}
         wall += [r["wall_s"] for r in runs.values() if r["wall_s"]] + trial_walls
         wall += [r["rerank_retrained_wall_s"] for r in reranked.values()
                  if r.get("rerank_retrained_wall_s")]
@@ -281,22 +284,24 @@ def _rerank_row(name: str, rerank: Dict, reranked: Dict, missing: List[str], set
 
 def _trial_walls(results_dir: str, name: str, chosen: Dict, protocol: int = 1,
                  code: Optional[str] = None):
-    """`(wall times, validation curves)` of a row's trial runs; a curve is `{"trial", "seed",
-    "default", "curve": {"<epoch>": Recall@1}}` (protocol 2: every epoch)."""
-    walls, curves = [], []
+    """`(wall times, validation curves, a resolved configuration)` of a row's trial runs; a
+    curve is `{"trial", "seed", "default", "curve": {"<epoch>": Recall@1}}` (protocol 2:
+    every epoch)."""
+    walls, curves, setup = [], [], {}
     for i, trial in enumerate(chosen["trials"]):
         for key in trial.get("keys") or [trial["key"]]:
             path = os.path.join(results_dir, "runs", name, f"trial-{i}-{key}.json")
             if not os.path.exists(path):
                 continue
             run = _load_run(path, protocol, code)
+            setup = setup or {**run.get("config", {}), **(run.get("resolved_config") or {})}
             walls.append(run.get("wall_s") or 0.0)
             if run.get("rerank_retrained_wall_s"):
                 walls.append(run["rerank_retrained_wall_s"])
             if run.get("curve"):
                 curves.append({"trial": i, "seed": run.get("config", {}).get("seed"),
                                "default": bool(trial.get("default")), "curve": run["curve"]})
-    return walls, curves
+    return walls, curves, setup
 
 
 def last_quarter_range(curve: Dict, epochs: int) -> float:
@@ -459,10 +464,10 @@ def format_markdown(summary: Dict) -> str:
                    f"±{100 * margin:g} points (the margin declared before the runs) at "
                    f"Holm-adjusted p < {ALPHA}; " if margin is not None else "")
     lines += ["", f"Paired differences, method − base on the same seeds (points, 95 % t-interval). "
-              f"Primary metric {primary}, one family of {n} comparisons ({_family(summary)}), "
+              f"Primary metric {primary}, one family of {n or 'its'} comparisons ({_family(summary)}), "
               f"Holm-corrected on its own: 'beats' / 'below' = two-sided paired t-test at "
               f"Holm-adjusted p < {ALPHA}; {equivalence}'inconclusive' = neither. MDD: the minimum "
-              f"detectable difference at the level of Holm's first step ({ALPHA} / {n}) with "
+              f"detectable difference at the level of Holm's first step ({ALPHA} / {n or 'm'}) with "
               f"{100 * POWER:.0f} % power, from the comparison's own SD. The other metrics are "
               "descriptive (uncorrected intervals).", "",
               f"| method − base | seeds | {primary} | p (Holm) | TOST p (Holm) | MDD | verdict | "

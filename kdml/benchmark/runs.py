@@ -362,15 +362,15 @@ def run_request_file(request_path: str) -> None:
     fields = {f.name for f in dataclasses.fields(RunSpec)}
     spec_json = {k: v for k, v in request["spec"].items() if k in fields}
     spec = RunSpec(**spec_json)
-    if spec.code != code_fingerprint():
-        raise StaleRunError(
-            f"The kdml sources changed after the benchmark keyed this run (fingerprint "
-            f"{code_fingerprint()}, keyed {spec.code}). Re-run the benchmark so that every run "
-            "of a comparison uses one version of the code.")
-    if dict(spec.versions) != library_versions():
-        raise StaleRunError(f"The run was keyed with {dict(spec.versions)}; this process has "
-                            f"{library_versions()}. Run the benchmark in one environment.")
     try:
+        if spec.code != code_fingerprint():
+            raise StaleRunError(
+                f"The kdml sources changed after the benchmark keyed this run (fingerprint "
+                f"{code_fingerprint()}, keyed {spec.code}). Re-run the benchmark so that every "
+                "run of a comparison uses one version of the code.")
+        if dict(spec.versions) != library_versions():
+            raise StaleRunError(f"The run was keyed with {dict(spec.versions)}; this process has "
+                                f"{library_versions()}. Run the benchmark in one environment.")
         result = train_and_evaluate(spec, request["train_dir"], request["eval_dir"],
                                     request["output_dir"])
     except Exception as error:  # the protocol's failure record: the error and its step
