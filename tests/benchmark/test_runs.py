@@ -199,3 +199,20 @@ def test_a_cached_run_without_resolved_config_or_of_other_libraries_is_refused(t
                              "versions": {**spec.versions, "tensorflow": "2.0.0"}})
     with pytest.raises(StaleRunError, match="'tensorflow': '2.0.0'"):
         cached_result(spec, str(tmp_path))
+
+
+def test_a_run_process_that_fails_leaves_its_error_for_the_failure_record(tmp_path):
+    import json
+
+    from kdml.benchmark.runs import StaleRunError, run_request_file, write_json_atomic
+
+    spec = dataclasses.replace(_spec(data_kind="glyph"), code="0123456789ab")  # keyed by other code
+    request = tmp_path / "request.json"
+    write_json_atomic(str(request), {"spec": spec.to_json(), "train_dir": "x", "eval_dir": "y",
+                                     "output_dir": str(tmp_path / "run")})
+    with pytest.raises(StaleRunError):
+        run_request_file(str(request))
+    failure = json.load(open(tmp_path / "failure.json"))
+    assert failure["error"].startswith("StaleRunError: The kdml sources changed after the "
+                                       "benchmark keyed this run") and failure["step"] is None
+    assert not (tmp_path / "result.json").exists()
