@@ -793,7 +793,8 @@ def plot_curves(summary: Dict, path: str) -> bool:
         for curve in summary["methods"][name]["curves"]:
             xs = sorted(int(e) for e in curve["curve"])
             ax.plot(xs, [100 * curve["curve"][str(e)] for e in xs],
-                    "-" if curve["default"] else "--", lw=1, color=f"C{curve['trial'] % 10}")
+                    "-" if curve["default"] else "--", lw=1, marker=".", markersize=3,
+                    color=f"C{curve['trial'] % 10}")
         if epochs:
             ax.axvline(epochs - math.ceil(epochs / 4), color="gray", lw=0.5)
         ax.set_title(name + (" (budget row)" if name in first else ""), fontsize=8)
