@@ -114,6 +114,9 @@ class TrainConfig:
               "views of an image are adjacent rows). Default: 2 for supcon and ntxent, else 1.")
     images_per_class: int = setting(4, "K: images per class in a batch.")
     epochs: int = setting(30, "Epochs of ceil(N_train / (P x K)) steps.")
+    steps_per_epoch: int = setting(
+        0, "Training steps per epoch (0: ceil(N_train / (P x K)), one pass over the training "
+           "images). A fixed count trains runs on splits of different sizes equally long.")
     lr: Optional[float] = setting(
         None, "AdamW learning rate. Default: 1e-3 for glyphs (from scratch), "
               "1e-4 for photos (fine-tuning).")
@@ -281,6 +284,9 @@ class TrainConfig:
                     f"Received: {field.name}={value!r}")
         if self.views not in (None, 1, 2):
             raise ValueError(f"--views must be 1 or 2. Received: views={self.views!r}")
+        if self.steps_per_epoch < 0:
+            raise ValueError(f"--steps_per_epoch must be >= 0 (0: one pass over the training "
+                             f"images). Received: steps_per_epoch={self.steps_per_epoch}")
         if self.xbm_size < 0:
             raise ValueError(f"--xbm_size must be >= 0 (0: no memory). Received: "
                              f"xbm_size={self.xbm_size}")

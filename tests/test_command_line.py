@@ -25,6 +25,8 @@ EXPECTED_SHARED = {
     "index evaluate": {"output_dir", "seed", "verbosity"},
     "benchmark run": {"verbosity"},
     "benchmark report": {"verbosity"},
+    "benchmark budget": {"verbosity"},
+    "benchmark grids": {"verbosity"},
 }
 EXPECTED_TYPES = {"model": "string", "dataset": "string", "output_dir": "string", "seed": "int",
                   "verbosity": "int"}

@@ -8,7 +8,11 @@
     python -m kdml.benchmark run --preset=omniglot --data=<root>[,<root>...]
         [--test_groups=A,B | --num_test_groups=2] [--num_validation_groups=1] [--split_seed=0]
     python -m kdml.benchmark report <results_dir> [--readme=README.md --readme=docs/benchmarks.md]
-        [--block=<name>] [--compact]
+        [--block=<name>] [--compact --details=docs/benchmarks.md#method-comparison]
+    python -m kdml.benchmark budget <results_dir> [--rows=proxy_anchor,multi_similarity]
+        [--tolerance=1]                               # the budget rule on the trials' curves
+    python -m kdml.benchmark grids --preset=omniglot [--readme=docs/benchmarks.md]
+        # each row's grid and default (the block <!-- results:grids_<preset>:start -->)
 """
 
 from __future__ import annotations
@@ -72,9 +76,22 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--readme", action="append",
                         help="Markdown file whose results block is rewritten (repeatable).")
     report.add_argument("--compact", action="store_true",
-                        help="Write the short form into the --readme files (rank, primary metric, "
-                             "verdict, spread), e.g. for a front page.")
-    for command in (run, report):
+                        help="Write the short form into the --readme files (primary metric, "
+                             "difference to the base, verdict), e.g. for a front page.")
+    report.add_argument("--details", help="With --compact: where the full table is (a markdown "
+                        "link target, e.g. docs/benchmarks.md#loss-leaderboard).")
+    budget = commands.add_parser("budget", help="The budget rule on the trials' validation curves: "
+                                 "the smallest epochs at which each row moves less than "
+                                 "--tolerance points over the last quarter of training.")
+    budget.add_argument("results_dir")
+    budget.add_argument("--rows", help="Comma-separated rows (default: the table's budget rows).")
+    budget.add_argument("--tolerance", type=float, default=1.0,
+                        help="Points of validation Recall@1 (default 1).")
+    grids = commands.add_parser("grids", help="Each row's search grid and its default, as markdown.")
+    grids.add_argument("--preset", default="omniglot")
+    grids.add_argument("--readme", action="append", help="Markdown file whose block "
+                       "<!-- results:grids_<preset>:start --> is rewritten (repeatable).")
+    for command in (run, report, budget, grids):
         add_argument(command, "verbosity")
     worker = commands.add_parser("_run", help=argparse.SUPPRESS)
     worker.add_argument("request")
@@ -120,6 +137,36 @@ def _run(args, parser) -> None:
         print(f.read())
 
 
+def _budget(args, parser) -> None:
+    """Prints each row's mean validation curve, its last-quarter movement per budget, and the
+    budget rule's smallest epochs."""
+    from kdml.benchmark.report import budget_rule, collect, last_quarter_range, mean_curve
+
+    if not os.path.exists(os.path.join(args.results_dir, "selection.json")):
+        parser.error(f"{args.results_dir} holds no selection.json: run the trials first "
+                     "(python -m kdml.benchmark run ... --trials_only).")
+    summary = collect(args.results_dir)
+    rows = _list(args.rows) or summary.get("budget_rows") or []
+    unknown = [r for r in rows if r not in summary["methods"]]
+    if not rows or unknown:
+        parser.error(f"--rows: name rows of {args.results_dir} ({', '.join(summary['methods'])}); "
+                     f"unknown: {unknown or 'none given'}.")
+    curves = {r: mean_curve([c["curve"] for c in summary["methods"][r]["curves"]]) for r in rows}
+    empty = [r for r, c in curves.items() if not c]
+    if empty:
+        raise ValueError(f"{args.results_dir}: rows {empty} have no validation curves (trials of "
+                         "the previous protocol); re-run their trials.")
+    longest = min(max(int(e) for e in c) for c in curves.values())
+    print("epochs  " + "  ".join(f"{r} (R@1 %, last-quarter range)" for r in rows))
+    for epochs in range(1, longest + 1):
+        print(f"{epochs:6d}  " + "  ".join(
+            f"{100 * c[str(epochs)]:.2f} ({100 * last_quarter_range(c, epochs):.2f})"
+            for c in curves.values()))
+    rule = budget_rule(curves, args.tolerance / 100)
+    print(f"budget: {rule} epochs" if rule else
+          f"budget: none within {longest} epochs (train longer: --epochs)")
+
+
 def main(argv=None) -> int:
     from kdml.command_line import argparse_flag_names, check_flag_spellings, set_verbosity
 
@@ -127,7 +174,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     check_flag_spellings(argv, argparse_flag_names(parser, argv), PROG, _RENAMED)
     args = parser.parse_args(argv)
-    if args.command in ("run", "report"):
+    if args.command in ("run", "report", "budget", "grids"):
         set_verbosity(args.verbosity)
     try:
         if args.command == "_run":
@@ -145,7 +192,7 @@ def main(argv=None) -> int:
                 parser.error(f"{args.results_dir} holds no selection.json: pass the --results_dir "
                              "of a benchmark run (python -m kdml.benchmark run ...).")
             summary = write_report(args.results_dir, readme=args.readme, block=args.block,
-                                   compact=args.compact)
+                                   compact=args.compact, details=args.details)
             with open(os.path.join(args.results_dir, "results.md")) as f:
                 print(f.read())
             from kdml.benchmark.runs import code_fingerprint
@@ -154,6 +201,19 @@ def main(argv=None) -> int:
                 print(f"note: these runs were made by kdml code {summary['code']}; this checkout "
                       f"is {code_fingerprint()}, so `python -m kdml.benchmark run` would train "
                       "every row again under it.")
+        elif args.command == "budget":
+            _budget(args, parser)
+        elif args.command == "grids":
+            from kdml.benchmark.presets import PRESETS
+            from kdml.benchmark.protocol import grid_table
+            from kdml.benchmark.report import update_readme
+
+            if args.preset not in PRESETS:
+                parser.error(f"--preset={args.preset!r} is unknown. Valid presets: {', '.join(PRESETS)}.")
+            table = grid_table(PRESETS[args.preset])
+            for path in args.readme or []:
+                update_readme(path, table, f"grids_{args.preset}")
+            print(table, end="")
         else:
             _run(args, parser)
     except (ValueError, FileNotFoundError) as error:

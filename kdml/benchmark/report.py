@@ -7,10 +7,22 @@ p-values), `results.md` (the tables and the verdicts) and `results.png` (the met
 the differences with their intervals). Missing runs are listed, never filled in.
 
 The verdict rests on one primary metric, Recall@1, declared before any run
-(`protocol.PRIMARY_METRIC`): a row beats its base when the paired difference on it is
-positive and its two-sided paired t-test p-value, Holm-adjusted over every comparison of
-the table, is below 0.05. The other metrics are descriptive. Every sentence about who
-wins is generated here from the same numbers as the tables.
+(`protocol.PRIMARY_METRIC`), and on an equivalence margin Delta declared in the preset
+before any run (`BenchmarkSpec.margin`). Each comparison ends as one of
+- **beats** / **below**: the two-sided paired t-test p-value, Holm-adjusted over every
+  comparison of the table (the table is one family), is below 0.05;
+- **equivalent**: otherwise, the two one-sided tests (`stats.tost`) put the difference
+  inside +-Delta at the Holm-adjusted level (Holm over the family's TOST p-values);
+- **inconclusive**: neither.
+Each comparison also states its minimum detectable difference at the level of Holm's
+first step (alpha / m) and 80 % power (`stats.minimum_detectable_difference`). The other
+metrics are descriptive. Every sentence about who wins is generated here from the same
+numbers as the tables.
+
+Runs of protocol 2 (`protocol.PROTOCOL_VERSION`) are checked here: every run stores its
+`resolved_config`, was made by the table's code, and (when this checkout is that code)
+resolves to the configuration the protocol predicts; anything else is an error. A table
+of the previous protocol (no trial curves, no margin) is rendered and marked as such.
 
 A row whose selection chose a re-ranking depth (PDDM) gets a derived row `<method>_rerank`:
 Recall@1 of each final run re-ranked at that depth (`rerank_recall@1` of its JSON),
@@ -20,14 +32,16 @@ compared with the row itself. `update_readme` puts the report between
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
 import statistics
 from typing import Dict, List, Optional, Sequence, Union
 
-from kdml.benchmark.runs import write_json_atomic
-from kdml.benchmark.stats import holm, mean_interval, paired_difference
+from kdml.benchmark.runs import _NOT_IN_KEY, code_fingerprint, resolved_config, write_json_atomic
+from kdml.benchmark.stats import (holm, mean_interval, minimum_detectable_difference,
+                                  paired_difference, tost)
 
 METRICS = (("recall@1", "Recall@1"), ("map@r", "MAP@R"), ("r_precision", "R-Precision"),
            ("one_shot", "20-way 1-shot"))
@@ -43,8 +57,62 @@ def markers(block: Optional[str] = None):
                                            f"<!-- results:{block}:end -->")
 RERANK_SUFFIX = "_rerank"
 RERANK_DESCRIPTION = "PDDM unit re-ranks the top-k cosine neighbours (top_k chosen on validation)"
-# What must agree for two rows to be compared at all (besides the method).
+# What must agree for two rows to be compared at all (besides the method); protocol 2
+# adds the batch geometry and the steps (the images each run sees).
 _LIKE_FOR_LIKE = ("backbone", "embedding_dim", "image_size", "epochs")
+_LIKE_FOR_LIKE_2 = _LIKE_FOR_LIKE + ("classes_per_batch", "images_per_class", "views",
+                                     "steps_per_epoch")
+POWER = 0.8
+CURVES = "curves.png"
+
+
+def check_run(run: Dict, path: str, code: Optional[str]) -> None:
+    """Raises ValueError (one line) when a protocol-2 run file is not what its table claims:
+    no `resolved_config`, another code fingerprint than the table's, a configured field its
+    run resolved otherwise, or (when this checkout is the table's code) a resolved
+    configuration other than what `runs.resolved_config` predicts now."""
+    stored = run.get("resolved_config")
+    if not stored:
+        raise ValueError(f"{path}: stores no resolved_config; the run cannot be checked. "
+                         "Re-run it (delete the file) under the current protocol.")
+    if run.get("code") != code:
+        raise ValueError(f"{path}: made by kdml code {run.get('code')!r}, the table by {code!r}. "
+                         "Re-run it so that the table comes from one code.")
+    for field, value in (run.get("config") or {}).items():
+        if field not in _NOT_IN_KEY and stored.get(field) != value:
+            raise ValueError(f"{path}: config sets {field}={value!r} but the run resolved "
+                             f"{stored.get(field)!r}.")
+    if code == code_fingerprint():
+        expected = resolved_config(run.get("config") or {})
+        for field in sorted(set(expected) | set(stored)):
+            if field not in _NOT_IN_KEY and stored.get(field) != expected.get(field):
+                raise ValueError(f"{path}: resolved_config field {field!r} is "
+                                 f"{stored.get(field)!r}, the protocol resolves "
+                                 f"{expected.get(field)!r}.")
+
+
+def _load_run(path: str, protocol: int, code: Optional[str]) -> Dict:
+    with open(path) as f:
+        run = json.load(f)
+    if protocol >= 2:
+        check_run(run, path, code)
+    return run
+
+
+def _failures(results_dir: str, name: str) -> List[Dict]:
+    """The failure records of row `name` (`runs.failure_path`), oldest name first."""
+    records = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "runs", name, "*.failed.json"))):
+        with open(path) as f:
+            record = json.load(f)
+        records.append({k: record.get(k) for k in ("stage", "index", "seed", "error", "step")})
+    return records
+
+
+def images_per_step(setup: Dict) -> Optional[int]:
+    """P x K x views of a row's resolved set-up (None when unknown)."""
+    p, k = setup.get("classes_per_batch"), setup.get("images_per_class")
+    return None if p is None or k is None else int(p) * int(k) * int(setup.get("views") or 1)
 
 
 def collect(results_dir: str) -> Dict:
@@ -52,22 +120,27 @@ def collect(results_dir: str) -> Dict:
     with open(os.path.join(results_dir, "selection.json")) as f:
         selection = json.load(f)
     budget = selection["budget"]
+    protocol = int(selection.get("protocol", 1))
+    like_for_like = _LIKE_FOR_LIKE_2 if protocol >= 2 else _LIKE_FOR_LIKE
     methods, missing, wall = {}, [], []
     for name, chosen in selection["methods"].items():
         runs, reranked, setup = {}, {}, {}
         for seed, key in chosen["finals"].items():
             path = os.path.join(results_dir, "runs", name, f"final-{seed}-{key}.json")
             if os.path.exists(path):
-                with open(path) as f:
-                    run = json.load(f)
+                run = _load_run(path, protocol, selection.get("code"))
                 runs[int(seed)] = {"metrics": run["metrics"], "wall_s": run.get("wall_s"),
                                    "one_shot_ci95": run.get("one_shot_ci95")}
                 reranked[int(seed)] = {k: run[k] for k in _RERANK_KEYS if k in run}
                 config = {**budget, **run.get("config", {}), **(run.get("resolved_config") or {})}
-                setup = {k: config.get(k) for k in _LIKE_FOR_LIKE}
+                setup = {k: config.get(k) for k in _LIKE_FOR_LIKE_2}
             else:
                 missing.append(f"{name} seed {seed}")
-        trial_walls = _trial_walls(results_dir, name, chosen)
+        trial_walls, curves, trial_setup = _trial_walls(results_dir, name, chosen, protocol,
+                                                        selection.get("code"))
+        if not setup and trial_setup:  # no final run yet: the set-up its trials resolved
+            config = {**budget, **trial_setup}
+            setup = {k: config.get(k) for k in _LIKE_FOR_LIKE_2}
         wall += [r["wall_s"] for r in runs.values() if r["wall_s"]] + trial_walls
         wall += [r["rerank_retrained_wall_s"] for r in reranked.values()
                  if r.get("rerank_retrained_wall_s")]
@@ -78,7 +151,10 @@ def collect(results_dir: str) -> Dict:
                          "search": chosen.get("search", ""), "setup": setup,
                          "params": chosen["params"], "validation": chosen["validation"],
                          "trials": chosen["trials"], "seeds": sorted(runs), "finals": runs,
-                         "summary": summary,
+                         "summary": summary, "curves": curves,
+                         "failures": _failures(results_dir, name),
+                         "default": chosen.get("default"), "grid": chosen.get("grid"),
+                         "chosen_trial": chosen.get("trial"),
                          "mean_wall_s": (sum(r["wall_s"] for r in runs.values()) / len(runs)
                                          if runs and all(r["wall_s"] for r in runs.values())
                                          else None)}
@@ -99,7 +175,7 @@ def collect(results_dir: str) -> Dict:
             if base not in methods:
                 missing.append(f"{base} (base of {name}) not run")
                 continue
-            differ = [k for k in _LIKE_FOR_LIKE if m["setup"] and methods[base]["setup"]
+            differ = [k for k in like_for_like if m["setup"] and methods[base]["setup"]
                       and m["setup"].get(k) != methods[base]["setup"].get(k)]
             if differ:
                 not_drawn.append(f"{name} vs {base} (different {', '.join(differ)})")
@@ -113,8 +189,13 @@ def collect(results_dir: str) -> Dict:
                             [m["finals"][s]["metrics"][k] for s in seeds],
                             [methods[base]["finals"][s]["metrics"][k] for s in seeds])
             comparisons.append(entry)
-    _holm_verdicts(comparisons)
-    summary = {"split": selection["split"], "budget": budget, "trials": selection["trials"],
+    margin = selection.get("margin") if protocol >= 2 else None
+    _holm_verdicts(comparisons, margin)
+    summary = {"protocol": protocol, "margin": margin, "power": selection.get("power", POWER),
+               "trial_seeds": selection.get("trial_seeds", [0]),
+               "family": selection.get("family", ""),
+               "budget_rows": selection.get("budget_rows", []),
+               "split": selection["split"], "budget": budget, "trials": selection["trials"],
                "seeds": selection["seeds"], "selection_metric": selection["selection_metric"],
                "primary_metric": PRIMARY, "alpha": ALPHA, "code": selection.get("code"),
                "history": selection.get("history", ""), "leaderboard": leaderboard,
@@ -122,25 +203,42 @@ def collect(results_dir: str) -> Dict:
                "not_drawn": not_drawn, "missing_runs": missing, "runs_done": len(wall),
                "run_wall_s_total": sum(wall)}
     summary["previous"] = _previous(results_dir, selection.get("previous_results"), comparisons)
+    summary["budget_evidence"] = budget_evidence(summary)
     return summary
 
 
-def _holm_verdicts(comparisons: List[Dict]) -> None:
-    """Adds `p_holm` and `verdict` ("beats" | "below" | "no difference shown" | "not measured")
-    to each comparison: Holm's correction over every comparison with a primary difference."""
+VERDICTS = ("beats", "below", "equivalent", "inconclusive")
+
+
+def _holm_verdicts(comparisons: List[Dict], margin: Optional[float]) -> None:
+    """Adds `p_holm`, `p_tost`, `p_tost_holm`, `mdd_holm` and `verdict` (one of VERDICTS, or
+    "not measured") to each comparison. Holm's correction runs over every comparison with a
+    primary difference, once for the two-sided tests and once for the TOST p-values; the
+    minimum detectable difference is at Holm's first-step level alpha / m and power POWER."""
     tested = [c for c in comparisons if PRIMARY in c["metrics"]]
     adjusted = holm([c["metrics"][PRIMARY]["t_p"] for c in tested])
     for c in comparisons:
-        c["p_holm"], c["verdict"] = None, "not measured"
-    for c, p in zip(tested, adjusted):
+        c["p_holm"], c["p_tost"], c["p_tost_holm"], c["mdd_holm"] = None, None, None, None
+        c["verdict"] = "not measured"
+    p_tost = []
+    for c in tested:
+        d = c["metrics"][PRIMARY]
+        p_tost.append(math.nan if margin is None else tost(d["differences"], margin))
+    tost_adjusted = holm(p_tost) if tested else []
+    for c, p, pt, pt_holm in zip(tested, adjusted, p_tost, tost_adjusted):
         d = c["metrics"][PRIMARY]
         c["p_holm"] = p
+        c["mdd_holm"] = minimum_detectable_difference(d["sd"], d["n"], ALPHA / len(tested), POWER)
+        if margin is not None:
+            c["p_tost"], c["p_tost_holm"] = pt, pt_holm
         if p < ALPHA and d["mean"] > 0:
             c["verdict"] = "beats"
         elif p < ALPHA and d["mean"] < 0:
             c["verdict"] = "below"
+        elif margin is not None and pt_holm < ALPHA:
+            c["verdict"] = "equivalent"
         else:
-            c["verdict"] = "no difference shown"
+            c["verdict"] = "inconclusive"
 
 
 def _previous(results_dir: str, relative: Optional[str], comparisons: List[Dict]) -> Dict:
@@ -184,17 +282,72 @@ def _rerank_row(name: str, rerank: Dict, reranked: Dict, missing: List[str], set
             "mean_wall_s": None}
 
 
-def _trial_walls(results_dir: str, name: str, chosen: Dict) -> List[float]:
-    walls = []
+def _trial_walls(results_dir: str, name: str, chosen: Dict, protocol: int = 1,
+                 code: Optional[str] = None):
+    """`(wall times, validation curves, a resolved configuration)` of a row's trial runs; a
+    curve is `{"trial", "seed", "default", "curve": {"<epoch>": Recall@1}}` (protocol 2:
+    every epoch)."""
+    walls, curves, setup = [], [], {}
     for i, trial in enumerate(chosen["trials"]):
-        path = os.path.join(results_dir, "runs", name, f"trial-{i}-{trial['key']}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                run = json.load(f)
+        for key in trial.get("keys") or [trial["key"]]:
+            path = os.path.join(results_dir, "runs", name, f"trial-{i}-{key}.json")
+            if not os.path.exists(path):
+                continue
+            run = _load_run(path, protocol, code)
+            setup = setup or {**run.get("config", {}), **(run.get("resolved_config") or {})}
             walls.append(run.get("wall_s") or 0.0)
             if run.get("rerank_retrained_wall_s"):
                 walls.append(run["rerank_retrained_wall_s"])
-    return walls
+            if run.get("curve"):
+                curves.append({"trial": i, "seed": run.get("config", {}).get("seed"),
+                               "default": bool(trial.get("default")), "curve": run["curve"]})
+    return walls, curves, setup
+
+
+def last_quarter_range(curve: Dict, epochs: int) -> float:
+    """max - min of `curve` ({"<epoch>": value}) over the last quarter of `epochs` epochs:
+    epochs epochs - ceil(epochs / 4) .. epochs (NaN when an epoch is missing)."""
+    first = epochs - math.ceil(epochs / 4)
+    values = [curve.get(str(e)) for e in range(max(first, 1), epochs + 1)]
+    if any(v is None for v in values):
+        return math.nan
+    return max(values) - min(values)
+
+
+def mean_curve(curves: Sequence[Dict]) -> Dict:
+    """The mean of several `{"<epoch>": value}` curves over the epochs they all have."""
+    epochs = set.intersection(*(set(c) for c in curves)) if curves else set()
+    return {e: sum(c[e] for c in curves) / len(curves) for e in sorted(epochs, key=int)}
+
+
+def budget_rule(curves: Dict[str, Dict], tolerance: float = 0.01) -> Optional[int]:
+    """The budget rule: the smallest number of epochs E at which each row's validation
+    Recall@1 (`curves`: row -> its mean curve `{"<epoch>": R@1}`) moves less than
+    `tolerance` (1 point) over the last quarter of training (`last_quarter_range`);
+    None when no E up to the curves' length qualifies. Each curve is one run's epochs, so
+    E epochs of it are what a run of E epochs trains (kdml's schedule has no dependence on
+    the total epochs: constant learning rate, batches a function of the step)."""
+    if not curves:
+        return None
+    longest = min(max(int(e) for e in c) for c in curves.values())
+    for epochs in range(2, longest + 1):
+        if all(last_quarter_range(c, epochs) < tolerance for c in curves.values()):
+            return epochs
+    return None
+
+
+def budget_evidence(summary: Dict) -> Dict:
+    """For the table's budget rows: each one's mean validation curve over its trials, its
+    movement over the last quarter of the budget, and the rule's smallest E on them."""
+    rows = [r for r in summary.get("budget_rows") or [] if r in summary["methods"]]
+    curves = {r: mean_curve([c["curve"] for c in summary["methods"][r]["curves"]])
+              for r in rows if summary["methods"][r]["curves"]}
+    epochs = int(summary["budget"].get("epochs") or 0)
+    if not curves or not epochs:
+        return {}
+    return {"epochs": epochs, "rows": {r: {"last_quarter_range": last_quarter_range(c, epochs)}
+                                       for r, c in curves.items()},
+            "rule_epochs": budget_rule(curves)}
 
 
 def _pct(value: float, digits: int = 2) -> str:
@@ -227,34 +380,70 @@ def _chosen(m: Dict) -> str:
     return text
 
 
-def format_markdown(summary: Dict) -> str:
-    """The caption, the per-row table, the paired comparisons and the generated verdicts."""
+def _family(summary: Dict) -> str:
+    return summary.get("family") or ("leaderboard" if summary.get("leaderboard") else "this table")
+
+
+def _caption(summary: Dict) -> List[str]:
+    """The caption: split, budget, search, seeds, statistics, budget evidence, protocol."""
     split, budget = summary["split"], summary["budget"]
-    primary = dict(METRICS)[summary["primary_metric"]]
     seeds = ", ".join(map(str, summary["seeds"]))
-    lines = [
-        f"Train alphabets {', '.join(split['train_groups'])}; validation "
-        f"{', '.join(split['validation_groups'])}; test {', '.join(split['test_groups'])} "
-        f"({split['classes']['test']} characters). P x K = {_text(budget.get('classes_per_batch'))} x "
-        f"{_text(budget.get('images_per_class'))}, {budget.get('epochs')} epochs per run, backbone "
-        f"and d as in each row. Up to {summary['trials']} trials per row (its whole grid when "
-        f"smaller; the 'search' column says which), chosen on {summary['selection_metric']}; "
-        f"a row that extends a base inherits the base's chosen values. The chosen setting is "
-        f"retrained on train + validation with seeds {seeds} and evaluated on test once. "
-        f"Mean ± 95 % t-interval half width over seeds (%). Runs made by kdml code "
-        f"`{summary.get('code')}` (`kdml.benchmark.runs.code_fingerprint`).",
-    ]
+    steps = budget.get("steps_per_epoch")
+    trial_seeds = summary.get("trial_seeds") or [0]
+    text = (f"Train alphabets {', '.join(split['train_groups'])}; validation "
+            f"{', '.join(split['validation_groups'])}; test {', '.join(split['test_groups'])} "
+            f"({split['classes']['test']} characters). P x K = {_text(budget.get('classes_per_batch'))} x "
+            f"{_text(budget.get('images_per_class'))}, {budget.get('epochs')} epochs per run"
+            + (f" of {steps} steps (trials and final runs alike)" if steps else "")
+            + ", backbone, d and images per step as in each row. ")
+    if summary.get("protocol", 1) >= 2:
+        text += (f"Up to {summary['trials']} trials per row (its whole grid when smaller): trial 1 is "
+                 f"the row's default, the others are drawn from the rest of its grid with a seed "
+                 f"derived from the row's name; each trial trains with seed(s) "
+                 f"{', '.join(map(str, trial_seeds))} and is chosen on the mean "
+                 f"{summary['selection_metric']}; ")
+    else:
+        text += (f"Up to {summary['trials']} trials per row (its whole grid when smaller; the 'search' "
+                 f"column says which), chosen on {summary['selection_metric']}; ")
+    text += (f"a row that extends a base inherits the base's chosen values. The chosen setting is "
+             f"retrained on train + validation with seeds {seeds} and evaluated on test once. "
+             f"Mean ± 95 % t-interval half width over seeds (%). Runs made by kdml code "
+             f"`{summary.get('code')}` (`kdml.benchmark.runs.code_fingerprint`).")
+    lines = [text]
+    if summary.get("protocol", 1) < 2:
+        lines += ["", "Made under the previous protocol: every row's trials drew the same grid "
+                  "positions (one search seed), so most rows never tried their default; trials "
+                  "were scored only at the end (no validation curves); no equivalence margin was "
+                  "declared, so a comparison that is neither beats nor below is inconclusive."]
+    evidence = summary.get("budget_evidence") or {}
+    if evidence:
+        moved = "; ".join(f"`{r}` {100 * v['last_quarter_range']:.2f}"
+                          for r, v in evidence["rows"].items())
+        rule = evidence.get("rule_epochs")
+        lines += ["", f"Budget: {evidence['epochs']} epochs. Over the last quarter of training the "
+                  f"mean validation Recall@1 curve of the trials moved (points, max − min): {moved}; "
+                  f"the rule (the smallest budget at which these rows move < 1 point over the last "
+                  f"quarter) gives " + (f"{rule} epochs on these curves." if rule else
+                                        "no budget within these curves.")]
     if summary.get("history"):
         lines += ["", summary["history"]]
+    return lines
+
+
+def format_markdown(summary: Dict) -> str:
+    """The caption, the per-row table, the paired comparisons and the generated verdicts."""
+    primary = dict(METRICS)[summary["primary_metric"]]
+    lines = _caption(summary)
     leaderboard = summary.get("leaderboard", False)
     if leaderboard:
         lines += ["", f"A leaderboard: every row on the same backbone, d and budget, sorted by "
                   f"test {primary} (mean over seeds); '#' is that order, not a significance ranking."]
     lines += [
         "",
-        ("| # " if leaderboard else "") + "| method | backbone | d | search | chosen (val R@1 %) | seeds | "
-        + " | ".join(t for _, t in METRICS) + " | s / run |",
-        ("|---:" if leaderboard else "") + "|---|---|---:|---|---|---:|" + "---:|" * len(METRICS) + "---:|",
+        ("| # " if leaderboard else "") + "| method | backbone | d | images / step | search | "
+        "chosen (val R@1 %) | seeds | " + " | ".join(t for _, t in METRICS) + " | s / run |",
+        ("|---:" if leaderboard else "") + "|---|---|---:|---:|---|---|---:|" + "---:|" * len(METRICS)
+        + "---:|",
     ]
     for rank, (name, m) in enumerate(summary["methods"].items(), 1):
         cells = []
@@ -263,32 +452,46 @@ def format_markdown(summary: Dict) -> str:
             cells.append("" if s is None else f"{_pct(s['mean'])} ± {_pct(s['half_width'])}")
         wall = "" if m["mean_wall_s"] is None else f"{m['mean_wall_s']:.0f}"
         setup = m.get("setup") or {}
-        lines.append((f"| {rank} " if leaderboard else "") + f"| `{name}` | {_text(setup.get('backbone'))} | {_text(setup.get('embedding_dim'))} | "
+        images = images_per_step(setup)
+        lines.append((f"| {rank} " if leaderboard else "") + f"| `{name}` | {_text(setup.get('backbone'))} | "
+                     f"{_text(setup.get('embedding_dim'))} | {_text(images)} | "
                      f"{m.get('search', '')} | {_chosen(m)} ({_pct(m['validation']['recall@1'], 1)}) | "
                      f"{len(m['seeds'])} | " + " | ".join(cells) + f" | {wall} |")
-    n = sum(1 for c in summary["comparisons"] if c["p_holm"] is not None)
+    tested = [c for c in summary["comparisons"] if c["p_holm"] is not None]
+    n = len(tested)
+    margin = summary.get("margin")
+    equivalence = (f"'equivalent' = the two one-sided paired t-tests put the difference inside "
+                   f"±{100 * margin:g} points (the margin declared before the runs) at "
+                   f"Holm-adjusted p < {ALPHA}; " if margin is not None else "")
     lines += ["", f"Paired differences, method − base on the same seeds (points, 95 % t-interval). "
-              f"Primary metric {primary}: two-sided paired t-test p, and p Holm-adjusted over the "
-              f"{n} comparisons of this table; 'beats' = difference above zero at adjusted "
-              f"p < {ALPHA}. The other metrics are descriptive (uncorrected intervals).", "",
-              f"| method − base | seeds | {primary} | p | p (Holm) | verdict | "
+              f"Primary metric {primary}, one family of {n or 'its'} comparisons ({_family(summary)}), "
+              f"Holm-corrected on its own: 'beats' / 'below' = two-sided paired t-test at "
+              f"Holm-adjusted p < {ALPHA}; {equivalence}'inconclusive' = neither. MDD: the minimum "
+              f"detectable difference at the level of Holm's first step ({ALPHA} / {n or 'm'}) with "
+              f"{100 * POWER:.0f} % power, from the comparison's own SD. The other metrics are "
+              "descriptive (uncorrected intervals).", "",
+              f"| method − base | seeds | {primary} | p (Holm) | TOST p (Holm) | MDD | verdict | "
               + " | ".join(t for k, t in METRICS if k != summary["primary_metric"]) + " |",
-              "|---|---:|---|---:|---:|---|" + "---|" * (len(METRICS) - 1)]
+              "|---|---:|---|---:|---:|---:|---|" + "---|" * (len(METRICS) - 1)]
     for c in summary["comparisons"]:
         d = c["metrics"].get(summary["primary_metric"])
         others = [("" if c["metrics"].get(k) is None else _difference(c["metrics"][k]))
                   for k, _ in METRICS if k != summary["primary_metric"]]
+        mdd = "" if c.get("mdd_holm") is None else _pct(c["mdd_holm"])
         lines.append(f"| `{c['method']}` − `{c['base']}` | {len(c['seeds'])} | "
-                     f"{'' if d is None else _difference(d)} | {'' if d is None else _p(d['t_p'])} | "
-                     f"{_p(c['p_holm'])} | {c['verdict']} | " + " | ".join(others) + " |")
+                     f"{'' if d is None else _difference(d)} | {_p(c['p_holm'])} | "
+                     f"{_p(c.get('p_tost_holm'))} | {mdd} | {c['verdict']} | "
+                     + " | ".join(others) + " |")
     lines.append("")
     lines += verdict_sentences(summary)
+    lines += decisive_sentences(summary)
     if leaderboard:
         lines += [""] + spread_sentences(summary)
     lines += _rerank_notes(summary)
     if summary.get("not_drawn"):
         lines.append(f"- Not compared (rows differ in more than the method): "
                      f"{'; '.join(summary['not_drawn'])}.")
+    lines += _trial_lines(summary)
     previous = summary.get("previous") or {}
     if previous.get("comparisons"):
         lines += ["", f"The same pairs under the previous protocol ({previous['path']}: a row did "
@@ -306,43 +509,108 @@ def format_markdown(summary: Dict) -> str:
     lines.append("")
     lines.append(f"{summary['runs_done']} runs, {summary['run_wall_s_total'] / 60:.0f} min of run wall "
                  "time in all (trials and seeds, whatever run they were cached from).")
+    lines += _failure_lines(summary)
     if summary["missing_runs"]:
         lines.append(f"Missing ({len(summary['missing_runs'])}): {'; '.join(summary['missing_runs'])}.")
     return "\n".join(lines) + "\n"
 
 
-def format_compact(summary: Dict) -> str:
-    """A short form for a front page: each row's primary metric and its verdict against its
-    base, then the spread sentences (a leaderboard) or the verdicts; the full report is
-    `format_markdown`."""
+def _trial_lines(summary: Dict) -> List[str]:
+    """Each row's trials with their validation Recall@1, the default marked (protocol 2)."""
+    if summary.get("protocol", 1) < 2:
+        return []
+    lines = ["", "Trials, validation Recall@1 (%, mean over the trial seeds; * = the row's "
+             "default, → = chosen):"]
+    for name, m in summary["methods"].items():
+        if not m.get("trials"):
+            continue
+        shown = []
+        for i, t in enumerate(m["trials"]):
+            params = ", ".join(f"{k}={v}" for k, v in t["params"].items()) or "its configuration"
+            seeds = t.get("validation_seeds") or []
+            spread = (f" [{', '.join(_pct(v, 1) for v in seeds)}]" if len(seeds) > 1 else "")
+            shown.append(f"{'→ ' if m.get('chosen_trial') == i else ''}{params}{'*' if t.get('default') else ''} "
+                         f"{_pct(t['validation']['recall@1'], 1)}{spread}")
+        lines.append(f"- `{name}`: " + "; ".join(shown) + ".")
+    return lines
+
+
+def _failure_lines(summary: Dict) -> List[str]:
+    failed = {n: m["failures"] for n, m in summary["methods"].items() if m.get("failures")}
+    if not failed:
+        return ["Failed runs: none."] if summary.get("protocol", 1) >= 2 else []
+    shown = "; ".join(f"`{n}` {len(f)} ({', '.join(sorted({_failure_kind(r) for r in f}))})"
+                      for n, f in failed.items())
+    return [f"Failed runs ({sum(len(f) for f in failed.values())}, failure records in "
+            f"runs/<row>/*.failed.json): {shown}."]
+
+
+def _failure_kind(record: Dict) -> str:
+    step = "" if record.get("step") is None else f" at step {record['step']}"
+    return f"{record.get('stage')} seed {record.get('seed')}: {str(record.get('error'))[:80]}{step}"
+
+
+def decisive_sentences(summary: Dict) -> List[str]:
+    """How many comparisons decided (beats, below, equivalent) and the MDD reached."""
+    tested = [c for c in summary["comparisons"] if c["p_holm"] is not None]
+    if not tested:
+        return []
+    verdicts = [c["verdict"] for c in tested]
+    decisive = sum(v in ("beats", "below", "equivalent") for v in verdicts)
+    mdds = sorted(c["mdd_holm"] for c in tested if c["mdd_holm"] is not None
+                  and not math.isnan(c["mdd_holm"]))
+    line = (f"- Decisive: {decisive} of {len(tested)} comparisons ({verdicts.count('beats')} beats, "
+            f"{verdicts.count('below')} below, {verdicts.count('equivalent')} equivalent, "
+            f"{verdicts.count('inconclusive')} inconclusive).")
+    if mdds:
+        line += (f" Minimum detectable difference at Holm's first-step level, {100 * POWER:.0f} % "
+                 f"power: median {100 * statistics.median(mdds):.2f} points (from "
+                 f"{100 * mdds[0]:.2f} to {100 * mdds[-1]:.2f}).")
+    return [line]
+
+
+def format_compact(summary: Dict, details: Optional[str] = None) -> str:
+    """A short form for a front page: each row's primary metric and its verdicts against its
+    bases, the decisive count, and a link to the full table (`details`, a markdown link
+    target); the full report is `format_markdown`."""
     primary = dict(METRICS)[summary["primary_metric"]]
-    versus = {}
+    versus: Dict[str, List[Dict]] = {}
     for c in summary["comparisons"]:
-        versus.setdefault(c["method"], c)
-    lines = [f"{len(summary['methods'])} rows, {summary['budget'].get('backbone')} backbone, "
-             f"d = {summary['budget'].get('embedding_dim')}, {summary['budget'].get('epochs')} epochs, "
-             f"{len(summary['seeds'])} paired seeds; test {primary} (%), mean ± 95 % half width; "
-             f"'vs base': paired difference in points, Holm-adjusted over the table.", "",
-             f"| # | method | {primary} | vs base | verdict |", "|---:|---|---:|---|---|"]
+        versus.setdefault(c["method"], []).append(c)
+    budget = summary["budget"]
+    margin = summary.get("margin")
+    rule = (f"±{100 * margin:g}-point equivalence margin" if margin is not None
+            else "previous protocol, no equivalence margin")
+    leaderboard = summary.get("leaderboard")
+    lines = [f"{len(summary['methods'])} rows, {budget.get('backbone')} backbone, "
+             f"{budget.get('epochs')} epochs, {len(summary['seeds'])} paired seeds; test {primary} "
+             f"(%, mean ± 95 % half width); 'vs base': paired difference in points; verdicts "
+             f"Holm-corrected over the table, {rule}.", "",
+             ("| # " if leaderboard else "") + f"| method | {primary} | vs base | verdict |",
+             ("|---:" if leaderboard else "") + "|---|---:|---|---|"]
     for rank, (name, m) in enumerate(summary["methods"].items(), 1):
         s = m["summary"].get(summary["primary_metric"])
-        c = versus.get(name)
-        d = c["metrics"].get(summary["primary_metric"]) if c else None
         metric = "" if s is None else f"{_pct(s['mean'])} ± {_pct(s['half_width'])}"
-        difference = "" if d is None else f"`{c['base']}` {_signed(d['mean'])}"
-        lines.append(f"| {rank} | `{name}` | {metric} | {difference} | {c['verdict'] if c else ''} |")
+        mine = versus.get(name, [])
+        difference = "; ".join(
+            f"`{c['base']}` {_signed(c['metrics'][summary['primary_metric']]['mean'])}"
+            for c in mine if summary["primary_metric"] in c["metrics"])
+        verdict = "; ".join(c["verdict"] for c in mine)
+        lines.append((f"| {rank} " if leaderboard else "") +
+                     f"| `{name}` | {metric} | {difference} | {verdict} |")
     lines.append("")
-    lines += spread_sentences(summary) if summary.get("leaderboard") else verdict_sentences(summary)
-    lines.append(f"- {summary['runs_done']} runs, {summary['run_wall_s_total'] / 60:.0f} min of run "
-                 "wall time in all (trials and seeds).")
+    lines += decisive_sentences(summary)
     if summary["missing_runs"]:
-        lines.append(f"- Missing ({len(summary['missing_runs'])}): {'; '.join(summary['missing_runs'])}.")
+        lines.append(f"- Missing ({len(summary['missing_runs'])}): see the full table.")
+    if details:
+        lines.append(f"- Full table, captions, trials and curves: [{details.split('#')[0]}]({details}).")
     return "\n".join(lines) + "\n"
 
 
 def verdict_sentences(summary: Dict) -> List[str]:
     """One generated sentence per comparison: the only place the report says who wins."""
     primary = dict(METRICS)[summary["primary_metric"]]
+    margin = summary.get("margin")
     lines = []
     for c in summary["comparisons"]:
         d = c["metrics"].get(summary["primary_metric"])
@@ -353,13 +621,25 @@ def verdict_sentences(summary: Dict) -> List[str]:
         p_holm = _p(c["p_holm"])
         p_holm = p_holm if p_holm.startswith("<") else f"= {p_holm}"
         figures = (f"{primary} {_difference(d)} points, Holm-adjusted p {p_holm}, "
-                   f"{len(c['seeds'])} paired seeds, interval half width {100 * d['half_width']:.2f}")
+                   f"{len(c['seeds'])} paired seeds, minimum detectable difference "
+                   f"{100 * c['mdd_holm']:.2f}" if c.get("mdd_holm") is not None
+                   and not math.isnan(c["mdd_holm"]) else
+                   f"{primary} {_difference(d)} points, Holm-adjusted p {p_holm}, "
+                   f"{len(c['seeds'])} paired seeds")
         if c["verdict"] == "beats":
             lines.append(f"- `{c['method']}` beats `{c['base']}`: {figures}.")
         elif c["verdict"] == "below":
             lines.append(f"- `{c['method']}` is below `{c['base']}`: {figures}.")
+        elif c["verdict"] == "equivalent":
+            lines.append(f"- `{c['method']}` is equivalent to `{c['base']}` within "
+                         f"±{100 * margin:g} points: {figures}, TOST Holm-adjusted p "
+                         f"{_p(c['p_tost_holm'])}.")
         else:
-            lines.append(f"- `{c['method']}` is not shown to beat `{c['base']}`: {figures}.")
+            why = ("" if margin is None else
+                   f", nor shown within ±{100 * margin:g} points (TOST Holm-adjusted p "
+                   f"{_p(c['p_tost_holm'])})")
+            lines.append(f"- `{c['method']}` vs `{c['base']}` is inconclusive: no difference "
+                         f"shown{why}; {figures}.")
     return lines
 
 
@@ -375,11 +655,12 @@ def spread_sentences(summary: Dict) -> List[str]:
     """A leaderboard's spread, generated (the rule is declared here, before any number):
 
     - the range of the rows' mean primary metric, best and worst named;
-    - how many rows are not shown to differ from their base (Holm, as in the table), and
-      how many beat or are below it;
-    - the reality check: the table agrees with Musgrave et al. when most compared rows
-      are not shown to differ from their base AND no classic pair loss
-      (`REALITY_CHECK_CLASSICS`) is below `REALITY_CHECK_BASELINE`.
+    - the reality check: the table agrees with Musgrave et al. when most comparisons are
+      shown *equivalent* to their base within the margin and no classic pair loss
+      (`REALITY_CHECK_CLASSICS`) is below `REALITY_CHECK_BASELINE`; it disagrees when a
+      classic loss is below, or most comparisons differ (beats or below); otherwise it
+      cannot tell (too few comparisons decided). "Not shown to differ" is no evidence of
+      agreement: it is what too few seeds give.
     """
     key = summary["primary_metric"]
     primary = dict(METRICS)[key]
@@ -393,30 +674,31 @@ def spread_sentences(summary: Dict) -> List[str]:
     quartile = len(middle) // 4
     inner = middle[len(middle) - 1 - quartile] - middle[quartile]
     verdicts = [c["verdict"] for c in tested]
-    same = verdicts.count("no difference shown")
     lines = [f"- Spread: the {len(rows)} rows' mean {primary} spans {100 * (high - low):.2f} points, "
              f"from `{best}` ({_pct(high)}) to `{worst}` ({_pct(low)}); the middle half of the rows "
-             f"spans {100 * inner:.2f} points.",
-             f"- Against their bases ({len(tested)} Holm-corrected comparisons): {same} not shown to "
-             f"differ, {verdicts.count('beats')} beat, {verdicts.count('below')} below. The median "
-             f"95 % half width of the paired differences is "
-             f"{100 * statistics.median(c['metrics'][key]['half_width'] for c in tested):.2f} points "
-             f"before the correction: 'not shown to differ' means no difference of that size was "
-             f"detected, not that the rows are equal."]
+             f"spans {100 * inner:.2f} points."]
     classics = {c["method"]: c for c in tested if c["method"] in REALITY_CHECK_CLASSICS
                 and c["base"] == REALITY_CHECK_BASELINE}
     if classics:
         shown = "; ".join(f"`{name}` {c['verdict']} (Recall@1 {_difference(c['metrics'][key])})"
                           for name, c in sorted(classics.items()))
-        agrees = same > len(tested) / 2 and all(c["verdict"] != "below" for c in classics.values())
+        equivalent = verdicts.count("equivalent")
+        differ = verdicts.count("beats") + verdicts.count("below")
+        classic_below = any(c["verdict"] == "below" for c in classics.values())
+        if classic_below or differ > len(tested) / 2:
+            outcome = "does not agree: " + ("a classic loss is below the baseline" if classic_below
+                                             else "most rows differ from their base") + "."
+        elif equivalent > len(tested) / 2:
+            outcome = ("agrees: most rows are shown equivalent to their base and no classic loss "
+                       "is below the baseline.")
+        else:
+            outcome = (f"cannot tell: {equivalent} of {len(tested)} comparisons are shown "
+                       f"equivalent and {differ} differ; an inconclusive comparison is no "
+                       "evidence either way.")
         lines.append(
             f"- Reality check (Musgrave et al., ECCV 2020: once tuned under one protocol, most "
             f"losses end close together and the classic pair losses are not left behind): the "
-            f"classic losses vs `{REALITY_CHECK_BASELINE}`: {shown}. This table "
-            + ("agrees: most rows are not shown to differ from their base and no classic loss is "
-               "below the baseline." if agrees else
-               "does not agree: " + ("most rows differ from their base" if same <= len(tested) / 2
-                                     else "a classic loss is below the baseline") + "."))
+            f"classic losses vs `{REALITY_CHECK_BASELINE}`: {shown}. This table " + outcome)
     return lines
 
 
@@ -488,20 +770,66 @@ def plot(summary: Dict, path: str) -> None:
     plt.close(fig)
 
 
+def plot_curves(summary: Dict, path: str) -> bool:
+    """Validation Recall@1 after every epoch of each row's trials (one panel per row, the
+    default trial drawn solid, the others dashed; the budget rows first), with the budget
+    and the start of its last quarter marked. False (nothing written) without curves."""
+    rows = [n for n, m in summary["methods"].items() if m.get("curves")]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = [r for r in summary.get("budget_rows") or [] if r in rows]
+    rows = first + [r for r in rows if r not in first]
+    columns = min(6, len(rows))
+    height = (len(rows) + columns - 1) // columns
+    fig, axes = plt.subplots(height, columns, figsize=(2.6 * columns, 2.2 * height),
+                             squeeze=False, sharey=True)
+    epochs = int(summary["budget"].get("epochs") or 0)
+    for ax, name in zip(axes.flat, rows):
+        for curve in summary["methods"][name]["curves"]:
+            xs = sorted(int(e) for e in curve["curve"])
+            ax.plot(xs, [100 * curve["curve"][str(e)] for e in xs],
+                    "-" if curve["default"] else "--", lw=1, marker=".", markersize=3,
+                    color=f"C{curve['trial'] % 10}")
+        if epochs:
+            ax.axvline(epochs - math.ceil(epochs / 4), color="gray", lw=0.5)
+        ax.set_title(name + (" (budget row)" if name in first else ""), fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    fig.supxlabel("epoch", fontsize=8)
+    fig.supylabel("validation Recall@1 (%)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+    return True
+
+
 def readme_block(results_dir: str, readme: str, summary: Optional[Dict] = None,
-                 compact: bool = False) -> str:
+                 compact: bool = False, details: Optional[str] = None) -> str:
     """The text `write_report` puts between the results markers of markdown file `readme`
-    (`format_compact` with `compact=True`)."""
+    (`format_compact` with `compact=True`, linking to `details`)."""
     summary = summary if summary is not None else collect(results_dir)
-    markdown = format_compact(summary) if compact else format_markdown(summary)
-    return _with_plot(markdown, results_dir, readme)
+    markdown = format_compact(summary, details) if compact else format_markdown(summary)
+    return _with_plot(markdown, results_dir, readme, curves=not compact and any(
+        m.get("curves") for m in summary["methods"].values()))
 
 
-def _with_plot(markdown: str, results_dir: str, readme: str) -> str:
-    """`markdown` followed by the plot, linked relative to markdown file `readme`."""
-    image = os.path.relpath(os.path.join(results_dir, "results.png"),
-                            os.path.dirname(os.path.abspath(readme))).replace(os.sep, "/")
-    return f"{markdown}\n![Benchmark metrics and paired differences]({image})\n"
+def _with_plot(markdown: str, results_dir: str, readme: str, curves: bool = False) -> str:
+    """`markdown` followed by the plot (and the validation curves), linked relative to
+    markdown file `readme`."""
+    def link(name):
+        return os.path.relpath(os.path.join(results_dir, name),
+                               os.path.dirname(os.path.abspath(readme))).replace(os.sep, "/")
+
+    text = f"{markdown}\n![Benchmark metrics and paired differences]({link('results.png')})\n"
+    if curves:
+        text += f"\n![Validation Recall@1 after every epoch of each trial]({link(CURVES)})\n"
+    return text
 
 
 def current_block(readme: str, block: Optional[str] = None) -> str:
@@ -533,17 +861,19 @@ def update_readme(readme: str, content: str, block: Optional[str] = None) -> Non
 
 
 def write_report(results_dir: str, readme: Union[None, str, Sequence[str]] = None,
-                 block: Optional[str] = None, compact: bool = False) -> Dict:
-    """Writes results.json, results.md and results.png in `results_dir` and the results
-    block (`markers(block)`) of each markdown file in `readme` (its short form,
-    `format_compact`, with `compact=True`); returns the summary."""
+                 block: Optional[str] = None, compact: bool = False,
+                 details: Optional[str] = None) -> Dict:
+    """Writes results.json, results.md, results.png (and curves.png when the trials have
+    validation curves) in `results_dir` and the results block (`markers(block)`) of each
+    markdown file in `readme` (its short form, `format_compact` linking to `details`, with
+    `compact=True`); returns the summary."""
     summary = collect(results_dir)
     write_json_atomic(os.path.join(results_dir, "results.json"), summary)
     markdown = format_markdown(summary)
     with open(os.path.join(results_dir, "results.md"), "w") as f:
         f.write(markdown)
     plot(summary, os.path.join(results_dir, "results.png"))
-    text = format_compact(summary) if compact else markdown
+    plot_curves(summary, os.path.join(results_dir, CURVES))
     for path in [readme] if isinstance(readme, str) else readme or []:
-        update_readme(path, _with_plot(text, results_dir, path), block)
+        update_readme(path, readme_block(results_dir, path, summary, compact, details), block)
     return summary

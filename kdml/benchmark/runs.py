@@ -10,14 +10,19 @@ JSON file, `<results_dir>/runs/<method>/<stage>-<index>-<key>.json`.
 The key hashes everything that defines the run, so that nothing can go stale:
 - the full resolved configuration (`resolved_config`: every TrainConfig field after
   `TrainConfig.resolved`, so a changed default changes the key);
-- the classes of both splits and the evaluation settings;
+- the files of both splits (`ClassSplit.fingerprint`: class names, each file's relative
+  path and size) and the evaluation settings;
 - the code (`code_fingerprint`: every kdml source file outside `kdml/benchmark/`, plus the
   source of the functions here that train, evaluate and re-rank a run), so a changed code
-  path re-runs.
+  path re-runs;
+- the versions of TensorFlow, Keras and NumPy (`library_versions`).
 A cached file is trusted only if the configuration the run itself resolved (stored as
 `resolved_config`) equals the one predicted here; otherwise `cached_result` raises a
 `StaleRunError` naming the field. The run process recomputes the fingerprint and refuses
-to start if the sources changed after the benchmark computed its keys.
+to start if the sources changed after the benchmark computed its keys. A run that fails
+(an exception, or a non-finite loss or metric) writes no result; the protocol writes a
+failure record `<stage>-<index>-<key>.failed.json` beside where it would be
+(`failure_path`: config, seed, error, step), which the report counts per row.
 
 A run that saved a pair scorer (PDDM's `pddm.keras` beside `embedder.keras`) can also be
 re-ranked (`rerank_in_subprocess`, `python -m kdml.benchmark _rerank`): reranked
@@ -30,9 +35,11 @@ import dataclasses
 import functools
 import glob
 import hashlib
-import inspect
+import ast
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -41,7 +48,8 @@ from typing import Dict, Mapping, Optional
 # The fields that locate a run rather than define it; never part of the key.
 _NOT_IN_KEY = ("dataset", "eval_dataset", "output_dir", "verbose", "resume", "verify_images",
                "eval_every", "checkpoint_every_steps", "keep_checkpoints", "data_dir", "download")
-KEY_VERSION = 2
+KEY_VERSION = 3
+LIBRARIES = ("tensorflow", "keras", "numpy")
 
 
 class StaleRunError(ValueError):
@@ -68,29 +76,63 @@ def resolved_config(config: Mapping) -> Dict:
 
 
 _RUN_FUNCTIONS = ("train_and_evaluate", "embed_folder", "rerank_evaluation")
+RUNS_MODULE = "benchmark/runs.py"  # where _RUN_FUNCTIONS live, relative to the package
+
+
+def fingerprint_sources(sources: Mapping[str, bytes]) -> str:
+    """sha1 (12 hex digits) of kdml's sources `{path relative to the package: bytes}`.
+
+    Hashes the path and bytes of every `*.py` outside `benchmark/` (the protocol's choices
+    reach a run only through its key's other parts), plus the source text of this
+    module's `train_and_evaluate`, `embed_folder` and `rerank_evaluation` as
+    `sources[RUNS_MODULE]` holds them. The same function serves a checkout
+    (`code_fingerprint`) and a commit's files (`tools/rekey_benchmark_runs.py`).
+    """
+    digest = hashlib.sha1()
+    for relative in sorted(sources):
+        if relative.endswith(".py") and not relative.startswith("benchmark/"):
+            digest.update(relative.encode() + b"\0" + sources[relative] + b"\0")
+    text = sources[RUNS_MODULE].decode()
+    lines = text.splitlines(keepends=True)
+    functions = {node.name: node for node in ast.parse(text).body
+                 if isinstance(node, ast.FunctionDef)}
+    for name in _RUN_FUNCTIONS:
+        if name not in functions:
+            raise ValueError(f"{RUNS_MODULE} defines no function {name}.")
+        node = functions[name]
+        digest.update("".join(lines[node.lineno - 1:node.end_lineno]).encode())
+    return digest.hexdigest()[:12]
+
+
+def package_sources(package_dir: str) -> Dict[str, bytes]:
+    """`{relative path: bytes}` of every `*.py` under `package_dir`."""
+    sources = {}
+    for path in sorted(glob.glob(os.path.join(package_dir, "**", "*.py"), recursive=True)):
+        with open(path, "rb") as f:
+            sources[os.path.relpath(path, package_dir).replace(os.sep, "/")] = f.read()
+    return sources
 
 
 @functools.lru_cache(maxsize=None)
 def code_fingerprint(package_dir: Optional[str] = None) -> str:
-    """sha1 (12 hex digits) of the code a run executes.
-
-    Hashes the path and bytes of every `*.py` under the kdml package except
-    `kdml/benchmark/` (the protocol's choices reach a run only through its key's other
-    parts), plus the source of this module's `train_and_evaluate`, `embed_folder` and
-    `rerank_evaluation`.
-    """
+    """`fingerprint_sources` of this checkout's kdml package: the code a run executes."""
     package_dir = package_dir or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    digest = hashlib.sha1()
-    for path in sorted(glob.glob(os.path.join(package_dir, "**", "*.py"), recursive=True)):
-        relative = os.path.relpath(path, package_dir).replace(os.sep, "/")
-        if relative.startswith("benchmark/"):
-            continue
-        with open(path, "rb") as f:
-            digest.update(relative.encode() + b"\0" + f.read() + b"\0")
-    module = sys.modules[__name__]
-    for name in _RUN_FUNCTIONS:
-        digest.update(inspect.getsource(getattr(module, name)).encode())
-    return digest.hexdigest()[:12]
+    return fingerprint_sources(package_sources(package_dir))
+
+
+@functools.lru_cache(maxsize=None)
+def library_versions() -> Dict[str, str]:
+    """`{"tensorflow", "keras", "numpy": installed version}` (part of every run key), read
+    from the installed packages' metadata without importing them."""
+    from importlib import metadata
+
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +148,7 @@ class RunSpec:
             hashes of their classes (`ClassSplit.fingerprint`).
         one_shot: `{"n_way", "episodes"}` of the one-shot evaluation, or None.
         code: `code_fingerprint()` of the sources that run it ("" = this checkout's).
+        versions: `library_versions()` it runs with (None = this environment's).
     """
 
     method: str
@@ -118,10 +161,13 @@ class RunSpec:
     eval_fingerprint: str
     one_shot: Optional[Mapping] = None
     code: str = ""
+    versions: Optional[Mapping] = None
 
     def __post_init__(self):
         if not self.code:
             object.__setattr__(self, "code", code_fingerprint())
+        if self.versions is None:
+            object.__setattr__(self, "versions", dict(library_versions()))
 
     @property
     def resolved(self) -> Dict:
@@ -132,6 +178,7 @@ class RunSpec:
     def key(self) -> str:
         """sha1 of everything that defines the run (12 hex digits)."""
         payload = {"version": KEY_VERSION, "code": self.code, "config": self.resolved,
+                   "versions": dict(self.versions),
                    "train": [self.train_split, self.train_fingerprint],
                    "eval": [self.eval_split, self.eval_fingerprint],
                    "one_shot": dict(self.one_shot) if self.one_shot else None}
@@ -143,7 +190,22 @@ class RunSpec:
 
     def to_json(self) -> Dict:
         return {**dataclasses.asdict(self), "config": {k: _plain(v) for k, v in self.config.items()},
-                "key": self.key}
+                "versions": dict(self.versions), "key": self.key}
+
+
+def failure_path(spec: RunSpec, results_dir: str) -> str:
+    """`<results_dir>/runs/<method>/<stage>-<index>-<key>.failed.json`: the failure record
+    of `spec` (never read as a result)."""
+    return spec.result_path(results_dir)[:-len(".json")] + ".failed.json"
+
+
+class RunFailed(RuntimeError):
+    """A run process that ended without a result: `error` (its last error line) and `step`
+    (the global training step it stopped at, None when unknown)."""
+
+    def __init__(self, message: str, error: str = "", step: Optional[int] = None):
+        super().__init__(message)
+        self.error, self.step = error, step
 
 
 def _plain(value):
@@ -172,8 +234,14 @@ def check_result_matches(spec: RunSpec, result: Mapping, path: str) -> None:
         raise StaleRunError(
             f"{path}: ran kdml code {result.get('code')!r}, not this checkout's {spec.code!r}. "
             "Delete the file to re-run it.")
-    if "resolved_config" not in result:  # only stand-in runners (tests) store none
-        return
+    if result.get("versions") not in (None, dict(spec.versions)):
+        raise StaleRunError(
+            f"{path}: ran with {result.get('versions')}, not {dict(spec.versions)}. Delete "
+            "the file to re-run it.")
+    if "resolved_config" not in result:
+        raise StaleRunError(
+            f"{path}: stores no resolved_config, so the configuration it trained cannot be "
+            "checked. Delete the file to re-run it.")
     stored, expected = result["resolved_config"], spec.resolved
     for field in sorted(set(stored) | set(expected)):
         if field in _NOT_IN_KEY:
@@ -211,6 +279,8 @@ def execute_in_subprocess(spec: RunSpec, train_dir: str, eval_dir: str, scratch_
     request = os.path.join(work, "request.json")
     write_json_atomic(request, {"spec": spec.to_json(), "train_dir": train_dir,
                                 "eval_dir": eval_dir, "output_dir": os.path.join(work, "run")})
+    if os.path.exists(os.path.join(work, "failure.json")):  # an earlier attempt's
+        os.remove(os.path.join(work, "failure.json"))
     env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"}
     start = time.perf_counter()
     with open(os.path.join(work, "log.txt"), "w") as log:
@@ -220,8 +290,13 @@ def execute_in_subprocess(spec: RunSpec, train_dir: str, eval_dir: str, scratch_
     if code != 0:
         with open(os.path.join(work, "log.txt")) as f:
             tail = f.read()[-2000:]
-        raise RuntimeError(f"Run {spec.method} {spec.stage} {spec.index} failed (exit {code}); "
-                           f"log {work}/log.txt ends with:\n{tail}")
+        failure = {}
+        if os.path.exists(os.path.join(work, "failure.json")):
+            with open(os.path.join(work, "failure.json")) as f:
+                failure = json.load(f)
+        raise RunFailed(f"Run {spec.method} {spec.stage} {spec.index} failed (exit {code}); "
+                        f"log {work}/log.txt ends with:\n{tail}",
+                        failure.get("error") or f"exit {code}", failure.get("step"))
     with open(os.path.join(work, "result.json")) as f:
         return {**json.load(f), "wall_s": wall}
 
@@ -236,13 +311,20 @@ def train_and_evaluate(spec: RunSpec, train_dir: str, eval_dir: str, output_dir:
     from kdml.training import train
 
     epochs = spec.config.get("epochs", TrainConfig.epochs)
+    # Trials evaluate on validation after every epoch (the curves of the budget rule);
+    # final runs read test once, at the end.
     config = TrainConfig(**{**spec.config, "dataset": f"folder:{train_dir}",
                             "eval_dataset": f"folder:{eval_dir}", "output_dir": output_dir,
                             "verbose": 0, "verify_images": False, "resume": True,
-                            "eval_every": epochs})
+                            "eval_every": 1 if spec.stage.startswith("trial") else epochs})
     history = train(config)
     final = history["final"]
     result = {"metrics": {k: float(final[k]) for k in ("recall@1", "map@r", "r_precision")}}
+    bad = [k for k, v in result["metrics"].items() if not math.isfinite(v)]
+    if bad:
+        step = f", global step {epochs * config.steps_per_epoch}" if config.steps_per_epoch else ""
+        raise FloatingPointError(f"non-finite metric {', '.join(bad)} at the end of training "
+                                 f"(epoch {epochs}{step})")
     if spec.one_shot:
         resolved = history["config"]
         test, embeddings = embed_folder(output_dir, eval_dir, image_size=resolved["image_size"],
@@ -264,6 +346,10 @@ def train_and_evaluate(spec: RunSpec, train_dir: str, eval_dir: str, output_dir:
         result["one_shot_groups"] = names
     last = history["epochs"].get(str(epochs), {})
     result["train_log"] = {k: float(v) for k, v in last.items()}
+    result["curve"] = {e: float(logs["recall@1"]) for e, logs in sorted(
+        history["epochs"].items(), key=lambda item: int(item[0])) if "recall@1" in logs}
+    result["loss_curve"] = {e: float(logs["loss"]) for e, logs in sorted(
+        history["epochs"].items(), key=lambda item: int(item[0])) if "loss" in logs}
     result["resolved_config"] = {k: _plain(v) for k, v in history["config"].items()
                                  if k not in ("dataset", "eval_dataset", "output_dir")}
     return result
@@ -276,12 +362,23 @@ def run_request_file(request_path: str) -> None:
     fields = {f.name for f in dataclasses.fields(RunSpec)}
     spec_json = {k: v for k, v in request["spec"].items() if k in fields}
     spec = RunSpec(**spec_json)
-    if spec.code != code_fingerprint():
-        raise StaleRunError(
-            f"The kdml sources changed after the benchmark keyed this run (fingerprint "
-            f"{code_fingerprint()}, keyed {spec.code}). Re-run the benchmark so that every run "
-            "of a comparison uses one version of the code.")
-    result = train_and_evaluate(spec, request["train_dir"], request["eval_dir"], request["output_dir"])
+    try:
+        if spec.code != code_fingerprint():
+            raise StaleRunError(
+                f"The kdml sources changed after the benchmark keyed this run (fingerprint "
+                f"{code_fingerprint()}, keyed {spec.code}). Re-run the benchmark so that every "
+                "run of a comparison uses one version of the code.")
+        if dict(spec.versions) != library_versions():
+            raise StaleRunError(f"The run was keyed with {dict(spec.versions)}; this process has "
+                                f"{library_versions()}. Run the benchmark in one environment.")
+        result = train_and_evaluate(spec, request["train_dir"], request["eval_dir"],
+                                    request["output_dir"])
+    except Exception as error:  # the protocol's failure record: the error and its step
+        message = f"{type(error).__name__}: {error}".strip().splitlines()[0][:500]
+        found = re.search(r"global step (\d+)", str(error))
+        write_json_atomic(os.path.join(os.path.dirname(request_path), "failure.json"),
+                          {"error": message, "step": int(found[1]) if found else None})
+        raise
     write_json_atomic(os.path.join(os.path.dirname(request_path), "result.json"), result)
 
 

@@ -35,11 +35,23 @@ class ClassSplit:
     test_groups: Tuple[str, ...]
     classes: Dict[str, Tuple[str, ...]]  # split name (SPLIT_NAMES) -> class names
     seed: int
+    # class name -> `folder_digest` of its files (relative path and size of each); None:
+    # class names only (a split not made from folders).
+    contents: Optional[Dict[str, str]] = dataclasses.field(default=None, compare=False)
 
     def fingerprint(self, split_name: str) -> str:
-        """A short hash of the classes of `split_name` (part of every run's cache key)."""
-        names = json.dumps(list(self.classes[split_name])).encode()
-        return hashlib.sha1(names).hexdigest()[:12]
+        """A short hash of `split_name`'s classes and, when known, of each class's files
+        (relative path and size): part of every run's cache key, so another copy of the
+        data with the same class names but other files gets other keys."""
+        names = list(self.classes[split_name])
+        if self.contents is not None:
+            missing = [n for n in names if n not in self.contents]
+            if missing:
+                raise ValueError(f"No file digest for class(es) {missing[:3]} of split {split_name!r}.")
+            payload = json.dumps([[n, self.contents[n]] for n in names]).encode()
+        else:
+            payload = json.dumps(names).encode()
+        return hashlib.sha1(payload).hexdigest()[:12]
 
     def to_json(self) -> Dict:
         return {"seed": self.seed, "train_groups": list(self.train_groups),
@@ -96,6 +108,25 @@ def group_split(class_names: Sequence[str], *, num_validation_groups: int = 1,
     classes = {"train": classes_of(train), "validation": classes_of(validation),
                "train+validation": classes_of(train + validation), "test": classes_of(test)}
     return ClassSplit(tuple(train), tuple(validation), tuple(test), classes, seed)
+
+
+def folder_digest(folder: str) -> str:
+    """sha1 (12 hex digits) of the sorted `(relative path, size in bytes)` of every file
+    under `folder`, symlinks followed: the files of one class, without reading them."""
+    entries = []
+    for directory, subdirs, files in os.walk(folder, followlinks=True):
+        subdirs.sort()
+        for name in files:
+            path = os.path.join(directory, name)
+            entries.append([os.path.relpath(path, folder).replace(os.sep, "/"),
+                            os.path.getsize(path)])
+    return hashlib.sha1(json.dumps(sorted(entries)).encode()).hexdigest()[:12]
+
+
+def with_contents(split: ClassSplit, folders: Dict[str, str]) -> ClassSplit:
+    """`split` with the file digest of each class (`folder_digest` of `folders[name]`)."""
+    return dataclasses.replace(split, contents={name: folder_digest(folders[name])
+                                                for name in sorted(folders)})
 
 
 def class_folders(roots: Sequence[str]) -> Dict[str, str]:
@@ -155,6 +186,14 @@ class SplitFolders:
                 f"Split folder {target} holds other classes than split {name!r} "
                 f"(e.g. {extra or sorted(set(classes) - set(found))[:3]}). Delete it; it is "
                 "rebuilt from the split.")
+        for class_name in classes:  # each link must point where this split's class lives
+            link = os.path.join(target, *class_name.split("/"))
+            pointed = os.path.join(os.path.dirname(link), os.readlink(link))
+            if os.path.realpath(pointed) != os.path.realpath(self.folders[class_name]):
+                raise ValueError(
+                    f"Split folder {target}: {class_name} links to {os.readlink(link)}, not to "
+                    f"{os.path.abspath(self.folders[class_name])}. Delete the folder; it is "
+                    "rebuilt from the split.")
         return target
 
 

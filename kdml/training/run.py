@@ -165,7 +165,7 @@ def _train(config, method, splits, strategy, role, out, write_dir, resume_from) 
         remove_partial_checkpoints(checkpoint_dir)
     keras.utils.set_random_seed(config.seed)
 
-    per_epoch = steps_per_epoch(splits.train.num_images, config.batch_size)
+    per_epoch = config.steps_per_epoch or steps_per_epoch(splits.train.num_images, config.batch_size)
     if role.is_chief:
         print(describe_run(config, method, splits, strategy, role, per_epoch, resume_from),
               flush=True)

@@ -77,6 +77,17 @@ def test_the_docs_state_the_search_grids_the_preset_runs():
     (stated,) = re.findall(r"search space is therefore lambda in \{([^}]*)\}", methods)
     assert sorted(float(v) for v in stated.split(",")) == grid
     benchmarks = open(os.path.join(root, "docs", "benchmarks.md")).read()
-    (row,) = [line for line in benchmarks.splitlines()
-              if line.startswith("| `so_proxy` |") and "so_strength {" in line]
-    assert sorted(float(v) for v in re.search(r"so_strength \{([^}]*)\}", row)[1].split(",")) == grid
+    rows = [line for line in benchmarks.splitlines()
+            if line.startswith("| `so_proxy` |") and "so_strength {" in line]
+    assert rows and all(sorted(float(v.strip(" *")) for v in re.search(
+        r"so_strength \{([^}]*)\}", row)[1].split(",")) == grid for row in rows)
+
+
+def test_grids_and_budget_commands(tmp_path, capsys):
+    from kdml.benchmark.__main__ import main
+
+    assert main(["grids", "--preset=omniglot"]) == 0
+    assert "| `so_proxy_d64` | so_strength {0.0001, **0.001**, 0.01} |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["budget", str(tmp_path)])
+    assert "holds no selection.json" in capsys.readouterr().err

@@ -10,12 +10,13 @@ from kdml.benchmark.protocol import BenchmarkSpec, MethodPreset, run_benchmark, 
 from kdml.benchmark.splits import SplitFolders, class_folders, group_split
 from kdml.data.sources.folder import load_folder
 from tests.helpers import write_glyph_folder
+from tests.benchmark.stand_in import stand_in
 
 SPEC = BenchmarkSpec(
     budget={"backbone": "conv4", "epochs": 2},
     methods={
         "base": MethodPreset({"method": "proxy_anchor"}, {"alpha": (16.0, 32.0, 64.0)}),
-        "seed_method": MethodPreset({"method": "so_proxy"}, {"so_strength": (0.1, 1.0, 10.0, 100.0)},
+        "seed_method": MethodPreset({"method": "so_proxy"}, {"so_strength": (0.001, 1.0, 10.0, 100.0)},
                                     bases=("base",)),
     },
     trials=3, seeds=(0, 1, 2))
@@ -50,6 +51,7 @@ def test_test_split_is_loaded_only_after_every_selection(dataset, tmp_path):
         events.append(("load", name))
         return splits.load_split(name)
 
+    @stand_in
     def execute(spec, train_dir, eval_dir):
         events.append(("run", spec.stage, spec.method))
         seen.setdefault(spec.stage, set()).add((train_dir, eval_dir))
@@ -111,6 +113,7 @@ def test_blocks_read_test_only_after_their_own_selection_and_skip_what_kdml_lack
     }, default_blocks=(("base", "seed_method"), ("third", "future")))
     events, lines = [], []
 
+    @stand_in
     def execute(run_spec, train_dir, eval_dir):
         events.append((run_spec.stage, run_spec.method, os.path.basename(eval_dir)))
         return {"metrics": {"recall@1": _score(run_spec), "map@r": 0.1, "r_precision": 0.2}}
@@ -131,17 +134,34 @@ def test_a_failed_run_is_reported_not_cached_and_the_rest_goes_on(dataset, tmp_p
     _, split, splits = dataset
     lines = []
 
+    from kdml.benchmark.protocol import row_trials
+    from kdml.benchmark.runs import RunFailed, failure_path
+
+    second = row_trials(SPEC, "base")[1]["alpha"]
+    failed = []
+
+    @stand_in
     def execute(spec, train_dir, eval_dir):
         if spec.method == "base" and spec.index == 1:
-            raise RuntimeError("Run base trial 1 failed (exit 1)")
+            failed.append(spec)
+            raise RunFailed("Run base trial 1 failed (exit 1)",
+                            "NonFiniteLossError: The training loss became nan at epoch 1, "
+                            "global step 7", 7)
         return {"metrics": {"recall@1": _score(spec)}}
 
     results = run_benchmark(SPEC, split, splits.load_split, execute, str(tmp_path / "r"),
                             progress=lines.append)
-    assert any("base trial 2/3 alpha=32.0: FAILED, Run base trial 1 failed" in line for line in lines)
-    assert "base: no selection and no final runs, 1 trial(s) failed." in lines
+    assert any(f"base trial 2/3 alpha={second}: FAILED, Run base trial 1 failed" in line
+               for line in lines)
+    assert "base: no selection and no final runs, 1 trial run(s) failed." in lines
     assert list(results["finals"]) == ["seed_method"] and len(results["finals"]["seed_method"]) == 3
-    assert len(os.listdir(tmp_path / "r" / "runs" / "base")) == 2  # the failure is not cached
+    names = sorted(os.listdir(tmp_path / "r" / "runs" / "base"))
+    assert len(names) == 3 and sum(n.endswith(".failed.json") for n in names) == 1
+    (spec,) = failed  # the failure is recorded, not cached as a result
+    assert not os.path.exists(spec.result_path(str(tmp_path / "r")))
+    record = json.load(open(failure_path(spec, str(tmp_path / "r"))))
+    assert record["seed"] == 0 and record["step"] == 7 and record["config"]["alpha"] == second
+    assert record["error"].startswith("NonFiniteLossError: The training loss became nan")
 
 
 def test_trials_only_selects_without_reading_test(dataset, tmp_path):
@@ -152,6 +172,7 @@ def test_trials_only_selects_without_reading_test(dataset, tmp_path):
         loaded.append(name)
         return splits.load_split(name)
 
+    @stand_in
     def execute(spec, train_dir, eval_dir):
         stages.append(spec.stage)
         return {"metrics": {"recall@1": _score(spec), "map@r": 0.1, "r_precision": 0.2},
@@ -169,7 +190,7 @@ def test_trials_only_selects_without_reading_test(dataset, tmp_path):
 def _pair_spec(base_config, row_config, row_search=None, extends=True):
     return BenchmarkSpec(budget={"backbone": "conv4", "epochs": 2, "data_kind": "glyph"}, methods={
         "base": MethodPreset(base_config, {"alpha": (16.0, 32.0, 64.0)}),
-        "row": MethodPreset(row_config, row_search or {"so_strength": (0.1, 1.0)}, bases=("base",),
+        "row": MethodPreset(row_config, row_search or {"so_strength": (0.001, 1.0)}, bases=("base",),
                             extends="base" if extends else None)})
 
 
@@ -199,6 +220,7 @@ def test_an_extending_row_inherits_its_base_choice_and_searches_only_its_own(dat
                                trials=3, seeds=(0, 1))
     runs = []
 
+    @stand_in
     def execute(run_spec, train_dir, eval_dir):
         runs.append(run_spec)
         return {"metrics": {"recall@1": _score(run_spec), "map@r": 0.1, "r_precision": 0.2}}
@@ -216,7 +238,75 @@ def test_an_extending_row_inherits_its_base_choice_and_searches_only_its_own(dat
     assert chosen["base"]["search"] == "full grid (3 points)"
     assert spec.search_description("base") == "full grid (3 points)"
     assert dataclasses.replace(spec, trials=2).search_description("base") == \
-        "2 of 3 grid points (seeded random, the shared budget)"
+        "2 of 3 grid points (the default, then seeded random)"
+
+
+def test_a_pair_that_differs_in_views_is_an_unequal_setup():
+    from kdml.benchmark.protocol import check_pairs
+
+    pa = {"method": "proxy_anchor"}
+    with pytest.raises(ValueError, match="not like for like: views is 2 vs 1"):
+        check_pairs(_pair_spec(pa, {"method": "so_proxy", "views": 2}, extends=False), ["row"])
+    # supcon resolves views = 2 (its kind default): refused against a one-view base ...
+    supcon = {"method": "supcon"}
+    with pytest.raises(ValueError, match="not like for like: views is 2 vs 1"):
+        check_pairs(_pair_spec(pa, supcon, {"supcon_temperature": (0.1,)}, extends=False), ["row"])
+    # ... and compared with Proxy Anchor at its own geometry, 32 x 2 images x 2 views
+    two = {"views": 2, "images_per_class": 2}
+    check_pairs(_pair_spec({**pa, **two}, {**supcon, **two}, {"supcon_temperature": (0.1,)},
+                           extends=False), ["row"])
+
+
+def test_a_search_over_a_setup_field_is_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"names the training set-up field\(s\) lr: every row"):
+        MethodPreset({"method": "proxy_anchor"}, {"lr": (1e-3, 1e-4)})
+    with pytest.raises(ValueError, match="views"):
+        MethodPreset({"method": "supcon"}, {"views": (1, 2)})
+
+
+def test_check_selected_pairs_covers_pairs_that_do_not_extend():
+    from kdml.benchmark.protocol import check_selected_pairs
+
+    spec = _pair_spec({"method": "proxy_anchor"}, {"method": "so_proxy"}, extends=False)
+    check_selected_pairs(spec, {"base": {"params": {"alpha": 32.0}},
+                                "row": {"params": {"so_strength": 1.0}}})
+    # a selection that smuggles a set-up difference into a plain pair is caught
+    with pytest.raises(ValueError, match="row vs base is not like for like after selection: "
+                                         "lr is 0.5 vs 0.001"):
+        check_selected_pairs(spec, {"base": {"params": {"alpha": 32.0}},
+                                    "row": {"params": {"so_strength": 1.0, "lr": 0.5}}})
+
+
+def test_a_selection_of_other_code_is_never_mixed_with_new_rows(dataset, tmp_path):
+    _, split, splits = dataset
+    results = tmp_path / "r"
+    os.makedirs(results)
+    with open(results / "selection.json", "w") as f:
+        json.dump({"code": "0123456789ab", "methods": {}}, f)
+    with pytest.raises(ValueError, match="written by kdml code '0123456789ab'.*would mix"):
+        run_benchmark(SPEC, split, splits.load_split, None, str(results),
+                      progress=lambda line: None)
+
+
+def test_trials_of_several_seeds_are_chosen_on_their_mean(dataset, tmp_path):
+    _, split, splits = dataset
+    spec = dataclasses.replace(SPEC, trial_seeds=(0, 1), methods={"base": SPEC.methods["base"]})
+    # alpha 16 wins on seed 0 alone, alpha 32 on the mean of seeds 0 and 1
+    scores = {(16.0, 0): 0.8, (16.0, 1): 0.2, (32.0, 0): 0.7, (32.0, 1): 0.6,
+              (64.0, 0): 0.1, (64.0, 1): 0.1}
+
+    @stand_in
+    def execute(run_spec, train_dir, eval_dir):
+        c = run_spec.config
+        return {"metrics": {"recall@1": scores.get((c["alpha"], c["seed"]), 0.5)}}
+
+    result = run_benchmark(spec, split, splits.load_split, execute, str(tmp_path / "r"),
+                           progress=lambda line: None, final_runs=False)
+    chosen = result["selection"]["base"]
+    assert chosen["params"] == {"alpha": 32.0}
+    assert chosen["trials"][0]["default"] and chosen["trials"][0]["params"] == {"alpha": 32.0}
+    assert chosen["trials"][0]["validation_seeds"] == [0.7, 0.6]
+    assert chosen["validation"]["recall@1"] == pytest.approx(0.65)
 
 
 def test_switching_the_split_seed_never_leaves_a_held_out_class_in_train(tmp_path):
@@ -257,3 +347,16 @@ def test_a_tampered_split_folder_is_refused_and_a_half_built_one_ignored(dataset
     os.symlink(os.path.abspath(folders[stray]), link)
     with pytest.raises(ValueError, match="holds other classes than split 'train'.*Delete it"):
         splits.load_split("train")
+
+
+def test_a_split_folder_linking_elsewhere_is_refused(dataset, tmp_path):
+    folders, split, splits = dataset
+    validation = splits.load_split("validation")
+    name = split.classes["validation"][0]
+    link = os.path.join(validation, *name.split("/"))
+    other = tmp_path / "copy"
+    os.makedirs(other)
+    os.remove(link)
+    os.symlink(str(other), link)  # same class name, another folder
+    with pytest.raises(ValueError, match=f"{name} links to .*copy, not to"):
+        splits.load_split("validation")

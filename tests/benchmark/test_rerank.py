@@ -11,6 +11,7 @@ from kdml.benchmark.protocol import (RERANK_FIELD, BenchmarkSpec, MethodPreset, 
                                      select_depth)
 from kdml.benchmark.report import write_report
 from kdml.benchmark.splits import group_split
+from tests.benchmark.stand_in import stand_in
 
 DEPTHS = (1, 2, 4, 8)
 SPEC = BenchmarkSpec(
@@ -28,9 +29,17 @@ TEST_GAIN = {0: {1: 0.0, 2: 0.01, 4: 0.020, 8: 0.05}, 1: {1: 0.0, 2: 0.00, 4: 0.
 
 
 def _trial_recall(spec):
-    return 0.7 + 0.01 * spec.config["pddm_alpha"]  # best: the last trial (alpha = 2)
+    return 0.7 + 0.01 * spec.config["pddm_alpha"]  # best: the trial of alpha = 2
 
 
+def _best():
+    """The index of the trial with pddm_alpha = 2 (trial 0 is the default, 0.5)."""
+    from kdml.benchmark.protocol import row_trials
+
+    return [t["pddm_alpha"] for t in row_trials(SPEC, "pddm")].index(2.0)
+
+
+@stand_in
 def _execute(spec, train_dir, eval_dir):
     if spec.stage.startswith("trial"):
         r1 = _trial_recall(spec) - (0.005 if spec.stage.endswith("_retrained") else 0.0)
@@ -92,12 +101,12 @@ def test_the_depth_is_chosen_on_validation_before_any_test_scores(tmp_path):
         return rerank(run_spec, result, eval_dir, depths)
 
     results, lines = _run(tmp_path, spy, events)
-    assert results["selection"]["pddm"]["trial"] == 2
+    assert results["selection"]["pddm"]["trial"] == _best()
     assert results["selection"]["pddm"]["rerank"]["top_k"] == 4  # not test's 8
     assert results["selection"]["pddm"]["rerank_depths"] == list(DEPTHS)
     assert "rerank" not in results["selection"]["cos"]
     # Only the chosen trial is re-ranked on validation, then test is loaded, then finals.
-    assert [c[:3] for c in rerank.calls] == [("trial", 2, "validation")] + [
+    assert [c[:3] for c in rerank.calls] == [("trial", _best(), "validation")] + [
         ("final", s, "test") for s in SPEC.seeds]
     assert events.index(("rerank", "validation")) < events.index(("load", "test")) \
         < events.index(("rerank", "test"))
@@ -134,20 +143,22 @@ def test_a_run_without_saved_models_is_retrained_once_keeping_its_cached_metrics
     assert not any(RERANK_FIELD in r for r in before.values())
     executed = []
 
+    @stand_in
     def execute(spec, train_dir, eval_dir):
         executed.append((spec.stage, spec.index, spec.key, os.path.basename(eval_dir)))
         return _execute(spec, train_dir, eval_dir)
 
     rerank = FakeReranker(str(tmp_path / "r"), missing={"trial"})
     results, lines = _run(tmp_path, rerank, execute=execute)
-    chosen_key = before[f"trial-2-{results['selection']['pddm']['trials'][2]['key']}.json"]["key"]
-    assert executed == [("trial_retrained", 2, chosen_key, "validation")]
-    assert [c[:3] for c in rerank.calls[:2]] == [("trial", 2, "validation"),
-                                                 ("trial_retrained", 2, "validation")]
+    best = _best()
+    chosen_key = before[f"trial-{best}-{results['selection']['pddm']['trials'][best]['key']}.json"]["key"]
+    assert executed == [("trial_retrained", best, chosen_key, "validation")]
+    assert [c[:3] for c in rerank.calls[:2]] == [("trial", best, "validation"),
+                                                 ("trial_retrained", best, "validation")]
     after = _json(tmp_path)
     assert sorted(after) == sorted(before)  # same files: the cache key is unchanged
-    trial = after[f"trial-2-{chosen_key}.json"]
-    assert trial["key"] == chosen_key and trial["metrics"] == before[f"trial-2-{chosen_key}.json"]["metrics"]
+    trial = after[f"trial-{best}-{chosen_key}.json"]
+    assert trial["key"] == chosen_key and trial["metrics"] == before[f"trial-{best}-{chosen_key}.json"]["metrics"]
     assert trial["rerank_from_retrained_run"] is True
     assert trial["rerank_retrained_recall@1"] == pytest.approx(0.715)
     # the retrained copy's curve: its own recall + the validation gain
@@ -156,8 +167,8 @@ def test_a_run_without_saved_models_is_retrained_once_keeping_its_cached_metrics
     assert any("retraining a copy of it for the re-ranking scores only" in line for line in lines)
     for name, run in after.items():  # every other field is as cached
         assert {k: v for k, v in run.items() if not k.startswith("rerank")} == before[name]
-        assert (RERANK_FIELD in run) == (name.startswith("final") or name == f"trial-2-{chosen_key}.json")
-    assert results["selection"]["pddm"]["validation"] == before[f"trial-2-{chosen_key}.json"]["metrics"]
+        assert (RERANK_FIELD in run) == (name.startswith("final") or name == f"trial-{best}-{chosen_key}.json")
+    assert results["selection"]["pddm"]["validation"] == before[f"trial-{best}-{chosen_key}.json"]["metrics"]
     write_report(str(tmp_path / "r"))
     assert ("come from a retrained copy of that trial (its saved models were gone), whose own "
             "Recall@1 is 71.5 vs 72.0 cached" in open(tmp_path / "r" / "results.md").read())
@@ -166,6 +177,7 @@ def test_a_run_without_saved_models_is_retrained_once_keeping_its_cached_metrics
 def test_a_copy_that_still_lacks_the_models_fails_once_and_is_not_cached(tmp_path):
     executed = []
 
+    @stand_in
     def execute(spec, train_dir, eval_dir):
         executed.append(spec.stage)
         return _execute(spec, train_dir, eval_dir)

@@ -138,3 +138,81 @@ def test_a_cached_run_of_another_configuration_or_code_is_refused(tmp_path):
     with pytest.raises(StaleRunError, match="ran kdml code '0123456789ab'"):
         cached_result(spec, str(tmp_path))
     assert json.load(open(path))["code"] == "0123456789ab"  # refused, never overwritten
+
+
+@pytest.mark.slow
+def test_a_trial_logs_its_validation_curve_and_trains_the_fixed_steps(tmp_path):
+    """A trial evaluates after every epoch (the budget rule's curve) and trains
+    epochs x steps_per_epoch steps whatever its split's size."""
+    import json
+
+    import kdml  # noqa: F401
+    from kdml.benchmark.runs import train_and_evaluate
+
+    train_dir = write_glyph_folder(tmp_path / "train", num_classes=6, images_per_class=4,
+                                   class_dir=lambda c: f"a{c // 3}/c{c}")
+    val_dir = write_glyph_folder(tmp_path / "val", num_classes=4, images_per_class=3, seed=3,
+                                 class_dir=lambda c: f"v/c{c}")
+    spec = RunSpec("pa", "trial", 0, {"method": "proxy_anchor", "data_kind": "glyph", "epochs": 2,
+                                      "steps_per_epoch": 5, "classes_per_batch": 3,
+                                      "images_per_class": 2, "embedding_dim": 8, "image_size": 16,
+                                      "seed": 0}, "train", "validation", "x", "y")
+    result = train_and_evaluate(spec, train_dir, val_dir, str(tmp_path / "run"))
+    assert sorted(result["curve"]) == ["1", "2"] and sorted(result["loss_curve"]) == ["1", "2"]
+    assert result["curve"]["2"] == pytest.approx(result["metrics"]["recall@1"])
+    history = json.load(open(tmp_path / "run" / "metrics.json"))
+    assert {e: h["recall@1"] for e, h in history["epochs"].items()} == result["curve"]
+    # 2 epochs x 5 steps, not 2 x ceil(24 images / 6)
+    steps = [int(n.split("-")[1]) for n in os.listdir(tmp_path / "run" / "checkpoints")]
+    assert max(steps) == 10
+    assert result["resolved_config"]["steps_per_epoch"] == 5
+
+
+def test_the_key_holds_the_library_versions_and_files_fingerprint_like_the_checkout():
+    import kdml
+    from kdml.benchmark.runs import (code_fingerprint, fingerprint_sources, library_versions,
+                                     package_sources)
+
+    spec = _spec()
+    assert spec.versions == library_versions() and set(spec.versions) == {"tensorflow", "keras", "numpy"}
+    assert dataclasses.replace(spec, versions={**spec.versions, "numpy": "1.0"}).key != spec.key
+    assert spec.to_json()["versions"] == spec.versions
+    sources = package_sources(os.path.dirname(kdml.__file__))
+    assert fingerprint_sources(sources) == code_fingerprint()
+    # the run functions are part of it; the rest of kdml/benchmark is not
+    runs_text = sources["benchmark/runs.py"].decode()
+    changed = runs_text.replace("def embed_folder(", "def embed_folder(  ", 1)
+    assert fingerprint_sources({**sources, "benchmark/runs.py": changed.encode()}) != code_fingerprint()
+    assert fingerprint_sources({**sources, "benchmark/report.py": b"#"}) == code_fingerprint()
+
+
+def test_a_cached_run_without_resolved_config_or_of_other_libraries_is_refused(tmp_path):
+    from kdml.benchmark.runs import StaleRunError, cached_result, write_json_atomic
+
+    spec = _spec(data_kind="glyph")
+    path = spec.result_path(str(tmp_path))
+    write_json_atomic(path, {**spec.to_json(), "metrics": {"recall@1": 0.5}})
+    with pytest.raises(StaleRunError, match="stores no resolved_config"):
+        cached_result(spec, str(tmp_path))
+    write_json_atomic(path, {**spec.to_json(), "metrics": {"recall@1": 0.5},
+                             "resolved_config": spec.resolved,
+                             "versions": {**spec.versions, "tensorflow": "2.0.0"}})
+    with pytest.raises(StaleRunError, match="'tensorflow': '2.0.0'"):
+        cached_result(spec, str(tmp_path))
+
+
+def test_a_run_process_that_fails_leaves_its_error_for_the_failure_record(tmp_path):
+    import json
+
+    from kdml.benchmark.runs import StaleRunError, run_request_file, write_json_atomic
+
+    spec = dataclasses.replace(_spec(data_kind="glyph"), code="0123456789ab")  # keyed by other code
+    request = tmp_path / "request.json"
+    write_json_atomic(str(request), {"spec": spec.to_json(), "train_dir": "x", "eval_dir": "y",
+                                     "output_dir": str(tmp_path / "run")})
+    with pytest.raises(StaleRunError):
+        run_request_file(str(request))
+    failure = json.load(open(tmp_path / "failure.json"))
+    assert failure["error"].startswith("StaleRunError: The kdml sources changed after the "
+                                       "benchmark keyed this run") and failure["step"] is None
+    assert not (tmp_path / "result.json").exists()

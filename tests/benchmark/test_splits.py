@@ -78,3 +78,35 @@ def test_split_folders_hold_exactly_the_split_classes(tmp_path):
         assert loaded.class_names == split.classes[name]
     with pytest.raises(ValueError, match="Unknown split 'val'"):
         splits.load_split("val")
+
+
+def test_a_split_over_renamed_but_different_files_gets_other_keys(tmp_path):
+    """Issue 30: another copy of the data with the same class names must not reuse runs."""
+    from kdml.benchmark.splits import with_contents
+
+    first = write_glyph_folder(tmp_path / "a", num_classes=6, images_per_class=3,
+                               class_dir=lambda c: f"alphabet{c // 2}/char{c % 2:02d}")
+    folders = class_folders([first])
+    split = group_split(sorted(folders), num_test_groups=1, seed=0)
+    keyed = with_contents(split, folders)
+    assert keyed.classes == split.classes and keyed == split  # same classes, same split
+    fingerprints = {n: keyed.fingerprint(n) for n in ("train", "validation", "test")}
+    assert all(fingerprints[n] != split.fingerprint(n) for n in fingerprints)  # files count
+    # the same class names over other files: one image of a training class replaced by a
+    # bigger file of the same name, another renamed
+    name = keyed.classes["train"][0]
+    folder = folders[name]
+    image = sorted(os.listdir(folder))[0]
+    with open(os.path.join(folder, image), "ab") as f:
+        f.write(b"\0" * 17)
+    changed = with_contents(split, folders)
+    assert changed.fingerprint("train") != fingerprints["train"]
+    assert changed.fingerprint("train+validation") != keyed.fingerprint("train+validation")
+    assert changed.fingerprint("test") == fingerprints["test"]  # its files did not change
+    other = sorted(os.listdir(folder))[1]
+    os.rename(os.path.join(folder, other), os.path.join(folder, "renamed.png"))
+    assert with_contents(split, folders).fingerprint("train") != changed.fingerprint("train")
+    # the split folders are named by the fingerprint: the changed data gets its own
+    old = SplitFolders(folders, keyed, str(tmp_path / "splits")).load_split("train")
+    new = SplitFolders(folders, with_contents(split, folders), str(tmp_path / "splits")).load_split("train")
+    assert old != new

@@ -57,3 +57,37 @@ def test_no_difference_is_not_a_win():
 def test_unpaired_values_are_refused():
     with pytest.raises(ValueError, match="same seeds"):
         paired_difference([0.1, 0.2], [0.1])
+
+
+def test_tost_against_the_two_one_sided_tests_by_hand():
+    from kdml.benchmark.stats import tost
+
+    d = np.array([0.004, -0.006, 0.010, 0.001, -0.003, 0.005])  # per-seed differences
+    n, mean, s = len(d), d.mean(), d.std(ddof=1)
+    se = s / math.sqrt(n)
+    # H0: mu <= -0.02 vs H1: mu > -0.02, and H0: mu >= +0.02 vs H1: mu < +0.02
+    t_low, t_high = (mean + 0.02) / se, (mean - 0.02) / se
+    p_low = 1 - stats.t.cdf(t_low, n - 1)
+    p_high = stats.t.cdf(t_high, n - 1)
+    assert tost(d, 0.02) == pytest.approx(max(p_low, p_high))
+    assert tost(d, 0.02) < 0.001  # well inside +-2 points
+    # the same by the one-sided ttest of SciPy
+    assert tost(d, 0.02) == pytest.approx(max(stats.ttest_1samp(d, -0.02, alternative="greater").pvalue,
+                                              stats.ttest_1samp(d, 0.02, alternative="less").pvalue))
+    # a difference near the margin is not shown equivalent
+    assert tost(d + 0.019, 0.02) > 0.05
+    assert tost([0.01, 0.01, 0.01], 0.02) == 0.0 and tost([0.03, 0.03], 0.02) == 1.0
+    assert math.isnan(tost([0.01], 0.02))
+
+
+def test_the_minimum_detectable_difference_and_the_seeds_it_needs():
+    from kdml.benchmark.stats import minimum_detectable_difference, seeds_for
+
+    # 18 seeds, SD 2.1 points, Holm's first step over 6 comparisons, 80 % power
+    expected = (stats.t.ppf(1 - 0.05 / 12, 17) + stats.t.ppf(0.8, 17)) * 0.021 / math.sqrt(18)
+    assert minimum_detectable_difference(0.021, 18, 0.05 / 6) == pytest.approx(expected)
+    assert expected < 0.02
+    # 17 seeds reach 2 points at SD 2.1, 18 (the omniglot preset) still at SD 2.2
+    assert seeds_for(0.021, 0.02, 0.05 / 6) == 17 and seeds_for(0.022, 0.02, 0.05 / 6) == 18
+    assert minimum_detectable_difference(0.021, 16, 0.05 / 6) > 0.02
+    assert math.isnan(minimum_detectable_difference(0.02, 1, 0.05))
