@@ -10,8 +10,11 @@ from typing import Dict, Optional, Sequence
 import keras
 import numpy as np
 
-from kdml.export.metadata import embed_tflite_metadata, embedder_metadata, write_sidecar
+from kdml import layers, losses, optimizers, regularizers  # noqa: F401  register kdml's classes
+from kdml.embedding.metadata import embed_tflite_metadata, embedder_metadata, write_sidecar
 from kdml.export.saved_model import export_saved_model
+from kdml.export.search import (append_search, encode_gallery, search_filename, search_function,
+                                search_metadata)
 from kdml.export.tflite import QUANTIZATIONS, check_builtin_ops, convert_saved_model
 from kdml.quiet_startup import native_output_hidden
 
@@ -42,7 +45,7 @@ def export_embedder(embedder, output_dir: str, *,
         name: the model name stored in the metadata (default: the model's name).
         backbone: the backbone's name, stored in the metadata when known.
         source: where the model came from (stored in the metadata).
-        search: optional search model (`kdml.export.search`): `{"index": GalleryIndex
+        search: optional search model (`kdml.export.search`): `{"index": StoredGallery or GalleryIndex
             (checked by `load_search_gallery`), "gallery_dtype": "float16" | "int8",
             "k": int, "model": the model's fingerprint entry}`. Adds the SavedModel's
             `search` signature and `embedder_<quantization>_search.tflite` per variant.
@@ -53,8 +56,6 @@ def export_embedder(embedder, output_dir: str, *,
     """
     if isinstance(embedder, str):
         source = source or embedder
-        import kdml  # noqa: F401  registers kdml's serializable classes
-
         embedder = keras.saving.load_model(embedder, compile=False)
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
     if unknown or not formats:
@@ -74,8 +75,6 @@ def export_embedder(embedder, output_dir: str, *,
     paths: Dict[str, str] = {}
     encoded = threshold = None
     if search is not None:
-        from kdml.export.search import encode_gallery, search_function
-
         encoded = encode_gallery(search["index"].embeddings, search.get("gallery_dtype",
                                                                         "float16"))
         threshold = (search["index"].threshold or {}).get("value")
@@ -124,8 +123,6 @@ def _write_search(embedder_model: bytes, encoded, search, threshold, metadata, o
                   quantization) -> str:
     """Writes `embedder_<quantization>_search.tflite` and its sidecar (temporary names,
     then renamed into place)."""
-    from kdml.export.search import append_search, search_filename, search_metadata
-
     k = search.get("k", 5)
     model = append_search(embedder_model, encoded, k, threshold)
     check_builtin_ops(model, search_filename(quantization))

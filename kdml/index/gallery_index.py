@@ -16,10 +16,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from kdml.embedding.gallery_files import (SIMILARITY, check_embeddings, check_model_entry,
+                                          model_summary, read_index_files, write_index_files)
 from kdml.index.backends import make_backend
-from kdml.index.storage import model_summary, read_index_files, write_index_files
-
-SIMILARITY = "cosine"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,33 +43,6 @@ class QueryResult:
                   "index": int(index)}
                  for index, score, label, path in zip(*row)]
                 for row in zip(self.indices, self.similarities, self.labels, self.paths)]
-
-
-def check_embeddings(embeddings, paths=None, source: str = "the gallery") -> np.ndarray:
-    """`(N, d)` finite float32 rows, L2-normalised; a one-line ValueError otherwise.
-
-    Raises for an empty array (no images) and for non-finite rows (how many, and the
-    first one's row and path).
-    """
-    embeddings = np.asarray(embeddings)
-    if embeddings.ndim != 2:
-        raise ValueError(f"Expected embeddings of shape (N, d) for {source}. Received: "
-                         f"shape={embeddings.shape}")
-    if len(embeddings) == 0:
-        raise ValueError(f"{source} is empty: no embeddings to index. Point the source at a "
-                         "folder with images (<root>/<class>/<image>) or pass a non-empty array.")
-    embeddings = embeddings.astype(np.float32, copy=False)
-    bad = ~np.isfinite(embeddings).all(axis=1)
-    if bad.any():
-        first = int(np.flatnonzero(bad)[0])
-        where = f" ({paths[first]})" if paths is not None and len(paths) > first and \
-            str(paths[first]) else ""
-        raise ValueError(
-            f"{int(bad.sum())} of {len(embeddings)} embeddings of {source} are not finite (NaN "
-            f"or Inf), the first at row {first}{where}: the model produced them; check the model "
-            "(a diverged training gives NaN weights) and that image, then rebuild.")
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 class GalleryIndex:
@@ -129,29 +101,9 @@ class GalleryIndex:
         return int(self.embeddings.shape[1])
 
     def check_model(self, model: Optional[dict], allow_model_mismatch: bool = False) -> None:
-        """Raises a one-line ValueError when `model` did not build this index.
-
-        A different embedding size always raises; another fingerprint raises unless
-        `allow_model_mismatch` (e.g. the `.tflite` export of the `.keras` that built it).
-        """
-        if model is None:
-            return
-        where = f"The index at {self.directory}" if self.directory else "The index"
-        built_by = model_summary(self.model)
-        if int(model["embedding_dim"]) != self.dim:
-            raise ValueError(
-                f"{where} holds embeddings of size {self.dim} from model {built_by}, but the "
-                f"query model {model_summary(model)} gives {model['embedding_dim']}: rebuild "
-                f"the index with that model (python -m kdml.index build --model="
-                f"{model.get('path')} ...) or query with the model that built it.")
-        if (self.model and not allow_model_mismatch
-                and model["fingerprint"] != self.model["fingerprint"]):
-            raise ValueError(
-                f"{where} was built by model {built_by}, but the query model is "
-                f"{model_summary(model)}: embeddings of different models are not comparable. "
-                f"Rebuild the index with the query model (python -m kdml.index build --model="
-                f"{model.get('path')} ...), or pass allow_model_mismatch=True "
-                "(--allow_model_mismatch) if both are exports of the same weights.")
+        """Raises a one-line ValueError when `model` did not build this index
+        (`kdml.embedding.gallery_files.check_model_entry`)."""
+        check_model_entry(self.model, self.dim, model, allow_model_mismatch, self.directory)
 
     def set_threshold(self, calibration: dict, source: str) -> "GalleryIndex":
         """Stores a `kdml.evaluation.calibrate_threshold` result (and the name of the data
@@ -210,7 +162,7 @@ class GalleryIndex:
         return self
 
     def save(self, path: str) -> str:
-        """Writes the index directory atomically (see `kdml.index.storage`); returns it."""
+        """Writes the index directory atomically (see `kdml.embedding.gallery_files`); returns it."""
         metadata = {"model": self.model, "similarity": SIMILARITY, "seed": self.seed,
                     "backend": {"name": self.backend.name, "config": self.backend.config()}}
         if self.threshold:
