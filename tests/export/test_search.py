@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 import kdml
+from kdml.embedding import load_uint8
+from kdml.embedding.gallery_files import write_index_files
 from kdml.export import load_embedder
 from kdml.export.exporter import export_embedder
-from kdml.export.images import load_uint8
 from kdml.export.search import decode_gallery, encode_gallery, load_search_gallery
 from kdml.index import build_index, model_fingerprint
 from kdml.index.build import load_source
-from kdml.index.storage import write_index_files
 from tests.helpers import write_glyph_folder
 
 SIZE, DIM, K = 16, 16, 4
