@@ -16,7 +16,6 @@ import re
 from typing import Optional
 
 import numpy as np
-
 from absl import logging
 
 from kdml import layers  # noqa: F401  registers the PDDM layers of a re-ranker
@@ -137,7 +136,7 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
 
     if protocol == "query_gallery":
         query_set = read_image_set(query, "all" if query.startswith("folder:") else split,
-                                 data_dir, seed)
+                                   data_dir, seed)
         same_source = query == gallery
         gallery_set = query_set if same_source else read_image_set(
             gallery, "all" if gallery.startswith("folder:") else split, data_dir, seed)

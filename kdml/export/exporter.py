@@ -45,8 +45,8 @@ def export_embedder(embedder, output_dir: str, *,
         name: the model name stored in the metadata (default: the model's name).
         backbone: the backbone's name, stored in the metadata when known.
         source: where the model came from (stored in the metadata).
-        search: optional search model (`kdml.export.search`): `{"index": StoredGallery or GalleryIndex
-            (checked by `load_search_gallery`), "gallery_dtype": "float16" | "int8",
+        search: optional search model (`kdml.export.search`): `{"index": a StoredGallery
+            or GalleryIndex (checked by `load_search_gallery`), "gallery_dtype": "float16" | "int8",
             "k": int, "model": the model's fingerprint entry}`. Adds the SavedModel's
             `search` signature and `embedder_<quantization>_search.tflite` per variant.
 

@@ -7,7 +7,8 @@
     result = index.query(query_embeddings, k=5)             # indices, similarities, labels, paths
 
 Command line: `python -m kdml.index build|query|evaluate --help`. The saved format
-(`kdml.embedding.gallery_files`) is read by the LiteRT kit (`export/kdml_litert.py`) with NumPy only.
+(`kdml.embedding.gallery_files`) is read by the LiteRT kit (`export/kdml_litert.py`) with
+NumPy only.
 """
 
 from kdml.embedding import IndexFormatError, model_fingerprint

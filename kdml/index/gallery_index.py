@@ -162,7 +162,7 @@ class GalleryIndex:
         return self
 
     def save(self, path: str) -> str:
-        """Writes the index directory atomically (see `kdml.embedding.gallery_files`); returns it."""
+        """Writes the index directory atomically (`kdml.embedding.gallery_files`); returns it."""
         metadata = {"model": self.model, "similarity": SIMILARITY, "seed": self.seed,
                     "backend": {"name": self.backend.name, "config": self.backend.config()}}
         if self.threshold:

@@ -1,10 +1,11 @@
-"""Private helpers shared by the batch-level losses: cross-replica gather and scaling,
-the `BatchLoss` base, and the stable masked log(1 + sum exp).
+"""Private helpers shared by the batch-level losses: the `BatchLoss` base (cross-replica
+gather and scaling) and the stable masked log(1 + sum exp).
 
 A batch-level metric-learning loss (Proxy Anchor, Multi-Similarity) is not a mean of
 per-sample terms, so the mean of per-replica losses is not the loss of the global
-batch. `all_gather` (`kdml.distribute`) lets every replica see the global batch, and `BatchLoss` applies
-Keras' per-replica 1/num_replicas scaling, which Keras itself skips for scalar losses.
+batch. `kdml.distribute.all_gather` lets every replica see the global batch, and
+`BatchLoss` applies Keras' per-replica 1/num_replicas scaling, which Keras itself skips
+for scalar losses.
 """
 
 import keras
