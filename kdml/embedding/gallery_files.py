@@ -241,7 +241,13 @@ def check_model_entry(built_by: Optional[dict], dim: int, model: Optional[dict],
 
 
 class StoredGallery:
-    """A saved gallery index's items, read without a search backend (`read_gallery`).
+    """A gallery's items, checked: what a saved index holds without its search backend
+    (`read_gallery`), and the base of `kdml.index.GalleryIndex`.
+
+    Args:
+        embeddings: `(N, d)` float (normalised here), N >= 1, all finite.
+        labels: N class names; paths: N source paths (None: "").
+        model, threshold, directory: as the attributes.
 
     Attributes:
         embeddings: `(N, d)` float32 unit rows (`check_embeddings`).
@@ -251,11 +257,12 @@ class StoredGallery:
         directory: where it was read from.
     """
 
-    def __init__(self, embeddings, labels: Sequence[str], paths: Sequence[str], *,
-                 model: Optional[dict] = None, threshold: Optional[dict] = None,
+    def __init__(self, embeddings, labels: Sequence[str], paths: Optional[Sequence[str]] = None,
+                 *, model: Optional[dict] = None, threshold: Optional[dict] = None,
                  directory: Optional[str] = None):
         labels = np.asarray([str(label) for label in labels], dtype=str)
-        paths = np.asarray([str(p) for p in paths], dtype=str)
+        paths = (np.full(len(labels), "", dtype=str) if paths is None
+                 else np.asarray([str(p) for p in paths], dtype=str))
         self.embeddings = check_embeddings(embeddings, paths)
         if not (len(labels) == len(paths) == len(self.embeddings)):
             raise ValueError(f"Expected N embeddings, N labels and N paths. Received: "

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from kdml.embedding.gallery_files import (SIMILARITY, check_embeddings, check_model_entry,
+from kdml.embedding.gallery_files import (SIMILARITY, StoredGallery, check_embeddings,
                                           model_summary, read_index_files, write_index_files)
 from kdml.index.backends import make_backend
 
@@ -45,8 +45,11 @@ class QueryResult:
                 for row in zip(self.indices, self.similarities, self.labels, self.paths)]
 
 
-class GalleryIndex:
+class GalleryIndex(StoredGallery):
     """Labelled, L2-normalised gallery embeddings with an exact or approximate search.
+
+    A `kdml.embedding.StoredGallery` (the items, their checks, `check_model`) with a
+    search backend, a threshold to set, and incremental adds.
 
     Args:
         embeddings: `(N, d)` float (normalised here), N >= 1, all finite.
@@ -66,22 +69,8 @@ class GalleryIndex:
                  *, model: Optional[dict] = None, backend: str = "exact",
                  backend_options: Optional[dict] = None, seed: int = 0,
                  threshold: Optional[dict] = None, _backend_state=None):
-        labels = np.asarray([str(label) for label in labels], dtype=str)
-        paths = (np.full(len(labels), "", dtype=str) if paths is None
-                 else np.asarray([str(p) for p in paths], dtype=str))
-        self.embeddings = check_embeddings(embeddings, paths)
-        if not (len(labels) == len(paths) == len(self.embeddings)):
-            raise ValueError(f"Expected N embeddings, N labels and N paths. Received: "
-                             f"{len(self.embeddings)} embeddings, {len(labels)} labels, "
-                             f"{len(paths)} paths.")
-        if model and int(model.get("embedding_dim", self.dim)) != self.dim:
-            raise ValueError(f"The model {model_summary(model)} gives embeddings of size "
-                             f"{model['embedding_dim']}, but the arrays have {self.dim} columns.")
-        self.labels, self.paths = labels, paths
-        self.model = dict(model) if model else None
+        super().__init__(embeddings, labels, paths, model=model, threshold=threshold)
         self.seed = int(seed)
-        self.threshold = dict(threshold) if threshold else None
-        self.directory = None
         self.backend = make_backend(backend, **(backend_options or {}))
         if _backend_state is None:
             self.backend.build(self.embeddings, seed=self.seed)
@@ -89,21 +78,9 @@ class GalleryIndex:
             self.backend.load(_backend_state["directory"], self.embeddings,
                               _backend_state["config"])
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
     def __repr__(self):
         return (f"GalleryIndex({len(self)} x {self.dim}, backend={self.backend.name!r}, "
                 f"model={model_summary(self.model)})")
-
-    @property
-    def dim(self) -> int:
-        return int(self.embeddings.shape[1])
-
-    def check_model(self, model: Optional[dict], allow_model_mismatch: bool = False) -> None:
-        """Raises a one-line ValueError when `model` did not build this index
-        (`kdml.embedding.gallery_files.check_model_entry`)."""
-        check_model_entry(self.model, self.dim, model, allow_model_mismatch, self.directory)
 
     def set_threshold(self, calibration: dict, source: str) -> "GalleryIndex":
         """Stores a `kdml.evaluation.calibrate_threshold` result (and the name of the data
