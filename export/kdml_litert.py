@@ -32,7 +32,7 @@ import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 METADATA_NAME = "kdml"
-# kdml's gallery index directory (kdml/index/storage.py): index.json + three .npy arrays.
+# kdml's gallery index directory (kdml/embedding/gallery_files.py): index.json + three .npy arrays.
 INDEX_FORMAT, INDEX_VERSION, INDEX_METADATA = "kdml-gallery-index", 1, "index.json"
 INDEX_ARRAYS = ("embeddings.npy", "labels.npy", "paths.npy")
 
@@ -365,7 +365,7 @@ class SearchModel:
 
 
 def tflite_fingerprint(content: bytes, image_size, embedding_dim: int) -> str:
-    """kdml's model fingerprint of a `.tflite` file (kdml/index/fingerprint.py): the first
+    """kdml's model fingerprint of a `.tflite` file (kdml/embedding/fingerprint.py): the first
     16 hex digits of SHA-256 over "tflite|HxW|d|<SHA-256 of the file>"."""
     text = (f"tflite|{int(image_size[0])}x{int(image_size[1])}|{int(embedding_dim)}|"
             f"{hashlib.sha256(content).hexdigest()}")

@@ -9,6 +9,8 @@ Public API:
     kdml.regularizers SoftOrthogonal (proxy / prototype diversity)
     kdml.models       build_embedder, build_backbone, multi_branch_model
     kdml.data         load_dataset, train_dataset, eval_dataset, class_balanced_batches
+    kdml.embedding    load_embedder, read_image_set, embed_image_set (shared by evaluation,
+                      kdml.index and kdml.export)
     kdml.evaluation   retrieval_metrics, exact_knn, few_shot_accuracy
     kdml.methods      the method table used by `python -m kdml.train`
     kdml.export       export_embedder, load_embedder, parity_report (`python -m kdml.export`)
@@ -26,6 +28,6 @@ from kdml import quiet_startup as _quiet_startup  # noqa: E402
 if _quiet_startup.is_kdml_command_line():  # `python -m kdml.<command>`: before TensorFlow loads
     _quiet_startup.quiet_startup()
 
-from kdml import data, evaluation, layers, losses, models, optimizers  # noqa: E402,F401
+from kdml import data, embedding, evaluation, layers, losses, models, optimizers  # noqa: E402,F401
 from kdml import regularizers  # noqa: E402,F401
 from kdml.version import __version__  # noqa: E402,F401

@@ -20,6 +20,8 @@ import dataclasses
 import sys
 from typing import Iterable, Mapping, Optional, Sequence
 
+from kdml.quiet_startup import quiet_logs
+
 
 @dataclasses.dataclass(frozen=True)
 class SharedFlag:
@@ -87,8 +89,6 @@ def set_verbosity(verbosity: Optional[int]) -> None:
     """absl's logging level from an argparse command's `--verbosity`; None: warnings and
     errors only (and `kdml.quiet_startup.quiet_logs`)."""
     from absl import logging
-
-    from kdml.quiet_startup import quiet_logs
 
     logging.set_verbosity(logging.WARNING if verbosity is None else verbosity)
     if verbosity is None:

@@ -239,3 +239,36 @@ def fix_multi_worker_build(model) -> None:
             model._symbolic_build(data_batch=data_batch)
 
     model._maybe_symbolic_build = maybe_symbolic_build
+
+
+# --- inside a replica: the global batch of a batch-level loss or layer -----------------
+
+
+def _peer_replica_context():
+    """The replica context when this code runs inside one with peers, else None."""
+    if tf.distribute.in_cross_replica_context():
+        return None
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync <= 1:
+        return None
+    return context
+
+
+def num_replicas_in_sync():
+    """Number of replicas computing this step together (1 outside a replica context)."""
+    context = _peer_replica_context()
+    return 1 if context is None else context.num_replicas_in_sync
+
+
+def all_gather(tensor):
+    """Concatenates `tensor` over replicas along axis 0: (b, ...) -> (R * b, ...).
+
+    Inside a `tf.distribute` replica context with more than one replica this is
+    `get_replica_context().all_gather(tensor, axis=0)`, in replica order; its gradient
+    sums the upstream gradient over replicas and slices back this replica's rows.
+    Anywhere else (no strategy, one replica, cross-replica context) it returns `tensor`.
+    """
+    context = _peer_replica_context()
+    if context is None:
+        return tensor
+    return context.all_gather(tensor, axis=0)

@@ -33,7 +33,9 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 from absl import app, flags, logging  # noqa: E402
 
 from kdml import command_line  # noqa: E402
+from kdml.evaluation import format_metrics_table  # noqa: E402
 from kdml.evaluation.clustering import DEFAULT_MAX_ITER  # noqa: E402
+from kdml.evaluation.protocols import default_output, evaluate_model, parse_bytes  # noqa: E402
 from kdml.quiet_startup import quiet_logs  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -109,9 +111,6 @@ command_line.define_flag("output_dir", None, "It gets the results, eval_<split>.
 
 def main(argv):
     import json
-
-    from kdml.evaluation import format_metrics_table
-    from kdml.evaluation.protocols import default_output, evaluate_model, parse_bytes
 
     del argv
     quiet_logs()

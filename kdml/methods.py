@@ -13,11 +13,17 @@ import keras
 import numpy as np
 
 from kdml.config import TrainConfig
+from kdml.evaluation.rerank import rerank_metrics
+from kdml.layers import CodedResidualTransform
+from kdml.layers.pddm import PDDM, PDDMScoreMatrix, SavePDDMUnit
 from kdml.layers.proxies import Proxies
+from kdml.layers.proxy_diagnostics import ProxyDiagnostics
 from kdml.losses import (ArcFaceLoss, CircleLoss, ContrastiveLoss, CosFaceLoss, CrossBatchMemory,
-                         MultiSimilarityLoss, NormalizedSoftmaxLoss, NTXentLoss, ProxyAnchorLoss,
-                         ProxyNCALoss, SoftTripleLoss, SubCenterArcFaceLoss, SupConLoss,
-                         TripletMarginLoss)
+                         MultiBranchLoss, MultiSimilarityLoss, NormalizedSoftmaxLoss, NTXentLoss,
+                         ProxyAnchorLoss, ProxyNCALoss, SoftTripleLoss, SubCenterArcFaceLoss,
+                         SupConLoss, TripletMarginLoss)
+from kdml.losses.pddm_loss import PDDMLoss, PDDMMiningMonitor, PDDMMiningSchedule
+from kdml.models import multi_branch_model
 from kdml.regularizers import SoftOrthogonal
 
 BACKBONE_GROUP = "^backbone/"
@@ -69,9 +75,6 @@ class Method:
 
 def _proxy_anchor(embedder: keras.Model, num_classes: int, config: TrainConfig,
                   proxy_regularizer=None, name: str = "proxy_anchor") -> Objective:
-    # kdml.training imports this module (run.py), so its diagnostics are imported here.
-    from kdml.training.diagnostics import ProxyDiagnostics
-
     images = keras.Input(embedder.input_shape[1:], name="images")
     proxies = Proxies(num_classes, proxy_regularizer=proxy_regularizer, name="proxies")
     similarities = proxies(embedder(images))
@@ -182,8 +185,6 @@ def _classification(name: str):
     loss_cls, arguments, centers_field = _CLASSIFICATION_LOSSES[name]
 
     def build(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objective:
-        from kdml.training.diagnostics import ProxyDiagnostics
-
         try:
             loss = loss_cls(**{arg: getattr(config, field) for arg, field in arguments.items()})
         except ValueError as error:  # name the flag, not the loss argument
@@ -235,10 +236,6 @@ def _crt(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Object
     SimilarityConsistency(main, aux) (kdml.losses.MultiBranchLoss)."""
     from absl import logging
 
-    from kdml.layers import CodedResidualTransform
-    from kdml.losses import MultiBranchLoss
-    from kdml.models import multi_branch_model
-
     aux_sizes = list(zip(config.crt_aux_prototypes, config.crt_aux_dims))
     if len(config.crt_aux_prototypes) != len(config.crt_aux_dims):
         raise ValueError(
@@ -289,10 +286,6 @@ def _pddm(embedder: keras.Model, num_classes: int, config: TrainConfig) -> Objec
     import os
 
     import tensorflow as tf
-
-    from kdml.evaluation.rerank import rerank_metrics
-    from kdml.layers.pddm import PDDM, PDDMScoreMatrix, SavePDDMUnit
-    from kdml.losses.pddm_loss import PDDMLoss, PDDMMiningMonitor, PDDMMiningSchedule
 
     images = keras.Input(embedder.input_shape[1:], name="images")
     unit = PDDM(config.pddm_hidden_dim, config.pddm_dropout,

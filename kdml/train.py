@@ -18,6 +18,8 @@ from absl import app, flags, logging  # noqa: E402
 
 from kdml import command_line  # noqa: E402
 from kdml.config import TrainConfig, is_flag  # noqa: E402
+from kdml.methods import check_method_options, get_method
+from kdml.training import train
 
 # (The docstring above is the --help text.) Every flag is generated from a field of
 # `kdml.config.TrainConfig` (`define_flags`): a new setting is declared once, there.
@@ -98,8 +100,6 @@ define_flags()
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    from kdml.methods import check_method_options, get_method
-    from kdml.training import train
 
     # Without --verbosity, Python logs show warnings and errors only; the run itself
     # prints what it does (kdml.training.run). --verbosity=0 adds info, 1 debug.

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 import kdml
+from kdml.embedding import embed_image_set, read_image_set
 from kdml.evaluation import protocols as evaluate_cli
 from kdml.evaluation import few_shot_accuracy, retrieval_metrics, verification_metrics
 from kdml.evaluation.clustering import DEFAULT_MAX_ITER
@@ -70,7 +71,7 @@ def alphabets(tmp_path_factory):
 
 
 def _embed(path, image_set):
-    return evaluate_cli.embed_image_set(load_embedder(path), image_set)
+    return embed_image_set(load_embedder(path), image_set)
 
 
 def test_retrieval_report_equals_the_library_on_the_same_embeddings(models):
@@ -97,7 +98,7 @@ def test_retrieval_report_equals_the_library_on_the_same_embeddings(models):
 
 def test_three_formats_give_the_same_embeddings_and_metrics(models, alphabets):
     folder = f"folder:{alphabets / 'omniglot'}"
-    image_set = evaluate_cli._load_images(folder, "all", None, 0)
+    image_set = read_image_set(folder, "all", None, 0)
     pixels = np.concatenate([x.numpy() for x, _ in kdml.data.eval_dataset(image_set,
                                                                           image_size=SIZE)])
     keras_embedder = load_embedder(models["keras"])
@@ -123,7 +124,7 @@ def test_omniglot_protocol_over_a_folder_of_alphabets(models, alphabets):
     report = evaluate_cli.evaluate_model(models["keras"], folder, protocol="omniglot",
                                          n_way=3, episodes=50, seed=2)
     assert report["split"] == "all" and report["images"] == 18
-    image_set = evaluate_cli._load_images(folder, "all", None, 0)
+    image_set = read_image_set(folder, "all", None, 0)
     groups = top_level_groups(image_set.class_names, image_set.labels)
     assert groups.tolist() == [0] * 9 + [1] * 9
     want = few_shot_accuracy(_embed(models["keras"], image_set), image_set.labels, n_way=3,
@@ -140,8 +141,8 @@ def test_query_gallery_protocol_with_a_single_image_gallery_class(models, alphab
                                          ks=(1, 2), nmi=False)
     assert report["protocol"] == "query_gallery"
     assert report["queries"] == 6 and report["gallery"] == 7  # class c: one gallery image
-    q_set = evaluate_cli._load_images(query, "all", None, 0)
-    g_set = evaluate_cli._load_images(gallery, "all", None, 0)
+    q_set = read_image_set(query, "all", None, 0)
+    g_set = read_image_set(gallery, "all", None, 0)
     want = retrieval_metrics(_embed(models["keras"], q_set), q_set.labels, ks=(1, 2),
                              precision_ks=(1, 2), nmi=False, gallery=_embed(models["keras"], g_set),
                              gallery_labels=g_set.labels, exclude_self=False,
@@ -201,7 +202,7 @@ def test_command_line_end_to_end_with_plots(models, alphabets, tmp_path):
     from kdml.evaluation.plots import grid_size, no_match_caption
     from kdml.index import GalleryIndex
 
-    image_set = evaluate_cli._load_images(f"folder:{alphabets / 'omniglot'}", "all", None, 0)
+    image_set = read_image_set(f"folder:{alphabets / 'omniglot'}", "all", None, 0)
     x = _embed(models["saved_model"], image_set)
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     scores = x @ x.T

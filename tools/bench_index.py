@@ -275,4 +275,7 @@ def _label(backend, config, value):
 
 
 if __name__ == "__main__":
+    import quiet  # tools/quiet.py: TensorFlow starts without its start-up lines
+
+    quiet.quiet_startup()
     main()

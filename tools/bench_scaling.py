@@ -143,4 +143,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    import quiet  # tools/quiet.py: TensorFlow starts without its start-up lines
+
+    quiet.quiet_startup()
     app.run(main)

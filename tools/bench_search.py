@@ -158,12 +158,11 @@ def numpy_agreement(queries, gallery, exact_top1) -> dict:
 def agreement(args) -> dict:
     from ai_edge_litert.interpreter import Interpreter
 
-    from kdml.evaluation.protocols import embed_image_set
-    from kdml.export import load_embedder
+    from kdml.embedding import (embed_image_set, image_subset, load_embedder, load_uint8,
+                                model_fingerprint)
     from kdml.export.exporter import export_embedder
-    from kdml.export.images import _subset, load_uint8
     from kdml.export.search import load_search_gallery
-    from kdml.index import GalleryIndex, model_fingerprint
+    from kdml.index import GalleryIndex
     from kdml.index.build import load_source
 
     image_set = load_source(args.source)
@@ -172,7 +171,7 @@ def agreement(args) -> dict:
     query_rows = np.sort(rng.permutation(query_rows)[:args.queries])
     embedder = load_embedder(args.model)
     entry = model_fingerprint(embedder)
-    gallery_set = _subset(image_set, gallery_rows)
+    gallery_set = image_subset(image_set, gallery_rows)
     names = np.asarray(image_set.class_names)
     results = {"gallery": int(len(gallery_rows)), "queries": int(len(query_rows))}
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,8 +180,9 @@ def agreement(args) -> dict:
         index = GalleryIndex(embed_image_set(embedder, gallery_set), names[gallery_set.labels],
                              gallery_set.paths, model=entry)
         index.save(os.path.join(tmp, "g.index"))
-        index = load_search_gallery(os.path.join(tmp, "g.index"), entry)
-        queries = load_uint8(_subset(image_set, query_rows), embedder.image_size[0])
+        load_search_gallery(os.path.join(tmp, "g.index"), entry)  # the export's checks pass
+        index = GalleryIndex.load(os.path.join(tmp, "g.index"), backend="exact")
+        queries = load_uint8(image_subset(image_set, query_rows), embedder.image_size[0])
         query_labels = names[image_set.labels[query_rows]]
         if args.output_dir:  # for a re-run in the TF-free kit
             np.save(os.path.join(tmp, "queries.npy"), queries)
@@ -218,11 +218,9 @@ def agreement(args) -> dict:
 
 
 def open_set(args) -> dict:
-    from kdml.evaluation.protocols import embed_image_set
+    from kdml.embedding import embed_image_set, image_subset, load_embedder
     from kdml.evaluation.threshold import calibrate_threshold
     from kdml.evaluation.verification import count_negatives, normalized_rows
-    from kdml.export import load_embedder
-    from kdml.export.images import _subset
     from kdml.index import GalleryIndex
     from kdml.index.build import load_source
 
@@ -231,8 +229,8 @@ def open_set(args) -> dict:
     if args.test is None:  # one source: its classes split in half, seeded
         order = np.random.default_rng(args.seed + 1).permutation(validation.num_classes)
         halves = np.isin(validation.labels, order[: validation.num_classes // 2])
-        test = _subset(validation, np.flatnonzero(~halves))
-        validation = _subset(validation, np.flatnonzero(halves))
+        test = image_subset(validation, np.flatnonzero(~halves))
+        validation = image_subset(validation, np.flatnonzero(halves))
     else:
         test = load_source(args.test)
     calibration = calibrate_threshold(
@@ -311,4 +309,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    import quiet  # tools/quiet.py: TensorFlow starts without its start-up lines
+
+    quiet.quiet_startup()
     main()

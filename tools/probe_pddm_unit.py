@@ -18,23 +18,12 @@ All pairs of at most `--max_images` images (a seeded sample) are scored.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-
-def _quiet_startup():
-    """kdml's quiet TensorFlow start-up, loaded by path: importing the `kdml` package
-    would import TensorFlow (and print its start-up lines) first."""
-    spec = importlib.util.spec_from_file_location(
-        "_kdml_quiet_startup", os.path.join(ROOT, "kdml", "quiet_startup.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.quiet_startup()
 
 
 def probe(run_dir, data, image_size, crop_fraction=0.875, max_images=800, seed=0):
@@ -82,11 +71,13 @@ def main(argv=None):
         if not os.path.exists(os.path.join(args.run_dir, name)):
             parser.error(f"{os.path.join(args.run_dir, name)} not found: --run_dir must be "
                          "the output folder of a `--method=pddm` run.")
-    _quiet_startup()  # before kdml imports TensorFlow
     print(f"Probing the PDDM unit of {args.run_dir} on {args.data}", flush=True)
     print(json.dumps(probe(args.run_dir, args.data, args.image_size, args.crop_fraction,
                            args.max_images), indent=1))
 
 
 if __name__ == "__main__":
+    import quiet  # tools/quiet.py: TensorFlow starts without its start-up lines
+
+    quiet.quiet_startup()
     main()

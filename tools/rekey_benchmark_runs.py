@@ -29,6 +29,11 @@ from typing import Dict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if __name__ == "__main__":  # a script run: TensorFlow starts quietly (before kdml imports it)
+    import quiet  # tools/quiet.py
+
+    quiet.quiet_startup()
+
 from kdml.benchmark import runs  # noqa: E402
 
 SPEC_FIELDS = ("method", "stage", "index", "config", "train_split", "eval_split",

@@ -17,7 +17,12 @@ import sys
 import numpy as np
 from PIL import Image
 
-from kdml.data.sources import synthetic
+if __name__ == "__main__":  # a script run: TensorFlow starts quietly (before kdml imports it)
+    import quiet  # tools/quiet.py
+
+    quiet.quiet_startup()
+
+from kdml.data.sources import synthetic  # noqa: E402
 
 
 def contact_sheet(

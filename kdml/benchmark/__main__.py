@@ -22,6 +22,13 @@ import dataclasses
 import os
 import sys
 
+from kdml.benchmark.presets import OMNIGLOT_TEST_GROUPS, PRESETS, omniglot_roots
+from kdml.benchmark.protocol import run_on_folders
+from kdml.benchmark.report import write_report
+from kdml.benchmark.runs import code_fingerprint, rerank_request_file, run_request_file
+from kdml.command_line import (add_argument, argparse_flag_names, check_flag_spellings,
+                               set_verbosity)
+
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 PROG = "python -m kdml.benchmark"
@@ -39,8 +46,6 @@ def _list(text):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from kdml.command_line import add_argument
-
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="Run or resume a benchmark (cached per run).")
@@ -101,10 +106,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args, parser) -> None:
-    from kdml.benchmark.presets import OMNIGLOT_TEST_GROUPS, PRESETS, omniglot_roots
-    from kdml.benchmark.protocol import run_on_folders
-    from kdml.benchmark.report import write_report
-
     if args.preset not in PRESETS:
         parser.error(f"--preset={args.preset!r} is unknown. Valid presets: {', '.join(PRESETS)}.")
     spec = PRESETS[args.preset]
@@ -168,8 +169,6 @@ def _budget(args, parser) -> None:
 
 
 def main(argv=None) -> int:
-    from kdml.command_line import argparse_flag_names, check_flag_spellings, set_verbosity
-
     parser = _parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     check_flag_spellings(argv, argparse_flag_names(parser, argv), PROG, _RENAMED)
@@ -178,16 +177,10 @@ def main(argv=None) -> int:
         set_verbosity(args.verbosity)
     try:
         if args.command == "_run":
-            from kdml.benchmark.runs import run_request_file
-
             run_request_file(args.request)
         elif args.command == "_rerank":
-            from kdml.benchmark.runs import rerank_request_file
-
             rerank_request_file(args.request)
         elif args.command == "report":
-            from kdml.benchmark.report import write_report
-
             if not os.path.exists(os.path.join(args.results_dir, "selection.json")):
                 parser.error(f"{args.results_dir} holds no selection.json: pass the --results_dir "
                              "of a benchmark run (python -m kdml.benchmark run ...).")
@@ -195,7 +188,6 @@ def main(argv=None) -> int:
                                    compact=args.compact, details=args.details)
             with open(os.path.join(args.results_dir, "results.md")) as f:
                 print(f.read())
-            from kdml.benchmark.runs import code_fingerprint
 
             if summary.get("code") and summary["code"] != code_fingerprint():
                 print(f"note: these runs were made by kdml code {summary['code']}; this checkout "

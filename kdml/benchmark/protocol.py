@@ -41,8 +41,13 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from kdml.benchmark.runs import (RunSpec, cached_result, code_fingerprint, failure_path,
                                  resolved_config, write_json_atomic)
+from kdml.benchmark.runs import execute_in_subprocess, rerank_in_subprocess
 from kdml.benchmark.search import grid_size, row_seed, sample_trials
-from kdml.benchmark.splits import ClassSplit
+from kdml.benchmark.splits import (ClassSplit, SplitFolders, class_folders, group_split,
+                                   with_contents)
+from kdml.config import TrainConfig
+from kdml.methods import METHODS
+from kdml.models.backbones import BACKBONES
 
 # The primary metric: selection on validation and the "beats its base" verdict on test.
 SELECTION_METRIC = PRIMARY_METRIC = "recall@1"
@@ -511,9 +516,6 @@ def write_selection(results_dir: str, spec: BenchmarkSpec, split: ClassSplit,
 
 def unavailable(preset: MethodPreset, budget: Mapping) -> Optional[str]:
     """Why this kdml cannot run `preset` (an unknown TrainConfig field, method or backbone), or None."""
-    from kdml.config import TrainConfig
-    from kdml.methods import METHODS
-    from kdml.models.backbones import BACKBONES
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     config = {**budget, **preset.config}
@@ -573,8 +575,6 @@ def run_on_folders(spec: BenchmarkSpec, roots: Sequence[str], results_dir: str, 
     own process (`execute_in_subprocess`); methods this kdml cannot run are skipped and
     reported. Split folders, checkpoints and logs go to `scratch_dir`, run JSON to
     `results_dir`; `execute` and `rerank` replace the subprocess runner and re-ranker (tests)."""
-    from kdml.benchmark.runs import execute_in_subprocess, rerank_in_subprocess
-    from kdml.benchmark.splits import SplitFolders, class_folders, group_split, with_contents
 
     folders = class_folders(roots)
     split = group_split(sorted(folders), num_validation_groups=num_validation_groups,

@@ -45,6 +45,15 @@ import sys
 import time
 from typing import Dict, Mapping, Optional
 
+from kdml import layers  # noqa: F401  registers the PDDM layers for loading
+from kdml.config import TrainConfig
+from kdml.data.pipeline import eval_dataset
+from kdml.data.sources.folder import load_folder
+from kdml.evaluation import few_shot_accuracy
+from kdml.evaluation.protocols import top_level_groups
+from kdml.evaluation.rerank import pair_scorer, select_top_k
+from kdml.training import embed, train
+
 # The fields that locate a run rather than define it; never part of the key.
 _NOT_IN_KEY = ("dataset", "eval_dataset", "output_dir", "verbose", "resume", "verify_images",
                "eval_every", "checkpoint_every_steps", "keep_checkpoints", "data_dir", "download")
@@ -62,7 +71,6 @@ def resolved_config(config: Mapping) -> Dict:
 
     The data kind is `config["data_kind"]`, else "photo" (what a folder dataset is).
     """
-    from kdml.config import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(k for k in config if k not in fields)
@@ -305,11 +313,6 @@ def train_and_evaluate(spec: RunSpec, train_dir: str, eval_dir: str, output_dir:
     """Runs `spec` in this process: `kdml.training.train`, then the evaluation metrics."""
     import numpy as np
 
-    from kdml.config import TrainConfig
-    from kdml.evaluation import few_shot_accuracy
-    from kdml.evaluation.protocols import top_level_groups
-    from kdml.training import train
-
     epochs = spec.config.get("epochs", TrainConfig.epochs)
     # Trials evaluate on validation after every epoch (the curves of the budget rule);
     # final runs read test once, at the end.
@@ -429,10 +432,6 @@ def embed_folder(run_dir: str, folder: str, *, image_size: int, crop_fraction: f
     `<run_dir>/embedder.keras`, centre-cropped and resized as the run evaluated it."""
     import keras
 
-    from kdml.data.pipeline import eval_dataset
-    from kdml.data.sources.folder import load_folder
-    from kdml.training import embed
-
     images = load_folder(folder, verify_images=False)
     embedder = keras.saving.load_model(os.path.join(run_dir, "embedder.keras"), compile=False)
     options = {} if batch_size is None else {"batch_size": batch_size}
@@ -454,9 +453,6 @@ def rerank_evaluation(run_dir: str, eval_dir: str, *, image_size: int, crop_frac
         `{"rerank_recall@1": {"<depth>": float}}`.
     """
     import keras
-
-    import kdml  # noqa: F401  registers the PDDM layers for loading
-    from kdml.evaluation.rerank import pair_scorer, select_top_k
 
     images, embeddings = embed_folder(run_dir, eval_dir, image_size=int(image_size),
                                       crop_fraction=crop_fraction, batch_size=batch_size)

@@ -18,6 +18,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from kdml.data.sources.folder import load_folder
+
 SPLIT_NAMES = ("train", "validation", "train+validation", "test")
 
 
@@ -135,7 +137,6 @@ def class_folders(roots: Sequence[str]) -> Dict[str, str]:
     A class present in several roots (Omniglot's `images_background_small1` and
     `_small2` both hold Greek and Latin) is taken from the first root that has it.
     """
-    from kdml.data.sources.folder import load_folder
 
     folders: Dict[str, str] = {}
     for root in roots:

@@ -41,6 +41,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
+from kdml.evaluation import clustering
 from kdml.evaluation.clustering import DEFAULT_MAX_ITER, kmeans
 from kdml.evaluation.knn import _knn
 from kdml.evaluation.ranking import retrieval_ranking
@@ -310,8 +311,6 @@ def kmeans_scores(embeddings, labels, num_clusters, *, seed=0, n_init=_KMEANS_N_
     `return_settings=True`, also a one-line description of the k-means run.
     """
     from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
-
-    from kdml.evaluation import clustering
 
     for name, value in (("n_init", n_init), ("kmeans_max_iter", max_iter)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:

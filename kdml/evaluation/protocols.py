@@ -16,8 +16,21 @@ import re
 from typing import Optional
 
 import numpy as np
+from absl import logging
 
+from kdml import layers  # noqa: F401  registers the PDDM layers of a re-ranker
+from kdml.data.sources import load_dataset
+from kdml.embedding import (embed_image_set, image_subset, load_image_embedder, load_uint8,
+                            read_image_set)
 from kdml.evaluation.clustering import DEFAULT_MAX_ITER
+from kdml.evaluation.episodes import few_shot_accuracy
+from kdml.evaluation.knn import _knn, exact_knn
+from kdml.evaluation.metrics import retrieval_metrics
+from kdml.evaluation.plots import (best_same_class_similarity, plot_tar_far_curve, retrieval_grid,
+                                   write_plots)
+from kdml.evaluation.projector import write_image_set_projector
+from kdml.evaluation.rerank import rerank_metrics
+from kdml.evaluation.verification import verification_metrics
 
 PROTOCOLS = ("retrieval", "query_gallery", "episodes", "omniglot")
 # `evaluate_model` is what `python -m kdml.evaluate` runs; it lives here, free of absl
@@ -72,77 +85,6 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def _load_images(spec, split, data_dir, seed):
-    """`ImageSet` of a source: its `split` ("test", "train" or "all" classes).
-
-    `folder:<dir>` with split "all" keeps every class, single-image classes included (a
-    query/gallery set may have them; training sources drop them).
-    """
-    import numpy as np
-
-    from kdml.data.image_set import ImageSet
-    from kdml.data.sources import load_dataset
-
-    kind, _, root = spec.partition(":")
-    if kind == "folder" and root and split == "all":
-        from kdml.data.sources.folder import _scan_leaf_folders
-
-        root = os.path.abspath(os.path.expanduser(root))
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"folder:{root}: no such folder.")
-        leaves, _ = _scan_leaf_folders(root)
-        if not leaves:
-            raise ValueError(f"folder:{root}: found no images in leaf folders "
-                             "(<root>/<class>/<image>).")
-        names = sorted(leaves)
-        paths = np.array([p for c in names for p in leaves[c]], dtype=str)
-        labels = np.repeat(np.arange(len(names)), [len(leaves[c]) for c in names])
-        return ImageSet(labels=labels, class_names=names, paths=paths, name=f"folder:{root}")
-    splits = load_dataset(spec, data_dir=data_dir, seed=seed)
-    if split != "all":
-        return getattr(splits, split)
-    train, test = splits.train, splits.test
-    stored = {"pixels": None, "paths": None}
-    field = "pixels" if train.pixels is not None else "paths"
-    stored[field] = np.concatenate([getattr(train, field), getattr(test, field)])
-    return ImageSet(labels=np.concatenate([train.labels, test.labels + train.num_classes]),
-                    class_names=tuple(train.class_names) + tuple(test.class_names),
-                    name=splits.name, **stored)
-
-
-def embed_image_set(embedder, image_set, *, batch_size=256, crop_fraction=0.875):
-    """`(N, d)` float32 embeddings of an `ImageSet` in its order, through `embedder.embed`."""
-    import numpy as np
-
-    from kdml.data.pipeline import eval_dataset
-
-    height, width = embedder.image_size
-    if height != width:
-        raise ValueError(
-            f"The model's input is {height} x {width}; kdml.evaluate feeds square RGB images "
-            f"(N, S, S, 3). Export the embedder with a square input.")
-    data = eval_dataset(image_set, image_size=int(height), batch_size=batch_size,
-                        crop_fraction=crop_fraction)
-    out = [embedder.embed(images.numpy(), batch_size=batch_size) for images, _ in data]
-    return np.concatenate(out, axis=0)
-
-
-def _load(model_path):
-    from kdml.export import load_embedder
-
-    if not os.path.exists(model_path):
-        raise FileNotFoundError(
-            f"No model at {model_path}. Pass --model=<path>/embedder.keras, a SavedModel "
-            "directory or a .tflite file.")
-    embedder = load_embedder(model_path)
-    size = tuple(embedder.image_size)
-    if len(size) != 2 or any(s is None for s in size):
-        raise ValueError(
-            f"The model at {model_path} takes inputs of shape (N, {size}): kdml.evaluate "
-            "needs an image embedder with a fixed (N, S, S, 3) RGB input.")
-    return embedder
-
-
 def _knn_strategy():
     import tensorflow as tf
 
@@ -182,10 +124,6 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
         `{"protocol", "split", "format", "metrics": {name: float}, "plots": {...},
         "retrieval_grid": {"sampled", "worst", "worst_ranks"}}` (the last two with plots).
     """
-    import numpy as np
-
-    from kdml.evaluation import few_shot_accuracy, retrieval_metrics
-    
     if protocol == "auto":
         protocol = "query_gallery" if query or gallery else "retrieval"
     if protocol == "query_gallery" and not (query and gallery):
@@ -198,17 +136,17 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
         split = "all" if protocol in ("omniglot",) else "test"
     if rerank_top_k and protocol != "retrieval":
         raise ValueError("--rerank_top_k works with --protocol=retrieval (leave-one-out).")
-    embedder = _load(model_path)
+    embedder = load_image_embedder(model_path)
     embed_options = dict(batch_size=batch_size, crop_fraction=crop_fraction)
     full_ranking = ({"full_ranking": True, "ndcg_ks": tuple(ndcg_ks)}
                     if ranking_metrics and knn_precision == "float32" else {})
     report = {"protocol": protocol, "split": split, "format": embedder.format}
 
     if protocol == "query_gallery":
-        query_set = _load_images(query, "all" if query.startswith("folder:") else split,
-                                 data_dir, seed)
+        query_set = read_image_set(query, "all" if query.startswith("folder:") else split,
+                                   data_dir, seed)
         same_source = query == gallery
-        gallery_set = query_set if same_source else _load_images(
+        gallery_set = query_set if same_source else read_image_set(
             gallery, "all" if gallery.startswith("folder:") else split, data_dir, seed)
         query_embeddings = embed_image_set(embedder, query_set, **embed_options)
         gallery_embeddings = (query_embeddings if same_source
@@ -231,7 +169,7 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
                      gallery_labels, same_source)
         class_names = list(aligned_names)
     else:
-        images = (_load_images(dataset, split, data_dir, seed) if eval_dataset is None
+        images = (read_image_set(dataset, split, data_dir, seed) if eval_dataset is None
                   else _load_eval_dataset(dataset, eval_dataset, split, data_dir, seed))
         embeddings = embed_image_set(embedder, images, **embed_options)
         labels = images.labels
@@ -263,15 +201,11 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
             report["metrics"] = metrics
 
     if projector_dir:
-        from kdml.evaluation.projector import write_image_set_projector
-
         written = write_image_set_projector(projector_dir, grid_sets[1], grid_sets[0],
                                             max_points=projector_points, seed=seed)
         report["projector"] = {k: written[k] for k in ("directory", "points", "thumbnail")}
 
     if plots_dir:
-        from kdml.evaluation.plots import write_plots
-
         curve = _recall_curve(*(curve_source or (plot_embeddings, plot_labels)),
                               gallery=None if curve_source else (gallery_embeddings,
                                                                  gallery_labels),
@@ -290,8 +224,6 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
                                          class_names=class_names)}
         report["retrieval_grid"] = grid
         if verification_curve is not None:
-            from kdml.evaluation.plots import plot_tar_far_curve
-
             report["plots"]["tar_far"] = plot_tar_far_curve(
                 verification_curve["far"], verification_curve["tar"],
                 os.path.join(plots_dir, "tar_far.png"), title=title,
@@ -305,15 +237,11 @@ VERIFICATION_AUTO_MAX = 20_000
 def _verification(metrics, report, embeddings, labels, verification, fars, max_memory_bytes):
     """Adds the all-pairs verification metrics to `metrics` (see `evaluate_model`);
     returns the ROC vertices, or None when skipped."""
-    from kdml.evaluation.verification import verification_metrics
-
     if verification not in ("auto", True, False):
         raise ValueError(f"Expected verification 'auto', True or False. Received: {verification!r}")
     if verification is False:
         return None
     if verification == "auto" and len(labels) > VERIFICATION_AUTO_MAX:
-        from absl import logging
-
         report["verification_skipped"] = (
             f"{len(labels):,} images: --verification=auto runs up to "
             f"{VERIFICATION_AUTO_MAX:,} (about 10 s on 2 cores); pass --verification=true")
@@ -334,10 +262,6 @@ def _retrieval_grid(query_set, query_embeddings, query_labels, gallery_set, gall
     """`kdml.evaluation.plots.retrieval_grid` of a protocol's queries and gallery: worst
     rows ranked by their margins, rows named by `class_names`, "no match" below
     `threshold`."""
-    from kdml.evaluation import exact_knn
-    from kdml.evaluation.plots import best_same_class_similarity, retrieval_grid
-    from kdml.export.images import _subset, load_uint8
-
     k = max(1, min(int(k), len(gallery_labels) - int(leave_one_out)))
     neighbours, similarities = exact_knn(
         query_embeddings, None if leave_one_out else gallery_embeddings, k=k,
@@ -347,7 +271,7 @@ def _retrieval_grid(query_set, query_embeddings, query_labels, gallery_set, gall
         own_rows=np.arange(len(query_labels)) if leave_one_out else None)
 
     def loader(image_set):
-        return lambda rows: list(load_uint8(_subset(image_set, np.asarray(rows)), thumb))
+        return lambda rows: list(load_uint8(image_subset(image_set, np.asarray(rows)), thumb))
 
     return retrieval_grid(query_labels, neighbours, gallery_labels, loader(query_set),
                           loader(gallery_set), path, num_sampled=num_sampled,
@@ -357,18 +281,12 @@ def _retrieval_grid(query_set, query_embeddings, query_labels, gallery_set, gall
 
 
 def _load_eval_dataset(dataset, eval_dataset, split, data_dir, seed):
-    from kdml.data.sources import load_dataset
-
     splits = load_dataset(dataset, eval_spec=eval_dataset, data_dir=data_dir, seed=seed)
     return getattr(splits, "test" if split == "all" else split)
 
 
 def _recall_curve(embeddings, labels, *, gallery, exclude_self, max_memory_bytes):
     """Recall@K for K = 1, 2, 4, ... up to 1024 (capped by the gallery) from one k-NN pass."""
-    import numpy as np
-
-    from kdml.evaluation.knn import _knn
-
     labels = np.asarray(labels)
     gallery_embeddings, gallery_labels = (embeddings, labels) if gallery is None else gallery
     limit = len(gallery_labels) - int(exclude_self)
@@ -382,9 +300,6 @@ def _recall_curve(embeddings, labels, *, gallery, exclude_self, max_memory_bytes
 
 def _rerank(model_path, reranker, embeddings, labels, top_k, ks, max_memory_bytes):
     import keras
-
-    import kdml  # noqa: F401  registers kdml's serializable classes (the PDDM layers)
-    from kdml.evaluation.rerank import rerank_metrics
 
     if reranker is None:
         reranker = os.path.join(os.path.dirname(os.path.abspath(model_path)), "pddm.keras")

@@ -2,6 +2,7 @@
 
 Public API:
     load_embedder(path) -> LoadedEmbedder      .keras, SavedModel directory or .tflite
+                                               (kdml.embedding's, re-exported)
     export_embedder(...)                       SavedModel + TFLite files + sidecar JSON
     parity_report(...), format_parity_table    each exported file against the Keras model
     run_export(...)                            the whole `python -m kdml.export` job
@@ -9,8 +10,8 @@ Public API:
 Command line: `python -m kdml.export --model=embedder.keras --output_dir=...`.
 """
 
+from kdml.embedding import FORMATS, LoadedEmbedder, detect_format, load_embedder
 from kdml.export.exporter import export_embedder
-from kdml.export.loading import FORMATS, LoadedEmbedder, detect_format, load_embedder
 from kdml.export.parity import ParityError, format_parity_table, parity_report
 from kdml.export.tflite import QUANTIZATIONS
 from kdml.export.workflow import run_export

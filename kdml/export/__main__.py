@@ -22,6 +22,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 from absl import app, flags, logging  # noqa: E402
 
 from kdml import command_line  # noqa: E402
+from kdml.export.parity import ParityError  # noqa: E402
+from kdml.export.workflow import run_export  # noqa: E402
 from kdml.quiet_startup import quiet_logs  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -58,9 +60,6 @@ flags.DEFINE_string("search_calibration", None, "Labelled source (folder:<dir>, 
 
 
 def main(argv):
-    from kdml.export.parity import ParityError
-    from kdml.export.workflow import run_export
-
     del argv
     quiet_logs()
     try:

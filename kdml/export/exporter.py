@@ -11,8 +11,11 @@ from typing import Dict, Optional, Sequence
 import keras
 import numpy as np
 
-from kdml.export.metadata import embed_tflite_metadata, embedder_metadata, write_sidecar
+from kdml import layers, losses, optimizers, regularizers  # noqa: F401  register kdml's classes
+from kdml.embedding.metadata import embed_tflite_metadata, embedder_metadata, write_sidecar
 from kdml.export.saved_model import export_saved_model
+from kdml.export.search import (append_search, check_search_threshold, encode_gallery,
+                                search_filename, search_function, search_metadata)
 from kdml.export.tflite import QUANTIZATIONS, check_builtin_ops, convert_saved_model
 from kdml.quiet_startup import native_output_hidden
 
@@ -61,8 +64,6 @@ def export_embedder(embedder, output_dir: str, *,
     """
     if isinstance(embedder, str):
         source = source or embedder
-        import kdml  # noqa: F401  registers kdml's serializable classes
-
         embedder = keras.saving.load_model(embedder, compile=False)
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
     if unknown or not formats:
@@ -82,8 +83,6 @@ def export_embedder(embedder, output_dir: str, *,
     paths: Dict[str, str] = {}
     encoded = threshold = None
     if search is not None:
-        from kdml.export.search import encode_gallery, search_function
-
         encoded = encode_gallery(search["index"].embeddings, search.get("gallery_dtype",
                                                                         "float16"))
         if encoded["values"].shape[1] != meta["embedding_dim"]:
@@ -137,8 +136,6 @@ def _model_threshold(search, encoded, name, queries) -> Optional[dict]:
     "keras"): `check_search_threshold` on `queries()`, the calibration images through
     its embedder; the index's entry marked unchecked without calibration data; None
     without a threshold."""
-    from kdml.export.search import check_search_threshold
-
     index_threshold = search["index"].threshold
     if not index_threshold:
         return None
@@ -162,8 +159,6 @@ def _write_search(embedder_model: bytes, encoded, search, threshold, metadata, o
                   quantization) -> str:
     """Writes `embedder_<quantization>_search.tflite` and its sidecar (temporary names,
     then renamed into place). `threshold`: this model's entry (`_model_threshold`)."""
-    from kdml.export.search import append_search, search_filename, search_metadata
-
     k = search.get("k", 5)
     model = append_search(embedder_model, encoded, k, threshold and threshold["value"])
     check_builtin_ops(model, search_filename(quantization))

@@ -1,7 +1,7 @@
 """Images for export: calibration images (training classes) and held-out images (test classes).
 
-Both come through `kdml.data.eval_dataset` (centre crop, antialiased resize) and are
-rounded to uint8, the camera pixels an exported model takes.
+Both come through `kdml.embedding.load_uint8` (`kdml.data.eval_dataset`: centre crop,
+antialiased resize, rounded to uint8), the camera pixels an exported model takes.
 """
 
 from __future__ import annotations
@@ -11,25 +11,7 @@ from typing import Tuple
 import numpy as np
 
 from kdml.data.image_set import ImageSet
-from kdml.data.pipeline import eval_dataset
-
-
-def _subset(image_set: ImageSet, indices: np.ndarray) -> ImageSet:
-    return ImageSet(labels=image_set.labels[indices], class_names=image_set.class_names,
-                    paths=None if image_set.paths is None else image_set.paths[indices],
-                    pixels=None if image_set.pixels is None else image_set.pixels[indices],
-                    name=image_set.name)
-
-
-def load_uint8(image_set: ImageSet, image_size: int, crop_fraction: float = 0.875,
-               batch_size: int = 256) -> np.ndarray:
-    """All images of `image_set`, in order, as uint8 `(N, S, S, 3)` RGB."""
-    chunks = [np.clip(np.round(images.numpy()), 0, 255).astype(np.uint8)
-              for images, _ in eval_dataset(image_set, image_size=image_size,
-                                            batch_size=batch_size, crop_fraction=crop_fraction)]
-    if not chunks:
-        return np.zeros((0, image_size, image_size, 3), np.uint8)
-    return np.concatenate(chunks)
+from kdml.embedding.image_sets import image_subset, load_uint8
 
 
 def calibration_images(train: ImageSet, image_size: int, count: int = 300, seed: int = 0,
@@ -39,7 +21,7 @@ def calibration_images(train: ImageSet, image_size: int, count: int = 300, seed:
         raise ValueError(f"--calibration_images must be >= 1. Received: {count}")
     rng = np.random.default_rng(seed)
     indices = np.sort(rng.permutation(train.num_images)[:count])
-    return load_uint8(_subset(train, indices), image_size, crop_fraction)
+    return load_uint8(image_subset(train, indices), image_size, crop_fraction)
 
 
 def heldout_images(test: ImageSet, image_size: int, max_images: int = 2000, seed: int = 0,
@@ -60,5 +42,5 @@ def heldout_images(test: ImageSet, image_size: int, max_images: int = 2000, seed
         indices = np.flatnonzero(np.isin(test.labels, keep))
     else:
         indices = np.arange(test.num_images)
-    subset = _subset(test, indices)
+    subset = image_subset(test, indices)
     return load_uint8(subset, image_size, crop_fraction), subset.labels.copy()

@@ -15,7 +15,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from kdml.export.loading import load_embedder, load_tflite
+from kdml.embedding import load_embedder, load_tflite
+from kdml.evaluation import retrieval_metrics
 
 
 class ParityError(ValueError):
@@ -71,8 +72,6 @@ def parity_report(keras_path: str, exported: Dict[str, str], images: np.ndarray,
         {"images": N, "classes": C, "keras": {...}, "files": {key: {...}}}; recall and
         MAP@R in percent, cosines in [-1, 1], sizes in bytes, latency in ms per image.
     """
-    from kdml.evaluation import retrieval_metrics
-
     def metrics(embeddings):
         m = retrieval_metrics(embeddings, labels, ks=(1,), nmi=False, seed=seed)
         return {"recall@1": 100.0 * m["recall@1"], "map@r": 100.0 * m["map@r"]}

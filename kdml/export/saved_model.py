@@ -13,7 +13,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from kdml.export.loading import INPUT_NAME, OUTPUT_NAME, SERVING_SIGNATURE
+from kdml.embedding.loading import INPUT_NAME, OUTPUT_NAME, SERVING_SIGNATURE
 
 SEARCH_SIGNATURE = "search"
 

@@ -46,6 +46,9 @@ from typing import Optional
 
 import numpy as np
 
+from kdml.embedding import read_gallery
+from kdml.export.saved_model import serving_function
+
 GALLERY_DTYPES = ("float16", "int8")
 MAX_SEARCH_ITEMS = 100_000
 DEFAULT_K = 5
@@ -59,14 +62,12 @@ def search_filename(quantization: str) -> str:
 def load_search_gallery(index_path: str, model_entry: Optional[dict], *,
                         max_items: int = MAX_SEARCH_ITEMS, allow_model_mismatch: bool = False):
     """Loads and checks a `kdml.index` directory for a search model of the model
-    `model_entry` (`kdml.index.model_fingerprint`); one-line ValueErrors otherwise.
+    `model_entry` (`kdml.embedding.model_fingerprint`); one-line ValueErrors otherwise.
 
     Returns:
-        The `GalleryIndex`.
+        The `kdml.embedding.StoredGallery` (the index's items, without its search backend).
     """
-    from kdml.index import GalleryIndex
-
-    index = GalleryIndex.load(index_path, backend="exact")  # empty / NaN / partial: refused
+    index = read_gallery(index_path)  # empty / NaN / partial: refused
     if model_entry is not None and not allow_model_mismatch:
         if not index.model:
             raise ValueError(
@@ -370,8 +371,6 @@ def search_function(embedder, encoded: dict, k: int, threshold: Optional[float] 
     `{"indices" int32, "similarities" float32, ["match" bool]}` `(B, k)`, over the same
     stored gallery (float16, or int8 and its row scales, as non-trainable variables)."""
     import tensorflow as tf
-
-    from kdml.export.saved_model import serving_function
 
     serve_embeddings, spec = serving_function(embedder)
     values = tf.Variable(encoded["values"], trainable=False, name="search_gallery")

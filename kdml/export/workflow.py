@@ -5,6 +5,14 @@ from __future__ import annotations
 import json
 import os
 
+from kdml import layers, losses, optimizers, regularizers  # noqa: F401  register kdml's classes
+from kdml.data.sources import load_dataset
+from kdml.embedding import load_embedder, model_fingerprint
+from kdml.export.exporter import export_embedder
+from kdml.export.images import calibration_images, heldout_images
+from kdml.export.parity import format_parity_table, parity_report
+from kdml.export.search import GALLERY_DTYPES, load_search_gallery
+
 
 def _run_config(model_path: str) -> dict:
     path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "metrics.json")
@@ -83,12 +91,6 @@ def run_export(model_path: str, output_dir=None, formats=("saved_model", "tflite
     """
     import keras
 
-    import kdml  # noqa: F401  registers kdml's serializable classes
-    from kdml.data.sources import load_dataset
-    from kdml.export.exporter import export_embedder
-    from kdml.export.images import calibration_images, heldout_images
-    from kdml.export.parity import format_parity_table, parity_report
-
     if not os.path.isfile(model_path) or not model_path.endswith(".keras"):
         raise FileNotFoundError(f"No .keras embedder at {model_path}. Pass --model=<run>/embedder.keras.")
     config = _run_config(model_path)
@@ -98,10 +100,6 @@ def run_export(model_path: str, output_dir=None, formats=("saved_model", "tflite
     output_dir = output_dir or os.path.join(os.path.dirname(os.path.abspath(model_path)), "export")
     search = None
     if gallery is not None:
-        from kdml.export import load_embedder
-        from kdml.export.search import GALLERY_DTYPES, load_search_gallery
-        from kdml.index import model_fingerprint
-
         if gallery_dtype not in GALLERY_DTYPES:
             raise ValueError(f"Expected --search_gallery in {GALLERY_DTYPES}. Received: "
                              f"{gallery_dtype!r}")

@@ -7,14 +7,14 @@
     result = index.query(query_embeddings, k=5)             # indices, similarities, labels, paths
 
 Command line: `python -m kdml.index build|query|evaluate --help`. The saved format
-(`kdml.index.storage`) is read by the LiteRT kit (`export/kdml_litert.py`) with NumPy only.
+(`kdml.embedding.gallery_files`) is read by the LiteRT kit (`export/kdml_litert.py`) with
+NumPy only.
 """
 
+from kdml.embedding import IndexFormatError, model_fingerprint
 from kdml.index.backends import BACKENDS, faiss_available, scann_available
 from kdml.index.build import build_index
-from kdml.index.fingerprint import model_fingerprint
 from kdml.index.gallery_index import GalleryIndex, QueryResult, check_embeddings
-from kdml.index.storage import IndexFormatError
 
 load_index = GalleryIndex.load
 

@@ -21,6 +21,20 @@ import sys
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import numpy as np  # noqa: E402
+
+from kdml.command_line import (add_argument, argparse_flag_names,  # noqa: E402
+                               check_flag_spellings, set_verbosity)
+from kdml.distribute import STRATEGIES  # noqa: E402
+from kdml.embedding import (IndexFormatError, embed_image_set, load_embedder,  # noqa: E402
+                            model_fingerprint, read_image_files)
+from kdml.evaluation.plots import (best_same_class_similarity, load_image_files,  # noqa: E402
+                                   retrieval_grid)
+from kdml.index import GalleryIndex, QueryResult, build_index  # noqa: E402
+from kdml.index.approximation import measure_approximation  # noqa: E402
+from kdml.index.backends import BACKENDS, FAISS_INDEXES  # noqa: E402
+from kdml.index.build import _item_paths, load_source  # noqa: E402
+
 PROG = "python -m kdml.index"
 # The file each subcommand writes into its --output_dir (build: the index directory itself).
 QUERY_FILE, EVALUATE_FILE = "query.json", "evaluate.json"
@@ -37,10 +51,6 @@ def _backend_options(args) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from kdml.command_line import add_argument
-    from kdml.distribute import STRATEGIES
-    from kdml.index.backends import BACKENDS, FAISS_INDEXES
-
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -96,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="labelled queries: folder:<dir>, labelled as --source labels a "
                             "gallery (leaf folder path relative to <dir>)")
     query.add_argument("images", nargs="*", help="query image files, labelled in the gallery's "
-                       "terms (kdml.index.query_labels); a gallery file used as a query is not "
+                       "terms (kdml.embedding.query_labels); a gallery file used as a query is not "
                        "returned for itself")
     query.add_argument("--k", type=int, default=5)
     query.add_argument("--backend", choices=BACKENDS, default=None,
@@ -129,8 +139,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build(args):
-    from kdml.index import GalleryIndex, build_index
-
     add_to = GalleryIndex.load(args.output_dir) if args.add else None
     index = build_index(args.model, args.source, args.output_dir, backend=args.backend,
                         backend_options=_backend_options(args), strategy=args.strategy,
@@ -157,13 +165,6 @@ def _build(args):
 
 
 def _query(args):
-    from kdml.data.image_set import ImageSet
-    from kdml.evaluation.protocols import embed_image_set
-    from kdml.export import load_embedder
-    from kdml.index import GalleryIndex, model_fingerprint
-    from kdml.index.build import _item_paths, load_source
-    from kdml.index.query_labels import label_query_files
-
     if bool(args.query_source) == bool(args.images):
         raise ValueError("Give query images either as files (positional) or as --query_source="
                          "folder:<dir>, not both and not neither.")
@@ -176,10 +177,7 @@ def _query(args):
         missing = [p for p in args.images if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"No query image at {missing[0]}.")
-        file_labels = label_query_files(args.images, index.labels, index.paths)
-        names = sorted(set(file_labels))
-        queries = ImageSet(labels=[names.index(name) for name in file_labels], class_names=names,
-                           paths=list(args.images), name="query images")
+        queries = read_image_files(args.images, index.labels, index.paths)
     embeddings = embed_image_set(embedder, queries, batch_size=args.batch_size,
                                  crop_fraction=args.crop_fraction)
     result = index.query(embeddings, k=args.k + 1)
@@ -195,11 +193,6 @@ def _query(args):
             record["no_match"] = not bool(found)
             record["threshold"] = index.threshold["value"]
     if args.plot:
-        import numpy as np
-
-        from kdml.evaluation.plots import (best_same_class_similarity, load_image_files,
-                                           retrieval_grid)
-
         class_names = sorted(set(index.labels.tolist()) | set(query_names))
         label_ids = {name: i for i, name in enumerate(class_names)}
         query_ids = np.array([label_ids[n] for n in query_names])
@@ -235,10 +228,6 @@ def _output_file(output_dir: str, name: str) -> str:
 def _without_self(result, query_paths, k):
     """The top-k without the gallery item that is the query's own file (a gallery image
     used as a query), from a top-(k + 1) result."""
-    import numpy as np
-
-    from kdml.index import QueryResult
-
     keep = np.asarray([[path != str(query) for path in row]
                        for row, query in zip(result.paths, query_paths)])
     keep &= np.cumsum(keep, axis=1) <= k
@@ -250,9 +239,6 @@ def _without_self(result, query_paths, k):
 
 
 def _evaluate(args):
-    from kdml.index import GalleryIndex
-    from kdml.index.approximation import measure_approximation
-
     index = GalleryIndex.load(args.index)
     report = measure_approximation(index, k=args.k, approximate=args.backend,
                                    num_queries=args.num_queries, seed=args.seed,
@@ -272,16 +258,12 @@ def _evaluate(args):
 
 
 def main(argv=None) -> int:
-    from kdml.command_line import argparse_flag_names, check_flag_spellings, set_verbosity
-
     parser = _parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     check_flag_spellings(argv, argparse_flag_names(parser, argv), PROG,
                          {"dataset": "source", "gallery": "source"})
     args = parser.parse_args(argv)
     set_verbosity(args.verbosity)
-    from kdml.index.storage import IndexFormatError
-
     try:
         {"build": _build, "query": _query, "evaluate": _evaluate}[args.command](args)
     except (ValueError, FileNotFoundError, IndexFormatError) as error:

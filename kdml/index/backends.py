@@ -33,6 +33,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from kdml.evaluation import exact_knn
+
 BACKENDS = ("exact", "faiss", "scann")
 FAISS_INDEXES = ("ivf", "hnsw")
 _MIN_POINTS_PER_CELL = 39  # faiss warns below this many k-means training points per centroid
@@ -87,8 +89,6 @@ class ExactBackend:
         self._vectors = all_vectors
 
     def search(self, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
-        from kdml.evaluation import exact_knn
-
         return exact_knn(queries, self._vectors, k=k, max_memory_bytes=self.max_memory_bytes,
                          similarity="inner_product", strategy=self.strategy)
 
@@ -215,8 +215,6 @@ class FaissBackend:
         """Smallest power-of-2 `nprobe` (IVF, from 1 to nlist) or `ef_search` (HNSW, from
         16 to 4096) with recall@k >= target on gallery-vector queries (each query's own
         row excluded from both result lists)."""
-        from kdml.evaluation import exact_knn
-
         n = len(vectors)
         k = min(self.calibration_k, n - 1)
         rows = np.sort(rng.choice(n, min(self.calibration_queries, n), replace=False))

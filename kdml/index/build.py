@@ -16,7 +16,7 @@ Distribution (`strategy`, the names of `kdml.distribute.create_strategy`, as tra
   A re-run (after a kill, with any strategy) skips every shard already written under the
   same key. The output's parent folder must be shared by the workers (NFS, GCS fuse).
 
-Embeddings are those of `kdml.evaluation.protocols.embed_image_set` (centre crop
+Embeddings are those of `kdml.embedding.embed_image_set` (centre crop
 `crop_fraction`, antialiased resize): what `python -m kdml.evaluate` measures.
 """
 
@@ -32,7 +32,11 @@ from typing import Optional
 import numpy as np
 from absl import logging
 
-from kdml.index.fingerprint import model_fingerprint
+from kdml.data.image_set import ImageSet
+from kdml.distribute import create_strategy, worker_role
+from kdml.embedding import (embed_image_set, image_subset, load_image_embedder,
+                            model_fingerprint, read_image_set)
+from kdml.evaluation.threshold import calibrate_threshold
 from kdml.index.gallery_index import GalleryIndex, check_embeddings
 
 SHARD_PATTERN = "shard-{index:05d}-of-{count:05d}-{key}.npy"
@@ -40,15 +44,12 @@ SHARD_PATTERN = "shard-{index:05d}-of-{count:05d}-{key}.npy"
 
 def load_source(source, *, split: str = "all", data_dir=None, seed: int = 0):
     """An `ImageSet` of a source spec (`folder:<dir>`: every class, single images kept)."""
-    from kdml.data.image_set import ImageSet
-    from kdml.evaluation.protocols import _load_images
-
     if isinstance(source, ImageSet):
         return source
     if not isinstance(source, str):
         raise ValueError(f"Expected a source 'folder:<dir>', 'synthetic', 'tfds:<name>', an "
                          f"ImageSet or a tf.data.Dataset. Received: {type(source).__name__}")
-    image_set = _load_images(source, "all" if source.startswith("folder:") else split, data_dir,
+    image_set = read_image_set(source, "all" if source.startswith("folder:") else split, data_dir,
                              seed)
     if image_set.num_images == 0:
         raise ValueError(f"The gallery {source} holds no images: point --source at a folder of "
@@ -89,8 +90,6 @@ def _resolve_strategy(strategy):
     """(strategy for the local embedding, WorkerRole)."""
     import tensorflow as tf
 
-    from kdml.distribute import create_strategy, worker_role
-
     if strategy is None:
         strategy = "auto"
     if isinstance(strategy, str):
@@ -106,17 +105,15 @@ def _resolve_strategy(strategy):
 
 def _load_model(model_path, strategy):
     """(LoadedEmbedder, what embeds: itself, or its replicated wrapper under `strategy`)."""
-    from kdml.evaluation.protocols import _load
-
     replicated = strategy.num_replicas_in_sync > 1
     if model_path.endswith(".keras") and replicated:
         with strategy.scope():
-            loaded = _load(model_path)
+            loaded = load_image_embedder(model_path)
         return loaded, _ReplicatedEmbedder(loaded, strategy)
     if replicated:
         logging.info("%s runs on one device (replicated embedding needs a .keras model).",
                      model_path)
-    loaded = _load(model_path)
+    loaded = load_image_embedder(model_path)
     return loaded, loaded
 
 
@@ -151,9 +148,6 @@ def embed_sharded(embedder, image_set, shard_dir: str, *, key: str, shard_size: 
     Returns:
         The shard file paths of all workers, in file order.
     """
-    from kdml.evaluation.protocols import embed_image_set
-    from kdml.export.images import _subset
-
     count = max(1, -(-image_set.num_images // shard_size))
     os.makedirs(shard_dir, exist_ok=True)
     files = [os.path.join(shard_dir, SHARD_PATTERN.format(index=s, count=count, key=key))
@@ -163,7 +157,7 @@ def embed_sharded(embedder, image_set, shard_dir: str, *, key: str, shard_size: 
         if _read_shard(files[s], len(rows), embedder.embedding_dim) is not None:
             logging.info("Shard %d/%d already written: skipped.", s + 1, count)
             continue
-        embeddings = embed_image_set(embedder, _subset(image_set, rows), batch_size=batch_size,
+        embeddings = embed_image_set(embedder, image_subset(image_set, rows), batch_size=batch_size,
                                      crop_fraction=crop_fraction).astype(np.float32)
         _save_npy_atomic(files[s], embeddings)
         logging.info("Worker %d wrote shard %d/%d (%d images).", role.index, s + 1, count,
@@ -244,8 +238,6 @@ def build_index(model: str, source, output: Optional[str] = None, *, backend: st
             raise ValueError("A multi-worker build needs --output_dir (its shards are written "
                              "beside it, on storage every worker shares).")
         if output is None:
-            from kdml.evaluation.protocols import embed_image_set
-
             embeddings = embed_image_set(embedder, image_set, batch_size=batch_size,
                                          crop_fraction=crop_fraction)
         else:
@@ -285,9 +277,6 @@ def calibrate_index(index: GalleryIndex, embedder, source, *, target_precision=N
                     crop_fraction=0.875) -> dict:
     """Embeds the labelled `source` with `embedder` and stores the calibrated threshold
     in `index` (`GalleryIndex.set_threshold`); returns `index.threshold`."""
-    from kdml.evaluation.protocols import embed_image_set
-    from kdml.evaluation.threshold import calibrate_threshold
-
     if target_precision is None and target_far is None:
         target_precision = 0.95
     image_set = load_source(source, split=split, data_dir=data_dir, seed=seed)

@@ -16,10 +16,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from kdml.embedding.gallery_files import (SIMILARITY, StoredGallery, check_embeddings,
+                                          model_summary, read_index_files, write_index_files)
 from kdml.index.backends import make_backend
-from kdml.index.storage import model_summary, read_index_files, write_index_files
-
-SIMILARITY = "cosine"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,35 +45,11 @@ class QueryResult:
                 for row in zip(self.indices, self.similarities, self.labels, self.paths)]
 
 
-def check_embeddings(embeddings, paths=None, source: str = "the gallery") -> np.ndarray:
-    """`(N, d)` finite float32 rows, L2-normalised; a one-line ValueError otherwise.
-
-    Raises for an empty array (no images) and for non-finite rows (how many, and the
-    first one's row and path).
-    """
-    embeddings = np.asarray(embeddings)
-    if embeddings.ndim != 2:
-        raise ValueError(f"Expected embeddings of shape (N, d) for {source}. Received: "
-                         f"shape={embeddings.shape}")
-    if len(embeddings) == 0:
-        raise ValueError(f"{source} is empty: no embeddings to index. Point the source at a "
-                         "folder with images (<root>/<class>/<image>) or pass a non-empty array.")
-    embeddings = embeddings.astype(np.float32, copy=False)
-    bad = ~np.isfinite(embeddings).all(axis=1)
-    if bad.any():
-        first = int(np.flatnonzero(bad)[0])
-        where = f" ({paths[first]})" if paths is not None and len(paths) > first and \
-            str(paths[first]) else ""
-        raise ValueError(
-            f"{int(bad.sum())} of {len(embeddings)} embeddings of {source} are not finite (NaN "
-            f"or Inf), the first at row {first}{where}: the model produced them; check the model "
-            "(a diverged training gives NaN weights) and that image, then rebuild.")
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
-class GalleryIndex:
+class GalleryIndex(StoredGallery):
     """Labelled, L2-normalised gallery embeddings with an exact or approximate search.
+
+    A `kdml.embedding.StoredGallery` (the items, their checks, `check_model`) with a
+    search backend, a threshold to set, and incremental adds.
 
     Args:
         embeddings: `(N, d)` float (normalised here), N >= 1, all finite.
@@ -94,22 +69,8 @@ class GalleryIndex:
                  *, model: Optional[dict] = None, backend: str = "exact",
                  backend_options: Optional[dict] = None, seed: int = 0,
                  threshold: Optional[dict] = None, _backend_state=None):
-        labels = np.asarray([str(label) for label in labels], dtype=str)
-        paths = (np.full(len(labels), "", dtype=str) if paths is None
-                 else np.asarray([str(p) for p in paths], dtype=str))
-        self.embeddings = check_embeddings(embeddings, paths)
-        if not (len(labels) == len(paths) == len(self.embeddings)):
-            raise ValueError(f"Expected N embeddings, N labels and N paths. Received: "
-                             f"{len(self.embeddings)} embeddings, {len(labels)} labels, "
-                             f"{len(paths)} paths.")
-        if model and int(model.get("embedding_dim", self.dim)) != self.dim:
-            raise ValueError(f"The model {model_summary(model)} gives embeddings of size "
-                             f"{model['embedding_dim']}, but the arrays have {self.dim} columns.")
-        self.labels, self.paths = labels, paths
-        self.model = dict(model) if model else None
+        super().__init__(embeddings, labels, paths, model=model, threshold=threshold)
         self.seed = int(seed)
-        self.threshold = dict(threshold) if threshold else None
-        self.directory = None
         self.backend = make_backend(backend, **(backend_options or {}))
         if _backend_state is None:
             self.backend.build(self.embeddings, seed=self.seed)
@@ -117,41 +78,9 @@ class GalleryIndex:
             self.backend.load(_backend_state["directory"], self.embeddings,
                               _backend_state["config"])
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
     def __repr__(self):
         return (f"GalleryIndex({len(self)} x {self.dim}, backend={self.backend.name!r}, "
                 f"model={model_summary(self.model)})")
-
-    @property
-    def dim(self) -> int:
-        return int(self.embeddings.shape[1])
-
-    def check_model(self, model: Optional[dict], allow_model_mismatch: bool = False) -> None:
-        """Raises a one-line ValueError when `model` did not build this index.
-
-        A different embedding size always raises; another fingerprint raises unless
-        `allow_model_mismatch` (e.g. the `.tflite` export of the `.keras` that built it).
-        """
-        if model is None:
-            return
-        where = f"The index at {self.directory}" if self.directory else "The index"
-        built_by = model_summary(self.model)
-        if int(model["embedding_dim"]) != self.dim:
-            raise ValueError(
-                f"{where} holds embeddings of size {self.dim} from model {built_by}, but the "
-                f"query model {model_summary(model)} gives {model['embedding_dim']}: rebuild "
-                f"the index with that model (python -m kdml.index build --model="
-                f"{model.get('path')} ...) or query with the model that built it.")
-        if (self.model and not allow_model_mismatch
-                and model["fingerprint"] != self.model["fingerprint"]):
-            raise ValueError(
-                f"{where} was built by model {built_by}, but the query model is "
-                f"{model_summary(model)}: embeddings of different models are not comparable. "
-                f"Rebuild the index with the query model (python -m kdml.index build --model="
-                f"{model.get('path')} ...), or pass allow_model_mismatch=True "
-                "(--allow_model_mismatch) if both are exports of the same weights.")
 
     def set_threshold(self, calibration: dict, source: str) -> "GalleryIndex":
         """Stores a `kdml.evaluation.calibrate_threshold` result (and the name of the data
@@ -210,7 +139,7 @@ class GalleryIndex:
         return self
 
     def save(self, path: str) -> str:
-        """Writes the index directory atomically (see `kdml.index.storage`); returns it."""
+        """Writes the index directory atomically (`kdml.embedding.gallery_files`); returns it."""
         metadata = {"model": self.model, "similarity": SIMILARITY, "seed": self.seed,
                     "backend": {"name": self.backend.name, "config": self.backend.config()}}
         if self.threshold:

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from kdml.losses._cross_replica import all_gather
+from kdml.distribute import all_gather, worker_role
 
 _NORM_EPSILON = 1e-12  # as tf.math.l2_normalize: guards u = |f_i - f_i| = 0 and dead ReLUs
 NORMALIZATIONS = ("before_fc", "after_fc")
@@ -255,8 +255,6 @@ class SavePDDMUnit(keras.callbacks.Callback):
 
     def save(self):
         import os
-
-        from kdml.distribute import worker_role
 
         strategy = getattr(self.model, "distribute_strategy", None)
         if strategy is not None and not worker_role(strategy).is_chief:

@@ -1,14 +1,16 @@
-"""Private helpers shared by the batch-level losses: cross-replica gather and scaling,
-the `BatchLoss` base, and the stable masked log(1 + sum exp).
+"""Private helpers shared by the batch-level losses: the `BatchLoss` base (cross-replica
+gather and scaling) and the stable masked log(1 + sum exp).
 
 A batch-level metric-learning loss (Proxy Anchor, Multi-Similarity) is not a mean of
 per-sample terms, so the mean of per-replica losses is not the loss of the global
-batch. `all_gather` lets every replica see the global batch, and `BatchLoss` applies
-Keras' per-replica 1/num_replicas scaling, which Keras itself skips for scalar losses.
+batch. `kdml.distribute.all_gather` lets every replica see the global batch, and
+`BatchLoss` applies Keras' per-replica 1/num_replicas scaling, which Keras itself skips
+for scalar losses.
 """
 
 import keras
-import tensorflow as tf
+
+from kdml.distribute import all_gather, num_replicas_in_sync
 
 __all__ = [
     "BatchLoss",
@@ -41,36 +43,6 @@ def masked_log1p_sum_exp(logits, mask, axis):
     logits = keras.ops.cast(logits, "float32")
     masked = keras.ops.where(mask, logits, MASKED_LOGIT)
     return keras.ops.softplus(keras.ops.logsumexp(masked, axis=axis))
-
-
-def _peer_replica_context():
-    """The replica context when this code runs inside one with peers, else None."""
-    if tf.distribute.in_cross_replica_context():
-        return None
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync <= 1:
-        return None
-    return context
-
-
-def num_replicas_in_sync():
-    """Number of replicas computing this step together (1 outside a replica context)."""
-    context = _peer_replica_context()
-    return 1 if context is None else context.num_replicas_in_sync
-
-
-def all_gather(tensor):
-    """Concatenates `tensor` over replicas along axis 0: (b, ...) -> (R * b, ...).
-
-    Inside a `tf.distribute` replica context with more than one replica this is
-    `get_replica_context().all_gather(tensor, axis=0)`, in replica order; its gradient
-    sums the upstream gradient over replicas and slices back this replica's rows.
-    Anywhere else (no strategy, one replica, cross-replica context) it returns `tensor`.
-    """
-    context = _peer_replica_context()
-    if context is None:
-        return tensor
-    return context.all_gather(tensor, axis=0)
 
 
 class BatchLoss(keras.losses.Loss):

@@ -128,6 +128,32 @@ class PairLoss(BatchLoss):
         return config
 
 
+class TemperaturePairLoss(PairLoss):
+    """Base of the pair losses on cosine similarities over a temperature tau (SupCon,
+    NT-Xent): `temperature` checked (> 0), kept and serialized; `scaled_cosines` gives
+    the logits s / tau.
+
+    Args:
+        temperature: tau > 0.
+        normalize_embeddings, gather_across_replicas, name, **kwargs: as `PairLoss`.
+    """
+
+    def __init__(self, temperature, normalize_embeddings=True, gather_across_replicas=True,
+                 name=None, **kwargs):
+        super().__init__(normalize_embeddings=normalize_embeddings,
+                         gather_across_replicas=gather_across_replicas, name=name, **kwargs)
+        self.temperature = as_float(temperature, "temperature", positive=True)
+
+    def scaled_cosines(self, embeddings, ref_embeddings):
+        """`(m, d)`, `(n, d)` -> float32 `(m, n)` cosine similarities divided by tau."""
+        return distance_matrix(embeddings, ref_embeddings, "cosine") / self.temperature
+
+    def get_config(self):
+        config = super().get_config()
+        config["temperature"] = self.temperature
+        return config
+
+
 def as_float(value, name, positive=False):
     value = float(value)
     if positive and not value > 0:

@@ -3,16 +3,14 @@
 import keras
 from keras import ops
 
-from kdml.losses._pairs import PairLoss
-from kdml.losses._pairs import as_float
-from kdml.losses._pairs import distance_matrix
+from kdml.losses._pairs import TemperaturePairLoss
 from kdml.losses._pairs import masked_logsumexp
 from kdml.losses._pairs import masked_mean
 from kdml.losses._pairs import pair_masks
 
 
 @keras.saving.register_keras_serializable(package="kdml")
-class NTXentLoss(PairLoss):
+class NTXentLoss(TemperaturePairLoss):
     """NT-Xent (InfoNCE) over every positive pair of the batch, against the anchor's negatives.
 
     Chen et al., "A Simple Framework for Contrastive Learning of Visual
@@ -52,20 +50,14 @@ class NTXentLoss(PairLoss):
 
     def __init__(self, temperature=0.07, normalize_embeddings=True,
                  gather_across_replicas=True, name="ntxent_loss", **kwargs):
-        super().__init__(normalize_embeddings=normalize_embeddings,
-                         gather_across_replicas=gather_across_replicas, name=name, **kwargs)
-        self.temperature = as_float(temperature, "temperature", positive=True)
+        super().__init__(temperature, normalize_embeddings, gather_across_replicas, name,
+                         **kwargs)
 
     def pair_loss(self, labels, embeddings, ref_labels, ref_embeddings, excluded):
-        logits = distance_matrix(embeddings, ref_embeddings, "cosine") / self.temperature
+        logits = self.scaled_cosines(embeddings, ref_embeddings)
         positive, negative = pair_masks(labels, ref_labels, excluded)
         negatives = masked_logsumexp(logits, negative, axis=1)[:, None]  # (m, 1)
         # -log(e^x / (e^x + e^N)) = log(e^x + e^N) - x, N = log sum_n e^{s_in / tau}
         per_pair = ops.logaddexp(logits, negatives) - logits  # (m, n)
         has_pairs = ops.logical_and(ops.any(positive), ops.any(negative))
         return ops.where(has_pairs, masked_mean(per_pair, positive), 0.0)
-
-    def get_config(self):
-        config = super().get_config()
-        config["temperature"] = self.temperature
-        return config

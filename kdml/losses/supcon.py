@@ -3,16 +3,14 @@
 import keras
 from keras import ops
 
-from kdml.losses._pairs import PairLoss
-from kdml.losses._pairs import as_float
-from kdml.losses._pairs import distance_matrix
+from kdml.losses._pairs import TemperaturePairLoss
 from kdml.losses._pairs import masked_logsumexp
 from kdml.losses._pairs import mean_of_positive
 from kdml.losses._pairs import pair_masks
 
 
 @keras.saving.register_keras_serializable(package="kdml")
-class SupConLoss(PairLoss):
+class SupConLoss(TemperaturePairLoss):
     """Supervised contrastive loss (SupCon, "L_out"), per anchor of the batch.
 
     Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020 (Eq. 2, L^sup_out);
@@ -50,12 +48,11 @@ class SupConLoss(PairLoss):
 
     def __init__(self, temperature=0.1, normalize_embeddings=True,
                  gather_across_replicas=True, name="supcon_loss", **kwargs):
-        super().__init__(normalize_embeddings=normalize_embeddings,
-                         gather_across_replicas=gather_across_replicas, name=name, **kwargs)
-        self.temperature = as_float(temperature, "temperature", positive=True)
+        super().__init__(temperature, normalize_embeddings, gather_across_replicas, name,
+                         **kwargs)
 
     def pair_loss(self, labels, embeddings, ref_labels, ref_embeddings, excluded):
-        logits = distance_matrix(embeddings, ref_embeddings, "cosine") / self.temperature
+        logits = self.scaled_cosines(embeddings, ref_embeddings)
         positive, negative = pair_masks(labels, ref_labels, excluded)
         others = ops.logical_or(positive, negative)
         log_denominator = masked_logsumexp(logits, others, axis=1)[:, None]  # (m, 1)
@@ -64,8 +61,3 @@ class SupConLoss(PairLoss):
         per_anchor = -ops.divide_no_nan(ops.sum(log_prob, axis=1), count)
         has_pairs = ops.logical_and(ops.any(positive), ops.any(negative))
         return ops.where(has_pairs, mean_of_positive(per_anchor, ops.greater(count, 0.0)), 0.0)
-
-    def get_config(self):
-        config = super().get_config()
-        config["temperature"] = self.temperature
-        return config

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from kdml.embedding.metadata import read_sidecar, read_tflite_metadata
 from kdml.export import load_embedder
-from kdml.export.metadata import read_sidecar, read_tflite_metadata
 from kdml.export.parity import ParityError, format_parity_table, parity_report
 from kdml.export.tflite import check_builtin_ops, tflite_ops
 from kdml.version import __version__

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 import kdml
+from kdml.embedding import load_uint8
+from kdml.embedding.gallery_files import write_index_files
 from kdml.export import load_embedder
 from kdml.export.exporter import export_embedder
-from kdml.export.images import load_uint8
 from kdml.export.search import decode_gallery, encode_gallery, load_search_gallery
-from kdml.index import build_index, model_fingerprint
+from kdml.index import GalleryIndex, build_index, model_fingerprint
 from kdml.index.build import load_source
-from kdml.index.storage import write_index_files
 from tests.helpers import write_glyph_folder
 
 SIZE, DIM, K = 16, 16, 4
@@ -62,7 +62,7 @@ def test_search_model_returns_the_exact_top_k(gallery, tmp_path, gallery_dtype):
     assert found["indices"].shape == found["similarities"].shape == (len(images), K)
     # the exact index's top-k of the embedder file's embeddings
     queries = load_embedder(paths["tflite_float32"]).embed(images)
-    exact = index.query(queries, k=K + 1)
+    exact = GalleryIndex.load(gallery["index"], backend="exact").query(queries, k=K + 1)
     scores = queries @ index.embeddings.T
     # every returned item is a true top-k item: its exact cosine equals the exact k-th best
     # ones up to the gallery encoding's error (float16 ~1e-3; int8 ~1e-2)
@@ -240,6 +240,7 @@ def test_every_quantization_gets_its_search_file(gallery, tmp_path):
     from kdml.export.tflite import tflite_ops
 
     index = load_search_gallery(gallery["index"], gallery["entry"])
+    exact_index = GalleryIndex.load(gallery["index"], backend="exact")
     calibration = np.random.default_rng(0).integers(0, 255, (16, SIZE, SIZE, 3), np.uint8)
     paths = export_embedder(gallery["model"], str(tmp_path), formats=("tflite",),
                             quantizations=("dynamic", "int8"), calibration_images=calibration,
@@ -252,7 +253,7 @@ def test_every_quantization_gets_its_search_file(gallery, tmp_path):
         assert all(op["builtin"] for op in search_ops)
         found = _run_search(paths[f"search_{quantization}"], gallery["images"])
         queries = load_embedder(paths[f"tflite_{quantization}"]).embed(gallery["images"])
-        exact = index.query(queries, k=1)
+        exact = exact_index.query(queries, k=1)
         np.testing.assert_allclose(found["similarities"][:, 0], exact.similarities[:, 0],
                                    atol=2e-2)
         # int8 gallery: the re-scored best is the float query's best decoded row (the
@@ -264,7 +265,7 @@ def test_every_quantization_gets_its_search_file(gallery, tmp_path):
 
 def test_the_kit_query_answers_no_match_below_the_index_threshold(gallery, tmp_path):
     """`kdml_litert.py query` on an index that holds a threshold, TF-free."""
-    index = load_search_gallery(gallery["index"], gallery["entry"])
+    index = GalleryIndex.load(gallery["index"], backend="exact")
     paths = export_embedder(gallery["model"], str(tmp_path), formats=("tflite",),
                             quantizations=("float32",))
     folder = write_glyph_folder(tmp_path / "queries", num_classes=6, images_per_class=2,

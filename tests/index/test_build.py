@@ -1,5 +1,6 @@
 """`build_index` from a saved embedder and a folder: embeddings, shards, strategies, errors."""
 
+import importlib
 import os
 
 import keras
@@ -7,16 +8,18 @@ import numpy as np
 import pytest
 
 import kdml
-from kdml.evaluation import protocols
+from kdml.embedding import embed_image_set, read_image_set
 from kdml.export import load_embedder
 from kdml.index import GalleryIndex, build_index, model_fingerprint
 from tests.conftest import new_mirrored_strategy
 from tests.index.conftest import IMAGE_SIZE
 
+build_module = importlib.import_module("kdml.index.build")
+
 
 def _reference(index_assets):
     """The Keras model called on kdml's evaluation crops of every file, normalised."""
-    image_set = protocols._load_images(index_assets["source"], "all", None, 0)
+    image_set = read_image_set(index_assets["source"], "all", None, 0)
     model = keras.saving.load_model(index_assets["model"])
     images = np.concatenate([x.numpy() for x, _ in kdml.data.eval_dataset(
         image_set, image_size=IMAGE_SIZE)])
@@ -52,7 +55,7 @@ def test_folder_build_holds_the_models_embeddings_labels_and_paths(index_assets,
 def test_a_rerun_after_a_kill_embeds_only_the_missing_shards(index_assets, reference, tmp_path,
                                                               monkeypatch):
     _, want = reference
-    calls, real = [], protocols.embed_image_set
+    calls, real = [], embed_image_set
 
     def embed(embedder, image_set, **kwargs):
         calls.append(image_set.num_images)
@@ -60,7 +63,7 @@ def test_a_rerun_after_a_kill_embeds_only_the_missing_shards(index_assets, refer
             raise KeyboardInterrupt  # killed while embedding the third shard
         return real(embedder, image_set, **kwargs)
 
-    monkeypatch.setattr(protocols, "embed_image_set", embed)
+    monkeypatch.setattr(build_module, "embed_image_set", embed)  # what build_index calls
     output = str(tmp_path / "g.index")
     die_at = 3
     with pytest.raises(KeyboardInterrupt):

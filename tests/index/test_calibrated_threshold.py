@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kdml.evaluation.plots import no_match_caption
-from kdml.evaluation.protocols import embed_image_set
+from kdml.embedding import embed_image_set
 from kdml.evaluation.threshold import calibrate_threshold
 from kdml.export import load_embedder
 from kdml.index import GalleryIndex

@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
+from kdml.embedding.query_labels import label_query_files
 from kdml.index import GalleryIndex
 from kdml.index.__main__ import main
-from kdml.index.query_labels import label_query_files
 from tests.helpers import write_glyph_folder
 
 

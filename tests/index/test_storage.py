@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
+from kdml.embedding.gallery_files import read_index_files
 from kdml.index import GalleryIndex, IndexFormatError, check_embeddings
-from kdml.index.storage import read_index_files
 
 
 def _clustered(rng, n=60, d=8, classes=6):

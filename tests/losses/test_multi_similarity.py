@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from kdml.distribute import all_gather
 from kdml.losses import MultiSimilarityLoss
-from kdml.losses import _cross_replica
 from tests.helpers import numerical_gradient, weights_after_one_step
 
 
@@ -183,11 +183,11 @@ def test_rejects_sample_weight_and_bad_scales():
 
 def test_all_gather_concatenates_in_replica_order_and_is_identity_elsewhere(mirrored):
     x = tf.constant([[1.0], [2.0]])
-    assert _cross_replica.all_gather(x) is x
+    assert all_gather(x) is x
 
     def replica_fn():
         r = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, "float32")
-        return _cross_replica.all_gather(tf.fill([2, 1], r))
+        return all_gather(tf.fill([2, 1], r))
 
     for value in mirrored.experimental_local_results(mirrored.run(replica_fn)):
         np.testing.assert_array_equal(value.numpy().ravel(), [0, 0, 1, 1])

@@ -221,6 +221,28 @@ def test_bad_arguments_name_the_problem():
         NTXentLoss()(np.array([0, 1]), np.eye(2, dtype="float32"), sample_weight=np.ones(2))
 
 
+@pytest.mark.parametrize("cls, default", [(SupConLoss, 0.1), (NTXentLoss, 0.07)])
+def test_the_temperature_losses_share_one_temperature(cls, default):
+    """SupCon and NT-Xent take tau from one base: PML's default, the same check, the same
+    config entry (beside the pair-loss ones), and logits s / tau (the NumPy reference
+    at tau = 0.5)."""
+    assert cls().temperature == default
+    assert cls().get_config()["temperature"] == default
+    config = cls(temperature=0.25, normalize_embeddings=False).get_config()
+    assert {k: config[k] for k in ("temperature", "normalize_embeddings",
+                                   "gather_across_replicas")} == {
+        "temperature": 0.25, "normalize_embeddings": False, "gather_across_replicas": True}
+    assert cls.from_config(config).temperature == 0.25
+    for bad in (0, -1.0):
+        with pytest.raises(ValueError, match=f"temperature={float(bad)}"):
+            cls(temperature=bad)
+    labels = np.array([0, 0, 1, 1, 2])
+    emb = np.random.default_rng(4).normal(size=(5, 3)).astype("float32")
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    expected = {SupConLoss: ref.supcon, NTXentLoss: ref.ntxent}[cls](labels, emb, temperature=0.5)
+    np.testing.assert_allclose(float(cls(temperature=0.5)(labels, emb)), expected, rtol=1e-5)
+
+
 # --- distribution -----------------------------------------------------------------
 
 _X = np.random.default_rng(12).normal(size=(8, 4)).astype("float32")

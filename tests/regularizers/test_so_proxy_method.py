@@ -16,7 +16,7 @@ from kdml.optimizers import GroupedAdamW
 from kdml.regularizers import SoftOrthogonal
 from kdml.training import latest_checkpoint, train
 from kdml.training.checkpointing import restore_checkpoint
-from kdml.training.diagnostics import EFFECTIVE_RANK, MAX_ABS_COSINE, MEAN_ABS_COSINE
+from kdml.layers.proxy_diagnostics import EFFECTIVE_RANK, MAX_ABS_COSINE, MEAN_ABS_COSINE
 from tests.conftest import new_mirrored_strategy
 from tests.helpers import weights_after_one_step
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kdml.training.diagnostics import (EFFECTIVE_RANK, MAX_ABS_COSINE, MEAN_ABS_COSINE,
+from kdml.layers.proxy_diagnostics import (EFFECTIVE_RANK, MAX_ABS_COSINE, MEAN_ABS_COSINE,
                                        ProxyDiagnostics, effective_rank, proxy_diagnostics)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Optional
 
 from kdml.data.image_set import DatasetSplits, split_classes
+from kdml.data.sources.folder import load_folder_splits
+from kdml.data.sources.synthetic import glyphs
 
 SOURCES = ("synthetic", "folder:<dir>", "tfds:<name>")
 SYNTHETIC_TRAIN_CLASSES = 100  # of the 200 glyph classes: 0-99 train, 100-199 test
@@ -40,12 +42,8 @@ def load_dataset(spec: str, *, eval_spec: Optional[str] = None, data_dir: Option
         raise ValueError(
             f"--eval_dataset is supported with --dataset=folder:<dir>. Received: --dataset={spec}")
     if kind == "synthetic" and not arg:
-        from kdml.data.sources.synthetic import glyphs
-
         return split_classes(glyphs(seed=seed), SYNTHETIC_TRAIN_CLASSES, kind="glyph")
     if kind == "folder" and arg:
-        from kdml.data.sources.folder import load_folder_splits
-
         eval_root = None
         if eval_spec is not None:
             eval_kind, _, eval_root = eval_spec.partition(":")
@@ -54,7 +52,7 @@ def load_dataset(spec: str, *, eval_spec: Optional[str] = None, data_dir: Option
                     f"--eval_dataset must be folder:<dir>. Received: --eval_dataset={eval_spec}")
         return load_folder_splits(arg, eval_root=eval_root, verify_images=verify_images)
     if kind == "tfds" and arg:
-        from kdml.data.sources.tfds import load_tfds
+        from kdml.data.sources.tfds import load_tfds  # defers TensorFlow Datasets (seconds)
 
         return load_tfds(arg, data_dir=data_dir, download=download)
     raise ValueError(f"Unknown dataset {spec!r}. Valid datasets: {', '.join(SOURCES)}.")

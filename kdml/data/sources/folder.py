@@ -28,7 +28,7 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _scan_leaf_folders(root: str) -> tuple[dict, list]:
+def scan_leaf_folders(root: str) -> tuple[dict, list]:
     """Walks `root` once and finds the leaf folders.
 
     Returns:
@@ -98,7 +98,7 @@ def load_folder(root: str, verify_images: bool = True) -> ImageSet:
             f"{name}: no such folder. Pass an existing folder whose leaf sub-folders "
             f"hold one class of images each, e.g. --dataset=folder:/data/omniglot/images_background."
         )
-    leaves, ignored = _scan_leaf_folders(root)
+    leaves, ignored = scan_leaf_folders(root)
     if ignored:
         logging.warning(
             "%s: ignoring %d image(s) in folders that also have sub-folders of images "

@@ -3,7 +3,8 @@
 `.keras` (what `python -m kdml.train` writes), a SavedModel directory and a `.tflite`
 file (what `python -m kdml.export` writes) all load as a `LoadedEmbedder` whose
 `embed(images)` takes RGB pixels `(N, H, W, 3)` in [0, 255] and returns float32
-`(N, d)` embeddings. `python -m kdml.evaluate` and the export parity report use it.
+`(N, d)` embeddings. `python -m kdml.evaluate`, `kdml.index` and the export parity
+report use it; `load_image_embedder` adds the check they need (a fixed square input).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from kdml.export.metadata import read_sidecar, read_tflite_metadata
+from kdml import layers, losses, optimizers, regularizers  # noqa: F401  register kdml's classes
+from kdml.embedding.metadata import read_sidecar, read_tflite_metadata
 from kdml.quiet_startup import native_output_hidden
 
 FORMATS = ("keras", "saved_model", "tflite")
@@ -118,10 +120,28 @@ def load_embedder(path: str, num_threads: Optional[int] = None) -> LoadedEmbedde
             "tflite": lambda p: load_tflite(p, num_threads)}[fmt](path)
 
 
+def load_image_embedder(path: str) -> LoadedEmbedder:
+    """`load_embedder(path)` of an image embedder with a fixed `(N, H, W, 3)` input.
+
+    Raises:
+        FileNotFoundError: nothing at `path`.
+        ValueError: an input size that is not fixed.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"No model at {path}. Pass --model=<path>/embedder.keras, a SavedModel "
+            "directory or a .tflite file.")
+    embedder = load_embedder(path)
+    size = tuple(embedder.image_size)
+    if len(size) != 2 or any(s is None for s in size):
+        raise ValueError(
+            f"The model at {path} takes inputs of shape (N, {size}): kdml.evaluate "
+            "needs an image embedder with a fixed (N, S, S, 3) RGB input.")
+    return embedder
+
+
 def _load_keras(path: str) -> LoadedEmbedder:
     import keras
-
-    import kdml  # noqa: F401  registers kdml's serializable classes
 
     model = keras.saving.load_model(path, compile=False)
     height, width = model.input_shape[1:3]

@@ -16,6 +16,8 @@ import json
 import os
 from typing import Optional
 
+from kdml.version import __version__
+
 METADATA_NAME = "kdml"
 
 
@@ -28,8 +30,6 @@ def embedder_metadata(*, name: str, embedding_dim: int, image_size, fmt: str,
                       quantization: Optional[str] = None, backbone: Optional[str] = None,
                       source: Optional[str] = None) -> dict:
     """The metadata dict written beside (and, for TFLite, inside) an exported file."""
-    from kdml.version import __version__
-
     height, width = (int(s) for s in image_size)
     return {
         "name": name,

@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import os
 
+import numpy as np
+
 
 def _digest_bytes(chunks) -> str:
     digest = hashlib.sha256()
@@ -35,8 +37,6 @@ def content_digest(embedder) -> str:
     if embedder.format == "tflite":
         return _digest_bytes(_file_chunks(embedder.path))
     if embedder.format == "keras":
-        import numpy as np
-
         def chunks():
             for weight in embedder.model.weights:
                 value = np.ascontiguousarray(weight.numpy())
@@ -62,7 +62,7 @@ def fingerprint_from_digest(fmt: str, image_size, embedding_dim: int, digest: st
 
 
 def model_fingerprint(embedder) -> dict:
-    """The `model` entry of an index for a `LoadedEmbedder` (`kdml.export.load_embedder`).
+    """The `model` entry of an index for a `LoadedEmbedder` (`kdml.embedding.load_embedder`).
 
     Returns:
         `{"fingerprint", "format", "path", "image_size", "embedding_dim"}`.

@@ -11,13 +11,17 @@
       paths.npy         str (N,)   its image file ("" when it came from arrays)
       faiss.index       the approximate backend's state (backend "faiss" only)
 
-`model` identifies the embedder: `fingerprint` (see `kdml.index.fingerprint`),
+`model` identifies the embedder: `fingerprint` (see `kdml.embedding.fingerprint`),
 `format`, `path`, `image_size`, `embedding_dim`. The directory is written under a
 temporary name (`.<name>.tmp-<pid>`), `index.json` last, and renamed into place, so a
 write killed midway never leaves a directory that loads: `read_index_files` needs
 `index.json`, and checks every file's byte size (and SHA-256 when `verify=True`)
 against it. The arrays load with `numpy.load(allow_pickle=False)`, so the LiteRT kit
 (`export/kdml_litert.py`) reads the same directory without TensorFlow.
+
+The format sits below both workflows that use it: `kdml.index.GalleryIndex` writes and
+searches it, and the search model of `kdml.export` reads it (`read_gallery`, no search
+backend needed).
 """
 
 from __future__ import annotations
@@ -26,10 +30,13 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
+from kdml.version import __version__
+
+SIMILARITY = "cosine"
 FORMAT_NAME = "kdml-gallery-index"
 FORMAT_VERSION = 1
 METADATA_FILE = "index.json"
@@ -81,8 +88,6 @@ def write_index_files(path: str, embeddings: np.ndarray, labels: np.ndarray, pat
         for file_name in list(arrays) + [os.path.basename(e) for e in extra]:
             full = os.path.join(tmp, file_name)
             files[file_name] = {"bytes": os.path.getsize(full), "sha256": sha256_file(full)}
-        from kdml.version import __version__
-
         info = {**metadata, "format": FORMAT_NAME, "version": FORMAT_VERSION,
                 "count": int(len(arrays["labels.npy"])),
                 "embedding_dim": int(arrays["embeddings.npy"].shape[1]),
@@ -177,3 +182,120 @@ def model_summary(model: Optional[dict]) -> str:
         return "an unknown model"
     where = model.get("path") or model.get("format") or "?"
     return f"{model.get('fingerprint', '?')} ({where})"
+
+
+def check_embeddings(embeddings, paths=None, source: str = "the gallery") -> np.ndarray:
+    """`(N, d)` finite float32 rows, L2-normalised; a one-line ValueError otherwise.
+
+    Raises for an empty array (no images) and for non-finite rows (how many, and the
+    first one's row and path).
+    """
+    embeddings = np.asarray(embeddings)
+    if embeddings.ndim != 2:
+        raise ValueError(f"Expected embeddings of shape (N, d) for {source}. Received: "
+                         f"shape={embeddings.shape}")
+    if len(embeddings) == 0:
+        raise ValueError(f"{source} is empty: no embeddings to index. Point the source at a "
+                         "folder with images (<root>/<class>/<image>) or pass a non-empty array.")
+    embeddings = embeddings.astype(np.float32, copy=False)
+    bad = ~np.isfinite(embeddings).all(axis=1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        where = f" ({paths[first]})" if paths is not None and len(paths) > first and \
+            str(paths[first]) else ""
+        raise ValueError(
+            f"{int(bad.sum())} of {len(embeddings)} embeddings of {source} are not finite (NaN "
+            f"or Inf), the first at row {first}{where}: the model produced them; check the model "
+            "(a diverged training gives NaN weights) and that image, then rebuild.")
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def check_model_entry(built_by: Optional[dict], dim: int, model: Optional[dict],
+                      allow_model_mismatch: bool = False, directory: Optional[str] = None) -> None:
+    """Raises a one-line ValueError when `model` did not build the gallery that `built_by`
+    (its model entry, or None) built with `dim`-sized embeddings.
+
+    A different embedding size always raises; another fingerprint raises unless
+    `allow_model_mismatch` (e.g. the `.tflite` export of the `.keras` that built it).
+    `model` None checks nothing.
+    """
+    if model is None:
+        return
+    where = f"The index at {directory}" if directory else "The index"
+    built = model_summary(built_by)
+    if int(model["embedding_dim"]) != dim:
+        raise ValueError(
+            f"{where} holds embeddings of size {dim} from model {built}, but the "
+            f"query model {model_summary(model)} gives {model['embedding_dim']}: rebuild "
+            f"the index with that model (python -m kdml.index build --model="
+            f"{model.get('path')} ...) or query with the model that built it.")
+    if (built_by and not allow_model_mismatch
+            and model["fingerprint"] != built_by["fingerprint"]):
+        raise ValueError(
+            f"{where} was built by model {built}, but the query model is "
+            f"{model_summary(model)}: embeddings of different models are not comparable. "
+            f"Rebuild the index with the query model (python -m kdml.index build --model="
+            f"{model.get('path')} ...), or pass allow_model_mismatch=True "
+            "(--allow_model_mismatch) if both are exports of the same weights.")
+
+
+class StoredGallery:
+    """A gallery's items, checked: what a saved index holds without its search backend
+    (`read_gallery`), and the base of `kdml.index.GalleryIndex`.
+
+    Args:
+        embeddings: `(N, d)` float (normalised here), N >= 1, all finite.
+        labels: N class names; paths: N source paths (None: "").
+        model, threshold, directory: as the attributes.
+
+    Attributes:
+        embeddings: `(N, d)` float32 unit rows (`check_embeddings`).
+        labels, paths: `(N,)` str.
+        model: the entry of the model that built it (`model_fingerprint`), or None.
+        threshold: the calibrated "no match" threshold dict, or None.
+        directory: where it was read from.
+    """
+
+    def __init__(self, embeddings, labels: Sequence[str], paths: Optional[Sequence[str]] = None,
+                 *, model: Optional[dict] = None, threshold: Optional[dict] = None,
+                 directory: Optional[str] = None):
+        labels = np.asarray([str(label) for label in labels], dtype=str)
+        paths = (np.full(len(labels), "", dtype=str) if paths is None
+                 else np.asarray([str(p) for p in paths], dtype=str))
+        self.embeddings = check_embeddings(embeddings, paths)
+        if not (len(labels) == len(paths) == len(self.embeddings)):
+            raise ValueError(f"Expected N embeddings, N labels and N paths. Received: "
+                             f"{len(self.embeddings)} embeddings, {len(labels)} labels, "
+                             f"{len(paths)} paths.")
+        if model and int(model.get("embedding_dim", self.dim)) != self.dim:
+            raise ValueError(f"The model {model_summary(model)} gives embeddings of size "
+                             f"{model['embedding_dim']}, but the arrays have {self.dim} columns.")
+        self.labels, self.paths = labels, paths
+        self.model = dict(model) if model else None
+        self.threshold = dict(threshold) if threshold else None
+        self.directory = directory
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __repr__(self):
+        return f"StoredGallery({len(self)} x {self.dim}, model={model_summary(self.model)})"
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def check_model(self, model: Optional[dict], allow_model_mismatch: bool = False) -> None:
+        """`check_model_entry` of this gallery."""
+        check_model_entry(self.model, self.dim, model, allow_model_mismatch, self.directory)
+
+
+def read_gallery(path: str, verify: bool = True) -> StoredGallery:
+    """The items of the index directory `path` (`read_index_files`, then the checks of
+    `StoredGallery`: empty, non-finite or inconsistent arrays are refused)."""
+    stored = read_index_files(path, verify=verify)
+    metadata = stored["metadata"]
+    return StoredGallery(stored["embeddings"], stored["labels"], stored["paths"],
+                         model=metadata.get("model"), threshold=metadata.get("threshold"),
+                         directory=path)
