@@ -36,6 +36,7 @@ from kdml import command_line  # noqa: E402
 from kdml.evaluation import format_metrics_table  # noqa: E402
 from kdml.evaluation.clustering import DEFAULT_MAX_ITER  # noqa: E402
 from kdml.evaluation.protocols import default_output, evaluate_model, parse_bytes  # noqa: E402
+from kdml.index import GalleryIndex  # noqa: E402
 from kdml.quiet_startup import quiet_logs  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -181,8 +182,6 @@ def _plot_threshold():
         if not -1.0 <= FLAGS.threshold <= 1.0:
             raise ValueError(f"--threshold is a cosine in [-1, 1]. Received: {FLAGS.threshold}")
         return {"value": float(FLAGS.threshold), "source": "--threshold"}
-    from kdml.index import GalleryIndex
-
     index = GalleryIndex.load(FLAGS.index, verify=False)
     if not index.threshold:
         raise ValueError(f"{FLAGS.index}: this index holds no calibrated threshold; rebuild it "
@@ -193,8 +192,6 @@ def _plot_threshold():
 
 def _projector_dir():
     """eval_<split>_projector/ (or eval_<protocol>_<split>_projector/) beside the report."""
-    from kdml.evaluation.protocols import default_output
-
     protocol = FLAGS.protocol if FLAGS.protocol != "auto" else (
         "query_gallery" if FLAGS.query else "retrieval")
     split = FLAGS.split or ("all" if protocol == "omniglot" else "test")

@@ -163,7 +163,7 @@ def agreement(args) -> dict:
     from kdml.export.exporter import export_embedder
     from kdml.export.search import load_search_gallery
     from kdml.index import GalleryIndex
-    from kdml.index.build import load_source
+    from kdml.embedding import load_source
 
     image_set = load_source(args.source)
     gallery_rows, query_rows = _split(image_set, args.gallery_per_class)
@@ -222,7 +222,7 @@ def open_set(args) -> dict:
     from kdml.evaluation.threshold import calibrate_threshold
     from kdml.evaluation.verification import count_negatives, normalized_rows
     from kdml.index import GalleryIndex
-    from kdml.index.build import load_source
+    from kdml.embedding import load_source
 
     embedder = load_embedder(args.model)
     validation = load_source(args.validation)

@@ -23,8 +23,9 @@ import os
 import sys
 
 from kdml.benchmark.presets import OMNIGLOT_TEST_GROUPS, PRESETS, omniglot_roots
-from kdml.benchmark.protocol import run_on_folders
-from kdml.benchmark.report import write_report
+from kdml.benchmark.protocol import grid_table, run_on_folders
+from kdml.benchmark.report import (budget_rule, collect, last_quarter_range, mean_curve,
+                                   update_readme, write_report)
 from kdml.benchmark.runs import code_fingerprint, rerank_request_file, run_request_file
 from kdml.command_line import (add_argument, argparse_flag_names, check_flag_spellings,
                                set_verbosity)
@@ -141,8 +142,6 @@ def _run(args, parser) -> None:
 def _budget(args, parser) -> None:
     """Prints each row's mean validation curve, its last-quarter movement per budget, and the
     budget rule's smallest epochs."""
-    from kdml.benchmark.report import budget_rule, collect, last_quarter_range, mean_curve
-
     if not os.path.exists(os.path.join(args.results_dir, "selection.json")):
         parser.error(f"{args.results_dir} holds no selection.json: run the trials first "
                      "(python -m kdml.benchmark run ... --trials_only).")
@@ -196,10 +195,6 @@ def main(argv=None) -> int:
         elif args.command == "budget":
             _budget(args, parser)
         elif args.command == "grids":
-            from kdml.benchmark.presets import PRESETS
-            from kdml.benchmark.protocol import grid_table
-            from kdml.benchmark.report import update_readme
-
             if args.preset not in PRESETS:
                 parser.error(f"--preset={args.preset!r} is unknown. Valid presets: {', '.join(PRESETS)}.")
             table = grid_table(PRESETS[args.preset])

@@ -76,6 +76,21 @@ def read_image_files(paths: Sequence[str], gallery_labels: Sequence[str],
                     paths=list(paths), name=name)
 
 
+def load_source(source, *, split: str = "all", data_dir=None, seed: int = 0):
+    """An `ImageSet` of a source spec (`folder:<dir>`: every class, single images kept)."""
+    if isinstance(source, ImageSet):
+        return source
+    if not isinstance(source, str):
+        raise ValueError(f"Expected a source 'folder:<dir>', 'synthetic', 'tfds:<name>', an "
+                         f"ImageSet or a tf.data.Dataset. Received: {type(source).__name__}")
+    image_set = read_image_set(source, "all" if source.startswith("folder:") else split, data_dir,
+                             seed)
+    if image_set.num_images == 0:
+        raise ValueError(f"The gallery {source} holds no images: point --source at a folder of "
+                         "<class>/<image> files.")
+    return image_set
+
+
 def image_subset(image_set: ImageSet, rows) -> ImageSet:
     """The images `rows` (`(n,)` int indices, in that order) of `image_set`, with its
     class names and labels unchanged."""

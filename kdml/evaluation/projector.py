@@ -26,6 +26,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from kdml.data.image_set import ImageSet
+from kdml.data.pipeline import eval_dataset
+
 MAX_SPRITE_SIDE = 8192  # pixels: the largest sprite TensorBoard's projector loads
 TENSOR_FILE = "embeddings.tsv"
 METADATA_FILE = "metadata.tsv"
@@ -134,9 +137,6 @@ def write_image_set_projector(directory: str, embeddings: np.ndarray, image_set,
     Returns:
         `write_projector`'s dict plus "rows": the sampled rows of the image set.
     """
-    from kdml.data.image_set import ImageSet
-    from kdml.data.pipeline import eval_dataset
-
     embeddings = np.asarray(embeddings)
     n = image_set.num_images
     if len(embeddings) != n:

@@ -47,6 +47,8 @@ from typing import Optional
 import numpy as np
 
 from kdml.embedding import read_gallery
+from kdml.evaluation.threshold import calibrate_threshold, leave_one_out_top1, rates_at
+from kdml.evaluation.verification import normalized_rows
 from kdml.export.saved_model import serving_function
 
 GALLERY_DTYPES = ("float16", "int8")
@@ -148,9 +150,6 @@ def check_search_threshold(index_threshold: dict, queries, reference, labels,
         (no threshold meets the target on this model: the duplicate floor, whose
         rates are reported).
     """
-    from kdml.evaluation.threshold import calibrate_threshold, leave_one_out_top1, rates_at
-    from kdml.evaluation.verification import normalized_rows
-
     queries = normalized_rows(queries, "queries")
     decoded = normalized_rows(decode_gallery(encode_gallery(reference, encoded["dtype"])),
                               "gallery")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 from kdml import layers, losses, optimizers, regularizers  # noqa: F401  register kdml's classes
 from kdml.data.sources import load_dataset
-from kdml.embedding import load_embedder, model_fingerprint
+from kdml.embedding import (embed_image_set, load_embedder, load_source, load_uint8,
+                            model_fingerprint)
 from kdml.export.exporter import export_embedder
 from kdml.export.images import calibration_images, heldout_images
 from kdml.export.parity import format_parity_table, parity_report
@@ -26,13 +28,6 @@ def _search_calibration(threshold: dict, model_path: str, source=None, data_dir=
     """The calibration data of an index's threshold, embedded for its re-check on each
     search model (`export_embedder`'s `search["calibration"]`); None, with one warning,
     when the index's recorded source cannot be read (an explicit `source` must be)."""
-    import warnings
-
-    from kdml.evaluation.protocols import embed_image_set
-    from kdml.export import load_embedder
-    from kdml.export.images import load_uint8
-    from kdml.index.build import load_source
-
     recorded = threshold.get("calibration") or {}
     spec = source or recorded.get("source") or threshold.get("source")
     crop = float(recorded.get("crop_fraction", 0.875))

@@ -32,29 +32,13 @@ from typing import Optional
 import numpy as np
 from absl import logging
 
-from kdml.data.image_set import ImageSet
 from kdml.distribute import create_strategy, worker_role
-from kdml.embedding import (embed_image_set, image_subset, load_image_embedder,
-                            model_fingerprint, read_image_set)
+from kdml.embedding import (embed_image_set, image_subset, load_image_embedder, load_source,
+                            model_fingerprint)
 from kdml.evaluation.threshold import calibrate_threshold
 from kdml.index.gallery_index import GalleryIndex, check_embeddings
 
 SHARD_PATTERN = "shard-{index:05d}-of-{count:05d}-{key}.npy"
-
-
-def load_source(source, *, split: str = "all", data_dir=None, seed: int = 0):
-    """An `ImageSet` of a source spec (`folder:<dir>`: every class, single images kept)."""
-    if isinstance(source, ImageSet):
-        return source
-    if not isinstance(source, str):
-        raise ValueError(f"Expected a source 'folder:<dir>', 'synthetic', 'tfds:<name>', an "
-                         f"ImageSet or a tf.data.Dataset. Received: {type(source).__name__}")
-    image_set = read_image_set(source, "all" if source.startswith("folder:") else split, data_dir,
-                             seed)
-    if image_set.num_images == 0:
-        raise ValueError(f"The gallery {source} holds no images: point --source at a folder of "
-                         "<class>/<image> files.")
-    return image_set
 
 
 def _item_paths(image_set) -> np.ndarray:

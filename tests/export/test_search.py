@@ -18,7 +18,7 @@ from kdml.export import load_embedder
 from kdml.export.exporter import export_embedder
 from kdml.export.search import decode_gallery, encode_gallery, load_search_gallery
 from kdml.index import GalleryIndex, build_index, model_fingerprint
-from kdml.index.build import load_source
+from kdml.embedding import load_source
 from tests.helpers import write_glyph_folder
 
 SIZE, DIM, K = 16, 16, 4

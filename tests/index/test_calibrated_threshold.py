@@ -12,7 +12,7 @@ from kdml.evaluation.threshold import calibrate_threshold
 from kdml.export import load_embedder
 from kdml.index import GalleryIndex
 from kdml.index.__main__ import main
-from kdml.index.build import load_source
+from kdml.embedding import load_source
 from tests.index.test_retrieval_grid import capture_grid_texts
 
 
