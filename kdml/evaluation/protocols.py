@@ -85,7 +85,7 @@ def _load_images(spec, split, data_dir, seed):
 
     kind, _, root = spec.partition(":")
     if kind == "folder" and root and split == "all":
-        from kdml.data.sources.folder import _scan_leaf_folders
+        from kdml.data.sources.folder import _scan_leaf_folders, drop_unreadable
 
         root = os.path.abspath(os.path.expanduser(root))
         if not os.path.isdir(root):
@@ -97,6 +97,7 @@ def _load_images(spec, split, data_dir, seed):
         names = sorted(leaves)
         paths = np.array([p for c in names for p in leaves[c]], dtype=str)
         labels = np.repeat(np.arange(len(names)), [len(leaves[c]) for c in names])
+        paths, labels = drop_unreadable(paths, labels, f"folder:{root}")  # skipped, named
         return ImageSet(labels=labels, class_names=names, paths=paths, name=f"folder:{root}")
     splits = load_dataset(spec, data_dir=data_dir, seed=seed)
     if split != "all":
@@ -178,6 +179,7 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
     """
     import numpy as np
 
+    from kdml.data.labels import warn_unknown_query_labels
     from kdml.evaluation import few_shot_accuracy, retrieval_metrics
     
     if protocol == "auto":
@@ -204,6 +206,9 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
         same_source = query == gallery
         gallery_set = query_set if same_source else _load_images(
             gallery, "all" if gallery.startswith("folder:") else split, data_dir, seed)
+        warn_unknown_query_labels(np.asarray(query_set.class_names)[query_set.labels],
+                                  gallery_set.class_names, fix="point --query and --gallery "
+                                  "at folders whose class sub-folders are named alike")
         query_embeddings = embed_image_set(embedder, query_set, **embed_options)
         gallery_embeddings = (query_embeddings if same_source
                               else embed_image_set(embedder, gallery_set, **embed_options))

@@ -129,7 +129,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build(args):
+    from kdml.data.model_files import check_model_file
     from kdml.index import GalleryIndex, build_index
+
+    check_model_file(args.model)
 
     add_to = GalleryIndex.load(args.output_dir) if args.add else None
     index = build_index(args.model, args.source, args.output_dir, backend=args.backend,
@@ -155,43 +158,44 @@ def _build(args):
 
 
 def _query(args):
+    from kdml.data.decoding import check_image_files
     from kdml.data.image_set import ImageSet
+    from kdml.data.labels import warn_unknown_query_labels
+    from kdml.data.model_files import check_model_file
     from kdml.evaluation.protocols import embed_image_set
     from kdml.export import load_embedder
     from kdml.index import GalleryIndex, model_fingerprint
     from kdml.index.build import _item_paths, load_source
     from kdml.index.query_labels import label_query_files
+    from kdml.index.records import query_record
 
     if bool(args.query_source) == bool(args.images):
         raise ValueError("Give query images either as files (positional) or as --query_source="
                          "folder:<dir>, not both and not neither.")
+    check_image_files(args.images)  # a bad query file is refused, not skipped
+    check_model_file(args.model)
     index = GalleryIndex.load(args.index, backend=args.backend)
     embedder = load_embedder(args.model)
     index.check_model(model_fingerprint(embedder), args.allow_model_mismatch)
     if args.query_source:
         queries = load_source(args.query_source)
     else:
-        missing = [p for p in args.images if not os.path.isfile(p)]
-        if missing:
-            raise FileNotFoundError(f"No query image at {missing[0]}.")
         file_labels = label_query_files(args.images, index.labels, index.paths)
         names = sorted(set(file_labels))
         queries = ImageSet(labels=[names.index(name) for name in file_labels], class_names=names,
                            paths=list(args.images), name="query images")
+    query_paths = _item_paths(queries)  # "<source>#<row>" for images without files
+    query_names = [queries.class_names[label] for label in queries.labels]
+    warn_unknown_query_labels(query_names, index.labels, fix=(
+        "point --query_source at the folder whose sub-folders are named like --source's"
+        if args.query_source else "query with files inside the gallery's folder tree"))
     embeddings = embed_image_set(embedder, queries, batch_size=args.batch_size,
                                  crop_fraction=args.crop_fraction)
     result = index.query(embeddings, k=args.k + 1)
-    query_paths = _item_paths(queries)  # "<source>#<row>" for images without files
-    result = _without_self(result, query_paths, args.k)
-    query_names = [queries.class_names[label] for label in queries.labels]
-    records = [{"query": str(path), "label": str(label),
-                "neighbours": [{**hit, "match": hit["label"] == str(label)} for hit in hits]}
+    threshold = index.threshold["value"] if index.threshold else None
+    records = [query_record(path, label, hits, args.k, threshold)
                for path, label, hits in zip(query_paths, query_names, result.as_records())]
-    if index.threshold:  # "no match": the best similarity is below the calibrated threshold
-        accepted = index.matches(result.similarities[:, 0])
-        for record, found in zip(records, accepted):
-            record["no_match"] = not bool(found)
-            record["threshold"] = index.threshold["value"]
+    result = _without_self(result, query_paths, args.k)
     if args.plot:
         import numpy as np
 
@@ -231,7 +235,9 @@ def _without_self(result, query_paths, k):
 
     from kdml.index import QueryResult
 
-    keep = np.asarray([[path != str(query) for path in row]
+    from kdml.index.records import file_key
+
+    keep = np.asarray([[file_key(path) != file_key(query) for path in row]
                        for row, query in zip(result.paths, query_paths)])
     keep &= np.cumsum(keep, axis=1) <= k
     rows = [np.flatnonzero(row)[:k] for row in keep]
