@@ -24,8 +24,10 @@ PROTOCOLS = ("retrieval", "query_gallery", "episodes", "omniglot")
 # flags, so that it can be imported next to `kdml.train` (whose flags share names).
 
 
-def top_level_groups(class_names, labels) -> np.ndarray:
-    """Group id per image: the first path component of its class name.
+def top_level_groups(class_names, labels, as_names: bool = False) -> np.ndarray:
+    """Group id per image: the first path component of its class name (`as_names`: that
+    component itself, e.g. "Tagalog", so that errors name the alphabet; ids and names
+    sort alike).
 
     `class_names` like `"Alphabet_of_the_Magi/character01"` (what `folder:` sources
     produce for `<root>/<alphabet>/<character>/<image>`). Raises ValueError when the
@@ -41,6 +43,8 @@ def top_level_groups(class_names, labels) -> np.ndarray:
             "--protocol=episodes.")
     alphabets = sorted({name.split("/", 1)[0] for name in names})
     group_of_class = np.array([alphabets.index(name.split("/", 1)[0]) for name in names])
+    if as_names:
+        return np.asarray(alphabets)[group_of_class][np.asarray(labels)]
     return group_of_class[np.asarray(labels)]
 
 
@@ -239,7 +243,7 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
         grid_sets = (images, embeddings, labels, images, embeddings, labels, True)
         verification_curve = None
         if protocol in ("episodes", "omniglot"):
-            groups = (top_level_groups(images.class_names, labels)
+            groups = (top_level_groups(images.class_names, labels, as_names=True)
                       if protocol == "omniglot" else None)
             report["metrics"] = few_shot_accuracy(
                 embeddings, labels, n_way=n_way, k_shot=k_shot,
