@@ -316,7 +316,8 @@ class CosineIndex:
         return len(self.labels)
 
     @classmethod
-    def from_folder(cls, embedder: Embedder, folder: str, batch_size: int = 32) -> "CosineIndex":
+    def from_folder(cls, embedder: Embedder, folder: str, batch_size: int = 32,
+                    crop_fraction: float = 0.875) -> "CosineIndex":
         """Indexes the images under `folder` as `python -m kdml.index build
         --source=folder:<folder>` does: every leaf folder is a label, its path below
         `folder` (`gallery_files`); unreadable files are skipped in one warning line."""
@@ -329,7 +330,8 @@ class CosineIndex:
                   f"image): {_listing(skipped)}")
             keep = [i for i, (_, problem) in enumerate(bad) if problem is None]
             paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
-        embeddings = embedder.embed_files(paths, batch_size=batch_size)
+        embeddings = embedder.embed_files(paths, crop_fraction=crop_fraction,
+                                          batch_size=batch_size)
         return cls(embeddings, labels, paths, model=embedder_entry(embedder))
 
     def check_model(self, embedder: Embedder, allow_model_mismatch: bool = False) -> None:
@@ -779,17 +781,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p_embed.add_argument("images", nargs="+")
     for p in (p_index, p_query, p_search, p_embed):
         p.add_argument("--threads", type=int, default=None)
+        p.add_argument("--crop_fraction", type=float, default=0.875,
+                       help="centre crop of the shorter side before resizing (kdml's 0.875)")
     args = parser.parse_args(argv)
     try:
         if args.command == "search":
             model = SearchModel(args.model, num_threads=args.threads)
-            records = model.search_files(args.images)
+            records = model.search_files(args.images, crop_fraction=args.crop_fraction)
             _warn_unknown([r["label"] for r in records], model.labels)
             print(json.dumps(records, indent=1))
             return 0
         embedder = Embedder(args.model, num_threads=args.threads)
         if args.command == "index":
-            index = CosineIndex.from_folder(embedder, args.gallery)
+            index = CosineIndex.from_folder(embedder, args.gallery,
+                                            crop_fraction=args.crop_fraction)
             path = index.save(args.index)
             print(f"Indexed {len(index)} images of {len(set(index.labels))} labels: {path}")
         elif args.command == "query":
@@ -799,11 +804,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 problem = _file_problem(path)
                 if problem is not None:
                     raise ValueError(f"{path}: {problem}")
-            records = index.query_files(embedder, args.images, k=args.k)
+            records = index.query_files(embedder, args.images, k=args.k,
+                                        crop_fraction=args.crop_fraction)
             _warn_unknown([r["label"] for r in records], index.labels)
             print(json.dumps(records, indent=1))
         else:
-            vectors = embedder.embed_files(args.images)
+            vectors = embedder.embed_files(args.images, crop_fraction=args.crop_fraction)
             np.save(args.output, vectors)
             print(f"Wrote {args.output}")
     except (ValueError, FileNotFoundError, OSError) as error:
