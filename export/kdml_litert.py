@@ -516,12 +516,18 @@ class SearchModel:
             found = self._runner(images=np.ascontiguousarray(images))
         return {name: np.asarray(value) for name, value in found.items()}
 
-    def search_files(self, paths: Sequence[str], crop_fraction: float = 0.875) -> list:
+    def search_files(self, paths: Sequence[str], crop_fraction: float = 0.875,
+                     k: Optional[int] = None) -> list:
         """Per image file, its record (`query_record`, as `python -m kdml.index query`
         and the kit's `query` give it): the query's label (`label_query_files`), the
         model's top k without the query's own file (a gallery file gets k - 1), each
         with `label_match` and, when the model holds a threshold, `accepted` (the
-        model's `match` output: cosine >= threshold) and the record's `no_match`."""
+        model's `match` output: cosine >= threshold) and the record's `no_match`.
+        `k` (at most the model's): keep that many (a gallery file then gets k)."""
+        k = self.k if k is None else int(k)
+        if not 1 <= k <= self.k:
+            raise ValueError(f"Expected 1 <= k <= {self.k} (the search model's k). Received: "
+                             f"k={k}")
         images = np.stack([load_image(p, self.image_size, crop_fraction) for p in paths])
         found = self.search(images)
         labels = label_query_files(paths, self.labels, self.paths)
@@ -530,7 +536,7 @@ class SearchModel:
             hits = [{"index": int(j), "label": self.labels[j], "path": self.paths[j],
                      "similarity": float(score)}
                     for j, score in zip(found["indices"][q], found["similarities"][q])]
-            record = query_record(path, labels[q], hits, self.k, self.threshold)
+            record = query_record(path, labels[q], hits, k, self.threshold)
             if "match" in found:  # the model's own decision (equal to the float32 test)
                 accepted = {int(j): bool(m) for j, m in zip(found["indices"][q], found["match"][q])}
                 for entry in record["neighbours"]:
@@ -774,6 +780,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p_search = sub.add_parser("search", help="top-k of each image with a search model "
                               "(*_search.tflite: the gallery is inside)")
     p_search.add_argument("--model", required=True)
+    p_search.add_argument("--k", type=int, default=None,
+                          help="results per image, at most the model's k (default: its k; a "
+                               "gallery file used as a query then gets k - 1)")
     p_search.add_argument("images", nargs="+")
     p_embed = sub.add_parser("embed", help="embeddings of image files as .npy")
     p_embed.add_argument("--model", required=True)
@@ -787,7 +796,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "search":
             model = SearchModel(args.model, num_threads=args.threads)
-            records = model.search_files(args.images, crop_fraction=args.crop_fraction)
+            records = model.search_files(args.images, crop_fraction=args.crop_fraction,
+                                         k=args.k)
             _warn_unknown([r["label"] for r in records], model.labels)
             print(json.dumps(records, indent=1))
             return 0

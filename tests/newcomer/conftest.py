@@ -16,7 +16,7 @@ import pytest
 
 import kdml
 
-IMAGE_SIZE, EMBEDDING_DIM, SEARCH_K = 16, 16, 4
+IMAGE_SIZE, EMBEDDING_DIM, SEARCH_K = 16, 16, 5
 
 
 def write_bad_files(folder) -> dict:

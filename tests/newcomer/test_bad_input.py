@@ -139,6 +139,7 @@ def test_kdml_commands_refuse_in_one_line_as_a_user_runs_them(newcomer, tmp_path
     _assert_refused(result, image or model, REASONS[case], tmp_path)
 
 
+@pytest.mark.filterwarnings("ignore:0 of 1 query labels")  # bad/ is outside the gallery
 @pytest.mark.parametrize("kind", VALID_IMAGES)
 def test_grayscale_and_16_bit_files_are_images_to_index_query(newcomer, tmp_path, kind, capfd):
     result = _in_process(_command("index_query", newcomer, tmp_path / "out",
