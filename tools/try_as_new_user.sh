@@ -83,7 +83,8 @@ step "train on synthetic, 1 epoch" 0 "" -- "$PY" -m kdml.train --dataset=synthet
   --embedding_dim=64 --output_dir=runs/synthetic
 MODEL="runs/synthetic/embedder.keras"
 step "train on the nested folder (bad files skipped)" 0 "skipping 3 of" -- "$PY" -m kdml.train \
-  --dataset="folder:$G" --data_kind=glyph --epochs=2 --embedding_dim=64 --output_dir=runs/folder
+  --dataset="folder:$G" --data_kind=glyph --epochs=2 --embedding_dim=64 --classes_per_batch=8 \
+  --output_dir=runs/folder
 step "evaluate on synthetic" 0 "eval_test.json" -- "$PY" -m kdml.evaluate --model="$MODEL"
 step "evaluate another dataset, same report name" 2 "--overwrite" -- "$PY" -m kdml.evaluate \
   --model="$MODEL" --dataset="folder:$G"
