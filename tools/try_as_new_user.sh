@@ -65,6 +65,8 @@ for i, (pixels, label) in enumerate(zip(images.pixels, images.labels)):
     folder = os.path.join("glyphs", f"alphabet{label // 6}", f"character{label % 6:02d}")
     os.makedirs(folder, exist_ok=True)
     Image.fromarray(pixels).save(os.path.join(folder, f"{i:04d}.png"))
+import shutil
+shutil.copytree("glyphs", "clean")  # the same folder without bad files
 bad = os.path.join("glyphs", "alphabet0", "character00")
 png = open(os.path.join(bad, "0000.png"), "rb").read()
 open(os.path.join(bad, "truncated.png"), "wb").write(png[: len(png) // 2])
@@ -91,9 +93,9 @@ step "evaluate another dataset, same report name" 2 "--overwrite" -- "$PY" -m kd
 step "evaluate it into its own folder" 0 "" -- "$PY" -m kdml.evaluate --model="$MODEL" \
   --dataset="folder:$G" --output_dir=eval_folder
 step "evaluate omniglot, n_way too large" 2 "--n_way" -- "$PY" -m kdml.evaluate \
-  --model="$MODEL" --protocol=omniglot --dataset="folder:$G" --n_way=9 --output_dir=eval_o
+  --model="$MODEL" --protocol=omniglot --dataset="folder:$WORK/clean" --n_way=9 --output_dir=eval_o
 step "index build (bad files skipped)" 0 "skipping 3 of" -- "$PY" -m kdml.index build \
-  --model="$MODEL" --source="folder:$G" --output_dir=gallery.index --calibrate="folder:$G"
+  --model="$MODEL" --source="folder:$G" --output_dir=gallery.index --calibrate="folder:$WORK/clean" --target_far=0.05
 step "index query a gallery file" 0 '"label_match"' -- "$PY" -m kdml.index query \
   --index=gallery.index --model="$MODEL" --k=3 "$GFILE"
 step "index query grayscale + 16-bit files" 0 '"neighbours"' -- "$PY" -m kdml.index query \
