@@ -365,14 +365,19 @@ class CosineIndex:
     def top_k(self, queries: np.ndarray, k: int = 5) -> list:
         """`(Q, d)` query embeddings -> per query the k best `{"index", "label", "path",
         "similarity"}`, best first."""
-        hits = self.query(queries, k)
-        rows = self._last_rows
-        return [[{"index": int(j), "label": label, "path": path, "similarity": score}
-                 for j, (label, path, score) in zip(row, found)]
-                for row, found in zip(rows, hits)]
+        rows, scores = self._search(queries, k)
+        return [[{"index": int(j), "label": self.labels[j], "path": self.paths[j],
+                  "similarity": float(scores[q, j])} for j in row]
+                for q, row in enumerate(rows)]
 
     def query(self, queries: np.ndarray, k: int = 5) -> List[List[Tuple[str, str, float]]]:
         """`(Q, d)` query embeddings -> per query the k best (label, path, cosine), best first."""
+        rows, scores = self._search(queries, k)
+        return [[(self.labels[j], self.paths[j], float(scores[q, j])) for j in row]
+                for q, row in enumerate(rows)]
+
+    def _search(self, queries, k):
+        """(rows (Q, k) best first, cosines (Q, N)) of `(Q, d)` (or one `(d,)`) queries."""
         queries = np.asarray(queries, np.float32)
         if queries.ndim == 1:
             queries = queries[None]
@@ -383,10 +388,7 @@ class CosineIndex:
                 "them with the model that built the index.")
         k = min(int(k), len(self))
         scores = _l2_normalise(queries) @ self.embeddings.T
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        self._last_rows = top
-        return [[(self.labels[j], self.paths[j], float(scores[q, j])) for j in row]
-                for q, row in enumerate(top)]
+        return np.argsort(-scores, axis=1, kind="stable")[:, :k], scores
 
     def save(self, path: str) -> str:
         """Writes kdml's gallery index directory `path` atomically (temporary name, then

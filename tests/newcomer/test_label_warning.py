@@ -49,3 +49,15 @@ def test_index_query_warns_once_when_a_sub_folder_is_the_query_source(newcomer, 
         assert main(["query", f"--index={newcomer['index']}", f"--model={newcomer['keras']}",
                      f"--query_source=folder:{newcomer['gallery']}", "--k=1",
                      f"--output_dir={tmp_path / 'root'}"]) == 0
+
+
+@pytest.mark.filterwarnings("ignore:16 of 16 queries have no other image")  # the same cause
+def test_evaluate_query_gallery_warns_when_the_query_folder_is_a_sub_folder(newcomer):
+    from kdml.evaluation.protocols import evaluate_model
+
+    gallery = newcomer["gallery"]
+    with pytest.warns(UserWarning, match=r"0 of 4 query labels \(0 of 16 queries\)"):
+        report = evaluate_model(newcomer["keras"], query=f"folder:{gallery}/alpha1",
+                                gallery=f"folder:{gallery}", ks=(1,), nmi=False,
+                                ranking_metrics=False, crop_fraction=1.0)
+    assert report["metrics"]["recall@1"] == 0.0  # nothing can match: why the warning exists
