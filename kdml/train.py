@@ -99,6 +99,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     from kdml.methods import check_method_options, get_method
+    from kdml.quiet_startup import quiet_logs
     from kdml.training import train
 
     # Without --verbosity, Python logs show warnings and errors only; the run itself
@@ -106,6 +107,7 @@ def main(argv):
     previous = logging.get_verbosity()
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+        quiet_logs()  # a quiet command: warnings as plain `warning: ...` lines
     try:
         config = config_from_flags()
         get_method(config.method)  # fail fast, before any data is loaded
