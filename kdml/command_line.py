@@ -120,13 +120,21 @@ def check_flag_spellings(argv: Sequence[str], known: Iterable[str], prog: str,
         sys.exit(2)
 
 
+HELP_FLAGS = ("help", "helpfull", "helpshort", "helpxml", "?")
+
+
 def absl_flags_parser(prog: str, renamed: Optional[Mapping[str, str]] = None):
     """`app.run(main, flags_parser=...)`: absl's parsing after `check_flag_spellings`."""
     from absl import app, flags
 
     def parse(argv):
         check_flag_spellings(argv[1:], flags.FLAGS, prog, renamed)
-        return app.parse_flags_with_usage(argv)
+        try:
+            return app.parse_flags_with_usage(argv)
+        except SystemExit as stop:  # absl exits 1 after --help / --helpfull: asked, so 0
+            if stop.code == 1 and any(name in HELP_FLAGS for _, name in _flag_names(argv[1:])):
+                sys.exit(0)
+            raise
 
     return parse
 

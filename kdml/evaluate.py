@@ -33,6 +33,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 from absl import app, flags, logging  # noqa: E402
 
 from kdml import command_line  # noqa: E402
+from kdml.data.model_files import check_model_file  # noqa: E402
 from kdml.evaluation import format_metrics_table  # noqa: E402
 from kdml.evaluation.clustering import DEFAULT_MAX_ITER  # noqa: E402
 from kdml.evaluation.protocols import default_output, evaluate_model, parse_bytes  # noqa: E402
@@ -108,6 +109,34 @@ command_line.define_flag("seed", 0, "It seeds k-means, episodes, plots and the s
 command_line.define_flag("output_dir", None, "It gets the results, eval_<split>.json (or "
                          "eval_<protocol>_<split>.json for other protocols), and the figures of "
                          "--plots in eval_<split>_plots/. Default: the model's directory.")
+flags.DEFINE_boolean("overwrite", False, "Replace a report of another dataset (--dataset, "
+                     "--eval_dataset, --query, --gallery) at the same path; without it that is "
+                     "an error (a report of the same data is always replaced).")
+
+
+def _data_identity() -> dict:
+    """What a report was computed on, beside the model (stored in it, compared on rewrite)."""
+    return {"dataset": FLAGS.dataset, "eval_dataset": FLAGS.eval_dataset, "query": FLAGS.query,
+            "gallery": FLAGS.gallery}
+
+
+def _check_overwrite(output: str) -> None:
+    """ValueError when `output` holds the report of other data and --overwrite is off."""
+    import json
+
+    if FLAGS.overwrite or not os.path.isfile(output):
+        return
+    try:
+        with open(output) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return  # not a report of ours: replaced
+    ours = _data_identity()
+    theirs = {name: old.get(name) for name in ours}
+    if theirs != ours:
+        what = ", ".join(f"--{k}={v}" for k, v in theirs.items() if v is not None)
+        raise ValueError(f"{output}: holds the report of {what or 'other data'}; pass "
+                         "--output_dir=<another folder> to keep it, or --overwrite to replace it")
 
 
 def main(argv):
@@ -122,6 +151,9 @@ def main(argv):
     print(f"Evaluating {FLAGS.model} on {data} ({protocol})")
     try:
         threshold = _plot_threshold()
+        check_model_file(FLAGS.model)
+        _check_overwrite(default_output(FLAGS.model, protocol, FLAGS.split or (
+            "all" if protocol == "omniglot" else "test"), FLAGS.output_dir))
         ks = tuple(int(k) for k in FLAGS.recall_ks)
         precision_ks = (None if FLAGS.precision_ks is None
                         else tuple(int(k) for k in FLAGS.precision_ks))
@@ -154,8 +186,7 @@ def main(argv):
     output = default_output(FLAGS.model, report["protocol"], report["split"], FLAGS.output_dir)
     os.makedirs(os.path.dirname(output), exist_ok=True)
     with open(output, "w") as f:
-        json.dump({"model": FLAGS.model, "dataset": FLAGS.dataset, "query": FLAGS.query,
-                   "gallery": FLAGS.gallery, **report,
+        json.dump({"model": FLAGS.model, **_data_identity(), **report,
                    **({"threshold": threshold} if threshold else {})}, f, indent=2)
     print(format_metrics_table({os.path.basename(os.path.normpath(FLAGS.model)):
                                 report["metrics"]}))

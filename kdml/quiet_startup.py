@@ -15,8 +15,8 @@ descriptor sent to a temporary file, replayed if the import fails, and hides the
 warnings of other libraries (UMAP's, Keras', TensorFlow's) unless `-W` /
 PYTHONWARNINGS asks for them; kdml's own warnings stay, as plain `warning: ...` lines.
 Later, `quiet_logs()` (at the start of each command's `main`) keeps absl and
-TensorFlow's Python loggers to warnings and errors, and `native_output_hidden()`
-captures the C++ lines of a call (the TFLite converter's "fully_quantize: ...", LiteRT's
+TensorFlow's Python loggers to warnings and errors (absl's as plain `warning: ...`
+lines), and `native_output_hidden()` captures the C++ lines of a call (the TFLite converter's "fully_quantize: ...", LiteRT's
 "Created TensorFlow Lite XNNPACK delegate"). Passing absl's `-v` / `--verbosity` (any
 level) on the command line skips all of this: every log line comes back.
 """
@@ -120,6 +120,21 @@ def quiet_logs() -> None:
 
     logging.set_verbosity(logging.WARNING)
     python_logging.getLogger("tensorflow").setLevel(python_logging.ERROR)
+    # kdml's absl warnings as plain `warning: <message>` lines, like its Python warnings
+    # (not "W1207 23:09:23.24 1405 folder.py:80] ..." or "WARNING:absl:...")
+    logging.get_absl_handler().python_handler.setFormatter(_PlainFormatter())
+    logging.use_absl_handler()
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # an argparse command: no "Logging before flag parsing"
+        flags.FLAGS.mark_as_parsed()
+
+
+class _PlainFormatter:
+    """`<level>: <message>` (`warning: ...`, `error: ...`): a command's log line."""
+
+    def format(self, record) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
 def native_output_hidden():

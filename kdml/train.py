@@ -19,6 +19,7 @@ from absl import app, flags, logging  # noqa: E402
 from kdml import command_line  # noqa: E402
 from kdml.config import TrainConfig, is_flag  # noqa: E402
 from kdml.methods import check_method_options, get_method
+from kdml.quiet_startup import quiet_logs
 from kdml.training import train
 
 # (The docstring above is the --help text.) Every flag is generated from a field of
@@ -106,6 +107,7 @@ def main(argv):
     previous = logging.get_verbosity()
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+        quiet_logs()  # a quiet command: warnings as plain `warning: ...` lines
     try:
         config = config_from_flags()
         get_method(config.method)  # fail fast, before any data is loaded

@@ -53,8 +53,10 @@ def test_bad_input_is_a_one_line_error_with_exit_code_2(argv, message, capsys, t
 
 
 def test_helpfull_lists_every_training_flag():
-    out = subprocess.run([sys.executable, "-m", "kdml.train", "--helpfull"], capture_output=True,
-                         text=True, cwd=ROOT, timeout=120).stdout
+    result = subprocess.run([sys.executable, "-m", "kdml.train", "--helpfull"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.returncode  # asked for: not an error (absl says 1)
+    out = result.stdout
     for name in ("method", "dataset", "eval_dataset", "data_dir", "backbone", "weights",
                  "embedding_dim", "image_size", "classes_per_batch", "images_per_class", "epochs",
                  "lr", "output_dir", "strategy", "mixed_precision", "seed", "resume", "eval_every"):

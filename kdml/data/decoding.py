@@ -7,7 +7,8 @@ instead of failing in the middle of an epoch.
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -128,3 +129,60 @@ def find_unreadable(
     for index, nonempty in ds.as_numpy_iterator():
         readable[index[nonempty]] = True
     return ~readable
+
+
+# The formats `decode_rgb` reads, by their first bytes.
+_MAGIC = ((_PNG_MAGIC, "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+          (b"BM", "BMP"))
+
+
+def image_format(head: bytes) -> Optional[str]:
+    """"PNG", "JPEG", "GIF" or "BMP" from a file's first bytes, or None."""
+    return next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+
+
+def image_file_problem(path: str) -> Optional[str]:
+    """Why `decode_rgb` cannot read the image file `path`, or None when it can.
+
+    One short phrase naming the cause and the fix: a missing file, a folder, an empty
+    (zero-byte) file, bytes that are no JPEG / PNG / GIF / BMP (a text file named
+    `.png`), or data of a known format that does not decode (truncated or corrupt).
+    Grayscale, palette, 16-bit and alpha images are valid (`decode_rgb` converts them
+    to uint8 RGB). Runs eagerly, one file at a time: for query files, not datasets
+    (`find_unreadable` checks a whole folder in one pass).
+
+    >>> image_file_problem("no/such/file.png")
+    'no such file; check the path'
+    """
+    path = str(path)
+    if not os.path.exists(path):
+        return "no such file; check the path"
+    if os.path.isdir(path):
+        return "a folder, not an image file; pass the image files inside it"
+    try:
+        with open(path, "rb") as f:
+            content = f.read()
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error}); check its permissions"
+    if not content:
+        return "empty file (0 bytes); re-copy or re-save the image"
+    kind = image_format(content[:8])
+    if kind is None:
+        return ("not an image: its bytes are no JPEG, PNG, GIF or BMP (is it a text or "
+                "HTML file with an image name?); re-save it as PNG or JPEG")
+    try:
+        shape = decode_rgb(tf.constant(content)).shape
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError):
+        return f"truncated or corrupt {kind} data; re-copy or re-save the image"
+    if shape[0] * shape[1] == 0:
+        return f"a {kind} image of size {shape[0]} x {shape[1]}; re-save it with pixels"
+    return None
+
+
+def check_image_files(paths: Sequence[str]) -> None:
+    """ValueError `"<path>: <problem>; <fix>"` for the first of `paths` that
+    `image_file_problem` refuses (query files: refused, not skipped)."""
+    for path in paths:
+        problem = image_file_problem(path)
+        if problem is not None:
+            raise ValueError(f"{path}: {problem}")

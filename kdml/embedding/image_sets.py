@@ -20,7 +20,7 @@ import numpy as np
 from kdml.data.image_set import ImageSet
 from kdml.data.pipeline import eval_dataset
 from kdml.data.sources import load_dataset
-from kdml.data.sources.folder import scan_leaf_folders
+from kdml.data.sources.folder import drop_unreadable, scan_leaf_folders
 from kdml.embedding.query_labels import label_query_files
 
 SPLITS = ("test", "train", "all")
@@ -46,6 +46,7 @@ def read_image_set(spec: str, split: str = "test", data_dir: Optional[str] = Non
         names = sorted(leaves)
         paths = np.array([p for c in names for p in leaves[c]], dtype=str)
         labels = np.repeat(np.arange(len(names)), [len(leaves[c]) for c in names])
+        paths, labels = drop_unreadable(paths, labels, f"folder:{root}")  # skipped, named
         return ImageSet(labels=labels, class_names=names, paths=paths, name=f"folder:{root}")
     splits = load_dataset(spec, data_dir=data_dir, seed=seed)
     if split != "all":

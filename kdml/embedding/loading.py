@@ -156,7 +156,8 @@ def _load_keras(path: str) -> LoadedEmbedder:
 def _load_saved_model(path: str) -> LoadedEmbedder:
     import tensorflow as tf
 
-    loaded = tf.saved_model.load(path)
+    with native_output_hidden():  # oneDNN's "supports DT_HALF only on ... AVX-512" note
+        loaded = tf.saved_model.load(path)
     if SERVING_SIGNATURE not in loaded.signatures:
         raise ValueError(f"SavedModel {path} has no {SERVING_SIGNATURE!r} signature.")
     signature = loaded.signatures[SERVING_SIGNATURE]
@@ -169,8 +170,15 @@ def _load_saved_model(path: str) -> LoadedEmbedder:
     height, width = spec.shape[1:3]
     dtype = spec.dtype.as_numpy_dtype
 
+    state = {"called": False}
+
     def run(batch):
-        return signature(**{input_name: tf.constant(batch)})[output_name].numpy()
+        if state["called"]:
+            return signature(**{input_name: tf.constant(batch)})[output_name].numpy()
+        with native_output_hidden():  # the first call optimises the graph (oneDNN's note)
+            out = signature(**{input_name: tf.constant(batch)})[output_name].numpy()
+        state["called"] = True
+        return out
 
     return LoadedEmbedder("saved_model", path, (height, width),
                           outputs[output_name].shape[-1], dtype, run,

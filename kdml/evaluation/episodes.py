@@ -77,8 +77,8 @@ def few_shot_accuracy(
         raise ValueError(
             f"Every class needs at least k_shot + queries_per_class = {per_class} images. "
             f"Received: {len(small)} class(es) with fewer, e.g. label {small[0]} with "
-            f"{len(members[classes.tolist().index(small[0])])}. Lower `k_shot` or "
-            "`queries_per_class`, or drop those classes."
+            f"{len(members[classes.tolist().index(small[0])])}. Lower --k_shot or "
+            "--queries_per_class (`k_shot`, `queries_per_class`), or drop those classes."
         )
 
     pools = _class_pools(classes, class_of_item, groups, n_way)
@@ -119,7 +119,7 @@ def _class_pools(classes, class_of_item, groups, n_way):
         if num_classes < n_way:
             raise ValueError(
                 f"Expected at least n_way = {n_way} classes. Received: {num_classes} "
-                "classes. Lower `n_way`."
+                "classes. Lower --n_way (`n_way`)."
             )
         return [np.arange(num_classes)]
     group_of_class = np.empty(num_classes, dtype=groups.dtype)
@@ -139,8 +139,8 @@ def _class_pools(classes, class_of_item, groups, n_way):
         raise ValueError(
             f"Expected every group to have at least n_way = {n_way} classes. Received: "
             f"{len(too_small)} of {len(group_ids)} group(s) with fewer ({shown}; the "
-            f"smallest has {int(classes_per_group.min())}). Lower `n_way` or drop those "
-            "groups."
+            f"smallest has {int(classes_per_group.min())}). Lower --n_way (`n_way`) or drop "
+            "those groups."
         )
     pools = [np.flatnonzero(group_of_class_index == g) for g in range(len(group_ids))]
     return pools

@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 
 from kdml import layers  # noqa: F401  registers the PDDM layers of a re-ranker
+from kdml.data.labels import warn_unknown_query_labels
 from kdml.data.sources import load_dataset
 from kdml.embedding import (embed_image_set, image_subset, load_image_embedder, load_uint8,
                             read_image_set)
@@ -37,8 +38,10 @@ PROTOCOLS = ("retrieval", "query_gallery", "episodes", "omniglot")
 # flags, so that it can be imported next to `kdml.train` (whose flags share names).
 
 
-def top_level_groups(class_names, labels) -> np.ndarray:
-    """Group id per image: the first path component of its class name.
+def top_level_groups(class_names, labels, as_names: bool = False) -> np.ndarray:
+    """Group id per image: the first path component of its class name (`as_names`: that
+    component itself, e.g. "Tagalog", so that errors name the alphabet; ids and names
+    sort alike).
 
     `class_names` like `"Alphabet_of_the_Magi/character01"` (what `folder:` sources
     produce for `<root>/<alphabet>/<character>/<image>`). Raises ValueError when the
@@ -54,6 +57,8 @@ def top_level_groups(class_names, labels) -> np.ndarray:
             "--protocol=episodes.")
     alphabets = sorted({name.split("/", 1)[0] for name in names})
     group_of_class = np.array([alphabets.index(name.split("/", 1)[0]) for name in names])
+    if as_names:
+        return np.asarray(alphabets)[group_of_class][np.asarray(labels)]
     return group_of_class[np.asarray(labels)]
 
 
@@ -148,6 +153,9 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
         same_source = query == gallery
         gallery_set = query_set if same_source else read_image_set(
             gallery, "all" if gallery.startswith("folder:") else split, data_dir, seed)
+        warn_unknown_query_labels(np.asarray(query_set.class_names)[query_set.labels],
+                                  gallery_set.class_names, fix="point --query and --gallery "
+                                  "at folders whose class sub-folders are named alike")
         query_embeddings = embed_image_set(embedder, query_set, **embed_options)
         gallery_embeddings = (query_embeddings if same_source
                               else embed_image_set(embedder, gallery_set, **embed_options))
@@ -180,7 +188,7 @@ def evaluate_model(model_path: str, dataset: str = "synthetic", split=None, eval
         class_names = list(images.class_names)
         verification_curve = None
         if protocol in ("episodes", "omniglot"):
-            groups = (top_level_groups(images.class_names, labels)
+            groups = (top_level_groups(images.class_names, labels, as_names=True)
                       if protocol == "omniglot" else None)
             report["metrics"] = few_shot_accuracy(
                 embeddings, labels, n_way=n_way, k_shot=k_shot,

@@ -25,15 +25,19 @@ import numpy as np  # noqa: E402
 
 from kdml.command_line import (add_argument, argparse_flag_names,  # noqa: E402
                                check_flag_spellings, set_verbosity)
+from kdml.data.decoding import check_image_files  # noqa: E402
+from kdml.data.labels import warn_unknown_query_labels  # noqa: E402
+from kdml.data.model_files import check_model_file  # noqa: E402
 from kdml.distribute import STRATEGIES  # noqa: E402
 from kdml.embedding import (IndexFormatError, embed_image_set, load_embedder,  # noqa: E402
-                            model_fingerprint, read_image_files)
+                            load_source, model_fingerprint, read_image_files)
 from kdml.evaluation.plots import (best_same_class_similarity, load_image_files,  # noqa: E402
                                    retrieval_grid)
 from kdml.index import GalleryIndex, QueryResult, build_index  # noqa: E402
 from kdml.index.approximation import measure_approximation  # noqa: E402
 from kdml.index.backends import BACKENDS, FAISS_INDEXES  # noqa: E402
-from kdml.index.build import _item_paths, load_source  # noqa: E402
+from kdml.index.build import _item_paths  # noqa: E402
+from kdml.index.records import file_key, query_record  # noqa: E402
 
 PROG = "python -m kdml.index"
 # The file each subcommand writes into its --output_dir (build: the index directory itself).
@@ -139,6 +143,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build(args):
+    check_model_file(args.model)
+
     add_to = GalleryIndex.load(args.output_dir) if args.add else None
     index = build_index(args.model, args.source, args.output_dir, backend=args.backend,
                         backend_options=_backend_options(args), strategy=args.strategy,
@@ -168,30 +174,27 @@ def _query(args):
     if bool(args.query_source) == bool(args.images):
         raise ValueError("Give query images either as files (positional) or as --query_source="
                          "folder:<dir>, not both and not neither.")
+    check_image_files(args.images)  # a bad query file is refused, not skipped
+    check_model_file(args.model)
     index = GalleryIndex.load(args.index, backend=args.backend)
     embedder = load_embedder(args.model)
     index.check_model(model_fingerprint(embedder), args.allow_model_mismatch)
     if args.query_source:
         queries = load_source(args.query_source)
     else:
-        missing = [p for p in args.images if not os.path.isfile(p)]
-        if missing:
-            raise FileNotFoundError(f"No query image at {missing[0]}.")
         queries = read_image_files(args.images, index.labels, index.paths)
+    query_paths = _item_paths(queries)  # "<source>#<row>" for images without files
+    query_names = [queries.class_names[label] for label in queries.labels]
+    warn_unknown_query_labels(query_names, index.labels, fix=(
+        "point --query_source at the folder whose sub-folders are named like --source's"
+        if args.query_source else "query with files inside the gallery's folder tree"))
     embeddings = embed_image_set(embedder, queries, batch_size=args.batch_size,
                                  crop_fraction=args.crop_fraction)
     result = index.query(embeddings, k=args.k + 1)
-    query_paths = _item_paths(queries)  # "<source>#<row>" for images without files
-    result = _without_self(result, query_paths, args.k)
-    query_names = [queries.class_names[label] for label in queries.labels]
-    records = [{"query": str(path), "label": str(label),
-                "neighbours": [{**hit, "match": hit["label"] == str(label)} for hit in hits]}
+    threshold = index.threshold["value"] if index.threshold else None
+    records = [query_record(path, label, hits, args.k, threshold)
                for path, label, hits in zip(query_paths, query_names, result.as_records())]
-    if index.threshold:  # "no match": the best similarity is below the calibrated threshold
-        accepted = index.matches(result.similarities[:, 0])
-        for record, found in zip(records, accepted):
-            record["no_match"] = not bool(found)
-            record["threshold"] = index.threshold["value"]
+    result = _without_self(result, query_paths, args.k)
     if args.plot:
         class_names = sorted(set(index.labels.tolist()) | set(query_names))
         label_ids = {name: i for i, name in enumerate(class_names)}
@@ -228,7 +231,7 @@ def _output_file(output_dir: str, name: str) -> str:
 def _without_self(result, query_paths, k):
     """The top-k without the gallery item that is the query's own file (a gallery image
     used as a query), from a top-(k + 1) result."""
-    keep = np.asarray([[path != str(query) for path in row]
+    keep = np.asarray([[file_key(path) != file_key(query) for path in row]
                        for row, query in zip(result.paths, query_paths)])
     keep &= np.cumsum(keep, axis=1) <= k
     rows = [np.flatnonzero(row)[:k] for row in keep]

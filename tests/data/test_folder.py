@@ -127,7 +127,16 @@ def test_root_without_images_names_the_path(tmp_path):
 
 def test_fewer_than_two_classes_names_the_path(tmp_path):
     _make_tree(tmp_path, {"only": ["1.png", "2.png"], "single": ["1.png"]})
-    with pytest.raises(ValueError, match=f"{tmp_path}.*1 usable class"):
+    with pytest.raises(ValueError, match=f"{tmp_path}.*1 usable class") as error:
+        load_folder(tmp_path)
+    # the fix is a second image in the single-image class, not sub-folders (it has them)
+    assert "1 class folder(s) hold fewer than 2 readable images: add a second image" in str(
+        error.value) and "sub-folder" not in str(error.value)
+
+
+def test_one_image_per_class_advises_a_second_image(tmp_path):
+    _make_tree(tmp_path, {f"Latin/c{i}": ["1.png"] for i in range(4)})
+    with pytest.raises(ValueError, match="0 usable class.*4 class folder.*add a second image"):
         load_folder(tmp_path)
 
 

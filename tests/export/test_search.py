@@ -131,10 +131,21 @@ def test_the_kit_runs_the_search_model_without_tensorflow(gallery, tmp_path):
     hits = json.loads(result.stdout.strip().splitlines()[-1])
     found = _run_search(paths["search_float32"], np.stack(
         [_kit_image(f) for f in files]))
-    for q, row in enumerate(hits):
-        assert [h["label"] for h in row] == index.labels[found["indices"][q]].tolist()
-        assert [h["path"] for h in row] == index.paths[found["indices"][q]].tolist()
-        assert [h["match"] for h in row] == (found["similarities"][q] >= 0.5).tolist()
+    for q, record in enumerate(hits):
+        # the query is a gallery file: its own row is left out of its results (k - 1 left)
+        keep = index.paths[found["indices"][q]] != files[q]
+        assert (~keep).sum() == 1
+        rows = found["indices"][q][keep]
+        assert record["query"] == files[q] and record["label"] == index.labels[
+            index.paths.tolist().index(files[q])]
+        assert [h["index"] for h in record["neighbours"]] == rows.tolist()
+        assert [h["label"] for h in record["neighbours"]] == index.labels[rows].tolist()
+        assert [h["path"] for h in record["neighbours"]] == index.paths[rows].tolist()
+        assert [h["label_match"] for h in record["neighbours"]] == (
+            index.labels[rows] == record["label"]).tolist()
+        assert [h["accepted"] for h in record["neighbours"]] == (
+            found["similarities"][q][keep] >= 0.5).tolist()
+        assert record["no_match"] == (not found["similarities"][q][keep][0] >= 0.5)
 
 
 def _buffer_of(path, tensor_name):

@@ -56,11 +56,11 @@ def test_query_files_of_a_nested_gallery_match_and_the_grid_is_green(
     for record, row in zip(hits, [0, 13, 35]):
         assert record["label"] == index.labels[row]  # g0/c00, g0/c04, g1/c05 (sorted order)
         for n in record["neighbours"]:
-            assert n["match"] == (n["label"] == record["label"])
+            assert n["label_match"] == (n["label"] == record["label"])
     # the (untrained) embedder finds some same-class neighbours: each must be marked a match
     matched = [(q, j) for q, record in enumerate(hits)
                for j, n in enumerate(record["neighbours"]) if n["label"] == record["label"]]
-    assert matched and all(hits[q]["neighbours"][j]["match"] for q, j in matched)
+    assert matched and all(hits[q]["neighbours"][j]["label_match"] for q, j in matched)
     with Image.open(plot) as png:
         pixels = np.asarray(png.convert("RGB"))
     cell = 64 + 2 * (_BORDER + _PAD)
@@ -82,5 +82,5 @@ def test_query_source_labels_queries_as_source_labels_the_gallery(
     index = GalleryIndex.load(output)
     assert [h["label"] for h in hits] == index.labels.tolist()
     # with each query's own file left out, the match flags are the label comparisons
-    assert all(n["match"] == (n["label"] == h["label"]) for h in hits for n in h["neighbours"])
-    assert any(n["match"] for h in hits for n in h["neighbours"])
+    assert all(n["label_match"] == (n["label"] == h["label"]) for h in hits for n in h["neighbours"])
+    assert any(n["label_match"] for h in hits for n in h["neighbours"])

@@ -69,6 +69,22 @@ def _listing(paths, limit: int = _MAX_LISTED) -> str:
     return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
+def drop_unreadable(paths: np.ndarray, labels: np.ndarray, name: str) -> tuple:
+    """`(paths, labels)` without the files `find_unreadable` refuses, named in one warning.
+
+    Zero-byte, truncated, corrupt and non-image files (a text file named `.png`) are
+    skipped; grayscale, palette, 16-bit and alpha images are read (as uint8 RGB).
+    """
+    unreadable = find_unreadable(paths)
+    if unreadable.any():
+        logging.warning(
+            "%s: skipping %d of %d image file(s) that cannot be decoded (zero-byte, "
+            "truncated, corrupt or not an image): %s",
+            name, int(unreadable.sum()), len(paths), _listing(list(paths[unreadable])),
+        )
+    return paths[~unreadable], labels[~unreadable]
+
+
 def load_folder(root: str, verify_images: bool = True) -> ImageSet:
     """Loads a folder tree of images, one class per leaf folder.
 
@@ -116,23 +132,19 @@ def load_folder(root: str, verify_images: bool = True) -> ImageSet:
     labels = np.repeat(np.arange(len(class_names)), [len(leaves[c]) for c in class_names])
 
     if verify_images:
-        unreadable = find_unreadable(paths)
-        if unreadable.any():
-            logging.warning(
-                "%s: skipping %d of %d image file(s) that cannot be decoded (zero-byte, "
-                "truncated, corrupt or not an image): %s",
-                name, int(unreadable.sum()), len(paths), _listing(list(paths[unreadable])),
-            )
-            paths, labels = paths[~unreadable], labels[~unreadable]
+        paths, labels = drop_unreadable(paths, labels, name)
 
     image_set = ImageSet(labels=labels, class_names=class_names, paths=paths, name=name)
     # Classes left empty by skipped files go with the small ones.
     image_set = image_set.drop_small_classes(min_images=2)
     if image_set.num_classes < 2:
+        single = len(class_names) - image_set.num_classes
+        fix = (f"{single} class folder(s) hold fewer than 2 readable images: add a second image "
+               "of the same class to each" if single else
+               f"put each class's images in its own sub-folder of {root}")
         raise ValueError(
             f"{name}: {image_set.num_classes} usable class(es) (a class needs at least "
-            f"2 readable images); metric learning needs at least 2. Put each class's "
-            f"images in its own sub-folder of {root}."
+            f"2 readable images); metric learning needs at least 2. Fix: {fix}."
         )
     return image_set
 
