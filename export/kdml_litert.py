@@ -593,7 +593,7 @@ def _folder_of(path: str) -> str:
 def label_query_files(query_paths: Sequence[str], gallery_labels: Sequence[str],
                       gallery_paths: Sequence[str]) -> list:
     """The label of each query file in the gallery's terms, the rule of
-    `kdml.index.query_labels.label_query_files`: (1) its folder holds gallery items:
+    `kdml.embedding.query_labels.label_query_files`: (1) its folder holds gallery items:
     their (most frequent) label; (2) its folder lies under a gallery root (a gallery
     item's folder minus its label): the folder's path relative to that root; (3) the
     folder's own name."""

@@ -18,7 +18,8 @@ from werkzeug.test import Client
 import kdml  # noqa: F401
 from kdml.data import eval_dataset, load_dataset
 from kdml.evaluation.projector import sprite_cell_size, sprite_image, write_projector
-from kdml.evaluation.protocols import embed_image_set, evaluate_model
+from kdml.embedding import embed_image_set
+from kdml.evaluation.protocols import evaluate_model
 from kdml.export import load_embedder
 from kdml.models import build_embedder
 from tests.helpers import write_glyph_folder

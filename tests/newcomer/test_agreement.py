@@ -118,7 +118,7 @@ def test_the_kit_labels_a_folder_as_kdml_index_build(newcomer, tmp_path):
     hidden files and folders, an upper-case extension and a single-image class."""
     from PIL import Image
 
-    from kdml.index.build import load_source
+    from kdml.embedding import load_source
 
     root = tmp_path / "tree"
     pixels = np.full((16, 16, 3), 200, np.uint8)

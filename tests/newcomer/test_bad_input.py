@@ -172,7 +172,7 @@ def test_folder_sources_skip_bad_files_in_one_warning_naming_them(newcomer, tmp_
     import logging
     import shutil
 
-    from kdml.index.build import load_source
+    from kdml.embedding import load_source
 
     gallery = tmp_path / "gallery"
     shutil.copytree(newcomer["gallery"], gallery)
