@@ -679,7 +679,7 @@ CHECKS = [
     ("tools/no_such_tool.py", [], False, "there is no command"),
     ("kit", ["embed", "--model=...", "--output=e.npy", "a.jpg"], False, ""),
     ("kit", ["embed", "--model=m", "--output_dir=e"], False, "required"),
-    ("kit", ["search", "--model=m", "--k=5", "q.jpg"], False, "unrecognized arguments"),
+    ("kit", ["search", "--model=m", "--top=5", "q.jpg"], False, "unrecognized arguments"),
 ]
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import importlib.util
 import io
 import json
 import os
@@ -41,16 +40,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-
-def _quiet_startup():
-    """kdml's quiet TensorFlow start-up, loaded by path: importing the `kdml` package
-    would import TensorFlow (and print its start-up lines) first."""
-    spec = importlib.util.spec_from_file_location(
-        "_kdml_quiet_startup", os.path.join(ROOT, "kdml", "quiet_startup.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.quiet_startup()
 
 
 def _stamp(label: str) -> str:
@@ -107,7 +96,6 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="Also write the rows to this JSON file.")
     args = parser.parse_args(argv)
 
-    _quiet_startup()
     import kdml  # noqa: F401
     from kdml.config import TrainConfig
     from kdml.data.sources import load_dataset
@@ -153,4 +141,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    import quiet  # tools/quiet.py: TensorFlow starts without its start-up lines
+
+    quiet.quiet_startup()
     main()
