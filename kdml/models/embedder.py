@@ -35,9 +35,12 @@ def build_embedder(
             transformer without its class/distillation tokens).
         embedding_dim: size d of the embedding.
         image_size: square input size S in pixels.
-        weights: "none" or "imagenet".
-        pooling: the pooling head's mode; None picks the backbone's default
-            ("avg_max" for CNN maps, "cls" for transformer tokens).
+        weights: "none", "imagenet", or for a keras-hub backbone a preset name or a
+            local preset directory (`kdml.models.build_backbone`).
+        pooling: the pooling head's mode (`kdml.layers.PoolingHead`: "gem",
+            "avg_max", "avg", "max", "cls", "cls_gem"); None picks the backbone's
+            default (`BackboneSpec.default_pooling`). Patch tokens are pooled
+            without the backbone's prefix tokens.
         freeze_batchnorm: run every BatchNormalization layer of the backbone in
             inference mode with frozen statistics and affine weights (the Proxy
             Anchor recipe for pretrained backbones).
@@ -69,11 +72,18 @@ def build_embedder(
 
 def build_head(head: str, embedding_dim: int, spec, pooling: str | None = None,
                head_options: dict | None = None) -> keras.layers.Layer:
-    """The head layer named "head" for backbone `spec` (a `BackboneSpec`)."""
+    """The head layer named "head" for backbone `spec` (a `BackboneSpec`); `pooling`
+    may also come as `head_options["pooling"]` (the method table's way)."""
     options = dict(head_options or {})
+    pooling = pooling or options.pop("pooling", None)
     if head == "pooling":
-        return PoolingHead(embedding_dim, pooling=pooling or spec.default_pooling,
-                           name="head", **options)
+        pooling = pooling or spec.default_pooling
+        if spec.features == "map" and pooling in ("cls", "cls_gem"):
+            raise ValueError(f"--pooling={pooling} needs a transformer's tokens; {spec.name} "
+                             "gives a feature map. Use gem, avg_max, avg or max.")
+        if spec.features == "tokens":
+            options.setdefault("skip_tokens", spec.prefix_tokens)
+        return PoolingHead(embedding_dim, pooling=pooling, name="head", **options)
     if pooling is not None:
         raise ValueError(f"`pooling` applies to head='pooling' only. Received: pooling={pooling!r}")
     if spec.features == "tokens":
