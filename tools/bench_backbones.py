@@ -76,10 +76,14 @@ def measure(backbone: str, *, embedding_dim=128, calibration=32, heldout=32,
         entry["convert_seconds"] = round(time.perf_counter() - start, 1)
         path = paths[f"tflite_{quantization}"]
         entry["size_bytes"] = os.path.getsize(path)
-        embeddings = load_embedder(path).embed(images)
-        cos = np.sum(_unit(embeddings) * _unit(reference), axis=1)
-        entry["cosine_mean"], entry["cosine_min"] = float(cos.mean()), float(cos.min())
-        entry["latency_ms"] = tflite_latency_ms(path, images, latency_runs)
+        try:
+            embeddings = load_embedder(path).embed(images)
+            cos = np.sum(_unit(embeddings) * _unit(reference), axis=1)
+            entry["cosine_mean"], entry["cosine_min"] = float(cos.mean()), float(cos.min())
+            entry["latency_ms"] = tflite_latency_ms(path, images, latency_runs)
+        except Exception as error:  # converted, but LiteRT fails to run it
+            entry["error"] = (f"LiteRT: {type(error).__name__}: "
+                              f"{' '.join(str(error).split())[:300]}")
         if quantization == "int8":
             entry["mediapipe"] = _mediapipe_loads(path, images[0])
     return row

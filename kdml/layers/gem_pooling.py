@@ -23,9 +23,11 @@ class GeMPooling(keras.layers.Layer):
     - p is clipped to [1, `max_p`] (default 20) in the forward pass: below 1 the mean
       favours the smallest activations, and the clip keeps a run whose p drifts from
       diverging. Outside the range the gradient with respect to p is 0.
-    - the power is taken of x / m, m the channel's maximum over positions (the same
-      value for any m > 0: f_c = m (1/N sum (x_ic/m)^p)^(1/p)), so x^p cannot
-      overflow float32 for large p or large activations.
+    - the mean of powers is taken in log space, as a log-sum-exp with its maximum
+      subtracted: with z_i = p log x_ic and M = max_i z_i,
+      f_c = exp((M + log(1/N sum_i exp(z_i - M))) / p),
+      so no x^p is formed (no overflow for any p or activation) and nothing is divided
+      by a feature (an int8 `.tflite` DIV by a quantized zero fails at run time).
     Everything is computed in float32 whatever the dtype policy; the output is float32.
 
     Args:
@@ -69,12 +71,12 @@ class GeMPooling(keras.layers.Layer):
     def call(self, features):
         x = ops.cast(features, "float32")
         axes = tuple(range(1, len(x.shape) - 1))
-        x = ops.maximum(x, self.epsilon)
         p = ops.clip(ops.cast(self.p, "float32"), 1.0, self.max_p)
-        # m: the channel maximum, outside the gradient (the identity holds for any m).
-        m = ops.stop_gradient(ops.max(x, axis=axes, keepdims=True))
-        mean = ops.mean(ops.power(x / m, p), axis=axes)
-        return ops.squeeze(m, axis=axes) * ops.power(mean, 1.0 / p)
+        z = p * ops.log(ops.maximum(x, self.epsilon))
+        # M: outside the gradient (the identity holds for any M).
+        top = ops.stop_gradient(ops.max(z, axis=axes, keepdims=True))
+        log_mean = ops.squeeze(top, axis=axes) + ops.log(ops.mean(ops.exp(z - top), axis=axes))
+        return ops.exp(log_mean * (1.0 / p))
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], input_shape[-1])

@@ -57,6 +57,7 @@ def build_embedder(
     spec = backbone_spec(backbone)
     if head not in HEADS:
         raise ValueError(f"Unknown head {head!r}. Valid heads: {', '.join(HEADS)}.")
+    _check_pooling(spec, pooling or (head_options or {}).get("pooling"))
     features_net = build_backbone(backbone, image_size, weights)
     if freeze_batchnorm:
         for layer in features_net._flatten_layers(include_self=False):
@@ -78,9 +79,7 @@ def build_head(head: str, embedding_dim: int, spec, pooling: str | None = None,
     pooling = pooling or options.pop("pooling", None)
     if head == "pooling":
         pooling = pooling or spec.default_pooling
-        if spec.features == "map" and pooling in ("cls", "cls_gem"):
-            raise ValueError(f"--pooling={pooling} needs a transformer's tokens; {spec.name} "
-                             "gives a feature map. Use gem, avg_max, avg or max.")
+        _check_pooling(spec, pooling)
         if spec.features == "tokens":
             options.setdefault("skip_tokens", spec.prefix_tokens)
         return PoolingHead(embedding_dim, pooling=pooling, name="head", **options)
@@ -90,3 +89,9 @@ def build_head(head: str, embedding_dim: int, spec, pooling: str | None = None,
         options.setdefault("skip_tokens", spec.prefix_tokens)
     options.setdefault("num_prototypes", 64)
     return CodedResidualTransform(embedding_dim=embedding_dim, name="head", **options)
+
+
+def _check_pooling(spec, pooling) -> None:
+    if spec.features == "map" and pooling in ("cls", "cls_gem"):
+        raise ValueError(f"--pooling={pooling} needs a transformer's tokens; {spec.name} "
+                         "gives a feature map. Use gem, avg_max, avg or max.")

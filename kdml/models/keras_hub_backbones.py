@@ -158,6 +158,9 @@ def _from_preset(name: str, hub: HubBackbone, weights: str, image_size: int) -> 
         raise ValueError(
             f"--weights={weights}: not a local directory, nor a keras-hub preset of {name} "
             f"({', '.join(preset_names(hub))}); pass one of those, none, or a preset directory.")
+    if local and not os.path.isfile(os.path.join(weights, "config.json")):
+        raise ValueError(f"{weights}: not a keras-hub preset directory (no config.json); pass "
+                         "the directory keras_hub's save_to_preset writes, or a downloaded preset.")
     kwargs = {}
     if hub.size_argument:
         kwargs[hub.size_argument] = (image_size, image_size, 3)
@@ -198,6 +201,10 @@ def _as_backbone(name: str, hub: HubBackbone, model: keras.Model, image_size: in
         tokens = model.post_layer_norm.output  # (B, N, C) patch tokens
         pooled = keras.layers.Reshape((1, tokens.shape[-1]), name="pooled_token")(model.output)
         features = keras.layers.Concatenate(axis=1, name="pooled_and_patches")([pooled, tokens])
+        # keras-hub 0.32's SigLIPVisionEmbedding reports one token too many in its
+        # symbolic shape (N + 1); the slice is a no-op on the real (B, 1 + N, C) tensor
+        # and gives the graph its true length.
+        features = features[:, :1 + (image_size // model.patch_size) ** 2]
     else:
         features = model.outputs[0]
-    return keras.Model(model.inputs, features, name="backbone")
+    return keras.Model(model.inputs[0], features, name="backbone")
