@@ -81,6 +81,7 @@ def measure(backbone: str, *, embedding_dim=128, calibration=32, heldout=32,
             cos = np.sum(_unit(embeddings) * _unit(reference), axis=1)
             entry["cosine_mean"], entry["cosine_min"] = float(cos.mean()), float(cos.min())
             entry["latency_ms"] = tflite_latency_ms(path, images, latency_runs)
+            entry["load_average"] = round(os.getloadavg()[0], 1)  # other jobs on the cores
         except Exception as error:  # converted, but LiteRT fails to run it
             entry["error"] = (f"LiteRT: {type(error).__name__}: "
                               f"{' '.join(str(error).split())[:300]}")
@@ -121,40 +122,39 @@ def render_table(results: dict) -> str:
     """The markdown table of `results` ({"meta": ..., "rows": {backbone: row}})."""
     meta = results.get("meta", {})
     lines = [
-        f"Random weights, native size, pooling head d = {meta.get('embedding_dim', 128)}; "
-        f"int8 calibrated on {meta.get('calibration_images', '?')} and compared on "
+        f"Random weights, native size, pooling head (the backbone's default pooling, "
+        f"d = {meta.get('embedding_dim', 128)}); int8 calibrated on "
+        f"{meta.get('calibration_images', '?')} and compared on "
         f"{meta.get('heldout_images', '?')} held-out synthetic glyph images resized to the "
-        f"native size; latency: median of {meta.get('latency_runs', '?')} images, LiteRT, "
-        f"1 thread, batch 1, {meta.get('machine', 'this machine')}. Measured "
-        f"{meta.get('date', '?')} by `python tools/bench_backbones.py`.",
+        f"native size; latency: median of {meta.get('latency_runs', '?')} images, LiteRT "
+        f"interpreter, 1 thread, batch 1, on {meta.get('machine', 'this machine')} (the "
+        f"notes give the 1-minute load average while it was timed: a load above the core "
+        f"count inflates the figure). Measured {meta.get('date', '?')} by "
+        f"`python tools/bench_backbones.py`.",
         "",
-        "| backbone | keras-hub class | size | params (M) | float16 MB | int8 MB "
-        "| float16 ms | int8 ms | int8 cosine mean / min | MediaPipe int8 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| backbone | keras-hub class | px | params (M) | float16 MB | int8 MB | float16 ms "
+        "| int8 ms | int8 cosine mean / min | MediaPipe loads int8 | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for name in BACKBONES:
         row = results.get("rows", {}).get(name)
-        if row is None:
-            lines.append(f"| {name} | | | not measured | | | | | | |")
-            continue
-        if "failed" in row:
-            lines.append(f"| {name} | | | process failed: {row['failed']} | | | | | | |")
+        if row is None or "failed" in row:
+            why = "not measured" if row is None else f"process failed: {row['failed']}"
+            lines.append(f"| {name} | | | | | | | | | | {why} |")
             continue
         f16, i8 = row.get("float16", {}), row.get("int8", {})
         cells = [name, row["keras_hub_class"], f"{row['image_size']}",
                  f"{row['parameters'] / 1e6:.1f}"]
-        for entry in (f16, i8):
-            cells.append("" if "error" in entry else f"{entry['size_bytes'] / 2 ** 20:.1f}")
-        for entry in (f16, i8):
-            cells.append("" if "error" in entry else f"{entry['latency_ms']:.1f}")
-        if "error" in i8:
-            cells.append(f"int8 failed: {i8['error']}")
-            cells.append("")
-        else:
-            cells.append(f"{i8['cosine_mean']:.4f} / {i8['cosine_min']:.4f}")
-            cells.append(i8.get("mediapipe", ""))
-        if "error" in f16:
-            cells[-2] = f"float16 failed: {f16['error']}; " + cells[-2]
+        cells += [f"{e['size_bytes'] / 2 ** 20:.1f}" if "size_bytes" in e else "-" for e in (f16, i8)]
+        cells += [f"{e['latency_ms']:.1f}" if "latency_ms" in e else "-" for e in (f16, i8)]
+        cells.append(f"{i8['cosine_mean']:.4f} / {i8['cosine_min']:.4f}"
+                     if "cosine_mean" in i8 else "-")
+        cells.append(i8.get("mediapipe", "-"))
+        notes = [f"{q}: {e['error']}" for q, e in (("float16", f16), ("int8", i8)) if "error" in e]
+        loads = [e["load_average"] for e in (f16, i8) if "load_average" in e]
+        if loads:
+            notes.append(f"load {max(loads):g}")
+        cells.append("; ".join(notes))
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
 
