@@ -83,14 +83,14 @@ def _resnet50(image_size: int, weights: str) -> keras.Model:
         include_top=False, weights=None if weights == "none" else weights,
         input_shape=(image_size, image_size, 3))
     # `outputs` is a one-element list; the heads expect the (B, h, w, C) tensor itself.
-    return keras.Model(model.inputs, model.outputs[0], name="backbone")
+    return keras.Model(model.inputs[0], model.outputs[0], name="backbone")
 
 
 def _mobilenet_v3_small(image_size: int, weights: str) -> keras.Model:
     model = keras.applications.MobileNetV3Small(
         include_top=False, weights=None if weights == "none" else weights,
         input_shape=(image_size, image_size, 3), include_preprocessing=False)
-    return keras.Model(model.inputs, model.outputs[0], name="backbone")
+    return keras.Model(model.inputs[0], model.outputs[0], name="backbone")
 
 
 _DEIT = {
@@ -121,7 +121,7 @@ def _deit(variant: str) -> Callable[[int, str], keras.Model]:
                 intermediate_dim=intermediate)
         # DeiTBackbone's `outputs` is a one-element list: unwrap it, so the backbone
         # returns the (B, N, C) tensor the heads expect.
-        return keras.Model(model.inputs, model.outputs[0], name="backbone")
+        return keras.Model(model.inputs[0], model.outputs[0], name="backbone")
 
     return build
 
