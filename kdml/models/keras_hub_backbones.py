@@ -197,6 +197,9 @@ def _as_backbone(name: str, hub: HubBackbone, model: keras.Model, image_size: in
         raise ValueError(
             f"The preset has {registers} register tokens; --backbone={name} is the "
             f"architecture with {hub.register_tokens} (prefix tokens {prefix_tokens}).")
+    mask_token = getattr(getattr(model, "embeddings", None), "mask_token", None)
+    if mask_token is not None:  # DINO's masked-image token: unused here, gets no gradient
+        mask_token.trainable = False
     if hub.class_name == "SigLIPVisionEncoder":
         tokens = model.post_layer_norm.output  # (B, N, C) patch tokens
         pooled = keras.layers.Reshape((1, tokens.shape[-1]), name="pooled_token")(model.output)
