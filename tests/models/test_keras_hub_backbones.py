@@ -127,6 +127,15 @@ def test_a_preset_of_another_class_or_size_is_refused(tiny_presets):
         build_backbone("dinov3_small", 16, _with_registers(tiny_presets, 2))
 
 
+@pytest.mark.parametrize("name, prefix", [("dinov2_small", 1), ("dinov3_small", 5)])
+def test_dino_presets_load_at_another_size(name, prefix, tiny_presets):
+    """DINOv2 interpolates its position embeddings, DINOv3 has RoPE: a preset saved at
+    16 px runs at 32 px with (32 / 4)^2 patches, and at 16 px as saved."""
+    backbone = build_backbone(name, 32, tiny_presets[name])
+    assert keras.ops.convert_to_numpy(backbone(np.zeros((1, 32, 32, 3)))).shape == (
+        1, prefix + 64, 16)
+
+
 def _with_registers(tiny_presets, registers):
     import keras_hub
 
