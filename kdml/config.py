@@ -87,11 +87,20 @@ class TrainConfig:
 
     # Model.
     backbone: Optional[str] = setting(
-        None, "conv4 | resnet50 | mobilenet_v3_small | deit_tiny | deit_small | deit_base. "
-              "Default: conv4 for glyphs, resnet50 for photos.")
+        None, "conv4 | conv4_stride4 | resnet50 | mobilenet_v3_small | deit_tiny | deit_small | "
+              "deit_base, or through keras-hub dinov2_small | dinov2_base | dinov3_small | "
+              "siglip_base | clip_vit_b16 | efficientnet_b0 | mobilenet_v3_large "
+              "(docs/training.md). Default: conv4 for glyphs, resnet50 for photos.")
     weights: Optional[str] = setting(
-        None, "Backbone weights. Default: none for glyphs, imagenet for photos.",
-        choices=("none", "imagenet"))
+        None, "Backbone weights: none, imagenet, or for a keras-hub backbone a keras-hub "
+              "preset name (downloaded) or a local preset directory (what save_to_preset "
+              "writes). Default: none for glyphs; for photos imagenet, or the backbone's "
+              "published preset where its weights are not ImageNet's (dinov2_small, ...).")
+    pooling: Optional[str] = setting(
+        None, "Pooling head: gem (learnable generalized mean), avg_max, avg, max, cls (the "
+              "class token), cls_gem (class token + GeM of the patch tokens). Default: the "
+              "backbone's (docs/training.md).",
+        choices=("gem", "avg_max", "avg", "max", "cls", "cls_gem"))
     embedding_dim: int = setting(512, "Embedding size d.")
     image_size: Optional[int] = setting(
         None, "Square input size. Default: 28 for glyphs, 224 for photos.")
@@ -300,14 +309,16 @@ class TrainConfig:
         by `METHOD_KIND_DEFAULTS[method][kind]`.
 
         A backbone without pretrained weights (conv4) defaults to `weights="none"`
-        whatever the kind. With `weights="none"` the warm-up (which protects
+        whatever the kind; where the kind wants pretrained weights, a keras-hub
+        backbone whose weights are not ImageNet's defaults to its published preset
+        (`BackboneSpec.default_pretrained_weights`, e.g. "dinov2_small"). With `weights="none"` the warm-up (which protects
         pretrained weights from the untrained head's gradients) defaults to 0 epochs
         and BatchNorm trains.
         """
         defaults = {**KIND_DEFAULTS[kind], **METHOD_KIND_DEFAULTS.get(self.method, {}).get(kind, {})}
         if (self.weights is None and self.backbone is not None
-                and not _has_pretrained_weights(self.backbone)):
-            defaults["weights"] = "none"
+                and defaults["weights"] == "imagenet"):
+            defaults["weights"] = _default_pretrained_weights(self.backbone)
         weights = self.weights or defaults["weights"]
         if weights == "none":
             defaults["warmup_epochs"] = 0
@@ -318,7 +329,7 @@ class TrainConfig:
         return config
 
 
-def _has_pretrained_weights(backbone: str) -> bool:
+def _default_pretrained_weights(backbone: str) -> str:
     from kdml.models.backbones import backbone_spec  # imports Keras: only when resolving
 
-    return backbone_spec(backbone).pretrained_weights
+    return backbone_spec(backbone).default_pretrained_weights

@@ -49,7 +49,7 @@ class Objective:
 
 
 def _pooling_head(config: TrainConfig):
-    return "pooling", {}
+    return "pooling", ({"pooling": config.pooling} if config.pooling else {})
 
 
 def _class_labels(config: TrainConfig) -> bool:
@@ -380,8 +380,11 @@ def get_method(name: str) -> Method:
 
 def check_method_options(config: TrainConfig) -> None:
     """Raises a ValueError naming the fix when --xbm_size is set for a method that has no
-    pair-based loss to wrap."""
+    pair-based loss to wrap, or --pooling for a method without the pooling head."""
     method = get_method(config.method)
+    if config.pooling and method.head is not _pooling_head:
+        raise ValueError(f"--pooling chooses the pooling head's mode; --method={config.method} "
+                         "has another head. Fix: leave --pooling out.")
     if config.xbm_size and not method.pair_based:
         valid = ", ".join(sorted(m.name for m in METHODS.values() if m.pair_based))
         raise ValueError(

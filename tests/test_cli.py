@@ -68,7 +68,9 @@ def test_helpfull_lists_every_training_flag():
 # New settings need no entry; a deliberate change of a default or a help text updates
 # its entry in the same commit (so far: --so_strength, 10 -> 1e-3 in the paper's units, chosen on validation;
 # --dataset, --output_dir, --seed: the shared wording of kdml.command_line; --method's help,
-# listing the classification-based and the pair and triplet methods of issue 21).
+# listing the classification-based and the pair and triplet methods of issue 21;
+# --backbone's help and --weights, no longer a choice of none | imagenet: keras-hub
+# backbones take a preset name or a local preset directory, issue 32).
 _FLAGS_SNAPSHOT = os.path.join(ROOT, "tests", "training", "train_flags.json")
 
 

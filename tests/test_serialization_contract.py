@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import kdml
-from kdml.layers import (PDDM, CodedResidualTransform, L2Normalization, PDDMScoreMatrix,
-                         PixelNormalization, PoolingHead, Proxies)
+from kdml.layers import (PDDM, CodedResidualTransform, GeMPooling, L2Normalization,
+                         PDDMScoreMatrix, PixelNormalization, PoolingHead, Proxies)
 from kdml.losses import (ArcFaceLoss, CircleLoss, ContrastiveLoss, CosFaceLoss, CrossBatchMemory,
                          MultiBranchLoss, MultiSimilarityLoss, NormalizedSoftmaxLoss, NTXentLoss,
                          PDDMLoss, ProxyAnchorLoss, ProxyNCALoss, SimilarityConsistency,
@@ -38,6 +38,12 @@ LAYER_CASES = {
                            _pixels(2, 4, 4, 3), dict(output_dtype="compute")),
     "PoolingHead": (PoolingHead, dict(embedding_dim=6, pooling="avg_max"), _normal(2, 3, 3, 8), {}),
     "PoolingHead_cls": (PoolingHead, dict(embedding_dim=6, pooling="cls"), _normal(2, 5, 8), {}),
+    "PoolingHead_gem": (PoolingHead, dict(embedding_dim=6, pooling="gem"),
+                        np.abs(_normal(2, 3, 3, 8)), {}),
+    "PoolingHead_cls_gem": (PoolingHead, dict(embedding_dim=6, pooling="cls_gem", skip_tokens=1),
+                            _normal(2, 5, 8), {}),
+    "GeMPooling": (GeMPooling, dict(initial_p=2.5, max_p=8.0, epsilon=1e-5),
+                   np.abs(_normal(2, 4, 4, 3)) + 0.1, {}),
     "CodedResidualTransform": (CodedResidualTransform,
                                dict(num_prototypes=3, embedding_dim=6, temperature=0.5),
                                _normal(2, 3, 3, 8), {}),

@@ -1,5 +1,7 @@
 """Backbones by name: `conv4`, `conv4_stride4`, `resnet50`, `mobilenet_v3_small`,
-`deit_tiny|small|base`.
+`deit_tiny|small|base`, and through keras-hub (`kdml.models.keras_hub_backbones`)
+`dinov2_small|base`, `dinov3_small`, `siglip_base`, `clip_vit_b16`, `efficientnet_b0`,
+`mobilenet_v3_large`.
 
 Each builder returns the backbone as a Keras model named "backbone" that maps
 normalised images `(B, H, W, 3)` to features: a map `(B, h, w, C)` for CNNs or a
@@ -12,12 +14,13 @@ inside the model.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import keras
 
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+from kdml.models.keras_hub_backbones import (CLIP_MEAN, CLIP_STD, HUB_BACKBONES, IMAGENET_MEAN,
+                                             IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD, hub_builder)
+
 WEIGHTS = ("none", "imagenet")
 
 
@@ -33,8 +36,21 @@ class BackboneSpec:
     channel_order: str = "rgb"
     min_image_size: int = 1
     pretrained_image_size: int | None = None  # the only size the ImageNet weights load at
-    prefix_tokens: int = 0  # leading non-patch tokens of "tokens" features (class, distillation)
-    pretrained_weights: bool = True  # has weights="imagenet"; without, weights default to "none"
+    prefix_tokens: int = 0  # leading non-patch tokens of "tokens" features (class, registers)
+    pretrained_weights: bool = True  # has weights="imagenet"
+    # keras-hub backbones: the class, the published preset the name stands for (the
+    # photo default of --weights when it is not ImageNet's), and its image size.
+    keras_hub_class: Optional[str] = None
+    preset: Optional[str] = None
+    native_image_size: Optional[int] = None
+
+    @property
+    def default_pretrained_weights(self) -> str:
+        """What `--weights` defaults to where pretrained weights are wanted (photos):
+        "imagenet", else the keras-hub preset, else "none"."""
+        if self.pretrained_weights:
+            return "imagenet"
+        return self.preset or "none"
 
 
 def _conv4(image_size: int, weights: str, poolings: int = 4, name: str = "conv4") -> keras.Model:
@@ -67,14 +83,14 @@ def _resnet50(image_size: int, weights: str) -> keras.Model:
         include_top=False, weights=None if weights == "none" else weights,
         input_shape=(image_size, image_size, 3))
     # `outputs` is a one-element list; the heads expect the (B, h, w, C) tensor itself.
-    return keras.Model(model.inputs, model.outputs[0], name="backbone")
+    return keras.Model(model.inputs[0], model.outputs[0], name="backbone")
 
 
 def _mobilenet_v3_small(image_size: int, weights: str) -> keras.Model:
     model = keras.applications.MobileNetV3Small(
         include_top=False, weights=None if weights == "none" else weights,
         input_shape=(image_size, image_size, 3), include_preprocessing=False)
-    return keras.Model(model.inputs, model.outputs[0], name="backbone")
+    return keras.Model(model.inputs[0], model.outputs[0], name="backbone")
 
 
 _DEIT = {
@@ -105,7 +121,7 @@ def _deit(variant: str) -> Callable[[int, str], keras.Model]:
                 intermediate_dim=intermediate)
         # DeiTBackbone's `outputs` is a one-element list: unwrap it, so the backbone
         # returns the (B, N, C) tensor the heads expect.
-        return keras.Model(model.inputs, model.outputs[0], name="backbone")
+        return keras.Model(model.inputs[0], model.outputs[0], name="backbone")
 
     return build
 
@@ -131,6 +147,33 @@ BACKBONES: Dict[str, tuple] = {
 }
 
 
+def _hub_spec(name, features, default_pooling, mean, std, prefix_tokens=0, patch=1,
+              channel_order="rgb"):
+    hub = HUB_BACKBONES[name]
+    return BackboneSpec(
+        name, features, default_pooling, pixel_mean=mean, pixel_std=std,
+        channel_order=channel_order, min_image_size=patch if features == "tokens" else 32,
+        pretrained_image_size=224 if hub.size_argument is None else None,
+        prefix_tokens=prefix_tokens, pretrained_weights=hub.imagenet_preset is not None,
+        keras_hub_class=hub.class_name, preset=hub.preset, native_image_size=224)
+
+
+_HUB_SPECS = [
+    # name, features, default pooling, mean, std, prefix tokens, patch size
+    _hub_spec("dinov2_small", "tokens", "cls", IMAGENET_MEAN, IMAGENET_STD, 1, 14),
+    _hub_spec("dinov2_base", "tokens", "cls", IMAGENET_MEAN, IMAGENET_STD, 1, 14),
+    _hub_spec("dinov3_small", "tokens", "cls", IMAGENET_MEAN, IMAGENET_STD, 5, 16),
+    _hub_spec("siglip_base", "tokens", "cls", SIGLIP_MEAN, SIGLIP_STD, 1, 16),
+    _hub_spec("clip_vit_b16", "tokens", "cls", CLIP_MEAN, CLIP_STD, 1, 16),
+    _hub_spec("efficientnet_b0", "map", "gem", IMAGENET_MEAN, IMAGENET_STD),
+    _hub_spec("mobilenet_v3_large", "map", "gem", IMAGENET_MEAN, IMAGENET_STD),
+]
+BACKBONES.update({
+    spec.name: (hub_builder(spec.name, HUB_BACKBONES[spec.name], spec.prefix_tokens), spec)
+    for spec in _HUB_SPECS
+})
+
+
 def backbone_spec(name: str) -> BackboneSpec:
     """The `BackboneSpec` of a backbone name; a ValueError lists the valid names."""
     if name not in BACKBONES:
@@ -146,15 +189,18 @@ def build_backbone(name: str, image_size: int, weights: str = "none") -> keras.M
         name: one of `BACKBONES`.
         image_size: input height and width.
         weights: "none" (random init, no network) or "imagenet" (downloaded on
-            first use on a user's machine).
+            first use on a user's machine); for a keras-hub backbone also a keras-hub
+            preset name or handle (downloaded), or a local preset directory (what
+            `save_to_preset` writes).
 
     Returns:
         A `keras.Model` named "backbone": `(B, S, S, 3)` normalised pixels ->
         `(B, h, w, C)` or `(B, N, C)` features.
     """
     spec = backbone_spec(name)
-    if weights not in WEIGHTS:
-        raise ValueError(f"`weights` must be one of {WEIGHTS}. Received: weights={weights!r}")
+    if weights not in WEIGHTS and spec.keras_hub_class is None:
+        raise ValueError(f"`weights` of {name} must be one of {WEIGHTS} (presets and preset "
+                         f"directories are for keras-hub backbones). Received: weights={weights!r}")
     if image_size < spec.min_image_size:
         raise ValueError(
             f"Backbone {name!r} needs images of at least {spec.min_image_size} px. "

@@ -35,9 +35,12 @@ def build_embedder(
             transformer without its class/distillation tokens).
         embedding_dim: size d of the embedding.
         image_size: square input size S in pixels.
-        weights: "none" or "imagenet".
-        pooling: the pooling head's mode; None picks the backbone's default
-            ("avg_max" for CNN maps, "cls" for transformer tokens).
+        weights: "none", "imagenet", or for a keras-hub backbone a preset name or a
+            local preset directory (`kdml.models.build_backbone`).
+        pooling: the pooling head's mode (`kdml.layers.PoolingHead`: "gem",
+            "avg_max", "avg", "max", "cls", "cls_gem"); None picks the backbone's
+            default (`BackboneSpec.default_pooling`). Patch tokens are pooled
+            without the backbone's prefix tokens.
         freeze_batchnorm: run every BatchNormalization layer of the backbone in
             inference mode with frozen statistics and affine weights (the Proxy
             Anchor recipe for pretrained backbones).
@@ -54,6 +57,7 @@ def build_embedder(
     spec = backbone_spec(backbone)
     if head not in HEADS:
         raise ValueError(f"Unknown head {head!r}. Valid heads: {', '.join(HEADS)}.")
+    _check_pooling(spec, pooling or (head_options or {}).get("pooling"))
     features_net = build_backbone(backbone, image_size, weights)
     if freeze_batchnorm:
         for layer in features_net._flatten_layers(include_self=False):
@@ -69,11 +73,16 @@ def build_embedder(
 
 def build_head(head: str, embedding_dim: int, spec, pooling: str | None = None,
                head_options: dict | None = None) -> keras.layers.Layer:
-    """The head layer named "head" for backbone `spec` (a `BackboneSpec`)."""
+    """The head layer named "head" for backbone `spec` (a `BackboneSpec`); `pooling`
+    may also come as `head_options["pooling"]` (the method table's way)."""
     options = dict(head_options or {})
+    pooling = pooling or options.pop("pooling", None)
     if head == "pooling":
-        return PoolingHead(embedding_dim, pooling=pooling or spec.default_pooling,
-                           name="head", **options)
+        pooling = pooling or spec.default_pooling
+        _check_pooling(spec, pooling)
+        if spec.features == "tokens":
+            options.setdefault("skip_tokens", spec.prefix_tokens)
+        return PoolingHead(embedding_dim, pooling=pooling, name="head", **options)
     if pooling is not None:
         raise ValueError(f"`pooling` applies to head='pooling' only. Received: pooling={pooling!r}")
     if spec.features == "tokens":
@@ -114,3 +123,9 @@ def split_embedder(embedder: keras.Model) -> tuple:
     features = keras.Input(tuple(backbone.output.shape[1:]), name="features")
     head_model = keras.Model(features, head(features), name="head_model")
     return extractor, head_model
+
+
+def _check_pooling(spec, pooling) -> None:
+    if spec.features == "map" and pooling in ("cls", "cls_gem"):
+        raise ValueError(f"--pooling={pooling} needs a transformer's tokens; {spec.name} "
+                         "gives a feature map. Use gem, avg_max, avg or max.")

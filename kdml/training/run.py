@@ -99,7 +99,7 @@ def _dtype_policy(mixed_precision: bool):
 # checkpoint frequency may change on resume.
 RUN_IDENTITY = ("method", "dataset", "eval_dataset", "backbone", "weights", "embedding_dim",
                 "image_size", "classes_per_batch", "images_per_class", "seed", "views",
-                "xbm_size", "freeze_backbone")
+                "xbm_size", "freeze_backbone", "pooling")
 
 
 def check_same_run(config: TrainConfig, metrics_path: str) -> None:

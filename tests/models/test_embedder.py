@@ -110,7 +110,7 @@ def test_every_backbone_builds_a_unit_norm_embedder(name):
 
 
 def test_unknown_backbone_and_bad_sizes_are_clear_errors():
-    with pytest.raises(ValueError, match="Valid backbones: conv4, conv4_stride4, deit_base"):
+    with pytest.raises(ValueError, match="Valid backbones: clip_vit_b16, conv4, conv4_stride4, deit_base"):
         build_embedder("resnet18")
     with pytest.raises(ValueError, match="no pretrained weights"):
         build_backbone("conv4", 28, weights="imagenet")
