@@ -45,7 +45,7 @@ def measure(backbone: str, *, embedding_dim=128, calibration=32, heldout=32,
     from kdml.data.sources import load_dataset
     from kdml.export.exporter import export_embedder
     from kdml.export.images import calibration_images, heldout_images
-    from kdml.export.loading import load_embedder
+    from kdml.embedding import load_embedder
     from kdml.export.parity import tflite_latency_ms
     from kdml.models import backbone_spec, build_embedder
 
@@ -228,4 +228,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    import quiet  # tools/quiet.py: TensorFlow starts without its start-up lines
+
+    quiet.quiet_startup()
     main()

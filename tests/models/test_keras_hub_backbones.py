@@ -179,7 +179,7 @@ CHAIN = [pytest.param(name, marks=pytest.mark.slow) for name in NAMES if name !=
 def test_the_whole_chain_on_a_tiny_preset(name, tiny_presets, glyph_folder, tmp_path):
     """dinov2_base is dinov2_small's class with other sizes: its chain is dinov2_small's."""
     from kdml.evaluation.protocols import evaluate_model
-    from kdml.export.loading import load_embedder
+    from kdml.embedding import load_embedder
     from kdml.export.workflow import run_export
     from kdml.index import build_index
     from kdml.training import train
