@@ -54,6 +54,21 @@ def _load_batch(fetch, indices, uniforms, make_box, size: int):
                      fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
 
 
+def _shard_rows(classes_per_batch, images_per_class, num_shards, shard_index, views):
+    """`(P x K, rows of this shard, its first row)` of a global P x K batch; ValueError
+    (naming the flags) when the batch does not split over the shards or views is not 1 or 2."""
+    batch = classes_per_batch * images_per_class
+    if num_shards < 1 or not 0 <= shard_index < num_shards or batch % num_shards:
+        raise ValueError(
+            f"Cannot take shard {shard_index} of {num_shards} from batches of P x K = {batch}: "
+            "the batch must be a multiple of the number of shards (workers). "
+            "Change --classes_per_batch or --images_per_class.")
+    if views not in (1, 2):
+        raise ValueError(f"`views` must be 1 or 2. Received: views={views!r}. Fix: --views=1 or 2.")
+    rows = batch // num_shards
+    return batch, rows, shard_index * rows
+
+
 def train_dataset(image_set: ImageSet, *, image_size: int, classes_per_batch: int = 32,
                   images_per_class: int = 4, augmentation: aug.Augmentation = aug.AUGMENTATIONS["photo"],
                   seed: int = 0, start_step: int = 0, num_shards: int = 1,
@@ -87,16 +102,8 @@ def train_dataset(image_set: ImageSet, *, image_size: int, classes_per_batch: in
     """
     fetch = _fetcher(image_set)
     labels = tf.constant(image_set.labels.astype(np.int32))
-    batch = classes_per_batch * images_per_class
-    if num_shards < 1 or not 0 <= shard_index < num_shards or batch % num_shards:
-        raise ValueError(
-            f"Cannot take shard {shard_index} of {num_shards} from batches of P x K = {batch}: "
-            "the batch must be a multiple of the number of shards (workers). "
-            "Change --classes_per_batch or --images_per_class.")
-    if views not in (1, 2):
-        raise ValueError(f"`views` must be 1 or 2. Received: views={views!r}. Fix: --views=1 or 2.")
-    rows = batch // num_shards
-    first = shard_index * rows
+    batch, rows, first = _shard_rows(classes_per_batch, images_per_class, num_shards,
+                                     shard_index, views)
 
     def make_box(uniforms, hw):
         return aug.random_resized_crop_boxes(uniforms, hw, augmentation.crop_area,
@@ -226,16 +233,8 @@ def feature_train_dataset(features: np.ndarray, labels: np.ndarray, *, classes_p
     if len(features) != len(labels):
         raise ValueError(f"{len(features)} feature rows for {len(labels)} labels: the features "
                          "must be those of the training images, in their order.")
-    batch = classes_per_batch * images_per_class
-    if num_shards < 1 or not 0 <= shard_index < num_shards or batch % num_shards:
-        raise ValueError(
-            f"Cannot take shard {shard_index} of {num_shards} from batches of P x K = {batch}: "
-            "the batch must be a multiple of the number of shards (workers). "
-            "Change --classes_per_batch or --images_per_class.")
-    if views not in (1, 2):
-        raise ValueError(f"`views` must be 1 or 2. Received: views={views!r}. Fix: --views=1 or 2.")
-    rows = batch // num_shards
-    first = shard_index * rows
+    batch, rows, first = _shard_rows(classes_per_batch, images_per_class, num_shards,
+                                     shard_index, views)
     gather = _feature_gather(features)
     labels_t = tf.constant(labels.astype(np.int32))
 
