@@ -194,8 +194,8 @@ def _query(args):
     threshold = index.threshold["value"] if index.threshold else None
     records = [query_record(path, label, hits, args.k, threshold)
                for path, label, hits in zip(query_paths, query_names, result.as_records())]
-    result = _without_self(result, query_paths, args.k)
-    if args.plot:
+    if args.plot:  # the grid's top-k, the query's own file left out as in the records
+        result = _without_self(result, query_paths, args.k)
         class_names = sorted(set(index.labels.tolist()) | set(query_names))
         label_ids = {name: i for i, name in enumerate(class_names)}
         query_ids = np.array([label_ids[n] for n in query_names])
