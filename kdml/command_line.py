@@ -125,12 +125,15 @@ HELP_FLAGS = ("help", "helpfull", "helpshort", "helpxml", "?")
 
 def absl_flags_parser(prog: str, renamed: Optional[Mapping[str, str]] = None):
     """`app.run(main, flags_parser=...)`: absl's parsing after `check_flag_spellings`."""
-    from absl import app, flags
+    from absl import flags
 
     def parse(argv):
         check_flag_spellings(argv[1:], flags.FLAGS, prog, renamed)
         try:
-            return app.parse_flags_with_usage(argv)
+            return flags.FLAGS(argv)
+        except flags.Error as error:  # absl: 2 lines and exit 1; argparse's way: 1 line, 2
+            print(f"error: {error} (flags: {prog} --helpfull)", file=sys.stderr)
+            sys.exit(2)
         except SystemExit as stop:  # absl exits 1 after --help / --helpfull: asked, so 0
             if stop.code == 1 and any(name in HELP_FLAGS for _, name in _flag_names(argv[1:])):
                 sys.exit(0)

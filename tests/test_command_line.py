@@ -363,3 +363,21 @@ def test_quiet_warnings_hide_other_libraries_and_keep_kdmls_as_one_plain_line(ca
     err = capsys.readouterr().err
     assert err == "warning: 1 of 7 queries have no other image of their class\n"
     assert noise_lines(err) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bogus=1"], "error: Unknown command line flag 'bogus' (flags: python -m kdml.train --helpfull)"),
+    (["--epochs=abc"], "error: flag --epochs=abc: invalid literal for int() with base 10: 'abc' "
+                       "(flags: python -m kdml.train --helpfull)"),
+])
+def test_absl_commands_refuse_an_unknown_or_malformed_flag_in_one_line_with_exit_code_2(
+        argv, message, capsys):
+    """absl itself prints two lines and exits 1; argparse commands exit 2 with one line."""
+    import kdml.train  # noqa: F401  (defines the train flags in absl's FLAGS)
+
+    parse = command_line.absl_flags_parser("python -m kdml.train")
+    with pytest.raises(SystemExit) as exit_:
+        parse(["prog", *argv])
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2
+    assert captured.err.splitlines() == [message] and captured.out == ""

@@ -648,17 +648,17 @@ CHECKS = [
     ("kdml.train", ["--method=so_proxy", "--epochs=3"], False, ""),
     ("kdml.train", ["--method=<P>", "--epochs=<P>", "--nomixed_precision"], False, ""),
     ("kdml.train", ["--method=no_such_method"], False, "Unknown method 'no_such_method'"),
-    ("kdml.train", ["--data_kind=no_such_kind"], False, "exit code 1"),
-    ("kdml.train", ["--no_such_flag=1"], False, "exit code 1"),
-    ("kdml.train", ["--epochs=many"], False, "exit code 1"),
+    ("kdml.train", ["--data_kind=no_such_kind"], False, "exit code 2"),
+    ("kdml.train", ["--no_such_flag=1"], False, "exit code 2"),
+    ("kdml.train", ["--epochs=many"], False, "exit code 2"),
     ("kdml.train", ["--output=runs/x"], False, "exit code 2"),
     ("kdml.train", ["--method=proxy_anchor", "--xbm_size=100"], False, "--xbm_size wraps"),
     ("kdml.train", ["--epochs=3", "stray"], False, "no positional arguments"),
     ("kdml.train", ["--helpfull"], False, ""),
-    ("kdml.evaluate", ["--dataset=synthetic"], False, "exit code 1"),  # --model is required
+    ("kdml.evaluate", ["--dataset=synthetic"], False, "exit code 2"),  # --model is required
     ("kdml.evaluate", ["--dataset=synthetic"], True, ""),              # ... unless a fragment
-    ("kdml.evaluate", ["--model=m.keras", "--protocol=no_such"], True, "exit code 1"),
-    ("kdml.export", ["--model=m.keras", "--search_gallery=int4"], False, "exit code 1"),
+    ("kdml.evaluate", ["--model=m.keras", "--protocol=no_such"], True, "exit code 2"),
+    ("kdml.export", ["--model=m.keras", "--search_gallery=int4"], False, "exit code 2"),
     ("kdml.index", ["build", "--model=m", "--source=synthetic", "--output_dir=g"], False, ""),
     ("kdml.index", ["build", "--model=m", "--source=synthetic"], False, "required"),
     ("kdml.index", ["build", "--source=synthetic"], True, ""),

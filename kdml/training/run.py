@@ -38,7 +38,7 @@ from kdml.distribute import (check_replica_batch, create_strategy, describe_stra
                              distribute_batches, fix_multi_worker_build, worker_role)
 from kdml.evaluation import format_metrics_table, retrieval_metrics
 from kdml.methods import BACKBONE_GROUP, check_method_options, get_method
-from kdml.models import build_embedder, split_embedder
+from kdml.models import backbone_spec, build_embedder, split_embedder
 from kdml.optimizers import GroupedAdamW
 from kdml.training.callbacks import (BackboneWarmup, EpochLoss, NonFiniteLossGuard,
                                      RetrievalEvaluation, Throughput)
@@ -329,6 +329,17 @@ def _train(config, method, splits, strategy, role, out, write_dir, resume_from) 
     return history
 
 
+def _normalization_state(config: TrainConfig) -> str:
+    """What trains in the backbone, for the run header: a CNN's BatchNorm statistics are
+    frozen or trained; a ViT (token features) has LayerNorm only, so BatchNorm is not
+    named for it."""
+    if config.freeze_backbone:
+        return "backbone frozen"
+    if backbone_spec(config.backbone).features == "tokens":
+        return "LayerNorm, all layers trained"
+    return f"BatchNorm {'frozen' if config.freeze_batchnorm else 'trained'}"
+
+
 def describe_run(config: TrainConfig, method, splits, strategy, role, steps: int,
                  resume_from=None) -> str:
     """The run's first lines: data, model, method, strategy, schedule, output."""
@@ -344,8 +355,8 @@ def describe_run(config: TrainConfig, method, splits, strategy, role, steps: int
         f"data:     {config.dataset} ({kind}): train {train.num_images} images of "
         f"{train.num_classes} classes, test {test.num_images} images of {test.num_classes} classes"
         + (f" ({config.eval_dataset})" if config.eval_dataset else ""),
-        f"model:    {config.backbone} (weights {config.weights}, {config.image_size} px, BatchNorm "
-        f"{'frozen' if config.freeze_batchnorm or config.freeze_backbone else 'trained'}) -> {config.embedding_dim}-d embedding",
+        f"model:    {config.backbone} (weights {config.weights}, {config.image_size} px, "
+        f"{_normalization_state(config)}) -> {config.embedding_dim}-d embedding",
         f"method:   {method.name}: {method.description}",
         f"strategy: {describe_strategy(strategy, role)}; {precision}, XLA {config.jit_compile}",
         f"schedule: {config.epochs} epoch{'s' * (config.epochs != 1)} x {steps} steps of "
