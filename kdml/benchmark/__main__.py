@@ -1,7 +1,7 @@
 """`python -m kdml.benchmark`: run (or resume) a benchmark, or regenerate its report.
 
     python -m kdml.benchmark run --preset=omniglot --omniglot_dir=<dir with the zips>
-        [--methods=proxy_anchor,so_proxy] [--seeds=0,1,2,3,4] [--trials=3] [--epochs=10]
+        [--methods=proxy_anchor,so_proxy] [--seeds=0,1,2,3,4] [--trials=3] [--epochs=26]
         [--results_dir=docs/results/omniglot] [--scratch_dir=runs/benchmark] [--trials_only]
     python -m kdml.benchmark run --preset=omniglot_losses --omniglot_dir=<dir>
         --results_dir=docs/results/omniglot_losses     # the leaderboard of every objective
@@ -24,7 +24,7 @@ import sys
 
 from kdml.benchmark.presets import OMNIGLOT_TEST_GROUPS, PRESETS, omniglot_roots
 from kdml.benchmark.protocol import grid_table, run_on_folders
-from kdml.benchmark.report import (budget_rule, collect, last_quarter_range, mean_curve,
+from kdml.benchmark.report import (budget_rule, collect, mean_curve, quarter_change,
                                    update_readme, write_report)
 from kdml.benchmark.runs import code_fingerprint, rerank_request_file, run_request_file
 from kdml.command_line import (add_argument, argparse_flag_names, check_flag_spellings,
@@ -87,8 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--details", help="With --compact: where the full table is (a markdown "
                         "link target, e.g. docs/benchmarks.md#loss-leaderboard).")
     budget = commands.add_parser("budget", help="The budget rule on the trials' validation curves: "
-                                 "the smallest epochs at which each row moves less than "
-                                 "--tolerance points over the last quarter of training.")
+                                 "the smallest epochs from which each row moves less than "
+                                 "--tolerance points over the last quarter of training (mean "
+                                 "of the last quarter - mean of the quarter before).")
     budget.add_argument("results_dir")
     budget.add_argument("--rows", help="Comma-separated rows (default: the table's budget rows).")
     budget.add_argument("--tolerance", type=float, default=1.0,
@@ -157,10 +158,10 @@ def _budget(args, parser) -> None:
         raise ValueError(f"{args.results_dir}: rows {empty} have no validation curves (trials of "
                          "the previous protocol); re-run their trials.")
     longest = min(max(int(e) for e in c) for c in curves.values())
-    print("epochs  " + "  ".join(f"{r} (R@1 %, last-quarter range)" for r in rows))
+    print("epochs  " + "  ".join(f"{r} (R@1 %, last-quarter change)" for r in rows))
     for epochs in range(1, longest + 1):
         print(f"{epochs:6d}  " + "  ".join(
-            f"{100 * c[str(epochs)]:.2f} ({100 * last_quarter_range(c, epochs):.2f})"
+            f"{100 * c[str(epochs)]:.2f} ({100 * quarter_change(c, epochs):+.2f})"
             for c in curves.values()))
     rule = budget_rule(curves, args.tolerance / 100)
     print(f"budget: {rule} epochs" if rule else

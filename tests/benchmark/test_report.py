@@ -1,6 +1,7 @@
 """kdml.benchmark.report: tables and summary generated from the run files."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -202,22 +203,25 @@ def test_the_readme_block_is_the_regeneration_of_the_committed_runs():
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     front = os.path.join(repo, "README.md")
     page = os.path.join(repo, "docs", "benchmarks.md")
-    results = os.path.join(repo, "docs", "results", "omniglot")
+    # the protocol-2 re-runs accumulate in docs/results/omniglot{,_losses}/runs/; until a
+    # table is complete the pages show the previous protocol's, generated from its folder
+    previous = os.path.join(repo, "docs", "results", "previous_protocol")
+    results = os.path.join(previous, "omniglot")
     assert current_block(page) == readme_block(results, page), (
         "docs/benchmarks.md: its results block is not what `python -m kdml.benchmark report "
-        "docs/results/omniglot --readme=docs/benchmarks.md` writes")
+        "docs/results/previous_protocol/omniglot --readme=docs/benchmarks.md` writes")
     with open(os.path.join(results, "results.md")) as f:
         assert current_block(page).startswith(f.read())
     assert current_block(front) == readme_block(
         results, front, compact=True, details="docs/benchmarks.md#method-comparison"), (
         "README.md: its results block is not what `python -m kdml.benchmark report "
-        "docs/results/omniglot --readme=README.md --compact "
+        "docs/results/previous_protocol/omniglot --readme=README.md --compact "
         "--details=docs/benchmarks.md#method-comparison` writes")
     # the PDDM mining-hardness table of docs/benchmarks.md, a block of its own
     mining = os.path.join(repo, "docs", "results", "omniglot_pddm_mining")
     assert current_block(page, "omniglot_pddm_mining") == readme_block(mining, page)
     # the loss leaderboard: in full on docs/benchmarks.md, its short form on the README
-    losses = os.path.join(repo, "docs", "results", "omniglot_losses")
+    losses = os.path.join(previous, "omniglot_losses")
     assert current_block(page, "omniglot_losses") == readme_block(losses, page)
     assert current_block(front, "omniglot_losses") == readme_block(
         losses, front, compact=True, details="docs/benchmarks.md#loss-leaderboard")
@@ -410,24 +414,32 @@ def test_a_protocol_2_run_without_resolved_config_or_of_other_code_is_an_error(r
 
 
 def test_the_budget_rule_on_curves_computed_by_hand():
-    from kdml.benchmark.report import budget_rule, last_quarter_range
+    from kdml.benchmark.report import budget_rule, last_quarter_range, quarter_change
 
-    # rises, then wiggles by 0.4 points from epoch 6 on; the other row settles at 8
-    a = {str(e): v for e, v in enumerate([0.30, 0.50, 0.60, 0.66, 0.70, 0.720, 0.724, 0.721,
-                                          0.723, 0.720, 0.722, 0.724], 1)}
-    b = {str(e): v for e, v in enumerate([0.20, 0.40, 0.55, 0.63, 0.67, 0.69, 0.70, 0.71,
-                                          0.712, 0.713, 0.714, 0.714], 1)}
-    # E = 8: the last quarter is epochs 6..8 (8 - ceil(8 / 4) = 6)
-    assert last_quarter_range(a, 8) == pytest.approx(0.724 - 0.720)
-    assert last_quarter_range(b, 8) == pytest.approx(0.71 - 0.69)
-    # b moves >= 1 point over epochs 6..8 and 7..9 (E = 9: 9 - 3 = 6 .. 9), < 1 from E = 10
-    assert last_quarter_range(b, 9) == pytest.approx(0.712 - 0.69)
-    assert last_quarter_range(b, 10) == pytest.approx(0.713 - 0.70)
-    assert last_quarter_range(b, 11) == pytest.approx(0.714 - 0.71)
-    assert last_quarter_range(a, 7) == pytest.approx(0.724 - 0.70)  # epochs 5..7
-    assert budget_rule({"a": a}) == 8
-    assert budget_rule({"a": a, "b": b}) == 11
-    assert budget_rule({"b": dict(list(b.items())[:9])}) is None
+    def curve(values):
+        return {str(e): v for e, v in enumerate(values, 1)}
+
+    # rises, then wiggles by 0.4 points from epoch 6 on
+    a = curve([0.30, 0.50, 0.60, 0.66, 0.70, 0.720, 0.724, 0.721, 0.723, 0.720, 0.722, 0.724])
+    # E = 8: q = 2, epochs 7..8 against 5..6; E = 9: q = 3, epochs 7..9 against 4..6
+    assert quarter_change(a, 8) == pytest.approx((0.724 + 0.721) / 2 - (0.70 + 0.72) / 2)
+    assert quarter_change(a, 9) == pytest.approx((0.724 + 0.721 + 0.723 - 0.66 - 0.70 - 0.72) / 3)
+    assert quarter_change(a, 10) == pytest.approx((0.721 + 0.723 + 0.720 - 0.70 - 0.72 - 0.724) / 3)
+    assert quarter_change(a, 12) == pytest.approx((0.720 + 0.722 + 0.724 - 0.724 - 0.721 - 0.723) / 3)
+    assert math.isnan(quarter_change(a, 1)) and math.isnan(quarter_change(a, 13))
+    # 1.25 points at E = 8, 2.9 at 9, under 1 from 10 on
+    assert budget_rule({"a": a}) == 10
+    # an early pause (epochs 2..5 flat) passes on its own at E = 3, 4 and 5 but the curve
+    # rises after it; the quarter means settle from E = 15 (epochs 12..15 vs 8..11: 0.25)
+    c = curve([0.30] + [0.50] * 4 + [0.60, 0.70, 0.75] + [0.76] * 8)
+    assert [abs(quarter_change(c, e)) < 0.01 for e in (3, 4, 5, 6, 14, 15, 16)] == [
+        True, True, True, False, False, True, True]
+    assert quarter_change(c, 14) == pytest.approx(0.76 - (0.70 + 0.75 + 0.76 + 0.76) / 4)
+    assert budget_rule({"c": c}) == 15
+    assert last_quarter_range(c, 3) == 0.0  # what a single-epoch max - min rule would accept
+    # every row must settle, over the epochs all curves cover (12: c has not)
+    assert budget_rule({"a": a, "c": c}) is None
+    assert budget_rule({"a": curve(list(a.values()) + [0.724] * 4), "c": c}) == 15
 
 
 def test_a_protocol_2_table_states_its_budget_evidence_and_plots_the_curves(tmp_path):
@@ -446,13 +458,35 @@ def test_a_protocol_2_table_states_its_budget_evidence_and_plots_the_curves(tmp_
     run_benchmark(spec, group_split(names, seed=0), lambda name: str(tmp_path / name), with_curves,
                   str(tmp_path / "r"), progress=lambda line: None)
     summary = write_report(str(tmp_path / "r"))
-    assert summary["budget_evidence"] == {"epochs": 4, "rule_epochs": 3,
-                                          "rows": {"base": {"last_quarter_range": pytest.approx(0.005)}}}
+    assert summary["budget_evidence"] == {"epochs": 4, "rule_epochs": 3, "rows": {"base": {
+        "quarter_change": pytest.approx(0.005), "last_quarter_range": pytest.approx(0.005)}}}
     markdown = open(tmp_path / "r" / "results.md").read()
     assert ("Budget: 4 epochs. Over the last quarter of training the mean validation Recall@1 curve "
-            "of the trials moved (points, max − min): `base` 0.50; the rule") in markdown
+            "of the trials moved (points, mean of the last quarter − mean of the quarter before): "
+            "`base` +0.50 (single epochs spread 0.50); the rule") in markdown
     assert "4 epochs per run of 3 steps (trials and final runs alike)" in markdown
     assert "- `base`: alpha=32.0* 60.0; → alpha=16.0 60.0." in markdown or \
         "- `base`: → alpha=32.0* 60.0; alpha=16.0 60.0." in markdown
     assert os.path.getsize(tmp_path / "r" / "curves.png") > 5_000
     assert len(collect(str(tmp_path / "r"))["methods"]["new"]["curves"]) == 2
+
+
+def test_the_presets_budget_is_what_the_rule_gives_on_the_committed_pilot():
+    """docs/results/budget_pilot/: 40-epoch runs of each table's budget rows (defaults,
+    seeds 0 and 1); the rule on their mean curves is the presets' epochs."""
+    from kdml.benchmark.presets import PRESETS
+    from kdml.benchmark.report import budget_rule, collect, mean_curve
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for folder, preset in (("omniglot", "omniglot"), ("losses", "omniglot_losses")):
+        summary = collect(os.path.join(repo, "docs", "results", "budget_pilot", folder))
+        spec = PRESETS[preset]
+        assert summary["budget_rows"] == list(spec.budget_rows)
+        curves = {r: mean_curve([c["curve"] for c in summary["methods"][r]["curves"]])
+                  for r in spec.budget_rows}
+        assert all(len(c) == 40 and len(summary["methods"][r]["curves"]) == 2
+                   for r, c in curves.items())
+        assert budget_rule(curves) == spec.budget["epochs"], folder
+        # the pilot is the preset's set-up, longer
+        assert {k: v for k, v in summary["budget"].items() if k != "epochs"} == {
+            k: v for k, v in spec.budget.items() if k != "epochs"}

@@ -148,7 +148,7 @@ def test_so_flags_reach_the_config():
     reg = model.get_layer("proxies").proxy_regularizer
     assert (reg.strength, reg.mode, reg.normalization) == (0.5, "columns", "size")
     # The default is the paper's unnormalised penalty at the strength the Omniglot benchmark
-    # chose on validation (docs/results/omniglot/selection.json).
+    # chose on validation (docs/results/previous_protocol/omniglot/selection.json).
     assert (TrainConfig().so_normalization, TrainConfig().so_strength) == ("none", 1e-3)
     with pytest.raises(ValueError, match="mode='nope'"):
         _objective_with_mode("nope")
