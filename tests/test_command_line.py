@@ -308,7 +308,7 @@ def test_every_command_on_the_synthetic_dataset_is_quiet_and_says_where_its_file
 
     # kdml.benchmark report, on a copy of the committed Omniglot results.
     results = tmp_path / "results"
-    shutil.copytree(os.path.join(ROOT, "docs", "results", "omniglot"), results)
+    shutil.copytree(os.path.join(ROOT, "docs", "results", "previous_protocol", "omniglot"), results)
     lines = run("kdml.benchmark", "report", results)
     assert any(line.startswith("| ") for line in lines) and (results / "results.png").is_file()
 
