@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.kdml-installed
 TRAIN_ARGS ?=
 
-.PHONY: install train test test-fast bench bench_methods bench_losses clean
+.PHONY: install train test test-fast bench bench_methods bench_losses bench_pooling clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,11 +43,18 @@ bench_methods: $(STAMP)
 	@test -n "$(OMNIGLOT)" || { echo "error: pass OMNIGLOT=<folder holding images_background_small1.zip and images_background_small2.zip>" >&2; exit 2; }
 	$(BIN)/python -m kdml.benchmark run --preset=omniglot --omniglot_dir=$(OMNIGLOT) $(BENCH_ARGS)
 
-# The leaderboard of every objective (preset omniglot_losses, about an hour on 2 cores).
+# The leaderboard of every objective (preset omniglot_losses: 342 runs, about 16 hours on
+# 2 cores at the 26-epoch budget; docs/benchmarks.md).
 bench_losses: $(STAMP)
 	@test -n "$(OMNIGLOT)" || { echo "error: pass OMNIGLOT=<folder holding images_background_small1.zip and images_background_small2.zip>" >&2; exit 2; }
 	$(BIN)/python -m kdml.benchmark run --preset=omniglot_losses --omniglot_dir=$(OMNIGLOT) \
 	    --results_dir=docs/results/omniglot_losses $(BENCH_ARGS)
+
+# GeM pooling against average + max (preset omniglot_pooling: 26 runs, 2 to 3 hours).
+bench_pooling: $(STAMP)
+	@test -n "$(OMNIGLOT)" || { echo "error: pass OMNIGLOT=<folder holding images_background_small1.zip and images_background_small2.zip>" >&2; exit 2; }
+	$(BIN)/python -m kdml.benchmark run --preset=omniglot_pooling --omniglot_dir=$(OMNIGLOT) \
+	    --results_dir=docs/results/omniglot_pooling $(BENCH_ARGS)
 
 clean:
 	rm -rf runs build *.egg-info

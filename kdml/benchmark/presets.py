@@ -186,13 +186,6 @@ LEADERBOARD_METHODS = {
         {"method": "multi_similarity"}, OMNIGLOT_METHODS["multi_similarity"].search, bases=_PA,
         description="Multi-Similarity with its pair mining (Wang et al. 2019)",
         default_source=OMNIGLOT_METHODS["multi_similarity"].default_source),
-    # opt-in (not in the default block): --methods=proxy_anchor,proxy_anchor_gem
-    "proxy_anchor_gem": MethodPreset(
-        {"method": "proxy_anchor", "pooling": "gem"}, {}, bases=("proxy_anchor",),
-        extends="proxy_anchor",
-        description="Proxy Anchor with a GeM head (learnable p from 3) instead of avg + max "
-                    "pooling (Radenovic et al. 2018)",
-        default_source="the paper (p = 3, learned)"),
     "multi_similarity_xbm": MethodPreset(
         {"method": "multi_similarity"}, {"xbm_size": (1024, 2048)},
         bases=("multi_similarity",), extends="multi_similarity",
@@ -263,14 +256,34 @@ OMNIGLOT_LOSSES = BenchmarkSpec(
     trial_seeds=TRIAL_SEEDS, n_way=20, episodes=1000, margin=EQUIVALENCE_MARGIN,
     budget_rows=("proxy_anchor", "multi_similarity"),
     family="exploratory: every loss against Proxy Anchor or the base it extends",
-    default_blocks=(tuple(m for m in LEADERBOARD_METHODS if m != "proxy_anchor_gem"),),
+    default_blocks=(tuple(LEADERBOARD_METHODS),),
     history=OMNIGLOT.history, leaderboard=True,
     previous_results="../previous_protocol/omniglot_losses/results.json")
+
+# GeM against Proxy Anchor's average + max pooling (issue 32): the leaderboard's set-up and
+# Proxy Anchor row (so its runs are the leaderboard's, cached under the same keys), pooling
+# the only difference; a family of one comparison; 10 paired seeds (a minimum detectable
+# difference of about 2.3 points at 5 % and 80 % power, at the previous leaderboard's
+# median paired SD of 2.35 points; the report gives the one the runs reach).
+OMNIGLOT_POOLING = BenchmarkSpec(
+    budget=LEADERBOARD_BUDGET,
+    methods={"proxy_anchor": LEADERBOARD_METHODS["proxy_anchor"],
+             "proxy_anchor_gem": MethodPreset(
+                 {"method": "proxy_anchor", "pooling": "gem"}, {}, bases=("proxy_anchor",),
+                 extends="proxy_anchor",
+                 description="Proxy Anchor with a GeM head (learnable p from 3) instead of avg + "
+                             "max pooling (Radenovic et al. 2018)",
+                 default_source="the paper (p = 3, learned)")},
+    trials=2, seeds=tuple(range(10)), trial_seeds=TRIAL_SEEDS, n_way=20, episodes=1000,
+    margin=EQUIVALENCE_MARGIN, budget_rows=("proxy_anchor",),
+    family="GeM pooling against average + max, one comparison",
+    history=OMNIGLOT.history)
 
 OMNIGLOT_ZIPS = ("images_background_small1", "images_background_small2")
 OMNIGLOT_TEST_GROUPS = ("Japanese_(katakana)", "Sanskrit")
 
-PRESETS = {"omniglot": OMNIGLOT, "omniglot_losses": OMNIGLOT_LOSSES}
+PRESETS = {"omniglot": OMNIGLOT, "omniglot_losses": OMNIGLOT_LOSSES,
+           "omniglot_pooling": OMNIGLOT_POOLING}
 
 
 def omniglot_roots(omniglot_dir: str, cache_dir: str) -> List[str]:

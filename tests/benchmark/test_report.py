@@ -230,6 +230,17 @@ def test_the_readme_block_is_the_regeneration_of_the_committed_runs():
     assert lines <= 45, lines
     # the committed tables predate protocol 2 and say so
     assert "Made under the previous protocol" in current_block(page, "omniglot_losses")
+    # GeM against avg + max (protocol 2): in full on docs/benchmarks.md, its short form on
+    # the README and docs/training.md
+    pooling = os.path.join(repo, "docs", "results", "omniglot_pooling")
+    assert current_block(page, "omniglot_pooling") == readme_block(pooling, page)
+    assert "Made under the previous protocol" not in current_block(page, "omniglot_pooling")
+    details = "docs/benchmarks.md#pooling-gem-against-average--max"
+    assert current_block(front, "omniglot_pooling") == readme_block(
+        pooling, front, compact=True, details=details)
+    training = os.path.join(repo, "docs", "training.md")
+    assert current_block(training, "omniglot_pooling") == readme_block(
+        pooling, training, compact=True, details=details.replace("docs/", ""))
 
 
 def test_the_docs_list_each_grid_and_its_default_as_the_presets_give_them():
